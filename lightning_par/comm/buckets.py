@@ -1,0 +1,161 @@
+"""Gradient buckets: flat buffers whose all-reduce starts while backward is still running.
+
+[Note: gradients as bucket views]
+Each parameter's ``.grad`` is made a view into its bucket's flat buffer, so the all-reduce needs no copy in and
+no copy out, and autograd accumulates (gradient accumulation) straight into the buffer. ``zero_grad(set_to_none=
+True)`` — Lightning's default — drops the view; the next backward then hands us a fresh tensor, which the hook
+copies into the buffer and replaces by the view again (one copy per parameter per step, only in that case).
+
+[Note: launch order]
+Ranks must issue collectives in the same order or they pair up wrong buffers. Buckets are therefore launched
+strictly by index (parameters in reverse registration order, roughly the order backward produces gradients): a
+bucket that is ready waits for all buckets before it. ``finish`` launches whatever a backward left unlaunched
+(parameters that got no gradient this time), so every rank always issues every bucket exactly once per sync.
+
+[Note: unused parameters]
+Each bucket carries one extra element per parameter: 1 when this rank has a gradient for it, else 0. After the
+all-reduce a parameter whose flag sums to zero on every rank keeps ``grad = None`` (so optimizers that treat
+"no gradient" differently from "zero gradient", e.g. with weight decay, behave as in a single process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class _Bucket:
+    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, device: torch.device) -> None:
+        self.params = params
+        self.offsets: list[int] = []
+        numel = 0
+        for p in params:
+            self.offsets.append(numel)
+            numel += p.numel()
+        self.numel = numel
+        # Gradients first, then one "has a gradient" flag per parameter (see [Note: unused parameters]).
+        self.buffer = torch.zeros(numel + len(params), dtype=dtype, device=device)
+        self.views = [self.buffer[o : o + p.numel()].view_as(p) for o, p in zip(self.offsets, params)]
+        self.flags = self.buffer[numel:]
+        self.pending = len(params)
+        self.work: dist.Work | None = None
+
+
+class GradientBucketer:
+    """All-reduces (averages) gradients of ``params`` over ``group`` in buckets of about ``bucket_bytes``.
+
+    Usage per step: run backward (buckets launch as they fill), then ``finish()`` before the optimizer reads the
+    gradients. Set ``sync = False`` for accumulation steps: gradients then accumulate locally in the buffers.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int = 25 * 2**20):
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.sync = True
+        trainable = [p for p in params if p.requires_grad]
+        self.buckets: list[_Bucket] = []
+        self._where: dict[nn.Parameter, tuple[_Bucket, int]] = {}
+        current: list[nn.Parameter] = []
+        current_bytes = 0
+        for p in reversed(trainable):
+            starts_new = current and (
+                p.dtype != current[0].dtype or p.device != current[0].device or current_bytes >= bucket_bytes
+            )
+            if starts_new:
+                self._add_bucket(current)
+                current, current_bytes = [], 0
+            current.append(p)
+            current_bytes += p.numel() * p.element_size()
+        if current:
+            self._add_bucket(current)
+        self._next_to_launch = 0
+        # NCCL averages natively; gloo has no AVG, so scale before a SUM (the result is the same mean).
+        self._op = dist.ReduceOp.AVG if dist.get_backend(group) == "nccl" else dist.ReduceOp.SUM
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in trainable]
+
+    def _add_bucket(self, params: list[nn.Parameter]) -> None:
+        bucket = _Bucket(params, params[0].dtype, params[0].device)
+        for i, p in enumerate(params):
+            self._where[p] = (bucket, i)
+        self.buckets.append(bucket)
+
+    def _bind_grad(self, bucket: _Bucket, i: int) -> None:
+        """Make ``param.grad`` the bucket view (see [Note: gradients as bucket views])."""
+        p, view = bucket.params[i], bucket.views[i]
+        if p.grad is None:
+            view.zero_()
+            bucket.flags[i] = 0
+            return
+        if p.grad.data_ptr() != view.data_ptr():
+            view.copy_(p.grad)
+            p.grad = view
+        bucket.flags[i] = 1
+
+    @torch.no_grad()
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        bucket, i = self._where[p]
+        self._bind_grad(bucket, i)
+        if not self.sync:
+            return
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._launch_ready()
+
+    def _launch(self, bucket: _Bucket) -> None:
+        if self._op == dist.ReduceOp.SUM:
+            bucket.buffer.div_(self.world_size)
+        bucket.work = dist.all_reduce(bucket.buffer, op=self._op, group=self.group, async_op=True)
+
+    def _launch_ready(self) -> None:
+        while self._next_to_launch < len(self.buckets) and self.buckets[self._next_to_launch].pending == 0:
+            self._launch(self.buckets[self._next_to_launch])
+            self._next_to_launch += 1
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Launch what backward left, wait for every bucket, and leave averaged gradients in ``param.grad``."""
+        for bucket in self.buckets[self._next_to_launch :]:
+            if bucket.pending:
+                for i, p in enumerate(bucket.params):
+                    self._bind_grad(bucket, i)
+                bucket.pending = 0
+            self._launch(bucket)
+        self._next_to_launch = len(self.buckets)
+        for bucket in self.buckets:
+            assert bucket.work is not None
+            bucket.work.wait()
+            bucket.work = None
+            bucket.pending = len(bucket.params)
+        self._next_to_launch = 0
+        # One device-to-host read for all flags, not one per bucket.
+        has_grad = iter(torch.cat([bucket.flags for bucket in self.buckets]).gt(0).tolist())
+        for bucket in self.buckets:
+            for p, view in zip(bucket.params, bucket.views):
+                p.grad = view if next(has_grad) else None
+
+    def reset(self) -> None:
+        """Forget a half-finished sync (after an exception in backward)."""
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+                bucket.work = None
+            bucket.pending = len(bucket.params)
+        self._next_to_launch = 0
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, group: dist.ProcessGroup, src: int = 0) -> None:
+    """Copy parameters and buffers of group rank ``src`` to every rank of ``group`` (identical start)."""
+    if dist.get_world_size(group) == 1:
+        return
+    src_global = dist.get_global_rank(group, src)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=src_global, group=group)

@@ -1,0 +1,268 @@
+"""The Lightning strategy every lightning_par method derives from: processes, topology, mesh, precision."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.strategies.strategy import TBroadcast
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+from typing_extensions import override
+
+import lightning.pytorch as pl
+from lightning_par.topology import Topology
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_PRECISION = ("32-true", "16-mixed", "bf16-mixed", "bf16-true")
+StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
+
+
+class LightningParStrategy(ParallelStrategy):
+    """Base of every lightning_par strategy.
+
+    It launches processes as Lightning's DDP does (``popen`` re-runs the script, ``spawn``/``fork`` start workers
+    from the running interpreter; nothing is launched when the cluster environment creates the processes), checks
+    the topology against the world size before any collective, initialises the process group and builds one
+    DeviceMesh. Subclasses say which topology they want (``topology_for``) and how gradients are synchronised.
+    """
+
+    def __init__(
+        self,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: StartMethod = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._num_nodes = 1
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._start_method = start_method
+        self._mesh: Optional[Any] = None
+        self._grad_sync_enabled = True
+
+    # ----- what subclasses decide -------------------------------------------------------------------------------
+
+    def topology_for(self, world_size: int) -> Topology:
+        """The degrees this strategy runs with on ``world_size`` ranks. Must raise (in words) if none fits."""
+        return Topology(data=world_size)
+
+    # ----- devices, ranks, topology -----------------------------------------------------------------------------
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if self.parallel_devices is None:
+            raise RuntimeError(f"{type(self).__name__}.root_device is set by the Trainer; it is not known yet.")
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def topology(self) -> Topology:
+        return self.topology_for(self.num_nodes * self.num_processes)
+
+    @property
+    def mesh(self):
+        """The DeviceMesh over all ranks, with axes ``data``, ``pipeline`` and the tensor axes."""
+        if self._mesh is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.mesh is built when the processes start (in `setup_environment`); read it"
+                " inside `configure_model`, a hook or a step, not before `Trainer.fit`."
+            )
+        return self._mesh
+
+    def group(self, axis: Union[str, tuple[str, ...]]) -> Optional[dist.ProcessGroup]:
+        """The process group of this rank along ``axis`` (``"data"``, ``"tensor"``, ...)."""
+        return self.mesh.get_group(axis) if isinstance(axis, str) else self.mesh[axis].get_group()
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.topology.coordinates(self.global_rank)["data"]
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Ranks of one tensor or pipeline group work on the same samples: shard over the data axis only.
+        return {"num_replicas": self.topology.data, "rank": self.data_parallel_rank}
+
+    @property
+    def process_group_backend(self) -> Optional[str]:
+        return self._process_group_backend
+
+    # ----- precision ----------------------------------------------------------------------------------------------
+
+    @property
+    @override
+    def precision_plugin(self) -> Precision:
+        return self._precision_plugin if self._precision_plugin is not None else Precision()
+
+    @precision_plugin.setter
+    @override
+    def precision_plugin(self, precision_plugin: Optional[Precision]) -> None:
+        # Checked when the Trainer is built, long before any process starts.
+        if precision_plugin is not None:
+            name = getattr(precision_plugin, "precision", type(precision_plugin).__name__)
+            if name not in SUPPORTED_PRECISION:
+                raise ValueError(
+                    f"{type(self).__name__} does not support precision={name!r}. "
+                    f"Choose one of: {', '.join(SUPPORTED_PRECISION)}."
+                )
+        self._precision_plugin = precision_plugin
+
+    # ----- processes ----------------------------------------------------------------------------------------------
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            # Does nothing when the cluster environment (SLURM, torchrun, ...) already created the processes.
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+
+    @override
+    def setup_environment(self) -> None:
+        # Validate before anything can block: a wrong topology must not hang in the first collective.
+        self.topology.validate(self.num_nodes * self.num_processes)
+        super().setup_environment()
+        reset_seed()
+        self._set_world_ranks()
+        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
+            self.root_device
+        )
+        assert self.cluster_environment is not None
+        device_id = self.root_device if self.root_device.type != "cpu" else None
+        _init_dist_connection(
+            self.cluster_environment, self._process_group_backend, timeout=self._timeout, device_id=device_id
+        )
+        self._mesh = self.topology.build_mesh(self.root_device.type)
+
+    def _set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    # ----- model and optimizers -----------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING and self._layer_sync:
+            self.model = self._layer_sync.apply(self.model)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.setup_module(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def setup_module(self, trainer: "pl.Trainer") -> None:
+        """Shard or wrap ``self.model`` after it is on its device and before optimizers are built."""
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Skip gradient communication inside (accumulation steps); Lightning enters this on its own."""
+        previous, self._grad_sync_enabled = self._grad_sync_enabled, False
+        try:
+            yield None
+        finally:
+            self._grad_sync_enabled = previous
+
+    # ----- collectives for Lightning (metrics, decisions, checkpoints) ----------------------------------------------
+
+    @override
+    def reduce(
+        self, tensor: Tensor, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean"
+    ) -> Tensor:
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    @override
+    def barrier(self, name: Optional[str] = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    # ----- teardown -------------------------------------------------------------------------------------------------
+
+    @override
+    def teardown(self) -> None:
+        # Unlike Strategy.teardown, leave parameters and optimizer state where they are: for sharded methods a
+        # move to the CPU would gather or copy state for nothing, and the next `fit` puts them back anyway.
+        if self.cluster_environment is not None:
+            self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        if self.accelerator is not None:
+            self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+        self._mesh = None
