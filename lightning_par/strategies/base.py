@@ -103,7 +103,8 @@ class LightningParStrategy(ParallelStrategy):
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        # Read by Lightning before the processes start (to add a DistributedSampler): use the planned world size.
+        return self.num_nodes * self.num_processes > 1
 
     @property
     def topology(self) -> Topology:
@@ -220,11 +221,16 @@ class LightningParStrategy(ParallelStrategy):
     @override
     def block_backward_sync(self) -> Generator[None, None, None]:
         """Skip gradient communication inside (accumulation steps); Lightning enters this on its own."""
-        previous, self._grad_sync_enabled = self._grad_sync_enabled, False
+        previous = self._grad_sync_enabled
+        self.set_grad_sync(False)
         try:
             yield None
         finally:
-            self._grad_sync_enabled = previous
+            self.set_grad_sync(previous)
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        """Turn gradient communication on or off; engines that communicate during backward follow this flag."""
+        self._grad_sync_enabled = enabled
 
     # ----- collectives for Lightning (metrics, decisions, checkpoints) ----------------------------------------------
 

@@ -80,6 +80,13 @@ class DataParallelStrategy(LightningParStrategy):
             self._bucketer = GradientBucketer(
                 self.model.parameters(), data_group, bucket_bytes=int(self.bucket_size_mb * 2**20)
             )
+            self._bucketer.sync = self._grad_sync_enabled
+
+    @override
+    def set_grad_sync(self, enabled: bool) -> None:
+        super().set_grad_sync(enabled)
+        if self._bucketer is not None:
+            self._bucketer.sync = enabled
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:

@@ -1,0 +1,34 @@
+"""The ``lightning-par`` command: LightningCLI over the demo GPT and the character corpus.
+
+``lightning-par fit --config recipes/quickstart.yaml`` trains with any strategy registered by ``lightning_par``
+(``trainer.strategy: dp``, ...) as well as Lightning's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning_par  # noqa: F401  (registers this package's strategy names with Lightning's StrategyRegistry)
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_par.demo import CharDataModule, DemoGPT
+
+
+class ParCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The vocabulary is a property of the corpus, and the model's context must cover the data's windows.
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.block_size", "model.block_size")
+
+
+def build_cli(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> ParCLI:
+    return ParCLI(DemoGPT, CharDataModule, save_config_kwargs={"overwrite": True}, args=args, run=run)
+
+
+def main(args: list[str] | dict[str, Any] | None = None) -> None:
+    # Returns None on purpose: the console script passes main()'s result to sys.exit.
+    build_cli(args)
+
+
+if __name__ == "__main__":
+    main()

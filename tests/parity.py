@@ -1,0 +1,153 @@
+"""Parity oracle: train the demo GPT under a strategy and in one process on the same global batch, compare losses.
+
+Every rank records the loss of each training step it ran; a data-parallel step's global loss is the mean over
+data-parallel ranks (equal per-rank batches), which must equal the single process's loss on the union batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
+
+from lightning_par.demo.model import DemoGPT
+
+TINY = dict(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def token_dataset(samples: int, seq: int = 16, vocab: int = 32, seed: int = 1234) -> TensorDataset:
+    # Arithmetic progressions mod vocab with a random start and stride: learnable, so the loss really falls.
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab, (samples, 1), generator=g)
+    stride = torch.randint(1, 4, (samples, 1), generator=g)
+    tokens = (start + stride * torch.arange(seq + 1)) % vocab
+    return TensorDataset(tokens[:, :-1], tokens[:, 1:])
+
+
+class GlobalBatchOrder(Sampler):
+    """The single-process order whose k-th batch is the union of the data-parallel ranks' k-th batches.
+
+    Lightning always shuffles the training set with a ``DistributedSampler`` (seed 0, reshuffled per epoch) built
+    from the strategy's ``distributed_sampler_kwargs``; this sampler reproduces that order for the reference run.
+    """
+
+    def __init__(self, samples: int, data_parallel: int, per_rank_batch: int) -> None:
+        self.samples, self.data_parallel, self.per_rank_batch = samples, data_parallel, per_rank_batch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __iter__(self):
+        per_rank = []
+        for rank in range(self.data_parallel):
+            sampler = DistributedSampler(range(self.samples), num_replicas=self.data_parallel, rank=rank, shuffle=True)
+            sampler.set_epoch(self.epoch)
+            per_rank.append(list(sampler))
+        b = self.per_rank_batch
+        for start in range(0, len(per_rank[0]), b):
+            for indices in per_rank:
+                yield from indices[start : start + b]
+
+
+class RecordingGPT(DemoGPT):
+    """The demo GPT with SGD by default, recording every training loss it computes."""
+
+    def __init__(self, manual: bool = False, two_optimizers: bool = False, **kwargs: Any) -> None:
+        kwargs = {**TINY, "optimizer": "sgd", "learning_rate": 0.1, **kwargs}
+        super().__init__(**kwargs)
+        self.recorded: list[float] = []
+        self.manual = manual
+        self.two_optimizers = two_optimizers
+        self.automatic_optimization = not manual
+
+    def training_step(self, batch, batch_idx):
+        if not self.manual:
+            loss = self._loss(batch)
+            self.recorded.append(loss.item())
+            return loss
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        loss = self._loss(batch)
+        self.recorded.append(loss.item())
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(optimizers[0], gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+        for opt in optimizers:
+            opt.step()
+        return loss
+
+    def configure_optimizers(self):
+        if not self.two_optimizers:
+            return super().configure_optimizers()
+        blocks = list(self.model.blocks.parameters())
+        block_ids = {id(p) for p in blocks}
+        rest = [p for p in self.parameters() if id(p) not in block_ids]
+        return [torch.optim.SGD(blocks, lr=0.1, momentum=0.9), torch.optim.SGD(rest, lr=0.05, momentum=0.5)]
+
+
+@dataclass
+class Run:
+    """One training run: how the module is built and how the Trainer steps."""
+
+    steps: int = 10
+    per_rank_batch: int = 4
+    accumulate: int = 1
+    clip_val: Optional[float] = None
+    clip_algorithm: str = "norm"
+    epochs: int = 1
+    module_kwargs: dict = field(default_factory=dict)
+
+    def dataset(self, data_parallel: int) -> TensorDataset:
+        return token_dataset(self.steps * self.accumulate * self.per_rank_batch * data_parallel)
+
+
+def fit(run: Run, strategy: Any, devices: int, data_parallel: int, ckpt_path: Optional[str] = None,
+        save_to: Optional[str] = None, max_epochs: Optional[int] = None) -> list[float]:
+    """Train and return the losses this rank recorded. ``devices=1, strategy='auto'`` is the reference."""
+    seed_everything(0, verbose=False)
+    module = RecordingGPT(**run.module_kwargs)
+    dataset = run.dataset(data_parallel)
+    if devices == 1:
+        order = GlobalBatchOrder(len(dataset), data_parallel, run.per_rank_batch)
+        loader = DataLoader(dataset, batch_size=run.per_rank_batch * data_parallel, sampler=order)
+    else:
+        loader = DataLoader(dataset, batch_size=run.per_rank_batch)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_epochs=max_epochs or run.epochs,
+        accumulate_grad_batches=run.accumulate if not run.module_kwargs.get("manual") else 1,
+        gradient_clip_val=run.clip_val,
+        gradient_clip_algorithm=run.clip_algorithm if run.clip_val is not None else None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=os.path.dirname(save_to) if save_to else None,
+    )
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    if save_to:
+        trainer.save_checkpoint(save_to)
+    return module.recorded
+
+
+def global_losses(per_rank: list[list[float]], data_parallel: int) -> list[float]:
+    """Mean over data-parallel ranks of each step's loss (ranks listed in data-parallel order)."""
+    steps = zip(*per_rank[:data_parallel])
+    return [sum(step) / data_parallel for step in steps]
+
+
+def relative_gap(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) and len(a) > 0, (len(a), len(b))
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))

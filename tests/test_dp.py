@@ -1,0 +1,139 @@
+"""`dp` through Lightning's Trainer on gloo CPU ranks: parity with one process, accumulation, clipping, manual
+optimization, several optimizers, save and resume, and the errors raised before any collective.
+
+Most runs share one launch per world size: the ranks are started by the test harness and Lightning's launcher sees
+an environment that created its processes (``LOCAL_RANK`` set), the same path as torchrun or SLURM. Starting
+processes is the expensive part on 2 cores, so one launch trains several configurations in a row. A separate test
+goes through Lightning's spawn launcher end to end.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+import lightning_par  # noqa: F401  (registers the strategy names)
+from helpers import free_port, run_on_ranks
+from lightning_par import DataParallelStrategy
+from parity import RecordingGPT, Run, fit, global_losses, relative_gap
+
+TOL = 1e-5
+
+CONFIGS = {
+    "plain": Run(),
+    "accumulate": Run(accumulate=2),
+    "clip_norm": Run(clip_val=0.05),
+    "accumulate_clip_norm": Run(accumulate=2, clip_val=0.05),
+    "clip_value": Run(clip_val=0.002, clip_algorithm="value"),
+    "manual": Run(module_kwargs={"manual": True}),
+    "manual_two_optimizers": Run(module_kwargs={"manual": True, "two_optimizers": True}),
+    "two_epochs": Run(steps=5, epochs=2),
+}
+
+
+def _as_external_rank(rank: int, world_size: int, port: int) -> None:
+    # What torchrun/SLURM would set; Lightning's launcher then starts nothing and joins the existing group.
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def _train_all(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
+    _as_external_rank(rank, world_size, port)
+    out = {}
+    for name, run in CONFIGS.items():
+        out[name] = fit(run, "dp", devices=world_size, data_parallel=world_size)
+    # Save after one epoch, resume for the second: must continue exactly like "two_epochs".
+    ckpt = os.path.join(tmpdir, "one_epoch.ckpt")
+    resume_run = CONFIGS["two_epochs"]
+    out["first_epoch"] = fit(resume_run, "dp", world_size, world_size, save_to=ckpt, max_epochs=1)
+    out["resumed"] = fit(resume_run, "dp", world_size, world_size, ckpt_path=ckpt, max_epochs=2)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_dp_matches_single_process(world_size, tmp_path):
+    per_rank = run_on_ranks(_train_all, world_size, free_port(), str(tmp_path))
+    for name, run in CONFIGS.items():
+        reference = fit(run, "auto", devices=1, data_parallel=world_size)
+        assert len(reference) == run.steps * run.accumulate * run.epochs
+        ours = global_losses([r[name] for r in per_rank], world_size)
+        assert relative_gap(ours, reference) <= TOL, (name, ours, reference)
+        assert reference[-1] < reference[0]  # the run trains: a gap of zero is not a frozen model
+    uninterrupted = global_losses([r["two_epochs"] for r in per_rank], world_size)
+    first = global_losses([r["first_epoch"] for r in per_rank], world_size)
+    resumed = global_losses([r["resumed"] for r in per_rank], world_size)
+    assert first + resumed == pytest.approx(uninterrupted, rel=TOL, abs=0)
+    assert len(resumed) == CONFIGS["two_epochs"].steps
+
+
+class SaveLosses(Callback):
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.recorded, os.path.join(self.directory, f"rank{trainer.global_rank}.pt"))
+
+
+def test_dp_through_lightning_spawn_launcher(tmp_path):
+    """Lightning's own `_MultiProcessingLauncher`: ranks spawned from the running interpreter."""
+    run = Run(steps=6, accumulate=2, clip_val=0.05)
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="dp_spawn", max_epochs=1,
+                      accumulate_grad_batches=2, gradient_clip_val=0.05, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[SaveLosses(str(tmp_path))])
+    seed_everything(0, verbose=False)
+    trainer.fit(RecordingGPT(), DataLoader(run.dataset(2), batch_size=run.per_rank_batch))
+    ours = global_losses([torch.load(tmp_path / f"rank{r}.pt") for r in range(2)], 2)
+    reference = fit(run, "auto", devices=1, data_parallel=2)
+    assert relative_gap(ours, reference) <= TOL
+
+
+def test_strategy_is_constructible_without_arguments_and_registered():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    strategy = DataParallelStrategy()
+    assert strategy.bucket_size_mb > 0
+    assert "dp" in StrategyRegistry and "dp_spawn" in StrategyRegistry
+    # Import twice: registration is idempotent.
+    import importlib
+
+    importlib.reload(lightning_par)
+    trainer = Trainer(strategy="dp", accelerator="cpu", devices=3, logger=False)
+    assert isinstance(trainer.strategy, DataParallelStrategy)
+    assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 3, "rank": 0}
+
+
+@pytest.mark.parametrize("precision", ["64-true", "16-true", "transformer-engine"])
+def test_unsupported_precision_is_refused_when_the_trainer_is_built(precision):
+    with pytest.raises((ValueError, ImportError), match="(does not support precision|transformer)"):
+        Trainer(strategy="dp", accelerator="cpu", devices=2, precision=precision, logger=False)
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="Precision"):
+        Trainer(strategy="dp", accelerator="cpu", devices=2, precision="bf15-mixed", logger=False)
+
+
+def test_wrong_world_size_fails_before_any_collective():
+    """A topology that does not fit the world raises in setup_environment, before init_process_group."""
+    import torch.distributed as dist
+
+    from lightning_par.topology import Topology
+
+    class FourRankOnly(DataParallelStrategy):
+        def topology_for(self, world_size):
+            return Topology(data=2, tensor=2)
+
+    trainer = Trainer(strategy=FourRankOnly(), accelerator="cpu", devices=3, logger=False)
+    with pytest.raises(ValueError, match="= 4 ranks, but the world size is 3"):
+        trainer.strategy.setup_environment()
+    assert not dist.is_initialized()
+
+
+def test_mesh_read_too_early_says_when_it_exists():
+    with pytest.raises(RuntimeError, match="built when the processes start"):
+        DataParallelStrategy().mesh
