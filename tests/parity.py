@@ -104,6 +104,7 @@ class Run:
     clip_val: Optional[float] = None
     clip_algorithm: str = "norm"
     epochs: int = 1
+    precision: str = "32-true"
     module_kwargs: dict = field(default_factory=dict)
 
     def dataset(self, data_parallel: int) -> TensorDataset:
@@ -134,6 +135,7 @@ def fit(run: Run, strategy: Any, devices: int, data_parallel: int, ckpt_path: Op
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        precision=run.precision,
         default_root_dir=os.path.dirname(save_to) if save_to else None,
     )
     trainer.fit(module, loader, ckpt_path=ckpt_path)

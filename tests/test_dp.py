@@ -34,6 +34,13 @@ CONFIGS = {
     "manual_two_optimizers": Run(module_kwargs={"manual": True, "two_optimizers": True}),
     "two_epochs": Run(steps=5, epochs=2),
 }
+# Half precision: the same oracle with a tolerance for bf16 rounding (8 mantissa bits; the reduction order of the
+# all-reduce differs from one process's sum).
+HALF = {
+    "bf16_mixed": Run(precision="bf16-mixed"),
+    "bf16_true": Run(precision="bf16-true", accumulate=2),
+}
+HALF_TOL = 2e-2
 
 
 def _as_external_rank(rank: int, world_size: int, port: int) -> None:
@@ -45,7 +52,7 @@ def _as_external_rank(rank: int, world_size: int, port: int) -> None:
 def _train_all(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
     _as_external_rank(rank, world_size, port)
     out = {}
-    for name, run in CONFIGS.items():
+    for name, run in {**CONFIGS, **HALF}.items():
         out[name] = fit(run, "dp", devices=world_size, data_parallel=world_size)
     # Save after one epoch, resume for the second: must continue exactly like "two_epochs".
     ckpt = os.path.join(tmpdir, "one_epoch.ckpt")
@@ -64,6 +71,11 @@ def test_dp_matches_single_process(world_size, tmp_path):
         ours = global_losses([r[name] for r in per_rank], world_size)
         assert relative_gap(ours, reference) <= TOL, (name, ours, reference)
         assert reference[-1] < reference[0]  # the run trains: a gap of zero is not a frozen model
+    for name, run in HALF.items():
+        reference = fit(run, "auto", devices=1, data_parallel=world_size)
+        ours = global_losses([r[name] for r in per_rank], world_size)
+        assert relative_gap(ours, reference) <= HALF_TOL, (name, ours, reference)
+        assert reference[-1] < reference[0]
     uninterrupted = global_losses([r["two_epochs"] for r in per_rank], world_size)
     first = global_losses([r["first_epoch"] for r in per_rank], world_size)
     resumed = global_losses([r["resumed"] for r in per_rank], world_size)
