@@ -109,7 +109,7 @@ def test_strategy_is_constructible_without_arguments_and_registered():
 
     strategy = DataParallelStrategy()
     assert strategy.bucket_size_mb > 0
-    assert "dp" in StrategyRegistry and "dp_spawn" in StrategyRegistry
+    assert {"dp", "dp_spawn", "dp_fork"} <= set(StrategyRegistry)
     # Import twice: registration is idempotent.
     import importlib
 

@@ -108,12 +108,11 @@ class DataParallelStrategy(LightningParStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        strategy_registry.register(
-            "dp", cls, description="lightning_par data parallel: bucketed all-reduce overlapped with backward",
-            override=True,
-        )
-        strategy_registry.register(
-            "dp_spawn", cls, description="lightning_par data parallel, ranks spawned",
-            override=True,
-            start_method="spawn",
-        )
+        for name, start_method in (("dp", "popen"), ("dp_spawn", "spawn"), ("dp_fork", "fork")):
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"lightning_par data parallel (bucketed all-reduce), start_method='{start_method}'",
+                override=True,  # importing twice must not fail
+                start_method=start_method,
+            )
