@@ -1,0 +1,124 @@
+"""Draw the figures of docs/ (currently docs/img/layers.png).
+
+matplotlib is not a dependency of lightning_par; run this in a throwaway environment:
+
+    python3 -m venv /tmp/plotenv && /tmp/plotenv/bin/pip install matplotlib
+    /tmp/plotenv/bin/python docs/img/make_figures.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+BUILT_FACE, BUILT_EDGE = "#cfe3f7", "#1f5f9e"
+PLANNED_FACE, PLANNED_EDGE = "#f4f4f4", "#8a8a8a"
+
+
+def _box(ax, x, y, w, h, title, body, built):
+    face, edge = (BUILT_FACE, BUILT_EDGE) if built else (PLANNED_FACE, PLANNED_EDGE)
+    ax.add_patch(
+        FancyBboxPatch(
+            (x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08", facecolor=face, edgecolor=edge,
+            linewidth=2.0 if built else 1.5, linestyle="-" if built else (0, (5, 3)),
+        )
+    )
+    color = "black" if built else "#555555"
+    label = title if built else f"{title}  (planned)"
+    ax.text(x + w / 2, y + h * 0.66, label, ha="center", va="center", fontsize=12, fontweight="bold",
+            family="monospace", color=color)
+    ax.text(x + w / 2, y + h * 0.28, body, ha="center", va="center", fontsize=9, color=color)
+    return {"left": (x, y + h / 2), "right": (x + w, y + h / 2), "top": (x + w / 2, y + h),
+            "bottom": (x + w / 2, y), "x": x, "y": y, "w": w, "h": h}
+
+
+def _arrow(ax, start, end, built=True, rad=0.0, label=None, label_xy=None):
+    ax.add_patch(
+        FancyArrowPatch(
+            start, end, arrowstyle="-|>", mutation_scale=16, linewidth=1.6,
+            color="#1f1f1f" if built else PLANNED_EDGE, linestyle="-" if built else (0, (4, 3)),
+            connectionstyle=f"arc3,rad={rad}", shrinkA=2, shrinkB=2,
+        )
+    )
+    if label:
+        ax.text(*label_xy, label, fontsize=8.5, ha="left", va="center", style="italic", color="#1f1f1f")
+
+
+def _lane(ax, start, lane_x, end, label):
+    """Left-side route: out of ``start`` to ``lane_x``, down, then into ``end``."""
+    ax.plot([start[0], lane_x, lane_x], [start[1], start[1], end[1]], color="#1f1f1f", linewidth=1.6,
+            solid_joinstyle="round")
+    _arrow(ax, (lane_x, end[1]), end)
+    ax.text(lane_x - 0.12, (start[1] + end[1]) / 2, label, rotation=90, ha="right", va="center", fontsize=8.5,
+            style="italic")
+
+
+def layers(path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(11, 8.2))
+    ax.set_xlim(0, 11)
+    ax.set_ylim(-0.9, 8.4)
+    ax.axis("off")
+
+    h = 1.0
+    # Bottom up, as in ARCHITECTURE.md.
+    topo = _box(ax, 2.2, 0.2, 8.3, h, "topology.py",
+                "degrees -> validated against the world size -> one DeviceMesh; rank groups as pure functions", True)
+    comm = _box(ax, 2.2, 1.8, 8.3, h, "comm/",
+                "mirrored autograd collectives, gradient buckets, pipeline p2p (every call takes its group)", True)
+    tensor = _box(ax, 2.2, 3.4, 2.6, h, "tensor/", "TP layers per mode + plans", False)
+    pipe = _box(ax, 5.05, 3.4, 2.6, h, "pipeline/", "schedules as data, one executor", False)
+    zero = _box(ax, 7.9, 3.4, 2.6, h, "zero/", "chunks, sharded optimizer, offload", False)
+    strat = _box(ax, 2.2, 5.0, 5.45, h, "strategies/", "base strategy + dp (DataParallelStrategy)", True)
+    ckpt = _box(ax, 7.9, 5.0, 2.6, h, "checkpoint.py", "sharded save / load, resharding", False)
+    cli = _box(ax, 2.2, 6.6, 5.45, h, "cli.py / demo/", "lightning-par (LightningCLI), demo GPT + corpus", True)
+    cbs = _box(ax, 7.9, 6.6, 2.6, h, "callbacks.py", "throughput / MFU / memory", False)
+
+    ax.text(10.62, 3.9, "engines", fontsize=11, rotation=90, va="center", color="#555555")
+    ax.text(10.62, 1.5, "core", fontsize=11, rotation=90, va="center", color="#555555")
+
+    # cli/demo uses the strategies (by name, through Lightning's registry).
+    _arrow(ax, cli["bottom"], strat["top"])
+    # Strategies compose the engines (planned) ...
+    sx, sy = strat["x"], strat["y"]
+    _arrow(ax, (sx + 0.9, sy), tensor["top"], built=False)
+    _arrow(ax, (sx + 2.7, sy), pipe["top"], built=False)
+    _arrow(ax, (sx + 4.9, sy), zero["top"], built=False)
+    _arrow(ax, strat["right"], ckpt["left"], built=False)
+    # ... which call comm with the groups they were handed.
+    for engine in (tensor, pipe, zero):
+        _arrow(ax, engine["bottom"], (engine["x"] + engine["w"] / 2, comm["y"] + comm["h"]), built=False)
+    # Built today: dp goes straight to comm (GradientBucketer) and asks topology for the mesh and its groups.
+    _lane(ax, (sx, sy + 0.3), 1.75, (comm["x"], comm["y"] + 0.5),
+          "dp: GradientBucketer(params, data group)")
+    _lane(ax, (sx, sy + 0.7), 1.05, (topo["x"], topo["y"] + 0.5), "mesh + groups (Topology)")
+
+    ax.text(5.5, -0.35,
+            "A -> B: A imports / calls B.  Nothing points up: topology and comm import no engine or strategy;\n"
+            "process groups travel down explicitly (topology -> strategy -> engines -> comm), never through globals.",
+            ha="center", va="center", fontsize=9.5)
+    ax.legend(
+        handles=[
+            Patch(facecolor=BUILT_FACE, edgecolor=BUILT_EDGE, linewidth=2, label="built"),
+            Patch(facecolor=PLANNED_FACE, edgecolor=PLANNED_EDGE, linewidth=1.5, linestyle="--", label="planned"),
+            Line2D([], [], color="#1f1f1f", linewidth=1.6, label="uses (built)"),
+            Line2D([], [], color=PLANNED_EDGE, linewidth=1.6, linestyle="--", label="uses (planned)"),
+        ],
+        loc="upper left", bbox_to_anchor=(0.0, 1.0), fontsize=9, frameon=False, ncol=4,
+    )
+    ax.set_title("lightning_par layers, bottom up", fontsize=14, pad=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    layers(HERE / "layers.png")
+    print(f"wrote {HERE / 'layers.png'}")
