@@ -31,8 +31,9 @@ def token_dataset(samples: int, seq: int = 16, vocab: int = 32, seed: int = 1234
 class GlobalBatchOrder(Sampler):
     """The single-process order whose k-th batch is the union of the data-parallel ranks' k-th batches.
 
-    Lightning always shuffles the training set with a ``DistributedSampler`` (seed 0, reshuffled per epoch) built
-    from the strategy's ``distributed_sampler_kwargs``; this sampler reproduces that order for the reference run.
+    Lightning always shuffles the training set with a ``DistributedSampler`` built from the strategy's
+    ``distributed_sampler_kwargs`` (seeded by ``seed_everything``, 0 in these tests, reshuffled per epoch); this
+    sampler reproduces that order for the reference run.
     """
 
     def __init__(self, samples: int, data_parallel: int, per_rank_batch: int) -> None:
@@ -60,13 +61,22 @@ class GlobalBatchOrder(Sampler):
 class RecordingGPT(DemoGPT):
     """The demo GPT with SGD by default, recording every training loss it computes."""
 
-    def __init__(self, manual: bool = False, two_optimizers: bool = False, **kwargs: Any) -> None:
+    def __init__(self, manual: bool = False, two_optimizers: bool = False, unfreeze_at: Optional[int] = None,
+                 **kwargs: Any) -> None:
         kwargs = {**TINY, "optimizer": "sgd", "learning_rate": 0.1, **kwargs}
         super().__init__(**kwargs)
         self.recorded: list[float] = []
         self.manual = manual
         self.two_optimizers = two_optimizers
         self.automatic_optimization = not manual
+        # Fine-tuning pattern: the last block starts frozen and is unfrozen during fit.
+        self.unfreeze_at = unfreeze_at
+        if unfreeze_at is not None:
+            self.model.blocks[-1].requires_grad_(False)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if batch_idx == self.unfreeze_at:
+            self.model.blocks[-1].requires_grad_(True)
 
     def training_step(self, batch, batch_idx):
         if not self.manual:
@@ -86,6 +96,8 @@ class RecordingGPT(DemoGPT):
         return loss
 
     def configure_optimizers(self):
+        if self.unfreeze_at is not None:  # frozen parameters too: they train once unfrozen
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
         if not self.two_optimizers:
             return super().configure_optimizers()
         blocks = list(self.model.blocks.parameters())

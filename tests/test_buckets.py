@@ -53,7 +53,7 @@ def _checks(rank: int, world_size: int) -> list[str]:
 
     xs = [torch.randn(4, 8) for _ in range(2 * world_size)]  # same on every rank (seed 0)
     # Buckets of ~one Linear each: several buckets, so order and overlap are exercised.
-    bucketer = GradientBucketer(net.parameters(), dist.group.WORLD, bucket_bytes=300)
+    bucketer = GradientBucketer(net.named_parameters(), dist.group.WORLD, bucket_bytes=300)
     assert len(bucketer.buckets) >= 3
     calls: list[int] = []
     original = _count_all_reduce(calls)
@@ -101,10 +101,27 @@ def _checks(rank: int, world_size: int) -> list[str]:
     assert net.a.weight.grad.data_ptr() == bucket.views[i].data_ptr()
     bucketer.remove()
     done.append("views")
+
+    # Reentrant activation checkpointing delivers a second gradient for a parameter used inside and outside the
+    # checkpointed function: refused with a clear error instead of averaging half a gradient.
+    from torch.utils.checkpoint import checkpoint
+
+    bucketer = GradientBucketer(net.named_parameters(), dist.group.WORLD, bucket_bytes=300)
+    net.zero_grad(set_to_none=True)
+    x = xs[0].requires_grad_(True)
+    try:
+        out = checkpoint(lambda h: net.a(h), net.a(x), use_reentrant=True)
+        out.sum().backward()
+    except RuntimeError as error:
+        assert "received its gradient twice" in str(error) and "use_reentrant=False" in str(error)
+        done.append("reentrant_refused")
+    bucketer.reset()
+    bucketer.remove()
     return done
 
 
 def test_bucketer_on_two_ranks():
     results = run_on_ranks(_checks, 2)
     for done in results:
-        assert done == ["broadcast", "accumulation_and_overlap", "averaged_gradients", "unused_on_some_ranks", "views"]
+        assert done == ["broadcast", "accumulation_and_overlap", "averaged_gradients", "unused_on_some_ranks", "views",
+                        "reentrant_refused"]

@@ -32,6 +32,7 @@ CONFIGS = {
     "clip_value": Run(clip_val=0.002, clip_algorithm="value"),
     "manual": Run(module_kwargs={"manual": True}),
     "manual_two_optimizers": Run(module_kwargs={"manual": True, "two_optimizers": True}),
+    "unfreeze_during_fit": Run(module_kwargs={"unfreeze_at": 4}),
     "two_epochs": Run(steps=5, epochs=2),
 }
 # Half precision: the same oracle with a tolerance for bf16 rounding (8 mantissa bits; the reduction order of the

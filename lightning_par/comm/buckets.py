@@ -41,7 +41,12 @@ class _Bucket:
         self.views = [self.buffer[o : o + p.numel()].view_as(p) for o, p in zip(self.offsets, params)]
         self.flags = self.buffer[numel:]
         self.pending = len(params)
+        self.ready = [False] * len(params)  # which parameters got their gradient in this sync round
         self.work: dist.Work | None = None
+
+    def reset_round(self) -> None:
+        self.pending = len(self.params)
+        self.ready = [False] * len(self.params)
 
 
 class GradientBucketer:
@@ -51,11 +56,13 @@ class GradientBucketer:
     gradients. Set ``sync = False`` for accumulation steps: gradients then accumulate locally in the buffers.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int = 25 * 2**20):
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], group: dist.ProcessGroup,
+                 bucket_bytes: int = 25 * 2**20):
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.sync = True
-        trainable = [p for p in params if p.requires_grad]
+        self._names = {n: p for n, p in named_params if p.requires_grad}
+        trainable = list(self._names.values())
         self.buckets: list[_Bucket] = []
         self._where: dict[nn.Parameter, tuple[_Bucket, int]] = {}
         current: list[nn.Parameter] = []
@@ -100,6 +107,17 @@ class GradientBucketer:
         self._bind_grad(bucket, i)
         if not self.sync:
             return
+        if bucket.ready[i] or bucket.work is not None:
+            # A second gradient in one backward (reentrant activation checkpointing re-runs backward for the
+            # checkpointed part) would arrive after its bucket may already be on the wire: refuse, don't average
+            # half a gradient.
+            name = next((n for n, q in self._names.items() if q is p), "a parameter")
+            raise RuntimeError(
+                f"{name} received its gradient twice in one backward. This happens with reentrant activation "
+                "checkpointing (torch.utils.checkpoint with use_reentrant=True) when a parameter is used inside and "
+                "outside the checkpointed function; use use_reentrant=False."
+            )
+        bucket.ready[i] = True
         bucket.pending -= 1
         if bucket.pending == 0:
             self._launch_ready()
@@ -128,7 +146,7 @@ class GradientBucketer:
             assert bucket.work is not None
             bucket.work.wait()
             bucket.work = None
-            bucket.pending = len(bucket.params)
+            bucket.reset_round()
         self._next_to_launch = 0
         # One device-to-host read for all flags, not one per bucket.
         has_grad = iter(torch.cat([bucket.flags for bucket in self.buckets]).gt(0).tolist())
@@ -142,8 +160,12 @@ class GradientBucketer:
             if bucket.work is not None:
                 bucket.work.wait()
                 bucket.work = None
-            bucket.pending = len(bucket.params)
+            bucket.reset_round()
         self._next_to_launch = 0
+
+    def covers(self, params: Iterable[nn.Parameter]) -> bool:
+        """Whether every parameter that now requires grad has a bucket (False after a layer is unfrozen)."""
+        return all(p in self._where for p in params if p.requires_grad)
 
     def remove(self) -> None:
         for handle in self._handles:

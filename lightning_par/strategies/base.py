@@ -120,9 +120,9 @@ class LightningParStrategy(ParallelStrategy):
             )
         return self._mesh
 
-    def group(self, axis: Union[str, tuple[str, ...]]) -> Optional[dist.ProcessGroup]:
-        """The process group of this rank along ``axis`` (``"data"``, ``"tensor"``, ...)."""
-        return self.mesh.get_group(axis) if isinstance(axis, str) else self.mesh[axis].get_group()
+    def group(self, axis: str) -> dist.ProcessGroup:
+        """The process group of this rank along one mesh axis (``"data"``, ``"pipeline"``, ``"tensor"``, ...)."""
+        return self.mesh.get_group(axis)
 
     @property
     def data_parallel_rank(self) -> int:

@@ -70,17 +70,26 @@ class DataParallelStrategy(LightningParStrategy):
     @override
     def setup_module(self, trainer: "pl.Trainer") -> None:
         assert self.model is not None
-        data_group = self.group("data")
         # Ranks may have initialised differently (no seed, or a seed per rank): start from rank 0's weights.
-        broadcast_module(self.model, data_group)
+        broadcast_module(self.model, self.group("data"))
+        if trainer.state.fn == TrainerFn.FITTING and self.topology.data > 1:
+            self._build_bucketer()
+
+    def _build_bucketer(self) -> None:
+        assert self.model is not None
         if self._bucketer is not None:
             self._bucketer.remove()
-            self._bucketer = None
-        if trainer.state.fn == TrainerFn.FITTING and self.topology.data > 1:
-            self._bucketer = GradientBucketer(
-                self.model.parameters(), data_group, bucket_bytes=int(self.bucket_size_mb * 2**20)
-            )
-            self._bucketer.sync = self._grad_sync_enabled
+        self._bucketer = GradientBucketer(
+            self.model.named_parameters(), self.group("data"), bucket_bytes=int(self.bucket_size_mb * 2**20)
+        )
+        self._bucketer.sync = self._grad_sync_enabled
+
+    @override
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        # A layer unfrozen during fit (fine-tuning callbacks) has no bucket yet: rebuild, or its gradient would
+        # never be averaged. Parameters frozen later (or toggled off by `toggle_optimizer`) need no rebuild.
+        if self._bucketer is not None and not self._bucketer.covers(self.model.parameters()):
+            self._build_bucketer()
 
     @override
     def set_grad_sync(self, enabled: bool) -> None:
