@@ -2,8 +2,9 @@
 
 from lightning_par.strategies.base import LightningParStrategy
 from lightning_par.strategies.data_parallel import DataParallelStrategy
+from lightning_par.strategies.zero import ZeroStrategy
 
-STRATEGIES = (DataParallelStrategy,)
+STRATEGIES = (DataParallelStrategy, ZeroStrategy)
 
 
 def register_all() -> None:
@@ -14,4 +15,4 @@ def register_all() -> None:
         strategy.register_strategies(StrategyRegistry)
 
 
-__all__ = ["DataParallelStrategy", "LightningParStrategy", "STRATEGIES", "register_all"]
+__all__ = ["DataParallelStrategy", "LightningParStrategy", "STRATEGIES", "ZeroStrategy", "register_all"]

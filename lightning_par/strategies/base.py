@@ -259,6 +259,18 @@ class LightningParStrategy(ParallelStrategy):
         dist.broadcast_object_list(box, src)
         return box[0]
 
+    # ----- checkpoints ----------------------------------------------------------------------------------------------
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        # A sharded checkpoint (written by a ZeRO strategy) reads as a plain one: whole tensors, so that a strategy
+        # holding whole parameters loads it like its own.
+        from lightning_par import checkpoint
+
+        if checkpoint.is_sharded_checkpoint(checkpoint_path):
+            return checkpoint.load_full(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
     # ----- teardown -------------------------------------------------------------------------------------------------
 
     @override

@@ -1,0 +1,404 @@
+"""Sharded checkpoints: each rank writes its pieces into one torch.distributed.checkpoint (DCP) directory.
+
+[Note: format]
+A checkpoint is a directory holding a DCP checkpoint and ``meta.pt`` (Lightning's metadata: epoch, loops,
+callbacks, schedulers, hyper-parameters; plus the model's parameter names, shapes and tied aliases, and each
+optimizer's parameter groups by name). Tensors are keyed by what they are, not by who wrote them:
+
+    state_dict/<param name>|<start>:<stop>                       a flat range of the fp32 parameter
+    buffers/<buffer name>                                        module buffers (written once, by rank 0)
+    optimizer_states/<i>/<param name>|<start>:<stop>/<state>     the same range of optimizer state ``state``
+
+so any topology can read any other's: a rank asks for the saved ranges that overlap the ones it owns
+(``overlaps``, a pure function) and copies the intersections. ``consolidate`` assembles whole tensors into a plain
+Lightning checkpoint file, and ``load_full`` does the same in memory for strategies that hold whole parameters.
+
+[Note: atomic writes]
+Shards are written to ``<path>.tmp``; only when every rank is done does rank 0 move the previous checkpoint aside,
+move the new one in and delete the old one. A crash before that leaves the previous checkpoint untouched; a crash
+between the two moves leaves it at ``<path>.old``, which ``load`` falls back to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_par.zero.engine import ZeroEngine
+
+META_FILE = "meta.pt"
+FORMAT = 1
+
+
+def piece_key(name: str, start: int, stop: int) -> str:
+    return f"{name}|{start}:{stop}"
+
+
+def parse_piece_key(key: str) -> tuple[str, int, int]:
+    name, span = key.rsplit("|", 1)
+    start, stop = span.split(":")
+    return name, int(start), int(stop)
+
+
+def overlaps(saved: list[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int]]:
+    """The saved flat ranges that intersect [start, stop), in order; raises if they leave a gap."""
+    hits = sorted((a, b) for a, b in saved if a < stop and b > start)
+    covered = start
+    for a, b in hits:
+        if a > covered:
+            break
+        covered = max(covered, b)
+    if covered < stop:
+        raise ValueError(f"the checkpoint does not cover elements [{covered}, {stop}) of this parameter")
+    return hits
+
+
+def is_sharded_checkpoint(path: Any) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, META_FILE))
+
+
+# ----- what a ZeRO engine contributes ---------------------------------------------------------------------------
+
+
+def model_pieces(engine: "ZeroEngine") -> dict[str, Tensor]:
+    out = {}
+    for piece in engine.layout.pieces(engine.rank):
+        chunk = engine.chunks[piece.chunk]
+        out[piece_key(piece.name, piece.start, piece.stop)] = chunk.master[
+            piece.shard_offset : piece.shard_offset + piece.numel
+        ]
+    return out
+
+
+def optimizer_pieces(engine: "ZeroEngine", optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    state = {}
+    for name, piece, q in engine.optimizer_pieces(optimizer):
+        entries = {k: v for k, v in optimizer.state.get(q, {}).items() if isinstance(v, Tensor)}
+        if entries:
+            state[piece_key(name, piece.start, piece.stop)] = entries
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return {"sharded_state": state, "param_groups": groups, "param_names": engine.optimizer_param_names[optimizer]}
+
+
+def _model_meta(module: torch.nn.Module) -> dict[str, Any]:
+    canonical = {id(p): n for n, p in module.named_parameters()}
+    aliases = {n: canonical[id(p)] for n, p in module.named_parameters(remove_duplicate=False) if canonical[id(p)] != n}
+    return {
+        "shapes": {n: tuple(p.shape) for n, p in module.named_parameters()},
+        "aliases": aliases,
+        "buffer_names": [n for n, _ in module.named_buffers()],
+    }
+
+
+# ----- save -----------------------------------------------------------------------------------------------------
+
+
+def save(checkpoint: dict[str, Any], filepath: Any, *, is_global_zero: bool, barrier: Callable[[], None],
+         module: torch.nn.Module) -> None:
+    """Write ``checkpoint`` (Lightning's dict, with piece tensors from the functions above) atomically."""
+    path = Path(filepath)
+    tmp = path.with_name(path.name + ".tmp")
+    if is_global_zero:
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed save
+        tmp.mkdir(parents=True)
+    barrier()
+    tensors: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
+    optimizer_states = checkpoint.pop("optimizer_states", [])
+    tensors["optimizer_states"] = {str(i): s["sharded_state"] for i, s in enumerate(optimizer_states)}
+    if is_global_zero:
+        tensors["buffers"] = {n: b.detach() for n, b in module.named_buffers()}
+    dcp.save(tensors, checkpoint_id=str(tmp))
+    if is_global_zero:
+        meta = dict(checkpoint)
+        meta["lightning_par"] = {
+            "format": FORMAT,
+            "model": _model_meta(module),
+            "optimizers": [{"param_groups": s["param_groups"], "param_names": s["param_names"]} for s in optimizer_states],
+        }
+        torch.save(meta, tmp / META_FILE)
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old) if path.is_dir() else path.rename(old)
+        os.replace(tmp, path)
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+    barrier()
+
+
+def remove(filepath: Any) -> None:
+    path = Path(filepath)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+# ----- load -----------------------------------------------------------------------------------------------------
+
+
+class _Index:
+    """What a sharded checkpoint holds, read from its DCP metadata: saved ranges per parameter and state shapes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.meta = torch.load(path / META_FILE, weights_only=False)
+        self.params: dict[str, list[tuple[int, int]]] = {}
+        self.states: dict[int, dict[str, dict[tuple[int, int], dict[str, tuple[int, ...]]]]] = {}
+        for key, info in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items():
+            size = tuple(getattr(info, "size", ()))
+            if key.startswith("state_dict."):
+                name, a, b = parse_piece_key(key[len("state_dict."):])
+                self.params.setdefault(name, []).append((a, b))
+            elif key.startswith("optimizer_states."):
+                index, rest = key[len("optimizer_states."):].split(".", 1)
+                piece, state = rest.rsplit(".", 1)
+                name, a, b = parse_piece_key(piece)
+                by_range = self.states.setdefault(int(index), {}).setdefault(name, {})
+                by_range.setdefault((a, b), {})[state] = size
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.meta["lightning_par"]["model"]
+
+    @property
+    def optimizers(self) -> list[dict[str, Any]]:
+        return self.meta["lightning_par"]["optimizers"]
+
+    def check_model(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        saved = self.model["shapes"]
+        missing = sorted(set(shapes) - set(saved))
+        unexpected = sorted(set(saved) - set(shapes))
+        mismatched = sorted(n for n in set(shapes) & set(saved) if tuple(saved[n]) != tuple(shapes[n]))
+        if not (missing or unexpected or mismatched):
+            return
+        details = []
+        if missing:
+            details.append(f"missing from the checkpoint: {missing[:5]}")
+        if unexpected:
+            details.append(f"not in the model: {unexpected[:5]}")
+        if mismatched:
+            n = mismatched[0]
+            details.append(f"different shapes, e.g. {n}: checkpoint {tuple(saved[n])}, model {tuple(shapes[n])}")
+        raise ValueError(f"The checkpoint at {self.path} was written for a different model; {'; '.join(details)}.")
+
+    def read(self, param_ranges: dict[str, list[tuple[int, int]]], state_ranges: dict[int, dict[str, list]],
+             buffers: dict[str, Tensor]) -> dict[str, Any]:
+        """Load the saved pieces that overlap the requested flat ranges (all ranks call this together)."""
+        request: dict[str, Any] = {"state_dict": {}, "optimizer_states": {}, "buffers": dict(buffers)}
+        for name, spans in param_ranges.items():
+            for start, stop in spans:
+                for a, b in overlaps(self.params[name], start, stop):
+                    request["state_dict"][piece_key(name, a, b)] = torch.empty(b - a)
+        for i, by_name in state_ranges.items():
+            out = request["optimizer_states"].setdefault(str(i), {})
+            for name, spans in by_name.items():
+                saved = self.states.get(i, {}).get(name, {})
+                for start, stop in spans:
+                    for a, b in overlaps(list(saved), start, stop) if saved else []:
+                        out[piece_key(name, a, b)] = {s: torch.empty(size) for s, size in saved[(a, b)].items()}
+        dcp.load(request, checkpoint_id=str(self.path))
+        return request
+
+
+def _copy_range(target: Tensor, start: int, stop: int, saved: dict[tuple[int, int], Tensor]) -> None:
+    for (a, b), value in saved.items():
+        lo, hi = max(a, start), min(b, stop)
+        if lo < hi:
+            target[lo - start : hi - start].copy_(value[lo - a : hi - a])
+
+
+def _pieces_of(loaded: dict[str, Tensor], name: str) -> dict[tuple[int, int], Tensor]:
+    out = {}
+    for key, value in loaded.items():
+        n, a, b = parse_piece_key(key)
+        if n == name:
+            out[(a, b)] = value
+    return out
+
+
+def _resolve(path: Any) -> Path:
+    path = Path(path)
+    if not path.exists():
+        old = path.with_name(path.name + ".old")
+        if is_sharded_checkpoint(old):
+            return old  # a crash between the two moves of `save`
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    return path
+
+
+def load_into_engine(path: Any, engine: "ZeroEngine", module: torch.nn.Module,
+                     optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Load a sharded checkpoint of any world size, or a plain Lightning file, into ``engine``'s shards."""
+    path = _resolve(path)
+    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
+    if not is_sharded_checkpoint(path):
+        full = torch.load(path, map_location="cpu", weights_only=False)
+        return _load_full_into_engine(full, engine, module, optimizers)
+    index = _Index(path)
+    index.check_model(shapes)
+    if optimizers and len(index.optimizers) != len(optimizers):
+        raise ValueError(f"The checkpoint at {path} has {len(index.optimizers)} optimizer(s); the module "
+                         f"configures {len(optimizers)}.")
+    mine = engine.layout.pieces(engine.rank)
+    param_ranges: dict[str, list[tuple[int, int]]] = {}
+    for piece in mine:
+        param_ranges.setdefault(piece.name, []).append((piece.start, piece.stop))
+    state_ranges = {i: {} for i in range(len(optimizers))}
+    for i, optimizer in enumerate(optimizers):
+        for name, piece, _ in engine.optimizer_pieces(optimizer):
+            state_ranges[i].setdefault(name, []).append((piece.start, piece.stop))
+    buffers = {n: torch.empty_like(b, device="cpu") for n, b in module.named_buffers() if n in index.model["buffer_names"]}
+    loaded = index.read(param_ranges, state_ranges, buffers)
+    with torch.no_grad():
+        for piece in mine:
+            chunk = engine.chunks[piece.chunk]
+            target = chunk.master[piece.shard_offset : piece.shard_offset + piece.numel]
+            _copy_range(target, piece.start, piece.stop, _pieces_of(loaded["state_dict"], piece.name))
+        named_buffers = dict(module.named_buffers())
+        for n, value in loaded["buffers"].items():
+            named_buffers[n].copy_(value)
+        for i, optimizer in enumerate(optimizers):
+            states = loaded["optimizer_states"].get(str(i), {})
+            for name, piece, q in engine.optimizer_pieces(optimizer):
+                saved = {r: v for r, v in _pieces_of(states, name).items()}
+                if saved:
+                    optimizer.state[q] = _state_for_range(saved, piece.start, piece.stop, q.device)
+            for group, saved_group in zip(optimizer.param_groups, index.optimizers[i]["param_groups"]):
+                group.update(saved_group)
+        engine.refresh_compute()
+    meta = dict(index.meta)
+    meta.pop("lightning_par")
+    return meta
+
+
+def _state_for_range(saved: dict[tuple[int, int], dict[str, Tensor]], start: int, stop: int,
+                     device: torch.device) -> dict[str, Tensor]:
+    names = next(iter(saved.values())).keys()
+    state = {}
+    for s in names:
+        sample = next(iter(saved.values()))[s]
+        if sample.dim() == 0:  # a per-parameter scalar such as Adam's step
+            state[s] = sample.clone()
+            continue
+        target = torch.zeros(stop - start, dtype=sample.dtype)
+        _copy_range(target, start, stop, {r: v[s] for r, v in saved.items()})
+        state[s] = target.to(device)
+    return state
+
+
+# ----- whole tensors: plain Lightning files in and out ------------------------------------------------------------
+
+
+def _load_full_into_engine(full: dict[str, Any], engine: "ZeroEngine", module: torch.nn.Module,
+                           optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    """A plain Lightning checkpoint (whole tensors, e.g. written by ``dp``) into the shards."""
+    state_dict = full["state_dict"]
+    module_state = module.state_dict()
+    missing = sorted(set(module_state) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(module_state))
+    mismatched = sorted(n for n in set(module_state) & set(state_dict) if state_dict[n].shape != module_state[n].shape)
+    if missing or unexpected or mismatched:
+        raise ValueError(f"The checkpoint was written for a different model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, different shapes {mismatched[:5]}.")
+    with torch.no_grad():
+        for piece in engine.layout.pieces(engine.rank):
+            chunk = engine.chunks[piece.chunk]
+            flat = state_dict[piece.name].reshape(-1)[piece.start : piece.stop]
+            chunk.master[piece.shard_offset : piece.shard_offset + piece.numel].copy_(flat)
+        named_buffers = dict(module.named_buffers())
+        for n, b in named_buffers.items():
+            b.copy_(state_dict[n])
+        for optimizer, saved in zip(optimizers, full.get("optimizer_states", [])):
+            names = [n for group in engine.optimizer_param_names[optimizer] for n in group]
+            by_name = {names[i]: s for i, s in saved["state"].items()}
+            for name, piece, q in engine.optimizer_pieces(optimizer):
+                if name in by_name:
+                    optimizer.state[q] = {
+                        k: (v.clone() if v.dim() == 0 else v.reshape(-1)[piece.start : piece.stop].clone().to(q.device))
+                        for k, v in by_name[name].items() if isinstance(v, Tensor)
+                    }
+            for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+                group.update({k: v for k, v in saved_group.items() if k != "params"})
+        engine.refresh_compute()
+    return {k: v for k, v in full.items() if k not in ("state_dict", "optimizer_states")}
+
+
+def load_full(path: Any) -> dict[str, Any]:
+    """A sharded checkpoint as a plain Lightning checkpoint dict: whole tensors, optimizer state by index.
+
+    Reads every piece in this one process (no process group needed): for strategies that hold whole parameters
+    (``dp``) and for ``consolidate``.
+    """
+    path = _resolve(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        flat_file = os.path.join(tmp, "flat.pt")
+        dcp_to_torch_save(str(path), flat_file)
+        saved = torch.load(flat_file, weights_only=False)
+    meta = torch.load(path / META_FILE, weights_only=False)
+    info = meta.pop("lightning_par")
+    shapes, aliases = info["model"]["shapes"], info["model"]["aliases"]
+    state_dict: dict[str, Tensor] = {}
+    for name, shape in shapes.items():
+        numel = 1
+        for d in shape:
+            numel *= d
+        full = torch.empty(numel)
+        _copy_range(full, 0, numel, _pieces_of(saved["state_dict"], name))
+        state_dict[name] = full.reshape(shape)
+    for alias, name in aliases.items():
+        state_dict[alias] = state_dict[name]
+    state_dict.update(saved.get("buffers", {}))
+    optimizer_states = []
+    for i, opt in enumerate(info["optimizers"]):
+        pieces = saved.get("optimizer_states", {}).get(str(i), {})
+        names = [n for group in opt["param_names"] for n in group]
+        state = {}
+        for index, name in enumerate(names):
+            mine = _pieces_of(pieces, name)
+            if mine:
+                numel = 1
+                for d in shapes[name]:
+                    numel *= d
+                flat = _state_for_range(mine, 0, numel, torch.device("cpu"))
+                state[index] = {k: (v if v.dim() == 0 else v.reshape(shapes[name])) for k, v in flat.items()}
+        groups, start = [], 0
+        for group, group_names in zip(opt["param_groups"], opt["param_names"]):
+            groups.append({**group, "params": list(range(start, start + len(group_names)))})
+            start += len(group_names)
+        optimizer_states.append({"state": state, "param_groups": groups})
+    return {**meta, "state_dict": state_dict, "optimizer_states": optimizer_states}
+
+
+def consolidate(path: Any, out: Any) -> None:
+    """Write a sharded checkpoint as one plain Lightning checkpoint file (loads without lightning_par)."""
+    torch.save(load_full(path), out)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lightning-par-consolidate",
+        description="Turn a lightning_par sharded checkpoint directory into one plain Lightning checkpoint file.",
+    )
+    parser.add_argument("checkpoint", help="the sharded checkpoint directory")
+    parser.add_argument("output", help="the file to write (loads with torch.load / LightningModule.load_from_checkpoint)")
+    args = parser.parse_args(argv)
+    consolidate(args.checkpoint, args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""ZeRO stages 1, 2 and 3 as a Lightning strategy, on the chunk engine (``strategy="zero1" | "zero2" | "zero3"``)."""
+
+from __future__ import annotations
+
+import types
+from datetime import timedelta
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+import lightning.pytorch as pl
+from lightning_par import checkpoint as sharded_checkpoint
+from lightning_par.comm.buckets import broadcast_module
+from lightning_par.strategies.base import LightningParStrategy, StartMethod
+from lightning_par.topology import Topology
+from lightning_par.zero.engine import ZeroEngine
+from lightning_par.zero.policy import ZeroPolicy
+
+COMPUTE_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
+                  "16-mixed": torch.float16}
+
+
+class ZeroStrategy(LightningParStrategy):
+    """ZeRO data parallelism: optimizer state (stage 1), gradients (2) and parameters (3) sharded over the ranks.
+
+    Mixed precision is ZeRO's: the model computes in bf16 (``bf16-mixed`` / ``bf16-true``) or fp16 (``16-mixed``,
+    with dynamic loss scaling whose overflow check spans all ranks), while fp32 master weights, gradients and
+    optimizer state live in the shards. Any element-wise ``torch.optim`` optimizer works, with its parameter groups
+    and learning-rate schedulers. Checkpoints are directories of shards that load at another world size.
+
+    Args:
+        stage: 1, 2 or 3.
+        chunk_size: elements per chunk, the unit of communication and sharding.
+        allow_oversize: a parameter larger than ``chunk_size`` gets a chunk of its own (else an error).
+        reshard_after_forward: stage 3 frees chunks after forward and gathers them again in backward.
+        prefetch: stage 3 gathers the next chunk while the current one computes.
+    """
+
+    def __init__(
+        self,
+        stage: Literal[1, 2, 3] = 2,
+        chunk_size: int = 32 * 2**20,
+        allow_oversize: bool = True,
+        reshard_after_forward: bool = True,
+        prefetch: bool = True,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: StartMethod = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.policy = ZeroPolicy(stage=stage, chunk_numel=chunk_size, allow_oversize=allow_oversize,
+                                 reshard_after_forward=reshard_after_forward, prefetch=prefetch)
+        self._engine: Optional[ZeroEngine] = None
+
+    @property
+    def engine(self) -> ZeroEngine:
+        if self._engine is None:
+            raise RuntimeError(f"{type(self).__name__}.engine exists once `Trainer.fit` has set up the model.")
+        return self._engine
+
+    @override
+    def topology_for(self, world_size: int) -> Topology:
+        return Topology(data=world_size)
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # shards are loaded into the engine, which exists only after setup
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # the engine restores optimizer shards itself in `load_checkpoint`
+
+    # ----- setup ----------------------------------------------------------------------------------------------------
+
+    @override
+    def setup_module(self, trainer: "pl.Trainer") -> None:
+        assert self.model is not None
+        if self._engine is not None:
+            self._engine.remove_hooks()
+        broadcast_module(self.model, self.group("data"))  # identical start on every rank, before sharding
+        compute_dtype = COMPUTE_DTYPES[self.precision_plugin.precision]
+        self._engine = ZeroEngine(self.model, self.group("data"), self.policy, compute_dtype, self.root_device)
+
+    @override
+    def setup_optimizers(self, trainer: "pl.Trainer") -> None:
+        super().setup_optimizers(trainer)
+        for optimizer in self.optimizers:
+            self.engine.shard_optimizer(optimizer)
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        plugin = self.precision_plugin
+        if getattr(plugin, "scaler", None) is not None:
+            # [Note: one overflow decision] Each rank sees only its shard of the gradients; the scaler must skip the
+            # step on every rank when any rank overflowed. FSDP's ShardedGradScaler all-reduces that decision.
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            plugin.scaler = ShardedGradScaler(device=self.root_device.type, process_group=self.group("data"))
+        # [Note: clipping over shards] Lightning clips by norm through the precision plugin, over the optimizer's
+        # parameters, which are this rank's pieces: the norm must be summed over all ranks first.
+        plugin.clip_grad_by_norm = types.MethodType(_clip_grad_by_global_norm(self), plugin)
+
+    # ----- training -------------------------------------------------------------------------------------------------
+
+    @override
+    def set_grad_sync(self, enabled: bool) -> None:
+        super().set_grad_sync(enabled)
+        if self._engine is not None:
+            self._engine.sync = enabled
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        self.engine.finish_backward()
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
+                       model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self.engine.refresh_compute()
+        return output
+
+    def _forward_step(self, step: Callable, *args: Any, **kwargs: Any) -> Any:
+        if self._engine is not None:
+            self._engine.begin_forward()
+        return step(*args, **kwargs)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward_step(super().training_step, *args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step(super().validation_step, *args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step(super().test_step, *args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step(super().predict_step, *args, **kwargs)
+
+    def _eval_step(self, step: Callable, *args: Any, **kwargs: Any) -> Any:
+        output = self._forward_step(step, *args, **kwargs)
+        if self._engine is not None and self.policy.stage == 3:
+            self._engine.release_all()
+        return output
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds: parameters, gradients and optimizer state (see ``ZeroEngine.memory_report``)."""
+        return self.engine.memory_report(self.optimizers)
+
+    # ----- checkpoints ----------------------------------------------------------------------------------------------
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return sharded_checkpoint.model_pieces(self.engine)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        return sharded_checkpoint.optimizer_pieces(self.engine, optimizer)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH,
+                        storage_options: Optional[Any] = None) -> None:
+        sharded_checkpoint.save(checkpoint, filepath, is_global_zero=self.is_global_zero, barrier=self.barrier,
+                                module=self.lightning_module)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        optimizers = self.optimizers if self.lightning_module.trainer.state.fn == TrainerFn.FITTING else []
+        return sharded_checkpoint.load_into_engine(checkpoint_path, self.engine, self.lightning_module, optimizers)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        pass  # done by `load_checkpoint`, straight into the shards
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        pass  # done by `load_checkpoint`
+
+    @override
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.is_global_zero:
+            sharded_checkpoint.remove(filepath)
+
+    @override
+    def teardown(self) -> None:
+        if self._engine is not None:
+            self._engine.remove_hooks()
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for stage in (1, 2, 3):
+            for suffix, start_method in (("", "popen"), ("_spawn", "spawn")):
+                strategy_registry.register(
+                    f"zero{stage}{suffix}",
+                    cls,
+                    description=f"lightning_par ZeRO stage {stage} (chunk engine), start_method='{start_method}'",
+                    override=True,
+                    stage=stage,
+                    start_method=start_method,
+                )
+
+
+def _clip_grad_by_global_norm(strategy: ZeroStrategy) -> Callable:
+    def clip_grad_by_norm(plugin: Precision, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        strategy.engine.clip_grad_norm_(optimizer, float(clip_val))
+
+    return clip_grad_by_norm

@@ -1,0 +1,385 @@
+"""One chunk-based engine for ZeRO stages 1, 2 and 3.
+
+[Note: what lives where]
+Every parameter's ``.data`` is a view into its chunk's *compute* buffer (the compute dtype: fp32, bf16 or fp16),
+so modules run unchanged. Each rank owns an even 1/N *shard* of every chunk and keeps, for that shard only, the fp32
+*master* weights, the fp32 *gradient* the optimizer reads, and the optimizer state. The user's optimizer is kept
+(learning-rate schedulers hold it) but its parameter groups are rewritten to hold *pieces*: 1-D leaf tensors that
+share storage with the master shard, one per (parameter, rank) overlap. Element-wise optimizers then compute exactly
+what they would on whole parameters.
+
+  stage 1: full gradient buffers stay allocated (``.grad`` are views into them, accumulation is local); at the
+           boundary step each chunk is reduce-scattered into the shard gradients as soon as backward fills it.
+  stage 2: a chunk's full gradient exists only while backward fills it; it is reduce-scattered at once (every
+           micro-step, the shard gradient accumulates) and freed.
+  stage 3: stage 2, and the compute buffer itself is freed at rest: gathered before a module that owns its
+           parameters runs (forward and backward), freed after (see [Note: stage 3 gather and release]).
+
+After the optimizer step the updated master shards are cast and all-gathered into the compute buffers (stages 1 and
+2); at stage 3 the next gather reads them.
+
+[Note: stage 3 gather and release]
+Forward: a pre-hook on each module that owns parameters gathers its chunks (waiting for a prefetch started by the
+previous module) and starts gathering the next chunk; a post-hook counts the chunk's modules down and frees the
+chunk when all have run. Freeing resizes the buffer's storage to zero, so the views that autograd saved stay valid
+and see the data again once it is gathered back into the same storage. Backward: a hook on each module output
+gathers the module's chunks before its backward runs; a chunk is freed again when all its parameters received
+their gradients (autograd accumulates a gradient only after every use of the parameter). Parameters must therefore
+be used through the modules that own them (not read functionally from elsewhere) at stage 3.
+
+[Note: launch order]
+Collectives must be issued in the same order on every rank: chunk gradients are reduce-scattered strictly from the
+last chunk to the first, a chunk that is ready waiting for the ones after it; ``finish_backward`` launches what a
+backward left (chunks with unused parameters, which count as zero gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from lightning_par.zero.layout import ChunkLayout, Piece, build_layout
+from lightning_par.zero.policy import ELEMENTWISE_OPTIMIZERS, ZeroPolicy
+
+
+def _all_gather(out: Tensor, shard: Tensor, group: dist.ProcessGroup, world_size: int, async_op: bool = False):
+    if world_size == 1:
+        out.copy_(shard)
+        return None
+    return dist.all_gather_into_tensor(out, shard, group=group, async_op=async_op)
+
+
+class _Chunk:
+    def __init__(self, index: int, params: list[nn.Parameter], layout: ChunkLayout, rank: int, separate_master: bool,
+                 compute_dtype: torch.dtype, device: torch.device) -> None:
+        self.index = index
+        self.params = params
+        self.slots = layout.slots_in(index)
+        self.padded = layout.padded_numel(index)
+        self.shard_numel = layout.shard_numel(index)
+        self.shard_start = rank * self.shard_numel
+        # Staged in fp32 so that fp32 masters keep the initial values' full precision under a bf16/fp16 compute dtype.
+        full = torch.zeros(self.padded, dtype=torch.float32, device=device)
+        for p, s in zip(params, self.slots):
+            full[s.offset : s.offset + s.numel].copy_(p.detach().reshape(-1))
+        self.compute = full if compute_dtype == torch.float32 else full.to(compute_dtype)
+        shard = slice(self.shard_start, self.shard_start + self.shard_numel)
+        self.master = full[shard].clone() if separate_master else self.compute[shard]
+        self.grad_shard = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
+        self.grad_full: Optional[Tensor] = None  # stage 1: persistent; stages 2-3: only while backward fills it
+        self.trainable = [p.requires_grad for p in params]
+        self.ready = [False] * len(params)
+        self.pending = sum(self.trainable)
+        self.reduce_work: Any = None
+        self.reduce_input: Optional[Tensor] = None
+        self.reduced: Optional[Tensor] = None
+        self.gathered = True
+        self.gather_work: Any = None
+        self.gather_input: Optional[Tensor] = None
+        self.forward_remaining = 0
+        self.pieces: list[tuple[Piece, nn.Parameter]] = []
+
+    def view(self, buffer: Tensor, i: int) -> Tensor:
+        s = self.slots[i]
+        return buffer[s.offset : s.offset + s.numel].view_as(self.params[i])
+
+    def reset_round(self) -> None:
+        self.ready = [False] * len(self.params)
+        self.pending = sum(self.trainable)
+
+
+class ZeroEngine:
+    """Shards ``module``'s parameters, gradients and optimizer state over ``group`` according to ``policy``."""
+
+    def __init__(self, module: nn.Module, group: dist.ProcessGroup, policy: ZeroPolicy,
+                 compute_dtype: torch.dtype, device: torch.device) -> None:
+        self.group = group
+        self.policy = policy
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.compute_dtype = compute_dtype
+        self.sync = True  # stage 1 only: False accumulates locally (Lightning's accumulation steps)
+        named = list(module.named_parameters())
+        self.names = {p: n for n, p in named}
+        self.layout = build_layout([(n, p.numel()) for n, p in named], policy.chunk_numel, self.world_size,
+                                   policy.allow_oversize)
+        # The master shard can be the compute buffer's own shard only if nothing else must survive a free.
+        separate_master = compute_dtype != torch.float32 or policy.stage == 3
+        params = [p for _, p in named]
+        self.chunks: list[_Chunk] = []
+        with torch.no_grad():
+            for c in range(self.layout.num_chunks):
+                chunk_params = [params[i] for i, s in enumerate(self.layout.slots) if s.chunk == c]
+                self.chunks.append(_Chunk(c, chunk_params, self.layout, self.rank, separate_master, compute_dtype,
+                                          device))
+            for chunk in self.chunks:
+                for i, p in enumerate(chunk.params):
+                    p.data = chunk.view(chunk.compute, i)
+        self.where = {p: (chunk, i) for chunk in self.chunks for i, p in enumerate(chunk.params)}
+        self._next_reduce = len(self.chunks) - 1
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params if p.requires_grad]
+        self._module_chunks: dict[nn.Module, list[int]] = {}
+        # Names of each optimizer's parameters by group, as the user built it: checkpoints map state by name.
+        self.optimizer_param_names: dict[torch.optim.Optimizer, list[list[str]]] = {}
+        if policy.stage == 3:
+            self._install_stage3_hooks(module)
+            self.release_all()
+
+    # ----- optimizer ------------------------------------------------------------------------------------------------
+
+    def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Rewrite ``optimizer``'s parameter groups to hold this rank's pieces (see [Note: what lives where])."""
+        kind = type(optimizer).__name__
+        if kind not in ELEMENTWISE_OPTIMIZERS:
+            raise TypeError(
+                f"ZeRO cannot shard the optimizer {kind}: its update needs whole tensors, and each rank holds flat "
+                f"pieces. Element-wise optimizers work: {', '.join(ELEMENTWISE_OPTIMIZERS)}."
+            )
+        if optimizer.state:
+            raise RuntimeError(f"{kind} already has state; ZeRO must shard it before the first step.")
+        self.optimizer_param_names[optimizer] = [[self.names[p] for p in g["params"]] for g in optimizer.param_groups]
+        pieces_of = {}
+        for piece in self.layout.pieces(self.rank):
+            pieces_of.setdefault(piece.name, []).append(piece)
+        for group in optimizer.param_groups:
+            sharded = []
+            for p in group["params"]:
+                if p not in self.where:
+                    raise ValueError("The optimizer holds a parameter that is not part of the module ZeRO shards.")
+                chunk, _ = self.where[p]
+                for piece in pieces_of.get(self.names[p], []):
+                    lo, hi = piece.shard_offset, piece.shard_offset + piece.numel
+                    shard_param = nn.Parameter(chunk.master[lo:hi], requires_grad=p.requires_grad)
+                    chunk.pieces.append((piece, shard_param))
+                    sharded.append(shard_param)
+            group["params"] = sharded
+
+    def optimizer_pieces(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, Piece, nn.Parameter]]:
+        mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
+        return [(piece.name, piece, q) for chunk in self.chunks for piece, q in chunk.pieces if id(q) in mine]
+
+    # ----- gradients ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _on_grad(self, p: nn.Parameter) -> None:
+        chunk, i = self.where[p]
+        if self.policy.stage == 1:
+            if chunk.grad_full is None:
+                chunk.grad_full = torch.zeros(chunk.padded, dtype=self.compute_dtype, device=chunk.compute.device)
+            view = chunk.view(chunk.grad_full, i)
+            if p.grad.data_ptr() != view.data_ptr():  # a fresh gradient after zero_grad(set_to_none=True)
+                view.copy_(p.grad)
+                p.grad = view
+            if not self.sync:
+                return
+        else:
+            if chunk.grad_full is None:
+                chunk.grad_full = torch.zeros(chunk.padded, dtype=self.policy.reduce_dtype, device=chunk.compute.device)
+            chunk.view(chunk.grad_full, i).add_(p.grad)
+            p.grad = None  # the full gradient lives in the chunk only until it is reduce-scattered
+        if chunk.ready[i]:
+            raise RuntimeError(
+                f"{self.names[p]} received its gradient twice in one backward (reentrant activation checkpointing "
+                "does this); use torch.utils.checkpoint with use_reentrant=False."
+            )
+        chunk.ready[i] = True
+        chunk.pending -= 1
+        if chunk.pending == 0:
+            if self.policy.stage == 3 and all(chunk.trainable):
+                self.release(chunk.index)  # every use of its parameters in this backward is done
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._next_reduce >= 0 and self.chunks[self._next_reduce].pending == 0:
+            self._launch_reduce(self.chunks[self._next_reduce])
+            self._next_reduce -= 1
+
+    def _launch_reduce(self, chunk: _Chunk) -> None:
+        if not any(chunk.trainable):
+            return
+        if chunk.grad_full is None:  # nothing arrived: every parameter unused in this backward
+            chunk.grad_full = torch.zeros(chunk.padded, dtype=self.policy.reduce_dtype, device=chunk.compute.device)
+        full = chunk.grad_full.to(self.policy.reduce_dtype).div_(self.world_size) if self.policy.stage == 1 \
+            else chunk.grad_full.div_(self.world_size)
+        chunk.reduced = torch.empty(chunk.shard_numel, dtype=self.policy.reduce_dtype, device=full.device)
+        if self.world_size == 1:
+            chunk.reduced.copy_(full)
+        else:
+            chunk.reduce_work = dist.reduce_scatter_tensor(chunk.reduced, full, group=self.group, async_op=True)
+        chunk.reduce_input = full  # keep alive until the collective is done
+
+    @torch.no_grad()
+    def finish_backward(self) -> None:
+        """Reduce what backward left, wait for every chunk, and hand the shard gradients to the optimizer pieces."""
+        if self.policy.stage == 1 and not self.sync:
+            return
+        for chunk in self.chunks[: self._next_reduce + 1][::-1]:
+            self._launch_reduce(chunk)
+        self._next_reduce = len(self.chunks) - 1
+        for chunk in self.chunks:
+            if chunk.reduced is None:
+                chunk.reset_round()
+                continue
+            if chunk.reduce_work is not None:
+                chunk.reduce_work.wait()
+            accumulate = self.policy.stage != 1
+            for piece, q in chunk.pieces:
+                region = chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel]
+                if q.grad is None:  # optimizer.zero_grad() since the last sync: a new accumulation window
+                    region.zero_()
+                    q.grad = region
+            if accumulate:
+                chunk.grad_shard.add_(chunk.reduced)
+            else:
+                chunk.grad_shard.copy_(chunk.reduced)
+            chunk.reduced = chunk.reduce_work = chunk.reduce_input = None
+            if self.policy.stage == 1:
+                # Consumed into the shard gradients. The optimizer's zero_grad only reaches the pieces, so the
+                # module's own .grad must be dropped here for the next window to start from zero.
+                for p in chunk.params:
+                    p.grad = None
+            else:
+                chunk.grad_full = None
+            chunk.reset_round()
+        if self.policy.stage == 3:
+            self.release_all()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
+        """Clip by the norm over every shard of ``optimizer``'s parameters on all ranks; return that norm."""
+        grads = [q.grad for _, _, q in self.optimizer_pieces(optimizer) if q.grad is not None]
+        device = self.chunks[0].compute.device if self.chunks else torch.device("cpu")
+        squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
+        if self.world_size > 1:
+            dist.all_reduce(squares, group=self.group)
+        norm = squares.sqrt()
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale)
+        return norm
+
+    # ----- parameters -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def refresh_compute(self) -> None:
+        """Bring the compute buffers up to date with the master shards (after a step or a load)."""
+        if self.policy.stage == 3:
+            self.release_all()  # the next gather casts the master shards
+            return
+        for chunk in self.chunks:
+            shard = chunk.compute[chunk.shard_start : chunk.shard_start + chunk.shard_numel]
+            if shard.data_ptr() != chunk.master.data_ptr():
+                shard.copy_(chunk.master)
+            if self.world_size > 1:
+                dist.all_gather_into_tensor(chunk.compute, shard.clone(), group=self.group)
+
+    def gather(self, index: int, async_op: bool = False) -> None:
+        chunk = self.chunks[index]
+        if chunk.gathered or chunk.gather_work is not None:
+            return
+        chunk.compute.untyped_storage().resize_(chunk.padded * chunk.compute.element_size())
+        chunk.gather_input = chunk.master.to(self.compute_dtype)
+        chunk.gather_work = _all_gather(chunk.compute, chunk.gather_input, self.group, self.world_size, async_op)
+        if not async_op:
+            self._wait_gather(chunk)
+
+    def _wait_gather(self, chunk: _Chunk) -> None:
+        if chunk.gather_work is not None:
+            chunk.gather_work.wait()
+        chunk.gather_work = chunk.gather_input = None
+        chunk.gathered = True
+
+    def ensure_gathered(self, index: int) -> None:
+        chunk = self.chunks[index]
+        if chunk.gathered:
+            return
+        if chunk.gather_work is None:
+            self.gather(index)
+        else:
+            self._wait_gather(chunk)
+
+    def release(self, index: int) -> None:
+        chunk = self.chunks[index]
+        if chunk.gather_work is not None:
+            self._wait_gather(chunk)
+        if chunk.gathered:
+            chunk.compute.untyped_storage().resize_(0)
+            chunk.gathered = False
+
+    def release_all(self) -> None:
+        for chunk in self.chunks:
+            self.release(chunk.index)
+
+    # ----- stage 3 hooks --------------------------------------------------------------------------------------------
+
+    def _install_stage3_hooks(self, module: nn.Module) -> None:
+        for m in module.modules():
+            owned = sorted({self.where[p][0].index for p in m.parameters(recurse=False) if p in self.where})
+            if owned:
+                self._module_chunks[m] = owned
+                self._handles.append(m.register_forward_pre_hook(self._pre_forward))
+                self._handles.append(m.register_forward_hook(self._post_forward))
+
+    def begin_forward(self) -> None:
+        """Reset the per-forward module counts (called before every step that runs forward)."""
+        for chunk in self.chunks:
+            chunk.forward_remaining = 0
+        for owned in self._module_chunks.values():
+            for c in owned:
+                self.chunks[c].forward_remaining += 1
+
+    def _prefetch(self, index: int) -> None:
+        if self.policy.prefetch and 0 <= index < len(self.chunks):
+            self.gather(index, async_op=True)
+
+    def _pre_forward(self, m: nn.Module, args: Any) -> None:
+        owned = self._module_chunks[m]
+        for c in owned:
+            self.ensure_gathered(c)
+        self._prefetch(owned[-1] + 1)
+
+    def _post_forward(self, m: nn.Module, args: Any, output: Any) -> Any:
+        owned = self._module_chunks[m]
+        for c in owned:
+            chunk = self.chunks[c]
+            chunk.forward_remaining -= 1
+            if chunk.forward_remaining <= 0 and (self.policy.reshard_after_forward or not torch.is_grad_enabled()):
+                self.release(c)
+        if torch.is_grad_enabled():
+            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.requires_grad]
+            for t in tensors:
+                t.register_hook(lambda grad, owned=owned: self._pre_backward(owned))
+        return output
+
+    def _pre_backward(self, owned: list[int]) -> None:
+        for c in owned:
+            self.ensure_gathered(c)
+        self._prefetch(owned[0] - 1)
+
+    # ----- bookkeeping ----------------------------------------------------------------------------------------------
+
+    def memory_report(self, optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
+        """Bytes this rank holds now: parameters (compute buffers + separate masters), gradients, optimizer state."""
+        params = grads = 0
+        for chunk in self.chunks:
+            params += chunk.compute.untyped_storage().nbytes()
+            if chunk.master.untyped_storage().data_ptr() != chunk.compute.untyped_storage().data_ptr():
+                params += chunk.master.untyped_storage().nbytes()
+            grads += chunk.grad_shard.untyped_storage().nbytes()
+            if chunk.grad_full is not None:
+                grads += chunk.grad_full.untyped_storage().nbytes()
+        state = sum(
+            t.untyped_storage().nbytes()
+            for opt in optimizers for s in opt.state.values() for t in s.values()
+            if isinstance(t, Tensor) and t.dim() > 0
+        )
+        return {"parameters": params, "gradients": grads, "optimizer_state": state}
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

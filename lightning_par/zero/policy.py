@@ -1,0 +1,44 @@
+"""ZeRO settings as small frozen dataclasses, read like FSDP2's policies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Stage = Literal[1, 2, 3]
+
+# Optimizers whose update of an element depends only on that element's gradient and state: they give the same
+# result on any flat piece of a parameter as on the whole parameter. Others (LBFGS's line search, Adafactor's
+# factored second moments, SparseAdam) see whole tensors and cannot run on shards.
+ELEMENTWISE_OPTIMIZERS = (
+    "SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Rprop", "NAdam", "RAdam", "ASGD",
+)
+
+
+@dataclass(frozen=True)
+class ZeroPolicy:
+    """What is sharded and how chunks are cut.
+
+    stage: 1 shards optimizer state; 2 also gradients; 3 also parameters at rest.
+    chunk_numel: elements per chunk (the unit of communication); larger chunks mean fewer, longer collectives.
+    allow_oversize: a parameter larger than a chunk gets its own chunk instead of an error.
+    reduce_dtype: gradients are reduced in this dtype (fp32 keeps half-precision gradients from losing bits).
+    reshard_after_forward: stage 3 frees a chunk once its modules ran forward and gathers it again for backward;
+        False keeps it gathered until its gradients are reduced (more memory, one gather fewer per step).
+    prefetch: stage 3 starts gathering the next chunk while the current one computes.
+    """
+
+    stage: Stage = 2
+    chunk_numel: int = 32 * 2**20
+    allow_oversize: bool = True
+    reduce_dtype: torch.dtype = torch.float32
+    reshard_after_forward: bool = True
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 1, 2 or 3; got {self.stage!r}.")
+        if self.chunk_numel < 1:
+            raise ValueError(f"chunk_numel must be positive; got {self.chunk_numel}.")
