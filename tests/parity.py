@@ -124,7 +124,7 @@ class Run:
 
 
 def fit(run: Run, strategy: Any, devices: int, data_parallel: int, ckpt_path: Optional[str] = None,
-        save_to: Optional[str] = None, max_epochs: Optional[int] = None) -> list[float]:
+        save_to: Optional[str] = None, max_epochs: Optional[int] = None, trainers: Optional[list] = None) -> list[float]:
     """Train and return the losses this rank recorded. ``devices=1, strategy='auto'`` is the reference."""
     seed_everything(0, verbose=False)
     module = RecordingGPT(**run.module_kwargs)
@@ -153,6 +153,8 @@ def fit(run: Run, strategy: Any, devices: int, data_parallel: int, ckpt_path: Op
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     if save_to:
         trainer.save_checkpoint(save_to)
+    if trainers is not None:  # for tests that inspect the strategy after fit (memory, state)
+        trainers.append(trainer)
     return module.recorded
 
 

@@ -1,0 +1,192 @@
+"""ZeRO stages 1-3 through Lightning on gloo CPU ranks: parity with one process, bytes held per rank, sharded
+checkpoints across world sizes and strategies, consolidation, and the errors for bad input.
+
+Chunks are made small (CHUNK elements) so that the tiny GPT spans many chunks, parameters are cut across ranks and
+chunk boundaries, and stage 3's gather / release / prefetch really runs per chunk.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import lightning_par  # noqa: F401
+from helpers import free_port, run_on_ranks
+from lightning_par import ZeroStrategy
+from lightning_par.checkpoint import load_full, consolidate
+from parity import RecordingGPT, Run, fit, global_losses, relative_gap
+from test_dp import _as_external_rank
+
+CHUNK = 3000  # elements; the tiny GPT has ~27k parameters
+TOL, ADAM_TOL = 1e-5, 1e-4
+
+PARITY = {
+    "plain": Run(steps=6),
+    "accumulate": Run(steps=4, accumulate=2),
+    "clip_norm": Run(steps=6, clip_val=0.05),
+    "adamw": Run(steps=6, module_kwargs={"optimizer": "adamw", "learning_rate": 3e-3}),
+}
+# Save/resume across world sizes keeps the global batch (16) fixed: per-rank batch = 16 / world size.
+GLOBAL_BATCH = 16
+
+
+def zero(stage: int, **kwargs) -> ZeroStrategy:
+    return ZeroStrategy(stage=stage, chunk_size=CHUNK, **kwargs)
+
+
+def resume_run(world_size: int) -> Run:
+    return Run(steps=4, epochs=2, per_rank_batch=GLOBAL_BATCH // world_size)
+
+
+def _parity_and_memory(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
+    _as_external_rank(rank, world_size, port)
+    out: dict = {"memory": {}}
+    for stage in (1, 2, 3):
+        for name, run in PARITY.items():
+            trainers: list = []
+            out[(stage, name)] = fit(run, zero(stage), world_size, world_size, trainers=trainers)
+            if name == "plain":
+                out["memory"][stage] = trainers[0].strategy.memory_report()
+    # Stage 3 without resharding after forward and without prefetch: the other code path of gather/release.
+    out[(3, "no_reshard")] = fit(PARITY["plain"], zero(3, reshard_after_forward=False, prefetch=False), world_size,
+                                 world_size)
+    return out
+
+
+def _checkpoints(rank: int, world_size: int, port: int, tmpdir: str, resume_from: list[str]) -> dict:
+    """Write one-epoch checkpoints at this world size, and resume the ones written at another."""
+    _as_external_rank(rank, world_size, port)
+    run = resume_run(world_size)
+    out = {}
+    out["uninterrupted"] = fit(run, zero(3), world_size, world_size)
+    for stage in (1, 3):
+        path = os.path.join(tmpdir, f"zero{stage}_world{world_size}")
+        out[f"first_epoch_zero{stage}"] = fit(run, zero(stage), world_size, world_size, save_to=path, max_epochs=1)
+    for path in resume_from:
+        # ZeRO-1 shards resume under ZeRO-3 and the reverse, at this world size.
+        strategy = zero(3) if "zero1" in path else zero(1)
+        out[f"resumed:{os.path.basename(path)}"] = fit(run, strategy, world_size, world_size, ckpt_path=path,
+                                                        max_epochs=2)
+        # A strategy holding whole parameters reads the shards too.
+        out[f"dp_resumed:{os.path.basename(path)}"] = fit(run, "dp", world_size, world_size, ckpt_path=path,
+                                                           max_epochs=2)
+    # And ZeRO reads a plain Lightning checkpoint written by dp.
+    dp_file = os.path.join(tmpdir, f"dp_world{world_size}.ckpt")
+    fit(run, "dp", world_size, world_size, save_to=dp_file, max_epochs=1)
+    out["zero3_from_dp"] = fit(run, zero(3), world_size, world_size, ckpt_path=dp_file, max_epochs=2)
+    return out
+
+
+def _bad_input(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
+    _as_external_rank(rank, world_size, port)
+    errors = {}
+
+    class LBFGSModule(RecordingGPT):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters())
+
+    from lightning.pytorch import Trainer
+
+    def attempt(key, make):
+        try:
+            make()
+        except Exception as error:  # noqa: BLE001 - the test inspects the message
+            errors[key] = f"{type(error).__name__}: {error}"
+
+    loader = torch.utils.data.DataLoader(Run(steps=2).dataset(world_size), batch_size=4)
+    trainer_kwargs = dict(accelerator="cpu", devices=world_size, max_steps=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False)
+    attempt("optimizer", lambda: Trainer(strategy=zero(2), **trainer_kwargs).fit(LBFGSModule(), loader))
+    attempt("oversize", lambda: Trainer(strategy=ZeroStrategy(stage=2, chunk_size=100, allow_oversize=False),
+                                        **trainer_kwargs).fit(RecordingGPT(), loader))
+    saved = os.path.join(tmpdir, "zero1_small")
+    fit(Run(steps=2), zero(1), world_size, world_size, save_to=saved)
+    before = sorted(os.listdir(saved))
+    attempt("other_model", lambda: Trainer(strategy=zero(2), **trainer_kwargs).fit(
+        RecordingGPT(n_embd=48), loader, ckpt_path=saved))
+    errors["checkpoint_untouched"] = sorted(os.listdir(saved)) == before
+    return errors
+
+
+def test_zero_matches_single_process_and_shards_memory(tmp_path):
+    for world_size in (2, 4):
+        per_rank = run_on_ranks(_parity_and_memory, world_size, free_port(), str(tmp_path))
+        for name, run in PARITY.items():
+            reference = fit(run, "auto", devices=1, data_parallel=world_size)
+            assert reference[-1] < reference[0]
+            tol = ADAM_TOL if name == "adamw" else TOL
+            for stage in (1, 2, 3):
+                ours = global_losses([r[(stage, name)] for r in per_rank], world_size)
+                assert relative_gap(ours, reference) <= tol, (world_size, stage, name, ours, reference)
+        reference = fit(PARITY["plain"], "auto", devices=1, data_parallel=world_size)
+        ours = global_losses([r[(3, "no_reshard")] for r in per_rank], world_size)
+        assert relative_gap(ours, reference) <= TOL
+        _check_memory([r["memory"] for r in per_rank], world_size)
+
+
+def _check_memory(memory: list[dict], world_size: int) -> None:
+    """Bytes per rank after a step (fp32, SGD with momentum), against the full model's size P*4."""
+    full = 4 * sum(p.numel() for p in RecordingGPT().parameters())
+    slack = 4 * CHUNK  # padding: at most world_size-1 elements per chunk, and chunks of ~CHUNK elements
+    shard = full / world_size
+    for per_rank in memory:
+        s1, s2, s3 = per_rank[1], per_rank[2], per_rank[3]
+        for stage in (s1, s2, s3):  # every stage shards the optimizer state (momentum buffers)
+            assert abs(stage["optimizer_state"] - shard) <= slack, stage
+        assert abs(s1["gradients"] - (full + shard)) <= 2 * slack  # full gradient buffers + shard gradients
+        assert abs(s2["gradients"] - shard) <= slack and abs(s3["gradients"] - shard) <= slack
+        assert abs(s1["parameters"] - full) <= slack and abs(s2["parameters"] - full) <= slack
+        assert abs(s3["parameters"] - shard) <= slack  # at rest: only the fp32 master shard
+
+
+def test_zero_checkpoints_across_world_sizes_and_strategies(tmp_path):
+    two = run_on_ranks(_checkpoints, 2, free_port(), str(tmp_path), [])
+    four = run_on_ranks(_checkpoints, 4, free_port(), str(tmp_path),
+                        [str(tmp_path / "zero1_world2"), str(tmp_path / "zero3_world2")])
+    back = run_on_ranks(_checkpoints, 2, free_port(), str(tmp_path),
+                        [str(tmp_path / "zero1_world4"), str(tmp_path / "zero3_world4")])
+    steps = resume_run(2).steps
+    for results, world_size, source in ((four, 4, "world2"), (back, 2, "world4")):
+        uninterrupted = global_losses([r["uninterrupted"] for r in results], world_size)
+        for stage in (1, 3):
+            first = global_losses([r[f"first_epoch_zero{stage}"] for r in results], world_size)
+            assert relative_gap(first, uninterrupted[:steps]) <= TOL
+            for prefix in ("resumed", "dp_resumed"):
+                resumed = global_losses([r[f"{prefix}:zero{stage}_{source}"] for r in results], world_size)
+                assert len(resumed) == steps
+                assert relative_gap(resumed, uninterrupted[steps:]) <= TOL, (prefix, stage, source)
+        from_dp = global_losses([r["zero3_from_dp"] for r in results], world_size)
+        assert relative_gap(from_dp, uninterrupted[steps:]) <= TOL
+
+    # Consolidation: one plain file that a fresh module loads strictly, without lightning_par.
+    out = tmp_path / "consolidated.ckpt"
+    consolidate(tmp_path / "zero3_world4", out)
+    module = RecordingGPT()
+    state = torch.load(out, weights_only=False)
+    module.load_state_dict(state["state_dict"], strict=True)
+    assert module.model.wte.weight is module.model.lm_head.weight  # tied weights stay tied
+    assert state["epoch"] == 1 and state["global_step"] == steps  # saved after the first epoch
+    full = load_full(tmp_path / "zero1_world2")
+    assert set(full["state_dict"]) == set(RecordingGPT().state_dict())
+
+
+def test_zero_bad_input_gets_clear_errors(tmp_path):
+    errors = run_on_ranks(_bad_input, 2, free_port(), str(tmp_path))
+    for e in errors:
+        assert "cannot shard the optimizer LBFGS" in e["optimizer"] and "AdamW" in e["optimizer"]
+        assert "more than chunk_numel=100" in e["oversize"] and "chunk_numel >=" in e["oversize"]
+        assert "different model" in e["other_model"]
+        assert e["checkpoint_untouched"]
+
+
+def test_zero_strategy_constructs_without_arguments():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert ZeroStrategy().policy.stage == 2
+    assert {"zero1", "zero2", "zero3"} <= set(StrategyRegistry)
+    with pytest.raises(ValueError, match="stage must be 1, 2 or 3"):
+        ZeroStrategy(stage=4)
+    with pytest.raises(RuntimeError, match="exists once"):
+        ZeroStrategy().engine
