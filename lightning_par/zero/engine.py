@@ -46,13 +46,6 @@ from lightning_par.zero.layout import ChunkLayout, Piece, build_layout
 from lightning_par.zero.policy import ELEMENTWISE_OPTIMIZERS, ZeroPolicy
 
 
-def _all_gather(out: Tensor, shard: Tensor, group: dist.ProcessGroup, world_size: int, async_op: bool = False):
-    if world_size == 1:
-        out.copy_(shard)
-        return None
-    return dist.all_gather_into_tensor(out, shard, group=group, async_op=async_op)
-
-
 class _Chunk:
     def __init__(self, index: int, params: list[nn.Parameter], layout: ChunkLayout, rank: int, separate_master: bool,
                  compute_dtype: torch.dtype, device: torch.device) -> None:
@@ -73,6 +66,7 @@ class _Chunk:
         self.grad_full: Optional[Tensor] = None  # stage 1: persistent; stages 2-3: only while backward fills it
         self.trainable = [p.requires_grad for p in params]
         self.ready = [False] * len(params)
+        self.touched = [False] * len(params)  # got a gradient in this accumulation window
         self.pending = sum(self.trainable)
         self.reduce_work: Any = None
         self.reduce_input: Optional[Tensor] = None
@@ -89,6 +83,7 @@ class _Chunk:
 
     def reset_round(self) -> None:
         self.ready = [False] * len(self.params)
+        self.touched = [False] * len(self.params)
         self.pending = sum(self.trainable)
 
 
@@ -168,19 +163,20 @@ class ZeroEngine:
     def _on_grad(self, p: nn.Parameter) -> None:
         chunk, i = self.where[p]
         if self.policy.stage == 1:
-            if chunk.grad_full is None:
+            if chunk.grad_full is None:  # zeros: the padding must stay zero
                 chunk.grad_full = torch.zeros(chunk.padded, dtype=self.compute_dtype, device=chunk.compute.device)
             view = chunk.view(chunk.grad_full, i)
-            if p.grad.data_ptr() != view.data_ptr():  # a fresh gradient after zero_grad(set_to_none=True)
+            if p.grad.data_ptr() != view.data_ptr():  # a fresh gradient: the first of this accumulation window
                 view.copy_(p.grad)
                 p.grad = view
-            if not self.sync:
-                return
         else:
-            if chunk.grad_full is None:
-                chunk.grad_full = torch.zeros(chunk.padded, dtype=self.policy.reduce_dtype, device=chunk.compute.device)
-            chunk.view(chunk.grad_full, i).add_(p.grad)
+            if chunk.grad_full is None:  # no memset: every slot is written by its hook or zeroed at launch
+                chunk.grad_full = torch.empty(chunk.padded, dtype=self.policy.reduce_dtype, device=chunk.compute.device)
+            chunk.view(chunk.grad_full, i).copy_(p.grad)
             p.grad = None  # the full gradient lives in the chunk only until it is reduce-scattered
+        chunk.touched[i] = True
+        if self.policy.stage == 1 and not self.sync:
+            return
         if chunk.ready[i]:
             raise RuntimeError(
                 f"{self.names[p]} received its gradient twice in one backward (reentrant activation checkpointing "
@@ -203,13 +199,21 @@ class ZeroEngine:
             return
         if chunk.grad_full is None:  # nothing arrived: every parameter unused in this backward
             chunk.grad_full = torch.zeros(chunk.padded, dtype=self.policy.reduce_dtype, device=chunk.compute.device)
-        full = chunk.grad_full.to(self.policy.reduce_dtype).div_(self.world_size) if self.policy.stage == 1 \
-            else chunk.grad_full.div_(self.world_size)
-        chunk.reduced = torch.empty(chunk.shard_numel, dtype=self.policy.reduce_dtype, device=full.device)
-        if self.world_size == 1:
-            chunk.reduced.copy_(full)
+        # Parameters without a gradient in this window count as zero (stage 1 may hold an older window's values).
+        for i, touched in enumerate(chunk.touched):
+            if not touched:
+                chunk.view(chunk.grad_full, i).zero_()
+        if self.policy.stage == 1:
+            full = chunk.grad_full.to(self.policy.reduce_dtype, copy=True)  # keeps the local buffer for accumulation
         else:
-            chunk.reduce_work = dist.reduce_scatter_tensor(chunk.reduced, full, group=self.group, async_op=True)
+            full = chunk.grad_full
+            full[self.layout.chunk_numels[chunk.index] :].zero_()  # padding of an uninitialised buffer
+        if self.world_size == 1:
+            chunk.reduced = full  # nothing to reduce: the chunk is its own shard
+            return
+        full.div_(self.world_size)
+        chunk.reduced = torch.empty(chunk.shard_numel, dtype=self.policy.reduce_dtype, device=full.device)
+        chunk.reduce_work = dist.reduce_scatter_tensor(chunk.reduced, full, group=self.group, async_op=True)
         chunk.reduce_input = full  # keep alive until the collective is done
 
     @torch.no_grad()
@@ -221,32 +225,35 @@ class ZeroEngine:
             self._launch_reduce(chunk)
         self._next_reduce = len(self.chunks) - 1
         for chunk in self.chunks:
-            if chunk.reduced is None:
-                chunk.reset_round()
-                continue
-            if chunk.reduce_work is not None:
-                chunk.reduce_work.wait()
-            accumulate = self.policy.stage != 1
-            for piece, q in chunk.pieces:
-                region = chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel]
-                if q.grad is None:  # optimizer.zero_grad() since the last sync: a new accumulation window
-                    region.zero_()
-                    q.grad = region
-            if accumulate:
-                chunk.grad_shard.add_(chunk.reduced)
-            else:
-                chunk.grad_shard.copy_(chunk.reduced)
-            chunk.reduced = chunk.reduce_work = chunk.reduce_input = None
-            if self.policy.stage == 1:
-                # Consumed into the shard gradients. The optimizer's zero_grad only reaches the pieces, so the
-                # module's own .grad must be dropped here for the next window to start from zero.
-                for p in chunk.params:
-                    p.grad = None
-            else:
-                chunk.grad_full = None
+            if chunk.reduced is not None:
+                self._take_reduced(chunk)
             chunk.reset_round()
         if self.policy.stage == 3:
             self.release_all()
+
+    def _take_reduced(self, chunk: _Chunk) -> None:
+        if chunk.reduce_work is not None:
+            chunk.reduce_work.wait()
+        fresh = [q.grad is None for _, q in chunk.pieces]  # optimizer.zero_grad() since: a new window
+        if self.policy.stage == 1 or all(fresh):
+            # Stage 1 overwrites (its full buffer accumulated the window); a fresh window starts from the reduced
+            # shard itself. Either way the new tensor becomes the shard gradient: no copy.
+            chunk.grad_shard = chunk.reduced.float()
+        else:
+            for (piece, _), is_fresh in zip(chunk.pieces, fresh):
+                if is_fresh:
+                    chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel].zero_()
+            chunk.grad_shard.add_(chunk.reduced)
+        for piece, q in chunk.pieces:
+            q.grad = chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel]
+        chunk.reduced = chunk.reduce_work = chunk.reduce_input = None
+        if self.policy.stage == 1:
+            # The optimizer's zero_grad only reaches the pieces: drop the module's own .grad so that the next window
+            # starts from zero (its hooks copy instead of adding).
+            for p in chunk.params:
+                p.grad = None
+        else:
+            chunk.grad_full = None
 
     @torch.no_grad()
     def clip_grad_norm_(self, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
@@ -282,8 +289,13 @@ class ZeroEngine:
         if chunk.gathered or chunk.gather_work is not None:
             return
         chunk.compute.untyped_storage().resize_(chunk.padded * chunk.compute.element_size())
+        if self.world_size == 1:  # the shard is the chunk: one casting copy, nothing to wait for
+            chunk.compute.copy_(chunk.master)
+            chunk.gathered = True
+            return
         chunk.gather_input = chunk.master.to(self.compute_dtype)
-        chunk.gather_work = _all_gather(chunk.compute, chunk.gather_input, self.group, self.world_size, async_op)
+        chunk.gather_work = dist.all_gather_into_tensor(chunk.compute, chunk.gather_input, group=self.group,
+                                                        async_op=async_op)
         if not async_op:
             self._wait_gather(chunk)
 
