@@ -124,10 +124,13 @@ class Run:
 
 
 def fit(run: Run, strategy: Any, devices: int, data_parallel: int, ckpt_path: Optional[str] = None,
-        save_to: Optional[str] = None, max_epochs: Optional[int] = None, trainers: Optional[list] = None) -> list[float]:
-    """Train and return the losses this rank recorded. ``devices=1, strategy='auto'`` is the reference."""
+        save_to: Optional[str] = None, max_epochs: Optional[int] = None, trainers: Optional[list] = None,
+        module_class: type = None, empty_init: Optional[bool] = None) -> list[float]:
+    """Train and return the losses this rank recorded. ``devices=1, strategy='auto'`` is the reference.
+
+    ``empty_init``: build the module inside ``Trainer.init_module(empty_init=...)``.
+    """
     seed_everything(0, verbose=False)
-    module = RecordingGPT(**run.module_kwargs)
     dataset = run.dataset(data_parallel)
     if devices == 1:
         order = GlobalBatchOrder(len(dataset), data_parallel, run.per_rank_batch)
@@ -150,6 +153,12 @@ def fit(run: Run, strategy: Any, devices: int, data_parallel: int, ckpt_path: Op
         precision=run.precision,
         default_root_dir=os.path.dirname(save_to) if save_to else None,
     )
+    module_class = module_class or RecordingGPT
+    if empty_init is None:
+        module = module_class(**run.module_kwargs)
+    else:
+        with trainer.init_module(empty_init=empty_init):
+            module = module_class(**run.module_kwargs)
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     if save_to:
         trainer.save_checkpoint(save_to)

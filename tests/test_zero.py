@@ -15,7 +15,8 @@ import torch
 import lightning_par  # noqa: F401
 from helpers import free_port, run_on_ranks
 from lightning_par import ZeroStrategy
-from lightning_par.checkpoint import load_full, consolidate
+from lightning_par.checkpoint import load_full
+from lightning_par.checkpoint import main as consolidate_command
 from parity import RecordingGPT, Run, fit, global_losses, relative_gap
 from test_dp import _as_external_rank
 
@@ -76,6 +77,42 @@ def _checkpoints(rank: int, world_size: int, port: int, tmpdir: str, resume_from
     dp_file = os.path.join(tmpdir, f"dp_world{world_size}.ckpt")
     fit(run, "dp", world_size, world_size, save_to=dp_file, max_epochs=1)
     out["zero3_from_dp"] = fit(run, zero(3), world_size, world_size, ckpt_path=dp_file, max_epochs=2)
+    return out
+
+
+class ConfiguredGPT(RecordingGPT):
+    """Builds its network in `configure_model`, the Lightning hook for sharded construction."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.built_on_meta = None
+        del self.model
+
+    def configure_model(self):
+        if hasattr(self, "model"):
+            return
+        from lightning_par.demo.model import GPT, GPTConfig
+
+        self.model = GPT(GPTConfig(**{k: self.hparams[k] for k in ("vocab_size", "block_size", "n_layer", "n_head",
+                                                                   "n_embd")}))
+        self.built_on_meta = self.model.wte.weight.is_meta
+
+
+def _meta_init(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
+    """Stage 3 from a model that never existed whole: built on the meta device, weights from a dp checkpoint."""
+    _as_external_rank(rank, world_size, port)
+    run = resume_run(world_size)
+    dp_file = os.path.join(tmpdir, "dp_for_meta.ckpt")
+    fit(run, "dp", world_size, world_size, save_to=dp_file, max_epochs=1)
+    out = {"dp": fit(run, "dp", world_size, world_size, ckpt_path=dp_file, max_epochs=2)}
+    trainers: list = []
+    out["init_module"] = fit(run, zero(3), world_size, world_size, ckpt_path=dp_file, max_epochs=2, empty_init=True,
+                             trainers=trainers)
+    out["at_rest"] = trainers[0].strategy.memory_report()["parameters"]
+    trainers = []
+    out["configure_model"] = fit(run, zero(3), world_size, world_size, ckpt_path=dp_file, max_epochs=2,
+                                 module_class=ConfiguredGPT, trainers=trainers)
+    out["built_on_meta"] = trainers[0].lightning_module.built_on_meta
     return out
 
 
@@ -162,7 +199,7 @@ def test_zero_checkpoints_across_world_sizes_and_strategies(tmp_path):
 
     # Consolidation: one plain file that a fresh module loads strictly, without lightning_par.
     out = tmp_path / "consolidated.ckpt"
-    consolidate(tmp_path / "zero3_world4", out)
+    consolidate_command([str(tmp_path / "zero3_world4"), str(out)])  # lightning-par-consolidate DIR OUT
     module = RecordingGPT()
     state = torch.load(out, weights_only=False)
     module.load_state_dict(state["state_dict"], strict=True)
@@ -190,3 +227,21 @@ def test_zero_strategy_constructs_without_arguments():
         ZeroStrategy(stage=4)
     with pytest.raises(RuntimeError, match="exists once"):
         ZeroStrategy().engine
+    from lightning.pytorch import Trainer
+
+    for stage, empty_init, meta in ((3, True, True), (3, None, False), (2, True, False)):
+        trainer = Trainer(strategy=ZeroStrategy(stage=stage), accelerator="cpu", devices=2, logger=False)
+        with trainer.init_module(empty_init=empty_init):
+            module = RecordingGPT()
+        assert module.model.wte.weight.is_meta is meta, (stage, empty_init)
+
+
+def test_zero3_builds_from_the_meta_device(tmp_path):
+    results = run_on_ranks(_meta_init, 2, free_port(), str(tmp_path))
+    reference = global_losses([r["dp"] for r in results], 2)
+    for key in ("init_module", "configure_model"):
+        assert relative_gap(global_losses([r[key] for r in results], 2), reference) <= TOL, key
+    full = 4 * sum(p.numel() for p in RecordingGPT().parameters())
+    for r in results:
+        assert r["built_on_meta"] is True
+        assert abs(r["at_rest"] - full / 2) <= 4 * CHUNK  # only the fp32 master shard at rest

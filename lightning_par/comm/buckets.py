@@ -174,10 +174,15 @@ class GradientBucketer:
 
 
 @torch.no_grad()
-def broadcast_module(module: nn.Module, group: dist.ProcessGroup, src: int = 0) -> None:
-    """Copy parameters and buffers of group rank ``src`` to every rank of ``group`` (identical start)."""
+def broadcast_tensors(tensors: Iterable[Tensor], group: dist.ProcessGroup, src: int = 0) -> None:
+    """Copy the values of group rank ``src`` to every rank of ``group``, in place."""
     if dist.get_world_size(group) == 1:
         return
     src_global = dist.get_global_rank(group, src)
-    for tensor in [*module.parameters(), *module.buffers()]:
+    for tensor in tensors:
         dist.broadcast(tensor.data, src=src_global, group=group)
+
+
+def broadcast_module(module: nn.Module, group: dist.ProcessGroup, src: int = 0) -> None:
+    """Copy parameters and buffers of group rank ``src`` to every rank of ``group`` (identical start)."""
+    broadcast_tensors([*module.parameters(), *module.buffers()], group, src)

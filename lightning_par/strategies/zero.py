@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Generator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -19,7 +21,7 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning_par import checkpoint as sharded_checkpoint
-from lightning_par.comm.buckets import broadcast_module
+from lightning_par.comm.buckets import broadcast_tensors
 from lightning_par.strategies.base import LightningParStrategy, StartMethod
 from lightning_par.topology import Topology
 from lightning_par.zero.engine import ZeroEngine
@@ -102,9 +104,51 @@ class ZeroStrategy(LightningParStrategy):
         assert self.model is not None
         if self._engine is not None:
             self._engine.remove_hooks()
-        broadcast_module(self.model, self.group("data"))  # identical start on every rank, before sharding
         compute_dtype = COMPUTE_DTYPES[self.precision_plugin.precision]
+        # The engine agrees on the parameters chunk by chunk (rank 0's values); buffers are copied here.
         self._engine = ZeroEngine(self.model, self.group("data"), self.policy, compute_dtype, self.root_device)
+        broadcast_tensors(list(self.model.buffers()), self.group("data"))
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        if not any(t.is_meta for t in [*self.model.parameters(), *self.model.buffers()]):
+            super().model_to_device()
+            return
+        # Built on the meta device (stage 3): the engine materialises parameters chunk by chunk on the device;
+        # move only what already has storage.
+        with torch.no_grad():
+            for m in self.model.modules():
+                for q in m.parameters(recurse=False):
+                    if not q.is_meta:
+                        q.data = q.data.to(self.root_device)
+                for name, b in m.named_buffers(recurse=False):
+                    if not b.is_meta:
+                        m._buffers[name] = b.to(self.root_device)
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        # `Trainer.init_module(empty_init=True)` at stage 3 builds on the meta device; the engine materialises one
+        # chunk at a time with each module's `reset_parameters()` (custom initialisation is then the user's, e.g. by
+        # loading a checkpoint). Otherwise the model is built as usual.
+        if self.policy.stage != 3 or not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
+
+    @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        # `configure_model` runs inside this: at stage 3 its modules are created on the meta device (as Lightning's
+        # FSDP strategy does) and initialised chunk by chunk through `reset_parameters()`.
+        if self.policy.stage != 3:
+            yield
+            return
+        with torch.device("meta"):
+            yield
 
     @override
     def setup_optimizers(self, trainer: "pl.Trainer") -> None:

@@ -46,19 +46,31 @@ from lightning_par.zero.layout import ChunkLayout, Piece, build_layout
 from lightning_par.zero.policy import ELEMENTWISE_OPTIMIZERS, ZeroPolicy
 
 
+def _materialize(module: nn.Module, device: torch.device) -> None:
+    """Give ``module``'s own meta parameters and buffers storage on ``device`` and initialise them with its
+    ``reset_parameters()``. The Parameter objects are kept (``swap_tensors``), so tied weights stay tied."""
+    meta_params = [q for q in module.parameters(recurse=False) if q.is_meta]
+    meta_buffers = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+    if not meta_params and not meta_buffers:
+        return
+    for q in meta_params:
+        torch.utils.swap_tensors(q, nn.Parameter(torch.empty_like(q, device=device), requires_grad=q.requires_grad))
+    for name in meta_buffers:
+        module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+
+
 class _Chunk:
-    def __init__(self, index: int, params: list[nn.Parameter], layout: ChunkLayout, rank: int, separate_master: bool,
-                 compute_dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, index: int, params: list[nn.Parameter], full: Tensor, layout: ChunkLayout, rank: int,
+                 separate_master: bool, compute_dtype: torch.dtype, device: torch.device) -> None:
+        """``full``: the chunk's initial values in fp32 (so that masters keep their full precision)."""
         self.index = index
         self.params = params
         self.slots = layout.slots_in(index)
         self.padded = layout.padded_numel(index)
         self.shard_numel = layout.shard_numel(index)
         self.shard_start = rank * self.shard_numel
-        # Staged in fp32 so that fp32 masters keep the initial values' full precision under a bf16/fp16 compute dtype.
-        full = torch.zeros(self.padded, dtype=torch.float32, device=device)
-        for p, s in zip(params, self.slots):
-            full[s.offset : s.offset + s.numel].copy_(p.detach().reshape(-1))
         self.compute = full if compute_dtype == torch.float32 else full.to(compute_dtype)
         shard = slice(self.shard_start, self.shard_start + self.shard_numel)
         self.master = full[shard].clone() if separate_master else self.compute[shard]
@@ -105,15 +117,34 @@ class ZeroEngine:
         # The master shard can be the compute buffer's own shard only if nothing else must survive a free.
         separate_master = compute_dtype != torch.float32 or policy.stage == 3
         params = [p for _, p in named]
+        owners: dict[nn.Parameter, list[nn.Module]] = {}
+        for m in module.modules():
+            for q in m.parameters(recurse=False):
+                owners.setdefault(q, []).append(m)
         self.chunks: list[_Chunk] = []
         with torch.no_grad():
+            # One chunk at a time: gather its initial values (materialising meta parameters), agree on them across
+            # ranks, keep the shard, and point the parameters at the chunk, so that at stage 3 a model built on the
+            # meta device never exists whole on this device.
             for c in range(self.layout.num_chunks):
                 chunk_params = [params[i] for i, s in enumerate(self.layout.slots) if s.chunk == c]
-                self.chunks.append(_Chunk(c, chunk_params, self.layout, self.rank, separate_master, compute_dtype,
-                                          device))
-            for chunk in self.chunks:
+                full = torch.zeros(self.layout.padded_numel(c), dtype=torch.float32, device=device)
+                for p, slot in zip(chunk_params, self.layout.slots_in(c)):
+                    if p.is_meta:
+                        for m in owners[p]:
+                            _materialize(m, device)
+                    full[slot.offset : slot.offset + slot.numel].copy_(p.detach().reshape(-1))
+                if self.world_size > 1:  # ranks may have initialised differently: rank 0's values win
+                    dist.broadcast(full, src=dist.get_global_rank(group, 0), group=group)
+                chunk = _Chunk(c, chunk_params, full, self.layout, self.rank, separate_master, compute_dtype, device)
                 for i, p in enumerate(chunk.params):
                     p.data = chunk.view(chunk.compute, i)
+                self.chunks.append(chunk)
+                if policy.stage == 3:
+                    chunk.compute.untyped_storage().resize_(0)
+                    chunk.gathered = False
+            for m in module.modules():  # meta buffers of modules that own no parameters
+                _materialize(m, device)
         self.where = {p: (chunk, i) for chunk in self.chunks for i, p in enumerate(chunk.params)}
         self._next_reduce = len(self.chunks) - 1
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params if p.requires_grad]
@@ -122,7 +153,6 @@ class ZeroEngine:
         self.optimizer_param_names: dict[torch.optim.Optimizer, list[list[str]]] = {}
         if policy.stage == 3:
             self._install_stage3_hooks(module)
-            self.release_all()
 
     # ----- optimizer ------------------------------------------------------------------------------------------------
 
