@@ -62,7 +62,7 @@ class RecordingGPT(DemoGPT):
     """The demo GPT with SGD by default, recording every training loss it computes."""
 
     def __init__(self, manual: bool = False, two_optimizers: bool = False, unfreeze_at: Optional[int] = None,
-                 **kwargs: Any) -> None:
+                 scheduler: bool = False, **kwargs: Any) -> None:
         kwargs = {**TINY, "optimizer": "sgd", "learning_rate": 0.1, **kwargs}
         super().__init__(**kwargs)
         self.recorded: list[float] = []
@@ -71,6 +71,7 @@ class RecordingGPT(DemoGPT):
         self.automatic_optimization = not manual
         # Fine-tuning pattern: the last block starts frozen and is unfrozen during fit.
         self.unfreeze_at = unfreeze_at
+        self.scheduler = scheduler  # halve the learning rate every 2 steps: the scheduler must reach the optimizer
         if unfreeze_at is not None:
             self.model.blocks[-1].requires_grad_(False)
 
@@ -98,6 +99,10 @@ class RecordingGPT(DemoGPT):
     def configure_optimizers(self):
         if self.unfreeze_at is not None:  # frozen parameters too: they train once unfrozen
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        if self.scheduler:
+            optimizer = super().configure_optimizers()
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.5), "interval": "step"}}
         if not self.two_optimizers:
             return super().configure_optimizers()
         blocks = list(self.model.blocks.parameters())

@@ -29,6 +29,12 @@ PARITY = {
     "clip_norm": Run(steps=6, clip_val=0.05),
     "adamw": Run(steps=6, module_kwargs={"optimizer": "adamw", "learning_rate": 3e-3}),
 }
+# Further Lightning features, each under one stage (they share the code path of every stage).
+FEATURES = {
+    "scheduler": (1, Run(steps=6, module_kwargs={"scheduler": True})),
+    "clip_value": (2, Run(steps=6, clip_val=0.002, clip_algorithm="value")),
+    "manual_two_optimizers": (3, Run(steps=6, module_kwargs={"manual": True, "two_optimizers": True})),
+}
 # Save/resume across world sizes keeps the global batch (16) fixed: per-rank batch = 16 / world size.
 GLOBAL_BATCH = 16
 
@@ -50,6 +56,8 @@ def _parity_and_memory(rank: int, world_size: int, port: int, tmpdir: str) -> di
             out[(stage, name)] = fit(run, zero(stage), world_size, world_size, trainers=trainers)
             if name == "plain":
                 out["memory"][stage] = trainers[0].strategy.memory_report()
+    for name, (stage, run) in FEATURES.items():
+        out[(stage, name)] = fit(run, zero(stage), world_size, world_size)
     # Stage 3 without resharding after forward and without prefetch: the other code path of gather/release.
     out[(3, "no_reshard")] = fit(PARITY["plain"], zero(3, reshard_after_forward=False, prefetch=False), world_size,
                                  world_size)
@@ -157,6 +165,10 @@ def test_zero_matches_single_process_and_shards_memory(tmp_path):
             for stage in (1, 2, 3):
                 ours = global_losses([r[(stage, name)] for r in per_rank], world_size)
                 assert relative_gap(ours, reference) <= tol, (world_size, stage, name, ours, reference)
+        for name, (stage, run) in FEATURES.items():
+            reference = fit(run, "auto", devices=1, data_parallel=world_size)
+            ours = global_losses([r[(stage, name)] for r in per_rank], world_size)
+            assert relative_gap(ours, reference) <= TOL, (world_size, stage, name, ours, reference)
         reference = fit(PARITY["plain"], "auto", devices=1, data_parallel=world_size)
         ours = global_losses([r[(3, "no_reshard")] for r in per_rank], world_size)
         assert relative_gap(ours, reference) <= TOL
