@@ -79,3 +79,55 @@ def test_layout_pieces_tile_every_parameter_exactly_once(world_size):
 def test_layout_refuses_oversize_when_asked():
     with pytest.raises(ValueError, match="'big' has 20 elements, more than chunk_numel=10.*chunk_numel >= 20"):
         build_layout([("small", 3), ("big", 20)], chunk_numel=10, world_size=2, allow_oversize=False)
+
+
+def _count(name: str, calls: list):
+    original = getattr(dist, name)
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].numel() if len(args) > 1 else 0)  # input elements
+        return original(*args, **kwargs)
+
+    setattr(dist, name, counting)
+    return original
+
+
+def _communication_per_step(rank: int, world_size: int) -> dict:
+    """Collectives per step on a 4-chunk model (one Linear(8, 8) per chunk), counted by stage."""
+    out = {}
+    for stage, reshard in ((2, True), (3, True), (3, False)):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+        policy = ZeroPolicy(stage=stage, chunk_numel=72, reshard_after_forward=reshard)
+        engine = ZeroEngine(model, dist.group.WORLD, policy, torch.float32, torch.device("cpu"))
+        engine.begin_forward()
+        gathers, scatters = [], []
+        originals = [_count("all_gather_into_tensor", gathers), _count("reduce_scatter_tensor", scatters)]
+        try:
+            loss = model(torch.randn(2, 8)).sum()
+            in_forward = len(gathers)
+            loss.backward()
+            scatters_in_backward = len(scatters)
+            engine.finish_backward()
+        finally:
+            dist.all_gather_into_tensor, dist.reduce_scatter_tensor = originals
+        at_rest = sum(c.compute.untyped_storage().nbytes() for c in engine.chunks)
+        out[(stage, reshard)] = dict(gathers_forward=in_forward, gathers_total=len(gathers),
+                                     scatters_in_backward=scatters_in_backward, scatters=len(scatters),
+                                     scatter_elements=sum(scatters), compute_bytes_at_rest=at_rest)
+    return out
+
+
+def test_collectives_per_step_match_the_stage():
+    chunks, padded = 4, 72  # 72 elements per chunk, divisible by 2 ranks: no padding
+    for result in run_on_ranks(_communication_per_step, 2):
+        for key, r in result.items():
+            # One reduce-scatter per chunk, every one started inside backward (overlap), of the whole chunk.
+            assert r["scatters"] == r["scatters_in_backward"] == chunks, key
+            assert r["scatter_elements"] == chunks * padded
+        assert result[(2, True)]["gathers_total"] == 0  # stage 2 keeps parameters
+        # Stage 3: each chunk gathered once in forward (prefetch included) and again in backward after resharding...
+        assert result[(3, True)]["gathers_forward"] == chunks and result[(3, True)]["gathers_total"] == 2 * chunks
+        # ...or kept from forward to its backward.
+        assert result[(3, False)]["gathers_total"] == chunks
+        assert result[(3, True)]["compute_bytes_at_rest"] == result[(3, False)]["compute_bytes_at_rest"] == 0
