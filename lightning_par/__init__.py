@@ -3,10 +3,23 @@
 Importing the package registers the strategy names (``Trainer(strategy="dp")``).
 """
 
-from lightning_par.strategies import DataParallelStrategy, LightningParStrategy, ZeroStrategy, register_all
+from lightning_par.strategies import (
+    DataParallelStrategy,
+    LightningParStrategy,
+    TensorParallel1DStrategy,
+    ZeroStrategy,
+    register_all,
+)
 from lightning_par.topology import Topology
 
 register_all()
 
 __version__ = "0.1.0"
-__all__ = ["DataParallelStrategy", "LightningParStrategy", "Topology", "ZeroStrategy", "__version__"]
+__all__ = [
+    "DataParallelStrategy",
+    "LightningParStrategy",
+    "TensorParallel1DStrategy",
+    "Topology",
+    "ZeroStrategy",
+    "__version__",
+]

@@ -172,9 +172,12 @@ def fit(run: Run, strategy: Any, devices: int, data_parallel: int, ckpt_path: Op
     return module.recorded
 
 
-def global_losses(per_rank: list[list[float]], data_parallel: int) -> list[float]:
-    """Mean over data-parallel ranks of each step's loss (ranks listed in data-parallel order)."""
-    steps = zip(*per_rank[:data_parallel])
+def global_losses(per_rank: list[list[float]], data_parallel: int, ranks: Optional[list[int]] = None) -> list[float]:
+    """Mean over data-parallel ranks of each step's loss: ``ranks`` (one per data-parallel replica, e.g. ``[0, 2]``
+    for tensor 2 x data 2), by default the first ``data_parallel`` ranks."""
+    ranks = list(range(data_parallel)) if ranks is None else ranks
+    assert len(ranks) == data_parallel, (ranks, data_parallel)
+    steps = zip(*(per_rank[r] for r in ranks))
     return [sum(step) / data_parallel for step in steps]
 
 

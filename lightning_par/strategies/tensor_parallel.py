@@ -1,0 +1,270 @@
+"""1D tensor parallelism (Megatron-LM), with optional sequence parallelism, on top of data parallelism."""
+
+from __future__ import annotations
+
+import types
+from datetime import timedelta
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.optim import Optimizer
+from typing_extensions import override
+
+import lightning.pytorch as pl
+from lightning_par.comm.buckets import broadcast_module
+from lightning_par.comm.collectives import group_rank
+from lightning_par.strategies.base import StartMethod
+from lightning_par.strategies.data_parallel import DataParallelStrategy
+from lightning_par.tensor import full_state
+from lightning_par.tensor.auto_plan import auto_plan
+from lightning_par.tensor.layers_1d import VocabParallelOutput, shard_spec
+from lightning_par.tensor.loss import materialize_logits
+from lightning_par.tensor.plan import AppliedPlan, ParallelStyle, applied_plan, divisors, parallelize
+from lightning_par.topology import Topology
+
+
+class TensorParallel1DStrategy(DataParallelStrategy):
+    """1D tensor parallelism (``strategy="tp1d"``): weight matrices split over a tensor group of ``tensor_size``
+    ranks; the remaining ``world / tensor_size`` ranks are data parallel (``dp``'s bucketed all-reduce, over the
+    data axis).
+
+    The LightningModule is sharded in place when ``fit`` starts, by ``plan`` or, by default, by the automatic plan
+    (attention and MLP blocks, ``nn.MultiheadAttention``, ``nn.Transformer*`` layers, the token embedding and the
+    output layer; see ``docs/tp1d.md``), which is logged. Its code does not change.
+
+    Args:
+        tensor_size: ranks per tensor group. Default: the largest divisor of the world size that divides every head
+            count and hidden width the automatic plan would split (the world size for a custom plan).
+        sequence_parallel: split the activations between blocks (norms, dropout, residuals) along the sequence;
+            the block's all-reduces become a reduce-scatter and an all-gather.
+        plan: ``{module name or glob: style}``; None for the automatic plan.
+        sequence_dim: the sequence dim of the activations between the user's blocks (1 for ``[batch, seq, ...]``);
+            ``nn.Transformer*`` layers use their own ``batch_first``.
+        vocab_parallel_loss: the output layer hands out its vocabulary shard, so ``F.cross_entropy`` on the logits
+            never gathers them; False gathers the logits in the output layer.
+        bucket_size_mb, process_group_backend, timeout, start_method: as for ``dp``.
+    """
+
+    def __init__(
+        self,
+        tensor_size: Optional[int] = None,
+        sequence_parallel: bool = False,
+        plan: Optional[dict[str, Union[str, ParallelStyle]]] = None,
+        sequence_dim: int = 1,
+        vocab_parallel_loss: bool = True,
+        bucket_size_mb: float = 25.0,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: StartMethod = "popen",
+    ) -> None:
+        super().__init__(
+            bucket_size_mb=bucket_size_mb,
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        if tensor_size is not None and (not isinstance(tensor_size, int) or tensor_size < 1):
+            raise ValueError(f"tensor_size must be a positive integer or None; got {tensor_size!r}.")
+        self.tensor_size = tensor_size
+        self.sequence_parallel = sequence_parallel
+        self.plan = dict(plan) if plan is not None else None
+        self.sequence_dim = sequence_dim
+        self.vocab_parallel_loss = vocab_parallel_loss
+        self._default_sizes: dict[int, int] = {}
+
+    # ----- topology -----------------------------------------------------------------------------------------------
+
+    @override
+    def topology_for(self, world_size: int) -> Topology:
+        tensor = self.tensor_size if self.tensor_size is not None else self._default_tensor_size(world_size)
+        return Topology.for_world(world_size, tensor=tensor)
+
+    def _default_tensor_size(self, world_size: int) -> int:
+        if world_size in self._default_sizes:
+            return self._default_sizes[world_size]
+        module = self.lightning_module
+        if module is None:
+            return world_size  # not cached: the module decides once it is connected
+        existing = applied_plan(module)
+        if existing is not None:
+            divisor = existing.tg.size
+        else:
+            divisor = auto_plan(module).divisor() if self.plan is None else 0
+        size = max(d for d in divisors(world_size) if divisor == 0 or divisor % d == 0)
+        self._default_sizes[world_size] = size
+        return size
+
+    @property
+    def applied_plan(self) -> Optional[AppliedPlan]:
+        """What the plan did to the module (after ``setup``): entries, notes and the tensor group."""
+        return applied_plan(self.lightning_module) if self.lightning_module is not None else None
+
+    # ----- sharding -------------------------------------------------------------------------------------------------
+
+    @override
+    def setup_module(self, trainer: "pl.Trainer") -> None:
+        module = self.lightning_module
+        assert module is not None
+        group = self.group("tensor")
+        tensor = self.topology.tensor
+        existing = applied_plan(module)
+        if existing is None:
+            broadcast_module(module, group)  # every rank of the tensor group cuts the same full weights
+            if self.plan is None:
+                automatic = auto_plan(module, tensor)
+                plan, notes, reasons = automatic.plan, automatic.notes, automatic.reasons
+            else:
+                plan, notes, reasons = self.plan, [], None
+            applied = parallelize(module, plan, group, sequence_parallel=self.sequence_parallel,
+                                  sequence_dim=self.sequence_dim, vocab_parallel_loss=self.vocab_parallel_loss,
+                                  notes=notes, reasons=reasons)
+            rank_zero_info(applied.describe())
+        else:
+            # A second fit / validate of the same module: same shards, new process groups.
+            existing.rebind(group)
+            if existing.sequence_parallel != (self.sequence_parallel and tensor > 1):
+                raise ValueError("This module was sharded with sequence_parallel="
+                                 f"{existing.sequence_parallel}; build a new module to change it.")
+        for m in module.modules():
+            if isinstance(m, VocabParallelOutput):
+                m.vocab_parallel_loss = self.vocab_parallel_loss
+        _share_rng_state(group, self.root_device)
+        super().setup_module(trainer)
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            # [Note: clipping over shards] Lightning clips by norm in the precision plugin, over the optimizer's
+            # parameters; sharded gradients hold part of the norm on each tensor rank.
+            plugin = self.precision_plugin
+            plugin.clip_grad_by_norm = types.MethodType(_clip_grad_by_global_norm(self), plugin)
+
+    # ----- steps: outputs leave as plain tensors ------------------------------------------------------------------
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return materialize_logits(super().training_step(*args, **kwargs))
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return materialize_logits(super().validation_step(*args, **kwargs))
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return materialize_logits(super().test_step(*args, **kwargs))
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return materialize_logits(super().predict_step(*args, **kwargs))
+
+    # ----- checkpoints: whole tensors, see [Note: the interim checkpoint path of tp1d] ------------------------------
+
+    def _sharded(self) -> bool:
+        return self.lightning_module is not None and applied_plan(self.lightning_module) is not None
+
+    def _tensor_group(self) -> Optional[dist.ProcessGroup]:
+        # The plan's group, not the mesh's: `trainer.save_checkpoint` after `fit` runs after teardown.
+        return applied_plan(self.lightning_module).tg.group
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if not self._sharded():
+            return super().lightning_module_state_dict()
+        return full_state.full_state_dict(self.lightning_module, self._tensor_group())
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        if not self._sharded():  # restored before setup: the module is still whole
+            return super().load_model_state_dict(checkpoint, strict=strict)
+        rank = group_rank(self._tensor_group())
+        self.lightning_module.load_state_dict(
+            full_state.shard_state_dict(self.lightning_module, checkpoint["state_dict"], rank), strict=strict
+        )
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        if not self._sharded():
+            return optimizer.state_dict()
+        return full_state.full_optimizer_state(optimizer, self._tensor_group())
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            if self._sharded():
+                state = full_state.shard_optimizer_state(optimizer, state, group_rank(self._tensor_group()))
+            optimizer.load_state_dict(state)
+            _optimizers_to_device([optimizer], self.root_device)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for name, start_method in (("tp1d", "popen"), ("tp1d_spawn", "spawn"), ("tp1d_fork", "fork")):
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"lightning_par 1D tensor parallel (Megatron) x data parallel, start_method='{start_method}'",
+                override=True,
+                start_method=start_method,
+            )
+
+
+def _share_rng_state(group: dist.ProcessGroup, device: torch.device) -> None:
+    """Give every rank of the tensor group tensor-rank 0's random state.
+
+    Activations outside the sharded layers are replicated over the tensor group: their dropout masks must be the
+    same on every rank or the replicas drift apart. (Consequence: inside the sharded layers, and on the sequence
+    shards under sequence parallelism, ranks draw the same mask for different heads / tokens.)
+    """
+    if dist.get_world_size(group) == 1:
+        return
+    states = [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
+    dist.broadcast_object_list(states, group_src=0, group=group, device=device if device.type == "cuda" else None)
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def _clip_grad_by_global_norm(strategy: TensorParallel1DStrategy) -> Callable:
+    def clip_grad_by_norm(plugin: Precision, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        params = [p for p in plugin.main_params(optimizer) if p.grad is not None]
+        if not params:
+            return
+        sharded = [p.grad for p in params if shard_spec(p) is not None]
+        replicated = [p.grad for p in params if shard_spec(p) is None]
+        device = params[0].grad.device
+
+        def squared(grads: list[torch.Tensor]) -> torch.Tensor:
+            if not grads:
+                return torch.zeros((), device=device)
+            return torch.nn.utils.get_total_norm(grads, 2.0).float().pow(2)
+
+        # Sharded gradients: each tensor rank holds a disjoint part, sum over the group. Replicated ones are the
+        # same on every rank (data-averaged, and summed over the tensor group under sequence parallelism): once.
+        partial = squared(sharded)
+        dist.all_reduce(partial, group=strategy._tensor_group())
+        total = (partial + squared(replicated)).sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, float(clip_val), total)
+
+    return clip_grad_by_norm

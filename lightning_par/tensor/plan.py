@@ -1,0 +1,453 @@
+"""Plans for 1D tensor parallelism: a mapping from module names to layer styles, and the function that applies one.
+
+A plan is a dict ``{module name or glob pattern: style}``, names as ``named_modules()`` of the LightningModule gives
+them (``"model.blocks.*.attn.c_attn"``); a style is a style object or its short name::
+
+    plan = {
+        "model.blocks.*.attn": ParallelBlock(divide=("n_head",)),   # or "block"
+        "model.blocks.*.attn.c_attn": ColwiseParallel(segments=3),   # fused q/k/v: split each third
+        "model.blocks.*.attn.c_proj": "rowwise",
+        "model.blocks.*.mlp": "block",
+        "model.blocks.*.mlp.c_fc": "colwise",
+        "model.blocks.*.mlp.c_proj": "rowwise",
+        "model.blocks": "sequence_region",                           # only read with sequence parallelism
+        "model.wte": "vocab",
+        "model.lm_head": "vocab",
+    }
+
+Modules that no entry names stay replicated. Exact names win over patterns; patterns apply in the plan's order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from lightning_par.comm.collectives import all_gather_along_dim, gather_along_dim, split_along_dim
+from lightning_par.tensor.layers_1d import (
+    ColumnParallelLinear,
+    InputOp,
+    RowParallelLinear,
+    ShardSpec,
+    TensorGroup,
+    VocabParallelEmbedding,
+    VocabParallelOutput,
+    make_shard,
+    output_segments,
+    shard_spec,
+    sum_gradient_over_group,
+)
+from lightning_par.tensor.mha import ParallelMultiheadAttention
+
+# ----- styles ---------------------------------------------------------------------------------------------------
+
+
+class ParallelStyle:
+    """What a plan entry asks of one module."""
+
+    name = "?"
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class ColwiseParallel(ParallelStyle):
+    """``nn.Linear`` -> :class:`ColumnParallelLinear`. ``segments``: a fused output split piece by piece (an int for
+    equal pieces, e.g. 3 for q/k/v, or their sizes, e.g. ``(E, kv, kv)`` with grouped-query attention)."""
+
+    segments: Union[int, tuple[int, ...], None] = None
+    gather_output: bool = False
+    name = "colwise"
+
+    def describe(self) -> str:
+        extra = f", segments {self.segments}" if self.segments is not None else ""
+        return f"colwise{extra}" + (", gather output" if self.gather_output else "")
+
+
+@dataclass(frozen=True)
+class RowwiseParallel(ParallelStyle):
+    """``nn.Linear`` -> :class:`RowParallelLinear`; ``input_is_parallel=False`` splits a whole input first."""
+
+    input_is_parallel: bool = True
+    name = "rowwise"
+
+
+@dataclass(frozen=True)
+class VocabParallel(ParallelStyle):
+    """``nn.Embedding`` -> :class:`VocabParallelEmbedding`; ``nn.Linear`` (the output layer) ->
+    :class:`VocabParallelOutput`. The vocabulary is padded to a multiple of the tensor size, invisibly."""
+
+    name = "vocab"
+
+
+@dataclass(frozen=True)
+class ParallelBlock(ParallelStyle):
+    """A module whose column-parallel layers read one input (an attention or MLP block): the input collective runs
+    once for all of them, and under sequence parallelism the block's input (its first tensor argument) is
+    all-gathered as it enters, so the block's own code sees the whole sequence. ``divide``: integer attributes that
+    the block reads as counts or widths of its local part (``n_head``), divided by the tensor size."""
+
+    divide: tuple[str, ...] = ()
+    name = "block"
+
+    def describe(self) -> str:
+        return "block" + (f", divide {', '.join(self.divide)}" if self.divide else "")
+
+
+@dataclass(frozen=True)
+class ParallelAttention(ParallelStyle):
+    """``nn.MultiheadAttention`` -> :class:`ParallelMultiheadAttention` (heads split over the group)."""
+
+    name = "mha"
+
+
+@dataclass(frozen=True)
+class SequenceParallelRegion(ParallelStyle):
+    """An ``nn.ModuleList`` / ``nn.Sequential`` of blocks run one after the other: with sequence parallelism the
+    activations between its blocks are split along ``seq_dim`` (None: the strategy's ``sequence_dim``)."""
+
+    seq_dim: Optional[int] = None
+    name = "sequence_region"
+
+
+@dataclass(frozen=True)
+class Replicate(ParallelStyle):
+    """Leave the module as it is (documents a choice; the same as no entry)."""
+
+    name = "replicate"
+
+
+STYLES: dict[str, type[ParallelStyle]] = {
+    cls.name: cls
+    for cls in (ColwiseParallel, RowwiseParallel, VocabParallel, ParallelBlock, ParallelAttention,
+                SequenceParallelRegion, Replicate)
+}
+Plan = Mapping[str, Union[str, ParallelStyle]]
+
+
+def as_style(value: Union[str, ParallelStyle]) -> ParallelStyle:
+    if isinstance(value, ParallelStyle):
+        return value
+    if isinstance(value, str) and value in STYLES:
+        return STYLES[value]()
+    raise ValueError(f"Unknown plan style {value!r}; use a style object or one of: {', '.join(STYLES)}.")
+
+
+# ----- errors -----------------------------------------------------------------------------------------------------
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def indivisible(module_name: str, what: str, value: int, tensor_size: int, works: Optional[list[int]] = None) -> ValueError:
+    works = works if works is not None else divisors(value)
+    return ValueError(
+        f"{module_name or '<root>'}: {what} = {value} cannot be split over tensor size {tensor_size}. "
+        f"Tensor sizes that would work: {', '.join(map(str, works))}."
+    )
+
+
+# ----- the applied plan -------------------------------------------------------------------------------------------
+
+PLAN_ATTR = "_tensor_parallel_plan"
+
+
+@dataclass
+class AppliedPlan:
+    """The result of :func:`parallelize`, kept on the root module (``PLAN_ATTR``): what was done, and the group."""
+
+    tg: TensorGroup
+    sequence_parallel: bool
+    entries: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def rebind(self, group: Optional[ProcessGroup]) -> None:
+        size = self.tg.size
+        self.tg.bind(group)
+        if self.tg.size != size:
+            raise ValueError(f"This module was sharded for tensor size {size}; it cannot run with tensor size "
+                             f"{self.tg.size}. Build a new module (or load its checkpoint) for another size.")
+
+    def describe(self) -> str:
+        mode = "with" if self.sequence_parallel else "without"
+        lines = [f"tensor-parallel plan, tensor size {self.tg.size}, {mode} sequence parallelism:"]
+        width = max((len(n) for n, _ in self.entries), default=0)
+        lines += [f"  {name:<{width}}  {what}" for name, what in self.entries]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def applied_plan(module: nn.Module) -> Optional[AppliedPlan]:
+    return getattr(module, PLAN_ATTR, None)
+
+
+# ----- applying a plan ----------------------------------------------------------------------------------------------
+
+
+def _match(plan: Plan, names: list[str]) -> dict[str, ParallelStyle]:
+    styles = {key: as_style(value) for key, value in plan.items()}
+    chosen: dict[str, ParallelStyle] = {}
+    for key, style in styles.items():
+        hits = [key] if key in names else [n for n in names if fnmatch.fnmatchcase(n, key)]
+        if not hits:
+            sample = ", ".join(names[1:6])
+            raise ValueError(f"Plan entry {key!r} matches no module; module names look like: {sample}, ...")
+        for name in hits:
+            if name not in chosen or name == key:
+                chosen[name] = style
+    return chosen
+
+
+def _ancestors(name: str) -> list[str]:
+    """Strict ancestors of the module ``name``, closest first; the root is ``""``."""
+    if not name:
+        return []
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def _ancestor(name: str, among: Mapping[str, Any]) -> Optional[str]:
+    return next((a for a in _ancestors(name) if a in among), None)
+
+
+def _check(name: str, module: nn.Module, style: ParallelStyle, t: int) -> None:
+    def need(types: tuple, label: str) -> None:
+        if not isinstance(module, types):
+            raise ValueError(f"{name}: style {style.name!r} applies to {label}, not {type(module).__name__}.")
+
+    if isinstance(style, ColwiseParallel):
+        need((nn.Linear,), "nn.Linear")
+        for n in output_segments(module.out_features, style.segments):
+            if n % t:
+                raise indivisible(name, "output features" + (" per segment" if style.segments else ""), n, t)
+    elif isinstance(style, RowwiseParallel):
+        need((nn.Linear,), "nn.Linear")
+        if module.in_features % t:
+            raise indivisible(name, "input features", module.in_features, t)
+    elif isinstance(style, VocabParallel):
+        need((nn.Embedding, nn.Linear), "nn.Embedding or nn.Linear")
+        if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse
+                                                 or module.scale_grad_by_freq):
+            raise ValueError(f"{name}: max_norm, sparse and scale_grad_by_freq embeddings cannot be vocab-parallel.")
+    elif isinstance(style, ParallelAttention):
+        need((nn.MultiheadAttention,), "nn.MultiheadAttention")
+        if module.bias_k is not None or module.add_zero_attn:
+            raise ValueError(f"{name}: nn.MultiheadAttention with add_bias_kv / add_zero_attn is not supported.")
+        if module.num_heads % t:
+            raise indivisible(name, "num_heads", module.num_heads, t)
+    elif isinstance(style, ParallelBlock):
+        for attr in style.divide:
+            value = getattr(module, attr, None)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}: attribute {attr!r} to divide is {value!r}, not an int.")
+            if value % t:
+                raise indivisible(name, attr, value, t)
+    elif isinstance(style, SequenceParallelRegion):
+        need((nn.ModuleList, nn.Sequential), "nn.ModuleList or nn.Sequential")
+        if len(module) == 0:
+            raise ValueError(f"{name}: an empty module list cannot be a sequence-parallel region.")
+
+
+def _locations(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    where: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in root.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                where.setdefault(id(child), []).append((parent, attr))
+    return where
+
+
+def _map_hidden(args: tuple, kwargs: dict, fn: Callable[[Tensor], Tensor]) -> tuple[tuple, dict]:
+    """Apply ``fn`` to a block's hidden-state argument: its first positional tensor, else its first tensor keyword
+    argument; every other argument that is the same tensor object gets the same result."""
+    hidden = next((a for a in args if isinstance(a, Tensor)), None)
+    if hidden is None:
+        hidden = next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+    if hidden is None:
+        return args, kwargs
+    out = fn(hidden)
+    return (tuple(out if a is hidden else a for a in args),
+            {k: out if v is hidden else v for k, v in kwargs.items()})
+
+
+def _first_output(output: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(output, Tensor):
+        return fn(output)
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return type(output)([fn(output[0]), *output[1:]])
+    return output
+
+
+def _split_sequence(x: Tensor, seq_dim: int, tg: TensorGroup, region: str) -> Tensor:
+    if x.size(seq_dim) % tg.size:
+        raise ValueError(f"Sequence parallelism splits the input of {region} along dim {seq_dim} over tensor size "
+                         f"{tg.size}, but that dim has size {x.size(seq_dim)} (input shape {tuple(x.shape)}): use a "
+                         f"sequence length divisible by {tg.size}, or sequence_parallel=False.")
+    return split_along_dim(x, seq_dim, tg.group)
+
+
+def parallelize(root: nn.Module, plan: Plan, group: Union[ProcessGroup, TensorGroup, None], *,
+                sequence_parallel: bool = False, sequence_dim: int = 1, vocab_parallel_loss: bool = True,
+                notes: Optional[list[str]] = None, reasons: Optional[Mapping[str, str]] = None) -> AppliedPlan:
+    """Shard ``root`` in place as ``plan`` says, over ``group``; return (and keep on ``root``) what was done.
+
+    Every rank of the group must hold the same full weights when this runs (the strategy broadcasts them first).
+    Checks every entry before changing anything, so an error leaves the module as it was.
+    """
+    tg = group if isinstance(group, TensorGroup) else TensorGroup(group)
+    t = tg.size
+    if applied_plan(root) is not None:
+        raise ValueError("This module is tensor-parallel already; `parallelize` runs once per module.")
+    named = dict(root.named_modules())
+    chosen = _match(plan, list(named))
+    for name, style in chosen.items():
+        _check(name, named[name], style, t)
+    sp = sequence_parallel and t > 1
+    regions = {n: (s.seq_dim if s.seq_dim is not None else sequence_dim)
+               for n, s in chosen.items() if isinstance(s, SequenceParallelRegion)}
+    blocks = {n: s for n, s in chosen.items() if isinstance(s, ParallelBlock)}
+    result = AppliedPlan(tg, sp, notes=list(notes or []))
+
+    def region_of(name: str) -> Optional[int]:
+        """The sequence dim of the region ``name`` lies in (None when not sequence parallel)."""
+        region = _ancestor(name, regions) if sp else None
+        return regions[region] if region is not None else None
+
+    cache: dict[int, tuple[ShardSpec, nn.Parameter, nn.Parameter]] = {}
+
+    def shard(param: nn.Parameter, spec: ShardSpec) -> nn.Parameter:
+        hit = cache.get(id(param))
+        if hit is not None:
+            if hit[0] != spec:
+                raise ValueError(f"A parameter shared by several modules is sharded two ways ({hit[0]} and {spec}).")
+            return hit[2]
+        new = make_shard(param, spec, tg.rank)
+        cache[id(param)] = (spec, param, new)  # keeps the original alive: ids stay unique while we work
+        return new
+
+    # Blocks first: their shared input collective is handed to the column layers inside them.
+    block_ops: dict[str, Optional[InputOp]] = {}
+    for name, style in blocks.items():
+        module = named[name]
+        for attr in style.divide:
+            setattr(module, attr, getattr(module, attr) // t)
+        seq_dim = region_of(name)
+        block_ops[name] = InputOp(tg) if seq_dim is None else None
+        if t > 1:
+            _install_block_hooks(module, tg, block_ops[name], seq_dim)
+
+    where = _locations(root)
+    for name, style in chosen.items():
+        module = named[name]
+        seq_dim = region_of(name)
+        new: Optional[nn.Module] = None
+        if isinstance(style, ColwiseParallel):
+            block = _ancestor(name, blocks)
+            input_op: Any = block_ops[block] if block is not None else "own"
+            new = ColumnParallelLinear.from_linear(module, tg, style.segments, input_op, style.gather_output,
+                                                   seq_dim=seq_dim if block is None else None, shard=shard)
+        elif isinstance(style, RowwiseParallel):
+            new = RowParallelLinear.from_linear(module, tg, seq_dim, style.input_is_parallel, shard=shard)
+        elif isinstance(style, VocabParallel):
+            if isinstance(module, nn.Embedding):
+                new = VocabParallelEmbedding.from_embedding(module, tg, shard=shard)
+            else:
+                new = VocabParallelOutput.from_linear(module, tg, vocab_parallel_loss, shard=shard)
+        elif isinstance(style, ParallelAttention):
+            new = ParallelMultiheadAttention(module, tg, seq_dim, shard=shard)
+        if new is not None:
+            new.train(module.training)
+            for parent, attr in where.get(id(module), []):
+                setattr(parent, attr, new)
+        if isinstance(style, SequenceParallelRegion):
+            seq_dim = regions[name] if sp else None
+        detail = _detail(style, module, t, seq_dim)
+        if reasons and name in reasons:
+            detail = f"{detail}  [{reasons[name]}]"
+        result.entries.append((name, detail))
+
+    for param_name, p in root.named_parameters(remove_duplicate=False):
+        hit = cache.get(id(p))
+        if hit is not None and hit[1] is p:
+            raise ValueError(f"{param_name} is tied to a parameter that the plan shards, but its own module is not "
+                             f"sharded the same way: shard both (e.g. the embedding and the output layer) or neither.")
+
+    if sp:
+        for name, seq_dim in regions.items():
+            _install_region_hooks(root.get_submodule(name), name, tg, seq_dim)
+            seen: set[int] = set()
+            for p in root.get_submodule(name).parameters():
+                if shard_spec(p) is None and id(p) not in seen and p.requires_grad:
+                    seen.add(id(p))
+                    sum_gradient_over_group(p, tg)
+    for module in root.modules():
+        # torch's nested-tensor fast path reads the attention weights directly; never with sharded layers.
+        if isinstance(module, nn.TransformerEncoder) and any(
+                isinstance(m, ParallelMultiheadAttention) for m in module.modules()):
+            module.use_nested_tensor = False
+    setattr(root, PLAN_ATTR, result)
+    return result
+
+
+def _detail(style: ParallelStyle, module: nn.Module, t: int, seq_dim: Optional[int]) -> str:
+    if isinstance(style, RowwiseParallel):
+        return "rowwise, " + ("all-reduce" if seq_dim is None else f"reduce-scatter along dim {seq_dim}")
+    if isinstance(style, VocabParallel):
+        n = module.num_embeddings if isinstance(module, nn.Embedding) else module.out_features
+        padded = -(-n // t) * t
+        kind = "embedding" if isinstance(module, nn.Embedding) else "output"
+        pad = f", padded to {padded}" if padded != n else ""
+        return f"vocab {kind}, {n} rows{pad}, {padded // t} per rank"
+    if isinstance(style, ParallelAttention):
+        return f"mha, {module.num_heads} heads, {module.num_heads // t} per rank"
+    if isinstance(style, SequenceParallelRegion):
+        return f"sequence region over {len(module)} blocks" + (f", split along dim {seq_dim}" if seq_dim is not None else "")
+    return style.describe()
+
+
+def _install_block_hooks(module: nn.Module, tg: TensorGroup, op: Optional[InputOp], seq_dim: Optional[int]) -> None:
+    def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if op is not None:
+            op.clear()
+        if seq_dim is not None:
+            args, kwargs = _map_hidden(args, kwargs, lambda x: all_gather_along_dim(x, seq_dim, tg.group))
+        return args, kwargs
+
+    def post(mod: nn.Module, args: tuple, output: Any) -> None:
+        if op is not None:
+            op.clear()  # do not keep the block's input alive past its forward
+
+    module.register_forward_pre_hook(pre, with_kwargs=True)
+    module.register_forward_hook(post)
+
+
+def _install_region_hooks(region: nn.Module, name: str, tg: TensorGroup, seq_dim: int) -> None:
+    first, last = region[0], region[len(region) - 1]
+
+    def split(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return _map_hidden(args, kwargs, lambda x: _split_sequence(x, seq_dim, tg, name))
+
+    def gather(mod: nn.Module, args: tuple, output: Any) -> Any:
+        return _first_output(output, lambda y: gather_along_dim(y, seq_dim, tg.group))
+
+    first.register_forward_pre_hook(split, with_kwargs=True)
+    last.register_forward_hook(gather)
+
+
+def sharded_parameter_bytes(module: nn.Module) -> tuple[int, int]:
+    """(bytes this rank holds of the sharded parameters, bytes of the same parameters unsharded)."""
+    local = full = 0
+    for p in module.parameters():
+        spec = shard_spec(p)
+        if spec is not None:
+            local += p.numel() * p.element_size()
+            full += torch.Size(spec.full_shape(p.shape)).numel() * p.element_size()
+    return local, full
