@@ -1,0 +1,138 @@
+"""The executor on gloo ranks: every schedule's gradients (after summing shared parameters) and outputs equal one
+process's backward over the same batch; the I/W split equals a full backward in one process."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from helpers import run_on_ranks
+from lightning_par.demo.model import GPT, Block, GPTConfig
+from lightning_par.pipeline import build_schedule
+from lightning_par.pipeline.executor import PipelineExecutor
+from lightning_par.pipeline.partition import Partition, StageExit, choose_split_points, find_blocks
+from lightning_par.pipeline.shared import SharedGradients, canonical_names, parameter_holders
+from lightning_par.pipeline.split_backward import backward_input
+
+BATCH, SEQ, VOCAB = 8, 8, 32
+
+
+def _model():
+    torch.manual_seed(0)
+    return GPT(vocab_size=VOCAB, block_size=SEQ, n_layer=8, n_head=2, n_embd=16)
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=g), torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+
+
+def _configs(p):
+    yield "1f1b", 4, 1
+    yield "gpipe", 4, 1
+    yield "interleaved", 2 * p, 2
+    yield "zero_bubble", 2 * p, 1
+    if p % 2 == 0:
+        yield "chimera", 2 * p if 2 * p <= BATCH else p, 1
+
+
+def _train_every_schedule(rank, world_size):
+    out = {}
+    idx, target = _data()
+    for name, m, chunks in _configs(world_size):
+        schedule = build_schedule(name, world_size, m, chunks)
+        model = _model()
+        layout = find_blocks(model)
+        canonical = canonical_names(model)
+        partition = Partition(model, layout, choose_split_points(model, layout, schedule.parts),
+                              schedule.parts_of(rank))
+        shared = SharedGradients(model, canonical, parameter_holders(canonical, partition, schedule), rank,
+                                 dist.group.WORLD)
+        xs, ys = idx.chunk(m), target.chunk(m)
+
+        def forward(stage, mb, received):
+            with partition.stage(schedule.stage_part[stage], received):
+                try:
+                    return model(xs[mb])
+                except StageExit as stop:
+                    return stop.output
+
+        def loss(stage, mb, logits):
+            return F.cross_entropy(logits.reshape(-1, VOCAB), ys[mb].reshape(-1)) / m
+
+        results = PipelineExecutor(schedule, rank, dist.group.WORLD).run(
+            forward, loss, params=lambda stage: list(model.parameters()))
+        shared.sum_()
+        grads = {}
+        for alias, p in model.named_parameters(remove_duplicate=False):
+            grads[canonical[alias]] = p.grad.clone()
+        out[name] = (grads, results)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_every_schedule_gives_the_single_process_gradients(world_size):
+    per_rank = run_on_ranks(_train_every_schedule, world_size)
+    idx, target = _data()
+    reference = _model()
+    logits = reference(idx)
+    F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1)).backward()
+    expected = {n: p.grad for n, p in reference.named_parameters()}
+    for name, m, _ in _configs(world_size):
+        seen = set()
+        outputs = {}
+        for rank in range(world_size):
+            grads, results = per_rank[rank][name]
+            for param, grad in grads.items():
+                # fp32, different summation order (per microbatch, then across holders): a few ulps.
+                torch.testing.assert_close(grad, expected[param], rtol=1e-4, atol=1e-6, msg=f"{name} {param}")
+                seen.add(param)
+            outputs.update(results)
+        assert seen == set(expected), (name, set(expected) - seen)
+        assert sorted(outputs) == list(range(m)), name
+        torch.testing.assert_close(torch.cat([outputs[i] for i in range(m)]), logits.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_split_backward_equals_a_full_backward():
+    torch.manual_seed(0)
+    stage = torch.nn.Sequential(Block(GPTConfig(n_embd=16, n_head=2)), torch.nn.LayerNorm(16))
+    reference = copy.deepcopy(stage)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    grad = torch.randn(2, 5, 16)
+    reference(x).backward(grad)
+    fired = []
+    for p in stage.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: fired.append(p))
+    x2 = x.detach().requires_grad_()
+    (input_grad,), weights = backward_input([stage(x2)], [grad], [x2], list(stage.parameters()))
+    torch.testing.assert_close(input_grad, x.grad)
+    assert all(p.grad is None for p in stage.parameters()) and not fired  # I computed no weight gradient
+    weights.run()
+    assert len(fired) == len(list(stage.parameters()))  # W accumulates like any backward (bucket hooks fire)
+    for (name, p), q in zip(stage.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_split_backward_of_a_parameter_used_twice_and_of_a_first_stage():
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+    (lin(torch.tanh(lin(x))) * 2).sum().backward()
+    expected = [p.grad.clone() for p in lin.parameters()]
+    lin.zero_grad(set_to_none=True)
+    x2 = x.detach().requires_grad_()
+    out = lin(torch.tanh(lin(x2))) * 2
+    (input_grad,), weights = backward_input([out], [torch.ones_like(out)], [x2], list(lin.parameters()))
+    weights.run()
+    torch.testing.assert_close(input_grad, x.grad)
+    for p, g in zip(lin.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
+    # No input needs a gradient (first stage): all of backward happens in I.
+    lin.zero_grad(set_to_none=True)
+    out = lin(x.detach())
+    (none,), weights = backward_input([out], [torch.ones_like(out)], [x.detach()], list(lin.parameters()))
+    assert none is None and lin.weight.grad is not None
+    weights.run()
