@@ -26,7 +26,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,9 @@ from lightning_par.demo.model import GPT, GPTConfig  # noqa: E402
 H200_BF16_PEAK = 791e12  # dense bf16 FLOP/s, as used for MFU
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, description: str = __doc__,
+               default_strategies: str = "dp,auto") -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--width", type=int, default=2048)
     p.add_argument("--heads", type=int, default=16)
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="measured steps")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="rounds over all variants, in alternating order")
-    p.add_argument("--strategies", default="dp,auto", help="comma-separated Lightning strategy names")
+    p.add_argument("--strategies", default=default_strategies, help="comma-separated Lightning strategy names")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -172,7 +173,7 @@ class WindowTimer(pl.Callback):
             self.t1 = time.perf_counter()
 
 
-def run_lightning(args: argparse.Namespace, device: torch.device, ds: Batches, strategy: str) -> float:
+def run_lightning(args: argparse.Namespace, device: torch.device, ds: Batches, strategy: Any) -> float:
     module = BenchModule(build_model(args, device), args.lr)
     timer = WindowTimer(args.warmup, args.steps)
     trainer = pl.Trainer(
@@ -216,8 +217,12 @@ def free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, *, benchmark: str = "bench_dp", description: str = __doc__,
+         default_strategies: str = "dp,auto", factories: dict[str, Callable[[], Any]] | None = None) -> dict:
+    """Run the benchmark. ``factories`` maps variant names that are not registered strategy names (a strategy with
+    arguments) to a function building the strategy; other names go to the Trainer as they are."""
+    args = parse_args(argv, description, default_strategies)
+    factories = factories or {}
     # An explicit index: torch.cuda.set_device and the memory counters reject a bare "cuda".
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     for name in ("lightning.pytorch", "lightning.fabric"):  # Trainer banners would bury the per-run lines
@@ -245,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
             if v == "plain":
                 seconds = run_plain(args, device, ds)
             else:
-                seconds = run_lightning(args, device, ds, v.split(":", 1)[1])
+                name = v.split(":", 1)[1]
+                seconds = run_lightning(args, device, ds, factories[name]() if name in factories else name)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             tps = tokens / seconds
             runs[v].append({"seconds": seconds, "tokens_per_s": tps, "peak_gib": peak})
@@ -269,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{v:<22}{s['tokens_per_s']:>14,.0f}{s['ratio_to_plain']:>10.3f}{s['mfu']:>8.1%}{fmt_gib(s['peak_gib']):>10}")
 
     result = {
-        "benchmark": "bench_dp",
+        "benchmark": benchmark,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": vars(args),
         "n_params": n_params,
@@ -281,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "bench_dp.json"
+    path = out_dir / f"{benchmark}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwrote {path}")
     return result
