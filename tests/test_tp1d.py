@@ -24,7 +24,7 @@ from helpers import free_port, run_on_ranks
 from lightning_par import TensorParallel1DStrategy
 from parity import RecordingGPT, Run, fit, global_losses, relative_gap, token_dataset
 from test_dp import _as_external_rank
-from tp1d_models import RecordingEncoder, RecordingLlama
+from tp1d_models import CUSTOM_PLAN, RecordingEncoder, RecordingLlama, RecordingNet
 
 TOL = 1e-5
 HALF_TOL = 2e-2
@@ -75,6 +75,7 @@ def cases(world: int) -> dict[str, Case]:
         out["t2_gpt_manual_clip"] = Case(2, kwargs=(("manual", True),), sp=True)
         out["t2_gpt_gathered_logits"] = Case(2, strategy=(("vocab_parallel_loss", False),))
         out["t2_gpt_two_epochs"] = Case(2, run=Run(steps=5, epochs=2))
+        out["t2_custom_plan_sp"] = Case(2, RecordingNet, sp=True, strategy=(("plan", tuple(CUSTOM_PLAN.items())),))
     else:
         out["t2d2_gpt_sp_accumulate_clip"] = Case(2, sp=True, run=Run(accumulate=2, clip_val=0.05))
         out["t2d2_encoder_sp_clip"] = Case(2, RecordingEncoder, ENC_SEQ_FIRST, sp=True, run=Run(clip_val=0.05))

@@ -32,7 +32,7 @@ from lightning_par.tensor import (
 )
 from lightning_par.tensor.full_state import _gather
 from parity import RecordingGPT
-from tp1d_models import RecordingEncoder, RecordingLlama
+from tp1d_models import RecordingEncoder, RecordingLlama, RecordingNet
 
 # ----- the automatic plan, in one process --------------------------------------------------------------------------
 
@@ -88,6 +88,13 @@ class GatedFused(nn.Module):
     def forward(self, x):
         gate, up = self.w12(x).split(self.hidden_dim, dim=-1)
         return self.w3(F.silu(gate) * up)
+
+
+def test_output_layer_is_the_last_linear_shaped_like_the_embedding():
+    # vocabulary == width: the blocks' square Linears are shaped like the output layer too
+    plan = auto_plan(RecordingNet(), 2)
+    assert plan.plan["net.to_logits"].name == "vocab" and "net.layers.0.mixer.to_out" not in plan.plan
+    assert any("mixer.to_qkv" in note for note in plan.notes)  # unrecognised attention: replicated, said so
 
 
 def test_auto_plan_leaves_what_it_cannot_shard_replicated_and_says_why():

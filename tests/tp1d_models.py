@@ -5,6 +5,8 @@
   ``nn.RMSNorm``, an untied output layer and a vocabulary of 33 (not divisible by 2 or 4: padding).
 - ``RecordingEncoder``: ``nn.TransformerEncoder`` of ``nn.TransformerEncoderLayer`` with a causal mask (torch's own
   ``nn.MultiheadAttention`` inside), either batch- or sequence-first.
+- ``RecordingNet``: a model the automatic plan does not recognise (head count in ``self.nh``), and ``CUSTOM_PLAN``,
+  the plan of docs/tp1d.md that shards it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from lightning_par.tensor import ColwiseParallel, ParallelBlock, RowwiseParallel
 from parity import TINY
 
 
@@ -142,3 +145,74 @@ class RecordingEncoder(Recording):
         if not self.batch_first:
             x = x.transpose(0, 1)
         return self.head(x)
+
+
+# ----- a model the automatic plan does not recognise: sharded with a custom plan (docs/tp1d.md) -------------------
+
+
+class Mixer(nn.Module):
+    def __init__(self, dim: int, nh: int) -> None:
+        super().__init__()
+        self.nh = nh  # a head-count name the automatic plan does not know
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (z.reshape(b, t, self.nh, -1).transpose(1, 2) for z in self.to_qkv(x).chunk(3, dim=-1))
+        return self.to_out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.w_in, self.w_out = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        return self.w_out(F.relu(self.w_in(x)))
+
+
+class Layer(nn.Module):
+    def __init__(self, dim: int, nh: int) -> None:
+        super().__init__()
+        self.norm1, self.mixer, self.norm2, self.ff = nn.LayerNorm(dim), Mixer(dim, nh), nn.LayerNorm(dim), FeedForward(dim)
+
+    def forward(self, x):
+        x = x + self.mixer(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+class Net(nn.Module):
+    def __init__(self, vocab: int = 32, dim: int = 32, nh: int = 4, depth: int = 2, block_size: int = 16) -> None:
+        super().__init__()
+        self.token_emb, self.pos_emb = nn.Embedding(vocab, dim), nn.Embedding(block_size, dim)
+        self.layers = nn.ModuleList(Layer(dim, nh) for _ in range(depth))
+        self.to_logits = nn.Linear(dim, vocab)
+
+    def forward(self, idx):
+        x = self.token_emb(idx) + self.pos_emb(torch.arange(idx.size(1), device=idx.device))
+        for layer in self.layers:
+            x = layer(x)
+        return self.to_logits(x)
+
+
+class RecordingNet(Recording):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, idx):
+        return self.net(idx)
+
+
+CUSTOM_PLAN = {
+    "net.layers.*.mixer": ParallelBlock(divide=("nh",)),
+    "net.layers.*.mixer.to_qkv": ColwiseParallel(segments=3),
+    "net.layers.*.mixer.to_out": RowwiseParallel(),
+    "net.layers.*.ff": "block",
+    "net.layers.*.ff.w_in": "colwise",
+    "net.layers.*.ff.w_out": "rowwise",
+    "net.layers": "sequence_region",
+    "net.token_emb": "vocab",
+    "net.to_logits": "vocab",
+}

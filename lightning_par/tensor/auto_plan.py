@@ -239,16 +239,20 @@ class _Planner:
         named = list(self.root.named_modules())
         embeddings = [(n, m) for n, m in named if isinstance(m, nn.Embedding) and id(m) not in self.claimed]
         linears = [(n, m) for n, m in named if isinstance(m, nn.Linear) and id(m) not in self.claimed]
-        pairs = []
-        for ln, lin in linears:
-            tied = [(en, e) for en, e in embeddings if e.weight is lin.weight]
-            shaped = [(en, e) for en, e in embeddings
-                      if e.num_embeddings == lin.out_features and e.embedding_dim == lin.in_features]
-            if tied or shaped:
-                pairs.append((ln, lin, *(tied or shaped)[0], bool(tied)))
+        # An output layer shares its weight with the token embedding, or else is the *last* Linear shaped like one
+        # (hidden -> num_embeddings; registration order puts the head after the blocks, whose own Linears may have
+        # the same shape when the vocabulary equals the width).
+        pairs = [(ln, lin, en, e, True) for ln, lin in linears for en, e in embeddings if e.weight is lin.weight]
+        for en, e in embeddings:
+            if any(p[3] is e for p in pairs):
+                continue
+            shaped = [(ln, lin) for ln, lin in linears if not any(p[1] is lin for p in pairs)
+                      and lin.out_features == e.num_embeddings and lin.in_features == e.embedding_dim]
+            if shaped:
+                pairs.append((*shaped[-1], en, e, False))
         chosen: list[tuple[str, nn.Module, str]] = []
         for ln, lin, en, emb, tied in pairs:
-            if any(id(emb) == id(m) for _, m, _ in chosen):
+            if any(m is emb or m is lin for _, m, _ in chosen):
                 continue
             if emb.max_norm is not None or emb.sparse or emb.scale_grad_by_freq:
                 self.note(f"{en}: max_norm / sparse / scale_grad_by_freq embedding; it and {ln} are left replicated.")
