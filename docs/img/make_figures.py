@@ -1,4 +1,4 @@
-"""Draw the figures of docs/ (currently docs/img/layers.png).
+"""Draw the figures of docs/ (docs/img/layers.png, docs/img/zero_stages.png).
 
 matplotlib is not a dependency of lightning_par; run this in a throwaway environment:
 
@@ -119,6 +119,93 @@ def layers(path: Path) -> None:
     plt.close(fig)
 
 
+# ----- ZeRO: bytes per parameter per rank, by stage ---------------------------------------------------------------
+
+ZERO_RANKS = 4
+# (label, colour) of each kind of state a rank holds.
+ZERO_KINDS = {
+    "params": ("parameters (compute copy: bf16 / fp16)", "#4c8bd6"),
+    "grads": ("gradients", "#f0a03c"),
+    "masters": ("fp32 master weights", "#5aae61"),
+    "optim": ("optimizer state (Adam m, v: fp32)", "#9b72c4"),
+}
+
+
+def _zero_rows(n: int) -> tuple[list, list]:
+    """Bars as lists of (kind, full bytes per parameter, sharded?) segments; a sharded segment holds full / n."""
+    paper = [
+        ("no sharding\n(mixed-precision Adam)", [("params", 2, False), ("grads", 2, False), ("masters", 4, False),
+                                                ("optim", 8, False)]),
+        ("stage 1", [("params", 2, False), ("grads", 2, False), ("masters", 4, True), ("optim", 8, True)]),
+        ("stage 2", [("params", 2, False), ("grads", 2, True), ("masters", 4, True), ("optim", 8, True)]),
+        ("stage 3", [("params", 2, True), ("grads", 2, True), ("masters", 4, True), ("optim", 8, True)]),
+    ]
+    # lightning_par at bf16-mixed, at rest after a step (ZeroStrategy.memory_report(), demo GPT, 4 CPU ranks).
+    ours = [
+        ("dp\n(fp32 weights, autocast)", [("params", 4, False), ("grads", 4, False), ("optim", 8, False)]),
+        ("zero1", [("params", 2, False), ("grads", 2, False), ("grads", 4, True), ("masters", 4, True),
+                   ("optim", 8, True)]),
+        ("zero2", [("params", 2, False), ("grads", 4, True), ("masters", 4, True), ("optim", 8, True)]),
+        ("zero3", [("grads", 4, True), ("masters", 4, True), ("optim", 8, True)]),
+    ]
+    return paper, ours
+
+
+def _zero_panel(ax, rows, n: int, title: str, notes: dict) -> None:
+    height = 0.62
+    for y, (label, segments) in enumerate(rows):
+        x = 0.0
+        for kind, full, sharded in segments:
+            width = full / n if sharded else full
+            ax.barh(y, width, left=x, height=height, color=ZERO_KINDS[kind][1], edgecolor="white" if not sharded
+                    else "#333333", linewidth=1.0, hatch="///" if sharded else None)
+            text = f"{full}/{n}" if sharded else f"{full}"
+            if width >= 0.75:
+                ax.text(x + width / 2, y, text, ha="center", va="center", fontsize=9.5, fontweight="bold",
+                        color="black", bbox=dict(boxstyle="round,pad=0.12", facecolor="white", edgecolor="none",
+                                                 alpha=0.8))
+            x += width
+        total = f"{x:g} B"
+        ax.text(x + 0.2, y, total, ha="left", va="center", fontsize=11, fontweight="bold")
+        if label in notes:
+            ax.text(x + 1.35, y, notes[label], ha="left", va="center", fontsize=8.5, color="#444444")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=10)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 22)
+    ax.set_xticks(range(0, 17, 2))
+    ax.grid(axis="x", color="#dddddd", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(title, fontsize=11.5, loc="left")
+
+
+def zero_stages(path: Path) -> None:
+    n = ZERO_RANKS
+    paper, ours = _zero_rows(n)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11.5, 8.4), sharex=True)
+    _zero_panel(top, paper, n, "ZeRO paper's accounting: 2 + 2 + 4 + 8 = 16 bytes per parameter (fp16 parameters and "
+                "gradients,\nfp32 masters, Adam's two moments)", {})
+    _zero_panel(bottom, ours, n, "lightning_par at bf16-mixed with AdamW, at rest after a step (measured with "
+                "ZeroStrategy.memory_report())", {
+                    "zero1": "full bf16 gradient buffer (local accumulation)\n+ fp32 gradient shard",
+                    "zero2": "gradient shards in fp32 (4/N, not 2/N)",
+                    "zero3": "no compute copy at rest: a chunk is gathered (cast\nfrom the master shards) while its modules run",
+                    "dp\n(fp32 weights, autocast)": "by construction, not measured:\nthe fp32 weights are the masters",
+                })
+    bottom.set_xlabel(f"bytes per parameter per rank, N = {n} ranks", fontsize=11)
+    handles = [Patch(facecolor=colour, label=label) for label, colour in ZERO_KINDS.values()]
+    handles += [Patch(facecolor="white", edgecolor="#333333", label="full copy on every rank (solid)"),
+                Patch(facecolor="white", edgecolor="#333333", hatch="///", label="sharded: 1/N on each rank (hatched)")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=9.5, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"What one rank holds under ZeRO stages 1-3 (N = {n} ranks): bytes per parameter per rank",
+                 fontsize=13.5, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
-    layers(HERE / "layers.png")
-    print(f"wrote {HERE / 'layers.png'}")
+    for name, draw in (("layers.png", layers), ("zero_stages.png", zero_stages)):
+        draw(HERE / name)
+        print(f"wrote {HERE / name}")
