@@ -6,6 +6,7 @@ Importing the package registers the strategy names (``Trainer(strategy="dp")``).
 from lightning_par.strategies import (
     DataParallelStrategy,
     LightningParStrategy,
+    PipelineStrategy,
     TensorParallel1DStrategy,
     ZeroStrategy,
     register_all,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DataParallelStrategy",
     "LightningParStrategy",
+    "PipelineStrategy",
     "TensorParallel1DStrategy",
     "Topology",
     "ZeroStrategy",

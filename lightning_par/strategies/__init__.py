@@ -2,10 +2,11 @@
 
 from lightning_par.strategies.base import LightningParStrategy
 from lightning_par.strategies.data_parallel import DataParallelStrategy
+from lightning_par.strategies.pipeline import PipelineStrategy
 from lightning_par.strategies.tensor_parallel import TensorParallel1DStrategy
 from lightning_par.strategies.zero import ZeroStrategy
 
-STRATEGIES = (DataParallelStrategy, ZeroStrategy, TensorParallel1DStrategy)
+STRATEGIES = (DataParallelStrategy, ZeroStrategy, TensorParallel1DStrategy, PipelineStrategy)
 
 
 def register_all() -> None:
@@ -16,5 +17,5 @@ def register_all() -> None:
         strategy.register_strategies(StrategyRegistry)
 
 
-__all__ = ["DataParallelStrategy", "LightningParStrategy", "STRATEGIES", "TensorParallel1DStrategy", "ZeroStrategy",
-           "register_all"]
+__all__ = ["DataParallelStrategy", "LightningParStrategy", "PipelineStrategy", "STRATEGIES", "TensorParallel1DStrategy",
+           "ZeroStrategy", "register_all"]

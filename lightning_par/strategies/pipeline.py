@@ -1,0 +1,461 @@
+"""Pipeline parallel: the model split into stages by its blocks, microbatches run by a schedule; the rest of the
+world is data parallel.
+
+[Note: a pipelined step inside Lightning's automatic optimization]
+Lightning's loop calls ``strategy.training_step`` (inside the optimizer's closure), then ``strategy.backward`` on
+the returned loss, then the optimizer step. A pipeline cannot separate forward from backward: 1F1B runs the
+backward of microbatch 0 before the forward of microbatch p. So ``training_step`` runs the whole schedule: it cuts
+the batch into microbatches, and for each forward action calls the user's own ``training_step`` on one microbatch
+with the model arranged for that stage (:class:`~lightning_par.pipeline.partition.Partition`); the last stage's
+loss, scaled by 1 / (microbatches x accumulation), is backpropagated by the executor. It returns the batch loss
+(the microbatch mean, the same on every rank, detached). Lightning's ``backward`` then finds the gradients already
+there: this strategy's ``backward`` runs the hooks around it (``on_before_backward``, ``on_after_backward``) and
+the gradient communication (``post_backward``), but not autograd. Accumulation (``block_backward_sync``), clipping
+(over all stages, see [Note: clipping over shards]), the optimizer step, LR schedulers and checkpoints then work as
+with any strategy. Manual optimization is refused: its ``manual_backward`` would call backward per microbatch.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+import lightning.pytorch as pl
+from lightning_par.comm.buckets import broadcast_module
+from lightning_par.pipeline import full_state
+from lightning_par.pipeline.executor import PipelineExecutor
+from lightning_par.pipeline.partition import (
+    Partition,
+    PartitionError,
+    StageExit,
+    choose_split_points,
+    find_blocks,
+    measure_block_times,
+)
+from lightning_par.pipeline.schedules import Schedule, build_schedule, forward_only
+from lightning_par.pipeline.shared import SharedGradients, canonical_names, parameter_holders
+from lightning_par.pipeline.steps import StepRecorder, eval_microbatches, merge_outputs, split_batch
+from lightning_par.strategies.base import StartMethod
+from lightning_par.strategies.data_parallel import DataParallelStrategy
+from lightning_par.topology import Topology
+
+ScheduleName = Literal["1f1b", "gpipe", "interleaved", "zero_bubble", "chimera"]
+PIPELINE_PRECISION = ("32-true", "bf16-mixed", "bf16-true")
+
+
+class PipelineStrategy(DataParallelStrategy):
+    """Pipeline parallelism for a standard LightningModule (``strategy="pipeline"``, ``"pipeline_gpipe"``, ...).
+
+    The module must keep its layers in one ``nn.ModuleList`` / ``nn.Sequential`` with the embedding before it and
+    the head after it (see ``docs/pipeline.md``); its ``training_step`` stays as written.
+
+    Args:
+        schedule: ``"1f1b"`` (default), ``"gpipe"``, ``"interleaved"``, ``"zero_bubble"`` or ``"chimera"``.
+        stages: pipeline size (ranks per pipeline); by default all ranks. The remaining factor is data parallel.
+        microbatches: microbatches per batch; by default twice the pipeline size. Must divide the batch size.
+        chunks: model chunks per rank for ``interleaved`` (default 2); 1 for the other schedules.
+        split_points: block indices where stages 1, 2, ... start (``parts - 1`` of them); by default balanced.
+        balance: ``"params"`` (parameter count) or ``"time"`` (measured forward+backward per block on the
+            module's ``example_input_array``).
+        blocks: dotted path of the blocks container (e.g. ``"model.blocks"``); by default the largest one.
+        bucket_size_mb: gradient bucket size of the data-parallel all-reduce.
+    """
+
+    def __init__(
+        self,
+        schedule: ScheduleName = "1f1b",
+        stages: Optional[int] = None,
+        microbatches: Optional[int] = None,
+        chunks: Optional[int] = None,
+        split_points: Optional[list[int]] = None,
+        balance: Literal["params", "time"] = "params",
+        blocks: Optional[str] = None,
+        bucket_size_mb: float = 25.0,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: StartMethod = "popen",
+    ) -> None:
+        super().__init__(
+            bucket_size_mb=bucket_size_mb,
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        if schedule not in ("1f1b", "gpipe", "interleaved", "zero_bubble", "chimera"):
+            raise ValueError(f"Unknown schedule {schedule!r}; choose 1f1b, gpipe, interleaved, zero_bubble or chimera.")
+        if chunks is not None and chunks != 1 and schedule != "interleaved":
+            raise ValueError(f"chunks={chunks} only applies to schedule='interleaved'; {schedule!r} runs one chunk.")
+        for name, value in (("stages", stages), ("microbatches", microbatches), ("chunks", chunks)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        if balance not in ("params", "time"):
+            raise ValueError(f"balance must be 'params' or 'time'; got {balance!r}.")
+        self.schedule_name = schedule
+        self.stages = stages
+        self.microbatches = microbatches
+        self.chunks = chunks if chunks is not None else (2 if schedule == "interleaved" else 1)
+        self.split_points = split_points
+        self.balance = balance
+        self.blocks = blocks
+        self._partition: Optional[Partition] = None
+        self._schedule: Optional[Schedule] = None
+        self._train_executor: Optional[PipelineExecutor] = None
+        self._eval_executors: dict[int, PipelineExecutor] = {}  # by microbatch count
+        self._shared: Optional[SharedGradients] = None
+        self._pipeline_group: Optional[dist.ProcessGroup] = None
+        self._canonical: dict[str, str] = {}
+        self._optimizer_layouts: dict[int, full_state.OptimizerLayout] = {}
+        self._backward_ran = False
+        self._set_aside: dict[torch.nn.Parameter, Optional[Tensor]] = {}
+
+    # ----- topology and schedule ------------------------------------------------------------------------------------
+
+    @override
+    def topology_for(self, world_size: int) -> Topology:
+        return Topology.for_world(world_size, pipeline=self.stages or world_size)
+
+    def num_microbatches(self, pipeline: int) -> int:
+        return self.microbatches if self.microbatches is not None else 2 * pipeline
+
+    def schedule_for(self, pipeline: int) -> Schedule:
+        """The training schedule on ``pipeline`` ranks; raises ScheduleError when the sizes do not fit it."""
+        return build_schedule(self.schedule_name, pipeline, self.num_microbatches(pipeline), self.chunks)
+
+    @property
+    def pipeline_rank(self) -> int:
+        return self.topology.coordinates(self.global_rank)["pipeline"]
+
+    @override
+    def setup_environment(self) -> None:
+        # Sizes are checked before any process group exists: a schedule that cannot run must not start.
+        self.schedule_for(self.topology.pipeline)
+        super().setup_environment()
+
+    @property
+    @override
+    def precision_plugin(self) -> Precision:
+        return super().precision_plugin
+
+    @precision_plugin.setter
+    @override
+    def precision_plugin(self, precision_plugin: Optional[Precision]) -> None:
+        name = getattr(precision_plugin, "precision", None)
+        if precision_plugin is not None and name not in PIPELINE_PRECISION:
+            # 16-mixed's GradScaler decides per rank whether to skip a step; the stages would drift apart.
+            raise ValueError(f"{type(self).__name__} does not support precision={name!r}. "
+                             f"Choose one of: {', '.join(PIPELINE_PRECISION)}.")
+        self._precision_plugin = precision_plugin
+
+    # ----- splitting the model --------------------------------------------------------------------------------------
+
+    @override
+    def setup_module(self, trainer: "pl.Trainer") -> None:
+        module = self.lightning_module
+        assert module is not None
+        if not module.automatic_optimization:
+            raise RuntimeError(
+                f"{type(self).__name__} runs backward itself, microbatch by microbatch, inside the schedule; manual "
+                "optimization (self.manual_backward in training_step) is not supported. Use automatic optimization."
+            )
+        if self._partition is None or self._partition.module is not module:
+            self._split(module)
+        if trainer.state.fn == TrainerFn.FITTING and self.topology.data > 1:
+            self._build_bucketer()
+
+    def _split(self, module: "pl.LightningModule") -> None:
+        if _is_split(module):
+            raise RuntimeError("This LightningModule was already split into pipeline stages by another strategy "
+                               "object; build a new module (or reuse the same Trainer).")
+        data_group, pipeline_group = self.group("data"), self.group("pipeline")
+        # Every copy of a parameter (data replicas, tied or replicated across stages) starts from global rank 0's.
+        broadcast_module(module, data_group)
+        broadcast_module(module, pipeline_group)
+        schedule = self.schedule_for(self.topology.pipeline)
+        layout = find_blocks(module, self.blocks)
+        times = None
+        if self.balance == "time":
+            example = module.example_input_array
+            if example is None:
+                raise PartitionError("balance='time' measures the blocks on the module's `example_input_array`; set it "
+                                     "(e.g. `self.example_input_array = torch.zeros(2, 64, dtype=torch.long)`).")
+            example = self.batch_to_device(example)
+            run = lambda: module(*example) if isinstance(example, tuple) else module(example)  # noqa: E731
+            box = [measure_block_times(module, layout, run)]
+            for group in (data_group, pipeline_group):  # every rank must cut alike: use global rank 0's times
+                dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+            times = box[0]
+        starts = choose_split_points(module, layout, schedule.parts, self.split_points, times)
+        self._canonical = canonical_names(module)
+        rank = self.pipeline_rank
+        self._partition = Partition(module, layout, starts, schedule.parts_of(rank))
+        module._lightning_par_pipeline = True
+        holders = parameter_holders(self._canonical, self._partition, schedule)
+        self._shared = SharedGradients(module, self._canonical, holders, rank, pipeline_group)
+        self._schedule = schedule
+        self._pipeline_group = pipeline_group
+        self._train_executor = None
+        self._eval_executors = {}
+        self._optimizer_layouts = {}
+
+    @property
+    def partition(self) -> Partition:
+        if self._partition is None:
+            raise RuntimeError(f"{type(self).__name__}.partition exists once the model is split, in `setup`.")
+        return self._partition
+
+    @property
+    def schedule(self) -> Schedule:
+        if self._schedule is None:
+            raise RuntimeError(f"{type(self).__name__}.schedule is built in `setup`.")
+        return self._schedule
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            # [Note: clipping over shards] Lightning clips by norm in the precision plugin, over this rank's
+            # parameters; each stage holds part of the norm.
+            plugin = self.precision_plugin
+            plugin.clip_grad_by_norm = types.MethodType(_clip_grad_by_global_norm(self), plugin)
+
+    # ----- steps ----------------------------------------------------------------------------------------------------
+
+    def _executor(self, microbatches: Optional[int] = None) -> PipelineExecutor:
+        """The training executor, or (``microbatches`` given) the forward-only one for evaluation."""
+        if microbatches is None:
+            if self._train_executor is None:
+                self._train_executor = PipelineExecutor(self.schedule, self.pipeline_rank, self._pipeline_group,
+                                                        self.root_device)
+            return self._train_executor
+        if microbatches not in self._eval_executors:
+            self._eval_executors[microbatches] = PipelineExecutor(
+                forward_only(self.schedule, microbatches), self.pipeline_rank, self._pipeline_group, self.root_device)
+        return self._eval_executors[microbatches]
+
+    def _run(self, step: Callable[..., Any], executor: PipelineExecutor, batch: Any, rest: tuple, kwargs: dict,
+             loss: Optional[Callable[[int, int, Any], Tensor]] = None, **run_kwargs: Any) -> dict[int, Any]:
+        module = self.lightning_module
+        partition = self.partition
+        schedule = executor.schedule
+        micro = split_batch(batch, schedule.microbatches)
+        recorder = self._recorder = StepRecorder(module)
+
+        def forward(stage: int, microbatch: int, received: Any) -> Any:
+            with partition.stage(schedule.stage_part[stage], received), recorder.microbatch(microbatch) as record:
+                try:
+                    output = step(micro[microbatch], *rest, **kwargs)
+                except StageExit as stop:
+                    record.stopped()
+                    return stop.output
+            if not schedule.is_last(stage):
+                raise RuntimeError(f"`{step.__name__}` returned without running the model's blocks. A pipelined step "
+                                   "must call the model's forward, which runs every block.")
+            return output
+
+        results = executor.run(forward, loss, **run_kwargs)
+        return recorder.share(results, self._pipeline_group, schedule.microbatches, self.root_device)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.lightning_module
+        trainer = module.trainer
+        schedule = self.schedule
+        batch, rest = args[0], args[1:]
+        scale = 1.0 / (schedule.microbatches * trainer.accumulate_grad_batches)
+        # A layer unfrozen during fit needs a bucket before its gradients arrive (see DataParallelStrategy).
+        super().pre_backward(torch.empty(0))
+        local_params = [p for p in module.parameters() if p.requires_grad]
+        executor = self._executor()
+        last_stage = max(executor.last_grad_action.items(), key=lambda kv: kv[1], default=(None, 0))[0]
+
+        def loss(stage: int, microbatch: int, output: Any) -> Tensor:
+            value = output["loss"] if isinstance(output, Mapping) else output
+            if not isinstance(value, Tensor):
+                raise RuntimeError("In automatic optimization `training_step` must return the loss tensor or a dict "
+                                   "with 'loss'; a pipelined step cannot be skipped by returning None.")
+            return value * scale
+
+        def before_last_backward(stage: int) -> None:
+            # Gradient buckets of the data axis start during the last backward of this rank, not before.
+            if self._bucketer is not None and stage == last_stage:
+                self._bucketer.sync = self._grad_sync_enabled
+
+        # [Note: gradients across Lightning's zero_grad] Lightning zeroes gradients between training_step and
+        # backward, on the first batch of each accumulation window. The schedule's gradients are set aside over
+        # that gap (restored in `backward`), and the ones it would have zeroed are dropped before the schedule runs.
+        batch_idx = rest[0] if rest else kwargs.get("batch_idx", 0)
+        window_start = batch_idx % trainer.accumulate_grad_batches == 0
+        trained = [p for optimizer in self.optimizers for group in optimizer.param_groups for p in group["params"]]
+        if window_start:
+            for p in trained:
+                p.grad = None
+        if self._bucketer is not None:
+            self._bucketer.sync = False
+        with self.precision_plugin.train_step_context():
+            outputs = self._run(module.training_step, executor, batch, rest, kwargs, loss,
+                                params=lambda stage: local_params, before_last_backward=before_last_backward)
+        self._set_aside = {}
+        if window_start:
+            self._set_aside = {p: p.grad for p in trained}
+            for p in trained:
+                p.grad = None
+        self._backward_ran = True
+        self._recorder.replay(self.root_device)
+        merged = merge_outputs([outputs[m] for m in range(schedule.microbatches)])
+        if isinstance(merged, Mapping):
+            return {k: v.detach() if isinstance(v, Tensor) else v for k, v in merged.items()}
+        return merged.detach()
+
+    def _eval_step(self, step: Callable[..., Any], context: Any, args: tuple, kwargs: dict) -> Any:
+        batch, rest = args[0], args[1:]
+        executor = self._executor(eval_microbatches(batch, self.num_microbatches(self.topology.pipeline)))
+        schedule = executor.schedule
+        with context:
+            outputs = self._run(step, executor, batch, rest, kwargs)
+        self._recorder.replay(self.root_device)
+        if any(o is None for o in outputs.values()):
+            return None
+        return merge_outputs([outputs[m] for m in range(schedule.microbatches)])
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step(self.lightning_module.validation_step, self.precision_plugin.val_step_context(),
+                               args, kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step(self.lightning_module.test_step, self.precision_plugin.test_step_context(), args, kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step(self.lightning_module.predict_step, self.precision_plugin.predict_step_context(),
+                               args, kwargs)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        # See [Note: a pipelined step inside Lightning's automatic optimization]: autograd already ran.
+        if not self._backward_ran:
+            raise RuntimeError(f"{type(self).__name__} runs backward inside its training_step; manual_backward and "
+                               "backward outside the schedule are not supported.")
+        self._backward_ran = False
+        for p, grad in self._set_aside.items():  # see [Note: gradients across Lightning's zero_grad]
+            p.grad = grad
+        self._set_aside = {}
+        module = self.lightning_module
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)  # the data axis: bucketed all-reduce
+        if self._grad_sync_enabled and self._shared:
+            self._shared.sum_()
+
+    # ----- checkpoints: see [Note: the interim checkpoint path of the pipeline strategies] ------------------------
+
+    def _gathers(self) -> bool:
+        # Only the pipeline group of global rank 0 (data coordinate 0) gathers; the other replicas hold the same.
+        return self.topology.coordinates(self.global_rank)["data"] == 0
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._partition is None:
+            return super().lightning_module_state_dict()
+        return full_state.gather_state_dict(self.lightning_module, self._pipeline_group, self._gathers())
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self._partition is None:  # restored before setup: the module is still whole
+            return super().load_model_state_dict(checkpoint, strict=strict)
+        module = self.lightning_module
+        module.load_state_dict(full_state.local_state_dict(module, checkpoint["state_dict"]), strict=strict)
+
+    def _layout(self, optimizer: Optimizer) -> full_state.OptimizerLayout:
+        if id(optimizer) not in self._optimizer_layouts:
+            module = self.lightning_module
+            names = {id(p): self._canonical[n] for n, p in module.named_parameters(remove_duplicate=False)}
+            order = {name: i for i, name in enumerate(dict.fromkeys(self._canonical.values()))}
+            self._optimizer_layouts[id(optimizer)] = full_state.OptimizerLayout(optimizer, names, order,
+                                                                                self._pipeline_group)
+        return self._optimizer_layouts[id(optimizer)]
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        if self._partition is None:
+            return optimizer.state_dict()
+        return self._layout(optimizer).gather(optimizer, self._pipeline_group, self._gathers())
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            if self._partition is not None:
+                state = self._layout(optimizer).cut(state)
+            optimizer.load_state_dict(state)
+            _optimizers_to_device([optimizer], self.root_device)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for schedule, base in (("1f1b", "pipeline"), ("gpipe", "pipeline_gpipe"), ("interleaved", "pipeline_interleaved"),
+                               ("zero_bubble", "pipeline_zero_bubble"), ("chimera", "pipeline_chimera")):
+            for suffix, start_method in (("", "popen"), ("_spawn", "spawn"), ("_fork", "fork")):
+                strategy_registry.register(
+                    base + suffix,
+                    cls,
+                    description=f"lightning_par pipeline parallel, {schedule} schedule, start_method='{start_method}'",
+                    override=True,
+                    schedule=schedule,
+                    start_method=start_method,
+                )
+
+
+def _is_split(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, "_lightning_par_pipeline", False))
+
+
+def _clip_grad_by_global_norm(strategy: PipelineStrategy) -> Callable:
+    def clip_grad_by_norm(plugin: Precision, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        shared = strategy._shared
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # Each parameter counts once: a shared one on its first holder only (all holders have the same gradient).
+        names = {id(p): strategy._canonical[n] for n, p in strategy.lightning_module.named_parameters(
+            remove_duplicate=False)}
+        counted = [p for p in params
+                   if not shared or names[id(p)] not in shared.holders
+                   or shared.holders[names[id(p)]][0] == shared.rank]
+        squares = torch.stack([p.grad.detach().float().pow(2).sum() for p in counted]).sum() if counted else \
+            torch.zeros((), device=strategy.root_device)
+        if strategy._pipeline_group is not None and dist.get_world_size(strategy._pipeline_group) > 1:
+            dist.all_reduce(squares, group=strategy._pipeline_group)
+        torch.nn.utils.clip_grads_with_norm_(params, float(clip_val), squares.sqrt())
+
+    return clip_grad_by_norm
