@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import pytest
-import torch
 from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 

@@ -5,7 +5,6 @@ vocabulary-parallel loss and logits, and the tensor-parallel nn.MultiheadAttenti
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -151,6 +150,20 @@ def test_vocab_parallel_cross_entropy_equals_torch_on_one_rank():
         g1, = torch.autograd.grad(ours.sum(), logits)
         g2, = torch.autograd.grad(theirs.sum(), logits)
         assert torch.allclose(ours, theirs, atol=1e-6) and torch.allclose(g1, g2, atol=1e-6), kwargs
+
+
+def test_a_plan_in_yaml_through_lightning_cli(monkeypatch):
+    from lightning_par.cli import build_cli
+
+    monkeypatch.setattr("sys.argv", ["lightning-par"])  # the CLI reads `args`, not pytest's command line
+
+    plan = ('{"model.lm_head": "vocab", "model.blocks.*.attn.c_attn": {"class_path": '
+            '"lightning_par.tensor.ColwiseParallel", "init_args": {"segments": 3}}}')
+    recipe = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "recipes" / "tp1d.yaml")
+    cli = build_cli(args=["--config", recipe, "--trainer.strategy.init_args.plan", plan, "--trainer.devices", "1"],
+                    run=False)
+    assert cli.trainer.strategy.plan == {"model.lm_head": "vocab",
+                                         "model.blocks.*.attn.c_attn": ColwiseParallel(segments=3)}
 
 
 def test_strategy_arguments_registration_and_topology():
@@ -375,6 +388,19 @@ def _check_multihead_attention(tg: TensorGroup) -> None:
     assert torch.allclose(mine.grad, full.grad[tg.rank * chunk:(tg.rank + 1) * chunk], atol=1e-5)
 
 
+def _check_linear_options(tg: TensorGroup) -> None:
+    from lightning_par.tensor import ColumnParallelLinear, RowParallelLinear
+
+    torch.manual_seed(3)
+    linear = nn.Linear(8, 24)
+    x = torch.randn(3, 8)
+    fused = ColumnParallelLinear.from_linear(copy.deepcopy(linear), tg, segments=3, gather_output=True)
+    assert torch.allclose(fused(x), linear(x), atol=1e-6)  # gathered back in the [q; k; v] layout
+    row = RowParallelLinear.from_linear(copy.deepcopy(linear), tg, input_is_parallel=False)
+    x2 = torch.randn(3, 8)
+    assert torch.allclose(row(x2), linear(x2), atol=1e-6)
+
+
 def _on_four_ranks(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
@@ -383,6 +409,7 @@ def _on_four_ranks(rank: int, world: int) -> dict:
     for t, tg in groups.items():
         _check_megatron_formula(tg)
         out[t] = _check_parameter_bytes(tg)
+    _check_linear_options(groups[4])
     _check_vocab_parallel_logits(groups[4])
     _check_multihead_attention(groups[4])
     _check_multihead_attention(groups[2])

@@ -137,6 +137,9 @@ class TensorGroup:
         self.size = group_size(group)
         self.rank = group_rank(group)
 
+    def __deepcopy__(self, memo: dict) -> "TensorGroup":
+        return self  # a copied layer (EMA, SWA) lives in the same process group
+
 
 def _as_tensor_group(group: Union[ProcessGroup, TensorGroup, None]) -> TensorGroup:
     return group if isinstance(group, TensorGroup) else TensorGroup(group)
@@ -170,10 +173,25 @@ def _prepare_input(tg: TensorGroup, input_op: Optional[InputOp], x: Tensor) -> T
     return input_op(x) if input_op is not None and tg.size > 1 else x
 
 
+def shard_fn(tg: TensorGroup, shard: Optional[ShardFn]) -> ShardFn:
+    return shard or (lambda p, s: make_shard(p, s, tg.rank))
+
+
 # ----- layers ---------------------------------------------------------------------------------------------------
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter],
+                 group: Union[ProcessGroup, TensorGroup, None]) -> None:
+        super().__init__()
+        self.tg = _as_tensor_group(group)
+        self.weight = weight
+        self.bias = bias
+        self.in_features = weight.size(1)
+        self.out_features = weight.size(0)
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """``y = x A^T + b`` with ``A`` split by rows (output features): each rank computes its slice of ``y``.
 
     ``out_features`` is the local width (what the code calling the layer sees); ``segments`` splits a fused output
@@ -184,12 +202,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], group: Union[ProcessGroup, TensorGroup, None],
                  input_op: Union[InputOp, None, Literal["own"]] = "own", gather_output: bool = False,
                  seq_dim: Optional[int] = None) -> None:
-        super().__init__()
-        self.tg = _as_tensor_group(group)
-        self.weight = weight
-        self.bias = bias
-        self.in_features = weight.size(1)
-        self.out_features = weight.size(0)
+        super().__init__(weight, bias, group)
         # "own": a private copy_to_group (all-gather along ``seq_dim`` if given), released after every call; a shared
         # InputOp is released by its block; None: the input is whole already.
         self._owns_input_op = input_op == "own"
@@ -203,7 +216,7 @@ class ColumnParallelLinear(nn.Module):
                     seq_dim: Optional[int] = None, shard: Optional[ShardFn] = None) -> "ColumnParallelLinear":
         tg = _as_tensor_group(group)
         spec = ShardSpec(0, output_segments(linear.out_features, segments), tg.size)
-        shard = shard or (lambda p, s: make_shard(p, s, tg.rank))
+        shard = shard_fn(tg, shard)
         bias = shard(linear.bias, spec) if linear.bias is not None else None
         return cls(shard(linear.weight, spec), bias, tg, input_op, gather_output, seq_dim)
 
@@ -223,19 +236,14 @@ class ColumnParallelLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features} (local), tensor={self.tg.size}"
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """``y = x A^T + b`` with ``A`` split by columns (input features): each rank multiplies its slice of ``x`` and
     the partial products are summed (all-reduce), or summed and scattered along ``seq_dim`` (sequence parallel).
     The bias is added once, after the reduction. ``in_features`` is the local width."""
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], group: Union[ProcessGroup, TensorGroup, None],
                  seq_dim: Optional[int] = None, input_is_parallel: bool = True) -> None:
-        super().__init__()
-        self.tg = _as_tensor_group(group)
-        self.weight = weight
-        self.bias = bias
-        self.in_features = weight.size(1)
-        self.out_features = weight.size(0)
+        super().__init__(weight, bias, group)
         self.seq_dim = seq_dim
         self.input_is_parallel = input_is_parallel
 
@@ -243,7 +251,7 @@ class RowParallelLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, group: Union[ProcessGroup, TensorGroup, None], seq_dim: Optional[int] = None,
                     input_is_parallel: bool = True, shard: Optional[ShardFn] = None) -> "RowParallelLinear":
         tg = _as_tensor_group(group)
-        shard = shard or (lambda p, s: make_shard(p, s, tg.rank))
+        shard = shard_fn(tg, shard)
         weight = shard(linear.weight, ShardSpec(1, (linear.in_features,), tg.size))
         return cls(weight, linear.bias, tg, seq_dim, input_is_parallel)
 
@@ -281,7 +289,7 @@ class VocabParallelEmbedding(nn.Module):
     def from_embedding(cls, embedding: nn.Embedding, group: Union[ProcessGroup, TensorGroup, None],
                        shard: Optional[ShardFn] = None) -> "VocabParallelEmbedding":
         tg = _as_tensor_group(group)
-        shard = shard or (lambda p, s: make_shard(p, s, tg.rank))
+        shard = shard_fn(tg, shard)
         spec = ShardSpec(0, (embedding.num_embeddings,), tg.size, pad=True)
         return cls(shard(embedding.weight, spec), embedding.num_embeddings, tg, embedding.padding_idx)
 
@@ -305,7 +313,7 @@ class VocabParallelEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, local rows={self.weight.size(0)}, tensor={self.tg.size}"
 
 
-class VocabParallelOutput(nn.Module):
+class VocabParallelOutput(_ParallelLinear):
     """The output layer (``hidden -> vocabulary``) split by vocabulary, padded like the embedding it may be tied to.
 
     It returns this rank's logits wrapped as :class:`~lightning_par.tensor.loss.VocabParallelLogits`, which looks
@@ -316,11 +324,7 @@ class VocabParallelOutput(nn.Module):
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], vocab_size: int,
                  group: Union[ProcessGroup, TensorGroup, None], input_op: Optional[InputOp] = None,
                  vocab_parallel_loss: bool = True) -> None:
-        super().__init__()
-        self.tg = _as_tensor_group(group)
-        self.weight = weight
-        self.bias = bias
-        self.in_features = weight.size(1)
+        super().__init__(weight, bias, group)
         self.out_features = vocab_size
         self.input_op = input_op if input_op is not None else InputOp(self.tg)  # SP: the head's input is whole
         self.vocab_parallel_loss = vocab_parallel_loss
@@ -329,7 +333,7 @@ class VocabParallelOutput(nn.Module):
     def from_linear(cls, linear: nn.Linear, group: Union[ProcessGroup, TensorGroup, None],
                     vocab_parallel_loss: bool = True, shard: Optional[ShardFn] = None) -> "VocabParallelOutput":
         tg = _as_tensor_group(group)
-        shard = shard or (lambda p, s: make_shard(p, s, tg.rank))
+        shard = shard_fn(tg, shard)
         spec = ShardSpec(0, (linear.out_features,), tg.size, pad=True)
         bias = shard(linear.bias, spec) if linear.bias is not None else None
         return cls(shard(linear.weight, spec), bias, linear.out_features, tg, vocab_parallel_loss=vocab_parallel_loss)

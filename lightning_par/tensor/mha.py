@@ -23,7 +23,7 @@ from lightning_par.tensor.layers_1d import (
     ShardFn,
     ShardSpec,
     TensorGroup,
-    make_shard,
+    shard_fn,
 )
 
 
@@ -47,7 +47,7 @@ class ParallelMultiheadAttention(nn.Module):
         t = tg.size
         if mha.num_heads % t:
             raise ValueError(f"{mha.num_heads} heads cannot be split over tensor size {t}")
-        shard = shard or (lambda p, s: make_shard(p, s, tg.rank))
+        shard = shard_fn(tg, shard)
         self.tg = tg
         self.embed_dim, self.kdim, self.vdim = mha.embed_dim, mha.kdim, mha.vdim
         self.num_heads = mha.num_heads
