@@ -154,3 +154,16 @@ def test_checker_finds_a_deadlock():
 def test_schedules_that_cannot_run_say_why(build, message):
     with pytest.raises(ScheduleError, match=message):
         build()
+
+
+def test_the_docs_show_what_the_schedule_functions_print():
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "pipeline.md").read_text()
+    blocks = {m.group(1): m.group(0).strip() for m in re.finditer(r"^(\w+): 4 ranks, 4 microbatches.*?(?=\n```)", page,
+                                                                 re.S | re.M)}
+    assert set(blocks) == set(SCHEDULES)
+    for name, text in blocks.items():
+        costs = SLOTS if name == "chimera" else Costs()
+        assert text == format_timeline(simulate(build_schedule(name, 4, 4, chunks=2), costs)), name

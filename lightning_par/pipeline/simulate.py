@@ -277,7 +277,7 @@ def draw_timeline(timeline: Timeline, path: str, title: Optional[str] = None) ->
     import matplotlib.pyplot as plt
 
     schedule = timeline.schedule
-    fig, ax = plt.subplots(figsize=(max(6.0, timeline.makespan * 0.35), 0.5 + 0.45 * schedule.ranks))
+    fig, ax = plt.subplots(figsize=(max(6.0, timeline.makespan * 0.35), 0.9 + 0.45 * schedule.ranks))
     for rank, spans in enumerate(timeline.spans):
         for action, start, end in spans:
             up = len(schedule.pipelines) > 1 and schedule.route[action.microbatch] == 1
@@ -285,6 +285,12 @@ def draw_timeline(timeline: Timeline, path: str, title: Optional[str] = None) ->
                            edgecolor="white", hatch="//" if up else None, linewidth=0.8)
             ax.text((start + end) / 2, rank, _label(schedule, action), ha="center", va="center", fontsize=7,
                     color="white")
+    from matplotlib.patches import Patch
+
+    names = {Kind.F: "forward", Kind.B: "backward", Kind.I: "backward (input)", Kind.W: "backward (weights)"}
+    kinds = [k for k in names if any(a.kind is k for spans in timeline.spans for a, _, _ in spans)]
+    ax.legend(handles=[Patch(facecolor=_COLOURS[k], label=names[k]) for k in kinds], loc="upper center",
+              bbox_to_anchor=(0.5, -0.32), ncol=len(kinds), fontsize=7, frameon=False)
     ax.set_yticks(range(schedule.ranks), [f"rank {r}" for r in range(schedule.ranks)])
     ax.invert_yaxis()
     ax.set_xlim(0, timeline.makespan)
