@@ -130,7 +130,7 @@ class Run:
 
 def fit(run: Run, strategy: Any, devices: int, data_parallel: int, ckpt_path: Optional[str] = None,
         save_to: Optional[str] = None, max_epochs: Optional[int] = None, trainers: Optional[list] = None,
-        module_class: type = None, empty_init: Optional[bool] = None) -> list[float]:
+        module_class: type = None, empty_init: Optional[bool] = None, callbacks: Optional[list] = None) -> list[float]:
     """Train and return the losses this rank recorded. ``devices=1, strategy='auto'`` is the reference.
 
     ``empty_init``: build the module inside ``Trainer.init_module(empty_init=...)``.
@@ -157,6 +157,7 @@ def fit(run: Run, strategy: Any, devices: int, data_parallel: int, ckpt_path: Op
         num_sanity_val_steps=0,
         precision=run.precision,
         default_root_dir=os.path.dirname(save_to) if save_to else None,
+        callbacks=callbacks,
     )
     module_class = module_class or RecordingGPT
     if empty_init is None:

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 import lightning_par  # noqa: F401
 from helpers import free_port, run_on_ranks
@@ -34,9 +35,20 @@ FEATURES = {
     "scheduler": (1, Run(steps=6, module_kwargs={"scheduler": True})),
     "clip_value": (2, Run(steps=6, clip_val=0.002, clip_algorithm="value")),
     "manual_two_optimizers": (3, Run(steps=6, module_kwargs={"manual": True, "two_optimizers": True})),
+    "unfreeze_during_fit": (2, Run(steps=6, module_kwargs={"unfreeze_at": 3})),
 }
 # Save/resume across world sizes keeps the global batch (16) fixed: per-rank batch = 16 / world size.
 GLOBAL_BATCH = 16
+
+
+class MemoryAtTrainEnd(Callback):
+    """Bytes held per rank after the last step, read before teardown gives the module its whole parameters back."""
+
+    def __init__(self):
+        self.report = None
+
+    def on_train_end(self, trainer, pl_module):
+        self.report = trainer.strategy.memory_report()
 
 
 def zero(stage: int, **kwargs) -> ZeroStrategy:
@@ -52,10 +64,10 @@ def _parity_and_memory(rank: int, world_size: int, port: int, tmpdir: str) -> di
     out: dict = {"memory": {}}
     for stage in (1, 2, 3):
         for name, run in PARITY.items():
-            trainers: list = []
-            out[(stage, name)] = fit(run, zero(stage), world_size, world_size, trainers=trainers)
+            memory = MemoryAtTrainEnd()
+            out[(stage, name)] = fit(run, zero(stage), world_size, world_size, callbacks=[memory])
             if name == "plain":
-                out["memory"][stage] = trainers[0].strategy.memory_report()
+                out["memory"][stage] = memory.report
     for name, (stage, run) in FEATURES.items():
         out[(stage, name)] = fit(run, zero(stage), world_size, world_size)
     # Stage 3 without resharding after forward and without prefetch: the other code path of gather/release.
@@ -113,11 +125,11 @@ def _meta_init(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
     dp_file = os.path.join(tmpdir, "dp_for_meta.ckpt")
     fit(run, "dp", world_size, world_size, save_to=dp_file, max_epochs=1)
     out = {"dp": fit(run, "dp", world_size, world_size, ckpt_path=dp_file, max_epochs=2)}
-    trainers: list = []
+    memory = MemoryAtTrainEnd()
     out["init_module"] = fit(run, zero(3), world_size, world_size, ckpt_path=dp_file, max_epochs=2, empty_init=True,
-                             trainers=trainers)
-    out["at_rest"] = trainers[0].strategy.memory_report()["parameters"]
-    trainers = []
+                             callbacks=[memory])
+    out["at_rest"] = memory.report["parameters"]
+    trainers: list = []
     out["configure_model"] = fit(run, zero(3), world_size, world_size, ckpt_path=dp_file, max_epochs=2,
                                  module_class=ConfiguredGPT, trainers=trainers)
     out["built_on_meta"] = trainers[0].lightning_module.built_on_meta
@@ -257,3 +269,25 @@ def test_zero3_builds_from_the_meta_device(tmp_path):
     for r in results:
         assert r["built_on_meta"] is True
         assert abs(r["at_rest"] - full / 2) <= 4 * CHUNK  # only the fp32 master shard at rest
+
+
+def test_zero3_through_spawn_launcher_leaves_a_whole_module(tmp_path):
+    """Lightning's spawn launcher copies rank 0's weights back after fit: the module must be whole by then."""
+    from lightning.pytorch import Trainer, seed_everything
+    from torch.utils.data import DataLoader
+
+    from test_dp import SaveLosses
+
+    run = Run(steps=4)
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=ZeroStrategy(stage=3, chunk_size=CHUNK,
+                                                                          start_method="spawn"),
+                      max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[SaveLosses(str(tmp_path))])
+    seed_everything(0, verbose=False)
+    module = RecordingGPT()
+    trainer.fit(module, DataLoader(run.dataset(2), batch_size=run.per_rank_batch))
+    ours = global_losses([torch.load(tmp_path / f"rank{r}.pt") for r in range(2)], 2)
+    assert relative_gap(ours, fit(run, "auto", devices=1, data_parallel=2)) <= TOL
+    x = torch.randint(0, 32, (2, 16))
+    assert torch.isfinite(module(x)).all()  # trained weights, readable, in the main process
+    assert module.model.wte.weight.dtype == torch.float32 and module.model.wte.weight is module.model.lm_head.weight

@@ -259,7 +259,11 @@ class ZeroStrategy(LightningParStrategy):
     @override
     def teardown(self) -> None:
         if self._engine is not None:
+            # The module leaves `fit` whole (from the fp32 masters, in its original dtypes) and hook-free: usable
+            # for inference, `state_dict()`, another Trainer; the next `fit` shards it again. The engine keeps its
+            # shards so that `trainer.save_checkpoint` after `fit` still writes them.
             self._engine.remove_hooks()
+            self._engine.unshard()
         super().teardown()
 
     @classmethod

@@ -57,8 +57,12 @@ def _materialize(module: nn.Module, device: torch.device) -> None:
         torch.utils.swap_tensors(q, nn.Parameter(torch.empty_like(q, device=device), requires_grad=q.requires_grad))
     for name in meta_buffers:
         module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
-    if hasattr(module, "reset_parameters"):
-        module.reset_parameters()
+    if not hasattr(module, "reset_parameters"):
+        raise TypeError(
+            f"{type(module).__name__} has tensors on the meta device but no reset_parameters() to initialise them. "
+            "Give it reset_parameters(), or build the model without empty_init / outside configure_model."
+        )
+    module.reset_parameters()
 
 
 class _Chunk:
@@ -88,12 +92,15 @@ class _Chunk:
         self.gather_input: Optional[Tensor] = None
         self.forward_remaining = 0
         self.pieces: list[tuple[Piece, nn.Parameter]] = []
+        self.piece_slots: list[int] = []  # the slot (parameter) each piece belongs to
 
     def view(self, buffer: Tensor, i: int) -> Tensor:
         s = self.slots[i]
         return buffer[s.offset : s.offset + s.numel].view_as(self.params[i])
 
     def reset_round(self) -> None:
+        # Re-read: layers may be frozen or unfrozen between steps (fine-tuning, `toggle_optimizer`).
+        self.trainable = [p.requires_grad for p in self.params]
         self.ready = [False] * len(self.params)
         self.touched = [False] * len(self.params)
         self.pending = sum(self.trainable)
@@ -112,6 +119,7 @@ class ZeroEngine:
         self.sync = True  # stage 1 only: False accumulates locally (Lightning's accumulation steps)
         named = list(module.named_parameters())
         self.names = {p: n for n, p in named}
+        self.original_dtypes = {p: p.dtype for _, p in named}  # restored by `unshard`
         self.layout = build_layout([(n, p.numel()) for n, p in named], policy.chunk_numel, self.world_size,
                                    policy.allow_oversize)
         # The master shard can be the compute buffer's own shard only if nothing else must survive a free.
@@ -147,12 +155,24 @@ class ZeroEngine:
                 _materialize(m, device)
         self.where = {p: (chunk, i) for chunk in self.chunks for i, p in enumerate(chunk.params)}
         self._next_reduce = len(self.chunks) - 1
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params if p.requires_grad]
+        self._handles: list[Any] = []
+        self._hooked: set[nn.Parameter] = set()
+        self._in_flight: list[_Chunk] = []  # reductions launched and not yet waited for (stages 2-3)
+        self._hook_trainable()
         self._module_chunks: dict[nn.Module, list[int]] = {}
         # Names of each optimizer's parameters by group, as the user built it: checkpoints map state by name.
         self.optimizer_param_names: dict[torch.optim.Optimizer, list[list[str]]] = {}
         if policy.stage == 3:
             self._install_stage3_hooks(module)
+
+    def _hook_trainable(self) -> None:
+        """Gradient hooks on every parameter that requires grad, including ones unfrozen since the last step."""
+        for chunk in self.chunks:
+            for p in chunk.params:
+                if p.requires_grad and p not in self._hooked:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+                    self._hooked.add(p)
+            chunk.reset_round()
 
     # ----- optimizer ------------------------------------------------------------------------------------------------
 
@@ -180,6 +200,7 @@ class ZeroEngine:
                     lo, hi = piece.shard_offset, piece.shard_offset + piece.numel
                     shard_param = nn.Parameter(chunk.master[lo:hi], requires_grad=p.requires_grad)
                     chunk.pieces.append((piece, shard_param))
+                    chunk.piece_slots.append(self.where[p][1])
                     sharded.append(shard_param)
             group["params"] = sharded
 
@@ -240,11 +261,25 @@ class ZeroEngine:
             full[self.layout.chunk_numels[chunk.index] :].zero_()  # padding of an uninitialised buffer
         if self.world_size == 1:
             chunk.reduced = full  # nothing to reduce: the chunk is its own shard
+            if self.policy.stage != 1:
+                chunk.grad_full = None
             return
         full.div_(self.world_size)
         chunk.reduced = torch.empty(chunk.shard_numel, dtype=self.policy.reduce_dtype, device=full.device)
         chunk.reduce_work = dist.reduce_scatter_tensor(chunk.reduced, full, group=self.group, async_op=True)
         chunk.reduce_input = full  # keep alive until the collective is done
+        if self.policy.stage != 1:
+            # Stages 2-3 hold a full gradient only while it is on the wire: wait for all but the two most recent
+            # reductions and free their full buffers, so at most ~3 full chunks of gradient exist during backward.
+            chunk.grad_full = None
+            self._in_flight.append(chunk)
+            while len(self._in_flight) > 2:
+                self._wait_reduce(self._in_flight.pop(0))
+
+    def _wait_reduce(self, chunk: _Chunk) -> None:
+        if chunk.reduce_work is not None:
+            chunk.reduce_work.wait()
+        chunk.reduce_work = chunk.reduce_input = None
 
     @torch.no_grad()
     def finish_backward(self) -> None:
@@ -254,6 +289,7 @@ class ZeroEngine:
         for chunk in self.chunks[: self._next_reduce + 1][::-1]:
             self._launch_reduce(chunk)
         self._next_reduce = len(self.chunks) - 1
+        self._in_flight = []
         for chunk in self.chunks:
             if chunk.reduced is not None:
                 self._take_reduced(chunk)
@@ -262,8 +298,7 @@ class ZeroEngine:
             self.release_all()
 
     def _take_reduced(self, chunk: _Chunk) -> None:
-        if chunk.reduce_work is not None:
-            chunk.reduce_work.wait()
+        self._wait_reduce(chunk)
         fresh = [q.grad is None for _, q in chunk.pieces]  # optimizer.zero_grad() since: a new window
         if self.policy.stage == 1 or all(fresh):
             # Stage 1 overwrites (its full buffer accumulated the window); a fresh window starts from the reduced
@@ -274,9 +309,10 @@ class ZeroEngine:
                 if is_fresh:
                     chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel].zero_()
             chunk.grad_shard.add_(chunk.reduced)
-        for piece, q in chunk.pieces:
-            q.grad = chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel]
-        chunk.reduced = chunk.reduce_work = chunk.reduce_input = None
+        for (piece, q), i in zip(chunk.pieces, chunk.piece_slots):
+            # A frozen parameter's pieces get no gradient, so the optimizer leaves them alone.
+            q.grad = chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel] if chunk.trainable[i] else None
+        chunk.reduced = None
         if self.policy.stage == 1:
             # The optimizer's zero_grad only reaches the pieces: drop the module's own .grad so that the next window
             # starts from zero (its hooks copy instead of adding).
@@ -367,7 +403,10 @@ class ZeroEngine:
                 self._handles.append(m.register_forward_hook(self._post_forward))
 
     def begin_forward(self) -> None:
-        """Reset the per-forward module counts (called before every step that runs forward)."""
+        """Called before every step that runs forward: hook parameters unfrozen since the last step, and reset the
+        per-forward module counts of stage 3."""
+        if any(p.requires_grad and p not in self._hooked for chunk in self.chunks for p in chunk.params):
+            self._hook_trainable()
         for chunk in self.chunks:
             chunk.forward_remaining = 0
         for owned in self._module_chunks.values():
@@ -421,7 +460,27 @@ class ZeroEngine:
         )
         return {"parameters": params, "gradients": grads, "optimizer_state": state}
 
+    @torch.no_grad()
+    def unshard(self) -> None:
+        """Give every parameter back its whole value, from the fp32 masters, in the dtype it had before sharding:
+        after ``fit`` the module is an ordinary module again, usable and savable anywhere."""
+        for chunk in self.chunks:
+            full = torch.empty(chunk.padded, dtype=torch.float32, device=chunk.master.device)
+            if self.world_size == 1:
+                full.copy_(chunk.master)
+            else:
+                dist.all_gather_into_tensor(full, chunk.master.contiguous(), group=self.group)
+            for i, p in enumerate(chunk.params):
+                view = chunk.view(full, i)
+                dtype = self.original_dtypes[p]
+                p.data = view if dtype == torch.float32 else view.to(dtype)
+                p.grad = None
+            if chunk.master.untyped_storage().data_ptr() != chunk.compute.untyped_storage().data_ptr():
+                chunk.compute.untyped_storage().resize_(0)  # (fp32 stages 1-2 keep it: the masters live in it)
+            chunk.grad_full = None
+
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._hooked = set()
