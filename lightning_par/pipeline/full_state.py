@@ -31,13 +31,20 @@ def _to_cpu(value: Any) -> Any:
     return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
-def _gather(obj: Any, group: Optional[ProcessGroup]) -> Optional[list[Any]]:
-    """Every rank's ``obj`` on group rank 0 (None elsewhere)."""
-    if group_size(group) == 1:
-        return [obj]
-    box: Optional[list[Any]] = [None] * group_size(group) if group_rank(group) == 0 else None
-    dist.gather_object(obj, box, dst=dist.get_global_rank(group, 0), group=group)
-    return box
+def _gather_union(mine: dict, group: Optional[ProcessGroup]) -> Optional[dict]:
+    """The union of every rank's dict on group rank 0 (the first rank's entry wins; None on other ranks).
+    Shared entries are equal on all their holders, so which one wins does not matter."""
+    parts: Optional[list[Any]] = [mine]
+    if group_size(group) > 1:
+        parts = [None] * group_size(group) if group_rank(group) == 0 else None
+        dist.gather_object(mine, parts, dst=dist.get_global_rank(group, 0), group=group)
+    if parts is None:
+        return None
+    union: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            union.setdefault(key, value)
+    return union
 
 
 def gather_state_dict(module: nn.Module, group: Optional[ProcessGroup], takes_part: bool) -> dict[str, Any]:
@@ -46,14 +53,8 @@ def gather_state_dict(module: nn.Module, group: Optional[ProcessGroup], takes_pa
     ``takes_part``: whether this rank's pipeline group gathers (only global rank 0's group does)."""
     if not takes_part:
         return {}
-    parts = _gather({k: _to_cpu(v) for k, v in module.state_dict().items()}, group)
-    if parts is None:
-        return {}
-    full: dict[str, Any] = {}
-    for part in parts:
-        for key, value in part.items():
-            full.setdefault(key, value)
-    return full
+    full = _gather_union({k: _to_cpu(v) for k, v in module.state_dict().items()}, group)
+    return full if full is not None else {}
 
 
 def local_state_dict(module: nn.Module, full: Mapping[str, Any]) -> dict[str, Any]:
@@ -101,13 +102,9 @@ class OptimizerLayout:
                 if position in state["state"]:
                     mine[self.index[(g, name)]] = {k: _to_cpu(v) for k, v in state["state"][position].items()}
                 position += 1
-        parts = _gather(mine, group)
-        if parts is None:
+        merged = _gather_union(mine, group)
+        if merged is None:
             return {}
-        merged: dict[int, Any] = {}
-        for part in parts:
-            for index, entry in part.items():
-                merged.setdefault(index, entry)
         param_groups = [{**{k: v for k, v in pg.items() if k != "params"},
                          "params": [self.index[(g, n)] for n in self.full[g]]}
                         for g, pg in enumerate(state["param_groups"])]
