@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Generator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -29,6 +30,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
+from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
@@ -208,9 +210,24 @@ class LightningParStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+            plugin = self.precision_plugin
+            plugin.clip_grad_by_norm = types.MethodType(
+                lambda _plugin, optimizer, clip_val: self.clip_grad_norm_(optimizer, float(clip_val)), plugin
+            )
 
     def setup_module(self, trainer: "pl.Trainer") -> None:
         """Shard or wrap ``self.model`` after it is on its device and before optimizers are built."""
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> None:
+        """Clip ``optimizer``'s gradients by their norm over the whole model.
+
+        [Note: clipping over shards] Lightning clips by norm in the precision plugin, over the optimizer's
+        parameters as this rank sees them. When a rank holds only part of the gradients (tensor, pipeline or ZeRO
+        shards) the norm must be summed over the ranks that hold the other parts: strategies override this method,
+        and ``setup`` routes Lightning's clipping here. By default every rank holds whole gradients.
+        """
+        torch.nn.utils.clip_grad_norm_(list(self.precision_plugin.main_params(optimizer)), max_norm)
 
     @override
     def model_to_device(self) -> None:
@@ -283,4 +300,4 @@ class LightningParStrategy(ParallelStrategy):
         if self.accelerator is not None:
             self.accelerator.teardown()
         self.checkpoint_io.teardown()
-        self._mesh = None
+        # The mesh stays: `trainer.save_checkpoint` after `fit` still needs the groups.

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import types
 from datetime import timedelta
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -14,7 +13,6 @@ from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -151,13 +149,26 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         super().setup_module(trainer)
 
     @override
-    def setup(self, trainer: "pl.Trainer") -> None:
-        super().setup(trainer)
-        if trainer.state.fn == TrainerFn.FITTING:
-            # [Note: clipping over shards] Lightning clips by norm in the precision plugin, over the optimizer's
-            # parameters; sharded gradients hold part of the norm on each tensor rank.
-            plugin = self.precision_plugin
-            plugin.clip_grad_by_norm = types.MethodType(_clip_grad_by_global_norm(self), plugin)
+    @torch.no_grad()
+    def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> None:
+        params = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
+        if not params:
+            return
+        sharded = [p.grad for p in params if shard_spec(p) is not None]
+        replicated = [p.grad for p in params if shard_spec(p) is None]
+        device = params[0].grad.device
+
+        def squared(grads: list[torch.Tensor]) -> torch.Tensor:
+            if not grads:
+                return torch.zeros((), device=device)
+            return torch.nn.utils.get_total_norm(grads, 2.0).float().pow(2)
+
+        # Sharded gradients: each tensor rank holds a disjoint part, sum over the group. Replicated ones are the
+        # same on every rank (data-averaged, and summed over the tensor group under sequence parallelism): once.
+        partial = squared(sharded)
+        dist.all_reduce(partial, group=self._tensor_group())
+        total = (partial + squared(replicated)).sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
 
     # ----- steps: outputs leave as plain tensors ------------------------------------------------------------------
 
@@ -244,27 +255,3 @@ def _share_rng_state(group: dist.ProcessGroup, device: torch.device) -> None:
     torch.set_rng_state(states[0])
     if states[1] is not None:
         torch.cuda.set_rng_state(states[1], device)
-
-
-def _clip_grad_by_global_norm(strategy: TensorParallel1DStrategy) -> Callable:
-    def clip_grad_by_norm(plugin: Precision, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-        params = [p for p in plugin.main_params(optimizer) if p.grad is not None]
-        if not params:
-            return
-        sharded = [p.grad for p in params if shard_spec(p) is not None]
-        replicated = [p.grad for p in params if shard_spec(p) is None]
-        device = params[0].grad.device
-
-        def squared(grads: list[torch.Tensor]) -> torch.Tensor:
-            if not grads:
-                return torch.zeros((), device=device)
-            return torch.nn.utils.get_total_norm(grads, 2.0).float().pow(2)
-
-        # Sharded gradients: each tensor rank holds a disjoint part, sum over the group. Replicated ones are the
-        # same on every rank (data-averaged, and summed over the tensor group under sequence parallelism): once.
-        partial = squared(sharded)
-        dist.all_reduce(partial, group=strategy._tensor_group())
-        total = (partial + squared(replicated)).sqrt()
-        torch.nn.utils.clip_grads_with_norm_(params, float(clip_val), total)
-
-    return clip_grad_by_norm

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 from collections.abc import Generator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -168,9 +167,10 @@ class ZeroStrategy(LightningParStrategy):
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             plugin.scaler = ShardedGradScaler(device=self.root_device.type, process_group=self.group("data"))
-        # [Note: clipping over shards] Lightning clips by norm through the precision plugin, over the optimizer's
-        # parameters, which are this rank's pieces: the norm must be summed over all ranks first.
-        plugin.clip_grad_by_norm = types.MethodType(_clip_grad_by_global_norm(self), plugin)
+
+    @override
+    def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> None:
+        self.engine.clip_grad_norm_(optimizer, max_norm)  # the optimizer holds this rank's pieces
 
     # ----- training -------------------------------------------------------------------------------------------------
 
@@ -281,8 +281,3 @@ class ZeroStrategy(LightningParStrategy):
                 )
 
 
-def _clip_grad_by_global_norm(strategy: ZeroStrategy) -> Callable:
-    def clip_grad_by_norm(plugin: Precision, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-        strategy.engine.clip_grad_norm_(optimizer, float(clip_val))
-
-    return clip_grad_by_norm
