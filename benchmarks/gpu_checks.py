@@ -52,7 +52,7 @@ def main() -> None:
     for precision in ("bf16-mixed", "16-mixed"):
         reference, _ = run("dp", precision)
         print(f"{precision:>10} dp     first {reference[0]:.4f} last {reference[-1]:.4f}")
-        for strategy in ("zero1", "zero2", "zero3"):
+        for strategy in ("zero1", "zero2", "zero3", "zero2_offload"):
             losses, scale = run(strategy, precision)
             gap = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
             print(f"{precision:>10} {strategy:<6} first {losses[0]:.4f} last {losses[-1]:.4f} "

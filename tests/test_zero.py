@@ -70,6 +70,10 @@ def _parity_and_memory(rank: int, world_size: int, port: int, tmpdir: str) -> di
                 out["memory"][stage] = memory.report
     for name, (stage, run) in FEATURES.items():
         out[(stage, name)] = fit(run, zero(stage), world_size, world_size)
+    # ZeRO-Offload (masters, gradients, optimizer state and step on the host): on CPU ranks the copies are local,
+    # the code path (pinned-host buffers, fused CPU AdamW, norm reduced on the device) is the same.
+    for name in ("accumulate", "clip_norm", "adamw"):
+        out[("offload", name)] = fit(PARITY[name], zero(2, offload_optimizer=True), world_size, world_size)
     # Stage 3 without resharding after forward and without prefetch: the other code path of gather/release.
     out[(3, "no_reshard")] = fit(PARITY["plain"], zero(3, reshard_after_forward=False, prefetch=False), world_size,
                                  world_size)
@@ -177,6 +181,10 @@ def test_zero_matches_single_process_and_shards_memory(tmp_path):
             for stage in (1, 2, 3):
                 ours = global_losses([r[(stage, name)] for r in per_rank], world_size)
                 assert relative_gap(ours, reference) <= tol, (world_size, stage, name, ours, reference)
+        for name in ("accumulate", "clip_norm", "adamw"):
+            reference = fit(PARITY[name], "auto", devices=1, data_parallel=world_size)
+            ours = global_losses([r[("offload", name)] for r in per_rank], world_size)
+            assert relative_gap(ours, reference) <= (ADAM_TOL if name == "adamw" else TOL), ("offload", name)
         for name, (stage, run) in FEATURES.items():
             reference = fit(run, "auto", devices=1, data_parallel=world_size)
             ours = global_losses([r[(stage, name)] for r in per_rank], world_size)
@@ -246,7 +254,7 @@ def test_zero_strategy_constructs_without_arguments():
     from lightning.pytorch.strategies import StrategyRegistry
 
     assert ZeroStrategy().policy.stage == 2
-    assert {"zero1", "zero2", "zero3"} <= set(StrategyRegistry)
+    assert {"zero1", "zero2", "zero3", "zero2_offload"} <= set(StrategyRegistry)
     with pytest.raises(ValueError, match="stage must be 1, 2 or 3"):
         ZeroStrategy(stage=4)
     with pytest.raises(RuntimeError, match="exists once"):

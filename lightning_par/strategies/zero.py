@@ -44,6 +44,8 @@ class ZeroStrategy(LightningParStrategy):
         allow_oversize: a parameter larger than ``chunk_size`` gets a chunk of its own (else an error).
         reshard_after_forward: stage 3 frees chunks after forward and gathers them again in backward.
         prefetch: stage 3 gathers the next chunk while the current one computes.
+        offload_optimizer: ZeRO-Offload: fp32 masters, shard gradients, optimizer state and the optimizer step on
+            the CPU (torch's fused CPU Adam/AdamW where it applies); registered as ``zero2_offload``.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class ZeroStrategy(LightningParStrategy):
         allow_oversize: bool = True,
         reshard_after_forward: bool = True,
         prefetch: bool = True,
+        offload_optimizer: bool = False,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -73,7 +76,8 @@ class ZeroStrategy(LightningParStrategy):
             start_method=start_method,
         )
         self.policy = ZeroPolicy(stage=stage, chunk_numel=chunk_size, allow_oversize=allow_oversize,
-                                 reshard_after_forward=reshard_after_forward, prefetch=prefetch)
+                                 reshard_after_forward=reshard_after_forward, prefetch=prefetch,
+                                 offload_optimizer=offload_optimizer)
         self._engine: Optional[ZeroEngine] = None
 
     @property
@@ -269,15 +273,17 @@ class ZeroStrategy(LightningParStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        for stage in (1, 2, 3):
+        variants = [(f"zero{stage}", {"stage": stage}) for stage in (1, 2, 3)]
+        variants.append(("zero2_offload", {"stage": 2, "offload_optimizer": True}))
+        for name, settings in variants:
             for suffix, start_method in (("", "popen"), ("_spawn", "spawn")):
                 strategy_registry.register(
-                    f"zero{stage}{suffix}",
+                    f"{name}{suffix}",
                     cls,
-                    description=f"lightning_par ZeRO stage {stage} (chunk engine), start_method='{start_method}'",
+                    description=f"lightning_par ZeRO {settings} (chunk engine), start_method='{start_method}'",
                     override=True,
-                    stage=stage,
                     start_method=start_method,
+                    **settings,
                 )
 
 

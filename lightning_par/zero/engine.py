@@ -67,7 +67,7 @@ def _materialize(module: nn.Module, device: torch.device) -> None:
 
 class _Chunk:
     def __init__(self, index: int, params: list[nn.Parameter], full: Tensor, layout: ChunkLayout, rank: int,
-                 separate_master: bool, compute_dtype: torch.dtype, device: torch.device) -> None:
+                 separate_master: bool, compute_dtype: torch.dtype, device: torch.device, host: bool) -> None:
         """``full``: the chunk's initial values in fp32 (so that masters keep their full precision)."""
         self.index = index
         self.params = params
@@ -77,8 +77,13 @@ class _Chunk:
         self.shard_start = rank * self.shard_numel
         self.compute = full if compute_dtype == torch.float32 else full.to(compute_dtype)
         shard = slice(self.shard_start, self.shard_start + self.shard_numel)
-        self.master = full[shard].clone() if separate_master else self.compute[shard]
-        self.grad_shard = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
+        if host:  # ZeRO-Offload: pinned, so that copies to and from the device run asynchronously
+            pin = device.type == "cuda"
+            self.master = torch.empty(self.shard_numel, dtype=torch.float32, pin_memory=pin).copy_(full[shard])
+            self.grad_shard = torch.zeros(self.shard_numel, dtype=torch.float32, pin_memory=pin)
+        else:
+            self.master = full[shard].clone() if separate_master else self.compute[shard]
+            self.grad_shard = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
         self.grad_full: Optional[Tensor] = None  # stage 1: persistent; stages 2-3: only while backward fills it
         self.trainable = [p.requires_grad for p in params]
         self.ready = [False] * len(params)
@@ -123,7 +128,8 @@ class ZeroEngine:
         self.layout = build_layout([(n, p.numel()) for n, p in named], policy.chunk_numel, self.world_size,
                                    policy.allow_oversize)
         # The master shard can be the compute buffer's own shard only if nothing else must survive a free.
-        separate_master = compute_dtype != torch.float32 or policy.stage == 3
+        separate_master = compute_dtype != torch.float32 or policy.stage == 3 or policy.offload_optimizer
+        self.device = device
         params = [p for _, p in named]
         owners: dict[nn.Parameter, list[nn.Module]] = {}
         for m in module.modules():
@@ -144,7 +150,8 @@ class ZeroEngine:
                     full[slot.offset : slot.offset + slot.numel].copy_(p.detach().reshape(-1))
                 if self.world_size > 1:  # ranks may have initialised differently: rank 0's values win
                     dist.broadcast(full, src=dist.get_global_rank(group, 0), group=group)
-                chunk = _Chunk(c, chunk_params, full, self.layout, self.rank, separate_master, compute_dtype, device)
+                chunk = _Chunk(c, chunk_params, full, self.layout, self.rank, separate_master, compute_dtype, device,
+                               host=policy.offload_optimizer)
                 for i, p in enumerate(chunk.params):
                     p.data = chunk.view(chunk.compute, i)
                 self.chunks.append(chunk)
@@ -203,6 +210,9 @@ class ZeroEngine:
                     chunk.piece_slots.append(self.where[p][1])
                     sharded.append(shard_param)
             group["params"] = sharded
+            if self.policy.offload_optimizer and kind in ("Adam", "AdamW") and not group.get("fused"):
+                # torch's fused CPU Adam(W) is ~4x its foreach path on 16 cores (ANCHORS.md): the step is on the host.
+                group["fused"], group["foreach"] = True, False
 
     def optimizer_pieces(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, Piece, nn.Parameter]]:
         mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
@@ -294,13 +304,23 @@ class ZeroEngine:
             if chunk.reduced is not None:
                 self._take_reduced(chunk)
             chunk.reset_round()
+        if self.policy.offload_optimizer and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the host's gradients are complete
         if self.policy.stage == 3:
             self.release_all()
 
     def _take_reduced(self, chunk: _Chunk) -> None:
         self._wait_reduce(chunk)
         fresh = [q.grad is None for _, q in chunk.pieces]  # optimizer.zero_grad() since: a new window
-        if self.policy.stage == 1 or all(fresh):
+        if self.policy.offload_optimizer:
+            if self.policy.stage == 1 or all(fresh):
+                chunk.grad_shard.copy_(chunk.reduced, non_blocking=True)  # waited for at the end of finish_backward
+            else:
+                for (piece, _), is_fresh in zip(chunk.pieces, fresh):
+                    if is_fresh:
+                        chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel].zero_()
+                chunk.grad_shard.add_(chunk.reduced.cpu())
+        elif self.policy.stage == 1 or all(fresh):
             # Stage 1 overwrites (its full buffer accumulated the window); a fresh window starts from the reduced
             # shard itself. Either way the new tensor becomes the shard gradient: no copy.
             chunk.grad_shard = chunk.reduced.float()
@@ -328,7 +348,9 @@ class ZeroEngine:
         device = self.chunks[0].compute.device if self.chunks else torch.device("cpu")
         squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
         if self.world_size > 1:
-            dist.all_reduce(squares, group=self.group)
+            on_device = squares.to(self.device)  # NCCL reduces device tensors (offloaded gradients are on the host)
+            dist.all_reduce(on_device, group=self.group)
+            squares = on_device.to(squares.device)
         norm = squares.sqrt()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:
@@ -346,7 +368,7 @@ class ZeroEngine:
         for chunk in self.chunks:
             shard = chunk.compute[chunk.shard_start : chunk.shard_start + chunk.shard_numel]
             if shard.data_ptr() != chunk.master.data_ptr():
-                shard.copy_(chunk.master)
+                shard.copy_(chunk.master, non_blocking=True)  # casts; from pinned host memory when offloaded
             if self.world_size > 1:
                 dist.all_gather_into_tensor(chunk.compute, shard.clone(), group=self.group)
 
@@ -356,10 +378,10 @@ class ZeroEngine:
             return
         chunk.compute.untyped_storage().resize_(chunk.padded * chunk.compute.element_size())
         if self.world_size == 1:  # the shard is the chunk: one casting copy, nothing to wait for
-            chunk.compute.copy_(chunk.master)
+            chunk.compute.copy_(chunk.master, non_blocking=True)
             chunk.gathered = True
             return
-        chunk.gather_input = chunk.master.to(self.compute_dtype)
+        chunk.gather_input = chunk.master.to(self.device, self.compute_dtype, non_blocking=True)
         chunk.gather_work = dist.all_gather_into_tensor(chunk.compute, chunk.gather_input, group=self.group,
                                                         async_op=async_op)
         if not async_op:
@@ -465,11 +487,11 @@ class ZeroEngine:
         """Give every parameter back its whole value, from the fp32 masters, in the dtype it had before sharding:
         after ``fit`` the module is an ordinary module again, usable and savable anywhere."""
         for chunk in self.chunks:
-            full = torch.empty(chunk.padded, dtype=torch.float32, device=chunk.master.device)
+            full = torch.empty(chunk.padded, dtype=torch.float32, device=self.device)
             if self.world_size == 1:
                 full.copy_(chunk.master)
             else:
-                dist.all_gather_into_tensor(full, chunk.master.contiguous(), group=self.group)
+                dist.all_gather_into_tensor(full, chunk.master.to(self.device), group=self.group)
             for i, p in enumerate(chunk.params):
                 view = chunk.view(full, i)
                 dtype = self.original_dtypes[p]

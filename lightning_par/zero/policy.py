@@ -28,6 +28,8 @@ class ZeroPolicy:
     reshard_after_forward: stage 3 frees a chunk once its modules ran forward and gathers it again for backward;
         False keeps it gathered until its gradients are reduced (more memory, one gather fewer per step).
     prefetch: stage 3 starts gathering the next chunk while the current one computes.
+    offload_optimizer: fp32 master weights, shard gradients, optimizer state and the optimizer step live on the CPU
+        (ZeRO-Offload): gradients stream to pinned host memory as they are reduced, updated weights stream back.
     """
 
     stage: Stage = 2
@@ -36,6 +38,7 @@ class ZeroPolicy:
     reduce_dtype: torch.dtype = torch.float32
     reshard_after_forward: bool = True
     prefetch: bool = True
+    offload_optimizer: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
