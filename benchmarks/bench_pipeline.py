@@ -60,6 +60,8 @@ class SleepStage(nn.Module):
         self.weight.register_hook(lambda g: (time.sleep(weight_s), g)[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:  # the first stage: without this autograd would skip the input-gradient sleep
+            x = x.detach().requires_grad_()
         return _Sleep.apply(x, self.forward_s, self.input_s) + self.weight * torch.zeros_like(x)
 
 

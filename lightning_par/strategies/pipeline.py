@@ -205,8 +205,9 @@ class PipelineStrategy(DataParallelStrategy):
                                      "(e.g. `self.example_input_array = torch.zeros(2, 64, dtype=torch.long)`).")
             example = self.batch_to_device(example)
             run = lambda: module(*example) if isinstance(example, tuple) else module(example)  # noqa: E731
-            box = [measure_block_times(module, layout, run)]
-            for group in (data_group, pipeline_group):  # every rank must cut alike: use global rank 0's times
+            # Every rank must cut alike: global rank 0 measures; data groups, then pipeline groups pass it on.
+            box = [measure_block_times(module, layout, run) if self.global_rank == 0 else None]
+            for group in (data_group, pipeline_group):
                 dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
             times = box[0]
         starts = choose_split_points(module, layout, schedule.parts, self.split_points, times)
@@ -237,6 +238,7 @@ class PipelineStrategy(DataParallelStrategy):
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
         super().setup(trainer)
+        self._optimizer_layouts = {}  # keyed by id(): the optimizers of an earlier fit are gone
         if trainer.state.fn == TrainerFn.FITTING:
             # [Note: clipping over shards] Lightning clips by norm in the precision plugin, over this rank's
             # parameters; each stage holds part of the norm.
