@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_par.comm.p2p import RecvHandle, SendHandle, irecv_tensors, isend_tensors
 from lightning_par.pipeline.schedules import Action, Kind, Schedule

@@ -11,16 +11,15 @@ loss, scaled by 1 / (microbatches x accumulation), is backpropagated by the exec
 (the microbatch mean, the same on every rank, detached). Lightning's ``backward`` then finds the gradients already
 there: this strategy's ``backward`` runs the hooks around it (``on_before_backward``, ``on_after_backward``) and
 the gradient communication (``post_backward``), but not autograd. Accumulation (``block_backward_sync``), clipping
-(over all stages, see [Note: clipping over shards]), the optimizer step, LR schedulers and checkpoints then work as
+(over all stages: `clip_grad_norm_`), the optimizer step, LR schedulers and checkpoints then work as
 with any strategy. Manual optimization is refused: its ``manual_backward`` would call backward per microbatch.
 """
 
 from __future__ import annotations
 
-import types
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -239,11 +238,24 @@ class PipelineStrategy(DataParallelStrategy):
     def setup(self, trainer: "pl.Trainer") -> None:
         super().setup(trainer)
         self._optimizer_layouts = {}  # keyed by id(): the optimizers of an earlier fit are gone
-        if trainer.state.fn == TrainerFn.FITTING:
-            # [Note: clipping over shards] Lightning clips by norm in the precision plugin, over this rank's
-            # parameters; each stage holds part of the norm.
-            plugin = self.precision_plugin
-            plugin.clip_grad_by_norm = types.MethodType(_clip_grad_by_global_norm(self), plugin)
+
+    @override
+    @torch.no_grad()
+    def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> None:
+        # [Note: clipping over shards] each stage holds part of the norm: sum the squares over the pipeline, each
+        # parameter once (a shared one on its first holder; all holders have the same gradient). Data-parallel
+        # replicas hold the same averaged gradients, so the pipeline group is enough.
+        shared = self._shared
+        names = {id(p): self._canonical[n] for n, p in self.lightning_module.named_parameters(remove_duplicate=False)}
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        counted = [p for p in params if not shared or names[id(p)] not in shared.holders
+                   or shared.holders[names[id(p)]][0] == shared.rank]
+        squares = torch.zeros((), device=self.root_device)
+        for p in counted:
+            squares += p.grad.detach().float().pow(2).sum()
+        if self._pipeline_group is not None and dist.get_world_size(self._pipeline_group) > 1:
+            dist.all_reduce(squares, group=self._pipeline_group)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, squares.sqrt())
 
     # ----- steps ----------------------------------------------------------------------------------------------------
 
@@ -442,22 +454,3 @@ class PipelineStrategy(DataParallelStrategy):
 
 def _is_split(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "_lightning_par_pipeline", False))
-
-
-def _clip_grad_by_global_norm(strategy: PipelineStrategy) -> Callable:
-    def clip_grad_by_norm(plugin: Precision, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-        shared = strategy._shared
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        # Each parameter counts once: a shared one on its first holder only (all holders have the same gradient).
-        names = {id(p): strategy._canonical[n] for n, p in strategy.lightning_module.named_parameters(
-            remove_duplicate=False)}
-        counted = [p for p in params
-                   if not shared or names[id(p)] not in shared.holders
-                   or shared.holders[names[id(p)]][0] == shared.rank]
-        squares = torch.stack([p.grad.detach().float().pow(2).sum() for p in counted]).sum() if counted else \
-            torch.zeros((), device=strategy.root_device)
-        if strategy._pipeline_group is not None and dist.get_world_size(strategy._pipeline_group) > 1:
-            dist.all_reduce(squares, group=strategy._pipeline_group)
-        torch.nn.utils.clip_grads_with_norm_(params, float(clip_val), squares.sqrt())
-
-    return clip_grad_by_norm
