@@ -73,11 +73,11 @@ def layers(path: Path) -> None:
                 "degrees -> validated against the world size -> one DeviceMesh; rank groups as pure functions", True)
     comm = _box(ax, 2.2, 1.8, 8.3, h, "comm/",
                 "mirrored autograd collectives, gradient buckets, pipeline p2p (every call takes its group)", True)
-    tensor = _box(ax, 2.2, 3.4, 2.6, h, "tensor/", "TP layers per mode + plans", False)
-    pipe = _box(ax, 5.05, 3.4, 2.6, h, "pipeline/", "schedules as data, one executor", False)
-    zero = _box(ax, 7.9, 3.4, 2.6, h, "zero/", "chunks, sharded optimizer, offload", False)
-    strat = _box(ax, 2.2, 5.0, 5.45, h, "strategies/", "base strategy + dp (DataParallelStrategy)", True)
-    ckpt = _box(ax, 7.9, 5.0, 2.6, h, "checkpoint.py", "sharded save / load, resharding", False)
+    tensor = _box(ax, 2.2, 3.4, 2.6, h, "tensor/", "1D layers + plans (2D-3D planned)", True)
+    pipe = _box(ax, 5.05, 3.4, 2.6, h, "pipeline/", "schedules as data, one executor", True)
+    zero = _box(ax, 7.9, 3.4, 2.6, h, "zero/", "chunks, sharded optimizer, offload", True)
+    strat = _box(ax, 2.2, 5.0, 5.45, h, "strategies/", "base + dp, zero1-3, zero2_offload, tp1d, pipeline", True)
+    ckpt = _box(ax, 7.9, 5.0, 2.6, h, "checkpoint.py", "sharded save / load, resharding", True)
     cli = _box(ax, 2.2, 6.6, 5.45, h, "cli.py / demo/", "lightning-par (LightningCLI), demo GPT + corpus", True)
     cbs = _box(ax, 7.9, 6.6, 2.6, h, "callbacks.py", "throughput / MFU / memory", False)
 
@@ -86,16 +86,17 @@ def layers(path: Path) -> None:
 
     # cli/demo uses the strategies (by name, through Lightning's registry).
     _arrow(ax, cli["bottom"], strat["top"])
-    # Strategies compose the engines (planned) ...
+    # Strategies compose the engines ...
     sx, sy = strat["x"], strat["y"]
-    _arrow(ax, (sx + 0.9, sy), tensor["top"], built=False)
-    _arrow(ax, (sx + 2.7, sy), pipe["top"], built=False)
-    _arrow(ax, (sx + 4.9, sy), zero["top"], built=False)
-    _arrow(ax, strat["right"], ckpt["left"], built=False)
+    _arrow(ax, (sx + 0.9, sy), tensor["top"])
+    _arrow(ax, (sx + 2.7, sy), pipe["top"])
+    _arrow(ax, (sx + 4.9, sy), zero["top"])
+    _arrow(ax, strat["right"], ckpt["left"])
     # ... which call comm with the groups they were handed.
     for engine in (tensor, pipe, zero):
-        _arrow(ax, engine["bottom"], (engine["x"] + engine["w"] / 2, comm["y"] + comm["h"]), built=False)
-    # Built today: dp goes straight to comm (GradientBucketer) and asks topology for the mesh and its groups.
+        _arrow(ax, engine["bottom"], (engine["x"] + engine["w"] / 2, comm["y"] + comm["h"]))
+    # dp has no engine of its own: it goes straight to comm (GradientBucketer); every strategy asks topology for the
+    # mesh and its groups.
     _lane(ax, (sx, sy + 0.3), 1.75, (comm["x"], comm["y"] + 0.5),
           "dp: GradientBucketer(params, data group)")
     _lane(ax, (sx, sy + 0.7), 1.05, (topo["x"], topo["y"] + 0.5), "mesh + groups (Topology)")
