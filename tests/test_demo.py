@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_par.demo import GPT, CharDataModule, DemoGPT, GPTConfig
 

@@ -211,7 +211,7 @@ def _check_memory(memory: list[dict], world_size: int) -> None:
 
 
 def test_zero_checkpoints_across_world_sizes_and_strategies(tmp_path):
-    two = run_on_ranks(_checkpoints, 2, free_port(), str(tmp_path), [])
+    run_on_ranks(_checkpoints, 2, free_port(), str(tmp_path), [])  # writes the world-2 checkpoints
     four = run_on_ranks(_checkpoints, 4, free_port(), str(tmp_path),
                         [str(tmp_path / "zero1_world2"), str(tmp_path / "zero3_world2")])
     back = run_on_ranks(_checkpoints, 2, free_port(), str(tmp_path),
