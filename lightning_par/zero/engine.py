@@ -92,6 +92,7 @@ class _Chunk:
         self.reduce_work: Any = None
         self.reduce_input: Optional[Tensor] = None
         self.reduced: Optional[Tensor] = None
+        self.on_host = False  # ZeRO-Offload: the reduced gradient is already on its way to the host
         self.gathered = True
         self.gather_work: Any = None
         self.gather_input: Optional[Tensor] = None
@@ -273,6 +274,7 @@ class ZeroEngine:
             chunk.reduced = full  # nothing to reduce: the chunk is its own shard
             if self.policy.stage != 1:
                 chunk.grad_full = None
+            self._to_host_early(chunk)
             return
         full.div_(self.world_size)
         chunk.reduced = torch.empty(chunk.shard_numel, dtype=self.policy.reduce_dtype, device=full.device)
@@ -290,6 +292,16 @@ class ZeroEngine:
         if chunk.reduce_work is not None:
             chunk.reduce_work.wait()
         chunk.reduce_work = chunk.reduce_input = None
+        self._to_host_early(chunk)
+
+    def _to_host_early(self, chunk: _Chunk) -> None:
+        """ZeRO-Offload: start copying a reduced shard gradient to the host at once, so that the copy overlaps the
+        rest of backward (only when it overwrites: a new accumulation window, or stage 1)."""
+        if not self.policy.offload_optimizer or chunk.reduced is None or chunk.on_host:
+            return
+        if self.policy.stage == 1 or all(q.grad is None for _, q in chunk.pieces):
+            chunk.grad_shard.copy_(chunk.reduced, non_blocking=True)
+            chunk.on_host = True
 
     @torch.no_grad()
     def finish_backward(self) -> None:
@@ -313,8 +325,10 @@ class ZeroEngine:
         self._wait_reduce(chunk)
         fresh = [q.grad is None for _, q in chunk.pieces]  # optimizer.zero_grad() since: a new window
         if self.policy.offload_optimizer:
-            if self.policy.stage == 1 or all(fresh):
-                chunk.grad_shard.copy_(chunk.reduced, non_blocking=True)  # waited for at the end of finish_backward
+            if chunk.on_host:
+                pass  # copied as soon as it was reduced; waited for at the end of finish_backward
+            elif self.policy.stage == 1 or all(fresh):
+                chunk.grad_shard.copy_(chunk.reduced, non_blocking=True)
             else:
                 for (piece, _), is_fresh in zip(chunk.pieces, fresh):
                     if is_fresh:
@@ -333,6 +347,7 @@ class ZeroEngine:
             # A frozen parameter's pieces get no gradient, so the optimizer leaves them alone.
             q.grad = chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel] if chunk.trainable[i] else None
         chunk.reduced = None
+        chunk.on_host = False
         if self.policy.stage == 1:
             # The optimizer's zero_grad only reaches the pieces: drop the module's own .grad so that the next window
             # starts from zero (its hooks copy instead of adding).
