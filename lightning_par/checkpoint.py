@@ -219,12 +219,12 @@ def _copy_range(target: Tensor, start: int, stop: int, saved: dict[tuple[int, in
             target[lo - start : hi - start].copy_(value[lo - a : hi - a])
 
 
-def _pieces_of(loaded: dict[str, Tensor], name: str) -> dict[tuple[int, int], Tensor]:
-    out = {}
+def _index_pieces(loaded: dict[str, Any]) -> dict[str, dict[tuple[int, int], Any]]:
+    """Loaded ``name|start:stop`` entries grouped by parameter name, in one pass."""
+    out: dict[str, dict[tuple[int, int], Any]] = {}
     for key, value in loaded.items():
-        n, a, b = parse_piece_key(key)
-        if n == name:
-            out[(a, b)] = value
+        name, a, b = parse_piece_key(key)
+        out.setdefault(name, {})[(a, b)] = value
     return out
 
 
@@ -262,17 +262,18 @@ def load_into_engine(path: Any, engine: "ZeroEngine", module: torch.nn.Module,
     buffers = {n: torch.empty_like(b, device="cpu") for n, b in module.named_buffers() if n in index.model["buffer_names"]}
     loaded = index.read(param_ranges, state_ranges, buffers)
     with torch.no_grad():
+        params_loaded = _index_pieces(loaded["state_dict"])
         for piece in mine:
             chunk = engine.chunks[piece.chunk]
             target = chunk.master[piece.shard_offset : piece.shard_offset + piece.numel]
-            _copy_range(target, piece.start, piece.stop, _pieces_of(loaded["state_dict"], piece.name))
+            _copy_range(target, piece.start, piece.stop, params_loaded[piece.name])
         named_buffers = dict(module.named_buffers())
         for n, value in loaded["buffers"].items():
             named_buffers[n].copy_(value)
         for i, optimizer in enumerate(optimizers):
-            states = loaded["optimizer_states"].get(str(i), {})
+            states = _index_pieces(loaded["optimizer_states"].get(str(i), {}))
             for name, piece, q in engine.optimizer_pieces(optimizer):
-                saved = {r: v for r, v in _pieces_of(states, name).items()}
+                saved = states.get(name)
                 if saved:
                     optimizer.state[q] = _state_for_range(saved, piece.start, piece.stop, q.device)
             for group, saved_group in zip(optimizer.param_groups, index.optimizers[i]["param_groups"]):
@@ -352,23 +353,24 @@ def load_full(path: Any) -> dict[str, Any]:
     info = meta.pop("lightning_par")
     shapes, aliases = info["model"]["shapes"], info["model"]["aliases"]
     state_dict: dict[str, Tensor] = {}
+    params_saved = _index_pieces(saved["state_dict"])
     for name, shape in shapes.items():
         numel = 1
         for d in shape:
             numel *= d
         full = torch.empty(numel)
-        _copy_range(full, 0, numel, _pieces_of(saved["state_dict"], name))
+        _copy_range(full, 0, numel, params_saved[name])
         state_dict[name] = full.reshape(shape)
     for alias, name in aliases.items():
         state_dict[alias] = state_dict[name]
     state_dict.update(saved.get("buffers", {}))
     optimizer_states = []
     for i, opt in enumerate(info["optimizers"]):
-        pieces = saved.get("optimizer_states", {}).get(str(i), {})
+        pieces = _index_pieces(saved.get("optimizer_states", {}).get(str(i), {}))
         names = [n for group in opt["param_names"] for n in group]
         state = {}
         for index, name in enumerate(names):
-            mine = _pieces_of(pieces, name)
+            mine = pieces.get(name)
             if mine:
                 numel = 1
                 for d in shapes[name]:

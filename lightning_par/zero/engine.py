@@ -361,7 +361,7 @@ class ZeroEngine:
         """Clip by the norm over every shard of ``optimizer``'s parameters on all ranks; return that norm."""
         grads = [q.grad for _, _, q in self.optimizer_pieces(optimizer) if q.grad is not None]
         device = self.chunks[0].compute.device if self.chunks else torch.device("cpu")
-        squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
+        squares = torch.nn.utils.get_total_norm(grads, 2.0).float().pow(2) if grads else torch.zeros((), device=device)
         if self.world_size > 1:
             on_device = squares.to(self.device)  # NCCL reduces device tensors (offloaded gradients are on the host)
             dist.all_reduce(on_device, group=self.group)
