@@ -73,7 +73,7 @@ def _parity_and_memory(rank: int, world_size: int, port: int, tmpdir: str) -> di
     # ZeRO-Offload (masters, gradients, optimizer state and step on the host): on CPU ranks the copies are local,
     # the code path (pinned-host buffers, fused CPU AdamW, norm reduced on the device) is the same.
     for name in ("accumulate", "clip_norm", "adamw"):
-        out[("offload", name)] = fit(PARITY[name], zero(2, offload_optimizer=True), world_size, world_size)
+        out[("offload", name)] = fit(PARITY[name], zero(2, offload=1.0), world_size, world_size)
     # Stage 3 without resharding after forward and without prefetch: the other code path of gather/release.
     out[(3, "no_reshard")] = fit(PARITY["plain"], zero(3, reshard_after_forward=False, prefetch=False), world_size,
                                  world_size)

@@ -11,6 +11,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.rank_zero import rank_zero_info
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
@@ -44,8 +45,14 @@ class ZeroStrategy(LightningParStrategy):
         allow_oversize: a parameter larger than ``chunk_size`` gets a chunk of its own (else an error).
         reshard_after_forward: stage 3 frees chunks after forward and gathers them again in backward.
         prefetch: stage 3 gathers the next chunk while the current one computes.
-        offload_optimizer: ZeRO-Offload: fp32 masters, shard gradients, optimizer state and the optimizer step on
-            the CPU (torch's fused CPU Adam/AdamW where it applies); registered as ``zero2_offload``.
+        offload: where each chunk's fp32 master, gradient shard, optimizer state and optimizer step live. None: on
+            the device. A fraction in [0, 1]: that share of the chunks in pinned host memory (1.0 is ZeRO-Offload,
+            registered as ``zero2_offload``). ``"auto"``: measure the first step and keep on the device as much as
+            fits beside its working memory, the rest on the host (registered as ``zero3_offload``; the plan is
+            logged). Adam/AdamW step on the host with torch's fused CPU kernel.
+        device_memory_limit: bytes of device memory ``"auto"`` may fill (default: what the device has free).
+        host_memory_limit: bytes of host memory this rank may fill (default: the host's available memory shared by
+            its ranks); a plan that needs more is an error before anything is allocated.
     """
 
     def __init__(
@@ -55,7 +62,9 @@ class ZeroStrategy(LightningParStrategy):
         allow_oversize: bool = True,
         reshard_after_forward: bool = True,
         prefetch: bool = True,
-        offload_optimizer: bool = False,
+        offload: Union[float, Literal["auto"], None] = None,
+        device_memory_limit: Optional[int] = None,
+        host_memory_limit: Optional[int] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -77,7 +86,8 @@ class ZeroStrategy(LightningParStrategy):
         )
         self.policy = ZeroPolicy(stage=stage, chunk_numel=chunk_size, allow_oversize=allow_oversize,
                                  reshard_after_forward=reshard_after_forward, prefetch=prefetch,
-                                 offload_optimizer=offload_optimizer)
+                                 offload=offload, device_memory_limit=device_memory_limit,
+                                 host_memory_limit=host_memory_limit)
         self._engine: Optional[ZeroEngine] = None
 
     @property
@@ -109,7 +119,8 @@ class ZeroStrategy(LightningParStrategy):
             self._engine.remove_hooks()
         compute_dtype = COMPUTE_DTYPES[self.precision_plugin.precision]
         # The engine agrees on the parameters chunk by chunk (rank 0's values); buffers are copied here.
-        self._engine = ZeroEngine(self.model, self.group("data"), self.policy, compute_dtype, self.root_device)
+        self._engine = ZeroEngine(self.model, self.group("data"), self.policy, compute_dtype, self.root_device,
+                                  log=rank_zero_info, local_ranks=self.num_processes)
         broadcast_tensors(list(self.model.buffers()), self.group("data"))
 
     @override
@@ -274,7 +285,8 @@ class ZeroStrategy(LightningParStrategy):
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         variants = [(f"zero{stage}", {"stage": stage}) for stage in (1, 2, 3)]
-        variants.append(("zero2_offload", {"stage": 2, "offload_optimizer": True}))
+        variants.append(("zero2_offload", {"stage": 2, "offload": 1.0}))
+        variants.append(("zero3_offload", {"stage": 3, "offload": "auto"}))
         for name, settings in variants:
             for suffix, start_method in (("", "popen"), ("_spawn", "spawn")):
                 strategy_registry.register(

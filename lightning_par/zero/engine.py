@@ -35,7 +35,7 @@ backward left (chunks with unused parameters, which count as zero gradient).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,10 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from lightning_par.zero.layout import ChunkLayout, Piece, build_layout
+from lightning_par.zero.placement import (
+    GiB, HostMemoryError, Plan, bytes_per_element, host_memory_available, host_shortfall_message, plan_budget,
+    plan_fraction, state_tensors,
+)
 from lightning_par.zero.policy import ELEMENTWISE_OPTIMIZERS, ZeroPolicy
 
 
@@ -77,7 +81,8 @@ class _Chunk:
         self.shard_start = rank * self.shard_numel
         self.compute = full if compute_dtype == torch.float32 else full.to(compute_dtype)
         shard = slice(self.shard_start, self.shard_start + self.shard_numel)
-        if host:  # ZeRO-Offload: pinned, so that copies to and from the device run asynchronously
+        self.host = host  # the optimizer side (master, gradient shard, optimizer state) lives in host memory
+        if host:  # pinned, so that copies to and from the device run asynchronously
             pin = device.type == "cuda"
             self.master = torch.empty(self.shard_numel, dtype=torch.float32, pin_memory=pin).copy_(full[shard])
             self.grad_shard = torch.zeros(self.shard_numel, dtype=torch.float32, pin_memory=pin)
@@ -92,10 +97,11 @@ class _Chunk:
         self.reduce_work: Any = None
         self.reduce_input: Optional[Tensor] = None
         self.reduced: Optional[Tensor] = None
-        self.on_host = False  # ZeRO-Offload: the reduced gradient is already on its way to the host
+        self.on_host = False  # offloaded: the reduced gradient is already on its way to the host
         self.gathered = True
         self.gather_work: Any = None
         self.gather_input: Optional[Tensor] = None
+        self.copied: Any = None  # offloaded, on CUDA: event after the host-to-device copy of a gather
         self.forward_remaining = 0
         self.pieces: list[tuple[Piece, nn.Parameter]] = []
         self.piece_slots: list[int] = []  # the slot (parameter) each piece belongs to
@@ -116,8 +122,12 @@ class ZeroEngine:
     """Shards ``module``'s parameters, gradients and optimizer state over ``group`` according to ``policy``."""
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup, policy: ZeroPolicy,
-                 compute_dtype: torch.dtype, device: torch.device) -> None:
+                 compute_dtype: torch.dtype, device: torch.device,
+                 log: Optional[Callable[[str], None]] = None, local_ranks: int = 1) -> None:
+        """``log``: where the placement plan is reported; ``local_ranks``: ranks sharing this host's memory."""
         self.group = group
+        self.local_ranks = local_ranks
+        self.log = log or (lambda message: None)
         self.policy = policy
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -128,9 +138,22 @@ class ZeroEngine:
         self.original_dtypes = {p: p.dtype for _, p in named}  # restored by `unshard`
         self.layout = build_layout([(n, p.numel()) for n, p in named], policy.chunk_numel, self.world_size,
                                    policy.allow_oversize)
-        # The master shard can be the compute buffer's own shard only if nothing else must survive a free.
-        separate_master = compute_dtype != torch.float32 or policy.stage == 3 or policy.offload_optimizer
         self.device = device
+        offloading = policy.offload is not None
+        # Copies between host and device run on their own streams, beside compute (one per direction: PCIe is duplex).
+        self._h2d = torch.cuda.Stream(device) if offloading and device.type == "cuda" else None
+        self._d2h = torch.cuda.Stream(device) if offloading and device.type == "cuda" else None
+        self._measuring = policy.offload == "auto"  # "auto" re-plans after measuring the first backward
+        self.plan = self._initial_plan()
+        # Before any collective or allocation. "auto"'s first plan holds no optimizer state on the host before it
+        # re-plans (masters and gradients only: 8 bytes per element); the re-plan checks the state too.
+        first = Plan(self.plan.on_host, 8, self.plan.shard_numels) if self._measuring else self.plan
+        self._check_host(first, "The placement")
+        if any(self.plan.on_host):
+            self.log(f"ZeRO placement ({policy.offload!r}{', before measuring' if self._measuring else ''}): "
+                     f"{self.plan.describe(str(device))}")
+        # The master shard can be the compute buffer's own shard only if nothing else must survive a free.
+        separate_master = compute_dtype != torch.float32 or policy.stage == 3 or offloading
         params = [p for _, p in named]
         owners: dict[nn.Parameter, list[nn.Module]] = {}
         for m in module.modules():
@@ -152,7 +175,7 @@ class ZeroEngine:
                 if self.world_size > 1:  # ranks may have initialised differently: rank 0's values win
                     dist.broadcast(full, src=dist.get_global_rank(group, 0), group=group)
                 chunk = _Chunk(c, chunk_params, full, self.layout, self.rank, separate_master, compute_dtype, device,
-                               host=policy.offload_optimizer)
+                               host=self.plan.on_host[c])
                 for i, p in enumerate(chunk.params):
                     p.data = chunk.view(chunk.compute, i)
                 self.chunks.append(chunk)
@@ -181,6 +204,115 @@ class ZeroEngine:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
                     self._hooked.add(p)
             chunk.reset_round()
+
+    # ----- placement (see zero/placement.py) ------------------------------------------------------------------------
+
+    def _shard_numels(self) -> list[int]:
+        return [self.layout.shard_numel(c) for c in range(self.layout.num_chunks)]
+
+    def _device_limit(self) -> Optional[int]:
+        """Bytes of device memory the plan may fill, model and working memory together."""
+        if self.policy.device_memory_limit is not None:
+            return self.policy.device_memory_limit
+        if self.device.type != "cuda":
+            return None  # host and device are the same memory: nothing to plan
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(0.95 * (free + torch.cuda.memory_reserved(self.device)))
+
+    def _state_tensors(self) -> int:
+        return max((state_tensors(opt) for opt in self.optimizer_param_names), default=2)
+
+    def _initial_plan(self) -> Plan:
+        numels, per = self._shard_numels(), bytes_per_element(2)
+        offload = self.policy.offload
+        if offload is None:
+            return Plan((False,) * len(numels), per, tuple(numels))
+        if offload != "auto":
+            return plan_fraction(numels, float(offload), per)
+        limit = self._device_limit()
+        if limit is None:
+            self._measuring = False
+            return Plan((False,) * len(numels), per, tuple(numels))
+        # Working memory is unknown until a step ran: give the model state half of the device for that first step.
+        return plan_budget(numels, 0.5 * limit, per)
+
+    def _check_host(self, plan: Plan, what: str, held: int = 0) -> None:
+        """Refuse a plan whose host part does not fit, on every rank together (no rank goes on into a collective
+        that the others never reach). ``held``: host bytes this engine holds already (they count as available)."""
+        if self.policy.offload is None:
+            return
+        limit = self.policy.host_memory_limit
+        if limit is None:
+            limit = host_memory_available(self.local_ranks) + held
+        fits = plan.host_bytes() <= limit
+        all_fit = fits
+        if self.world_size > 1:
+            flag = torch.tensor([1 if fits else 0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+            all_fit = bool(flag.item())
+        if not fits:
+            raise HostMemoryError(host_shortfall_message(plan, limit, self.rank, what))
+        if not all_fit:
+            raise HostMemoryError(f"{what} does not fit in the host memory of another rank (see its error).")
+
+    @torch.no_grad()
+    def _replan(self) -> None:
+        """ "auto": after the first backward, measure the working memory (the device's peak less the model state it
+        holds) and keep on the device as many chunks as fit beside it; move the others."""
+        self._measuring = False
+        limit = self._device_limit()
+        assert limit is not None
+        per = bytes_per_element(self._state_tensors())
+        resident = self.placement_summary()["device_bytes"]
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        working = max(0, peak - resident)
+        plan = plan_budget(self._shard_numels(), limit - working, per)
+        self._check_host(plan, "The automatic placement", held=self.placement_summary()["host_bytes"])
+        for to_host in (True, False):  # make room on the device before filling it
+            for chunk, on_host in zip(self.chunks, plan.on_host):
+                if chunk.host != on_host and on_host == to_host:
+                    self._move(chunk, to_host)
+        self.plan = plan
+        self.log(f"ZeRO placement ('auto', measured: working memory {working / GiB:.2f} GiB of {limit / GiB:.2f} GiB): "
+                 f"{plan.describe(str(self.device))}")
+
+    def _move(self, chunk: _Chunk, to_host: bool) -> None:
+        """Move a chunk's optimizer side between host and device; the optimizer's pieces keep their identity."""
+        if to_host:
+            pin = self.device.type == "cuda"
+            master = torch.empty(chunk.shard_numel, dtype=torch.float32, pin_memory=pin).copy_(chunk.master)
+            grad = torch.empty(chunk.shard_numel, dtype=torch.float32, pin_memory=pin).copy_(chunk.grad_shard)
+        else:
+            master, grad = chunk.master.to(self.device), chunk.grad_shard.to(self.device, torch.float32)
+        chunk.master, chunk.grad_shard, chunk.host = master, grad, to_host
+        target = master.device
+        for piece, q in chunk.pieces:
+            lo, hi = piece.shard_offset, piece.shard_offset + piece.numel
+            q.data = master[lo:hi]
+            if q.grad is not None:
+                q.grad = grad[lo:hi]
+            for opt in self.optimizer_param_names:
+                state = opt.state.get(q)
+                if not state:
+                    continue
+                group = next(g for g in opt.param_groups if any(x is q for x in g["params"]))
+                for k, v in state.items():
+                    # Non-fused, non-capturable optimizers keep scalar steps on the CPU; the others beside the data.
+                    if isinstance(v, Tensor) and (v.dim() > 0 or group.get("fused") or group.get("capturable")):
+                        state[k] = v.to(target)
+
+    def placement_summary(self) -> dict[str, Any]:
+        """Bytes of masters, gradient shards and optimizer state on the device and on the host, and the plan."""
+        states = {id(q): s for opt in self.optimizer_param_names for q, s in opt.state.items()}
+        out = {"chunks": len(self.chunks), "host_chunks": sum(c.host for c in self.chunks), "device_bytes": 0,
+               "host_bytes": 0, "plan": self.plan.describe(str(self.device))}
+        for chunk in self.chunks:
+            tensors = [chunk.master, chunk.grad_shard]
+            tensors += [v for _, q in chunk.pieces for v in states.get(id(q), {}).values()
+                        if isinstance(v, Tensor) and v.dim() > 0]
+            key = "host_bytes" if chunk.host else "device_bytes"
+            out[key] += sum(t.numel() * t.element_size() for t in tensors)
+        return out
 
     # ----- optimizer ------------------------------------------------------------------------------------------------
 
@@ -211,7 +343,7 @@ class ZeroEngine:
                     chunk.piece_slots.append(self.where[p][1])
                     sharded.append(shard_param)
             group["params"] = sharded
-            if self.policy.offload_optimizer and kind in ("Adam", "AdamW") and not group.get("fused"):
+            if self.policy.offload is not None and kind in ("Adam", "AdamW") and not group.get("fused"):
                 # torch's fused CPU Adam(W) is ~4x its foreach path on 16 cores (ANCHORS.md): the step is on the host.
                 group["fused"], group["foreach"] = True, False
 
@@ -297,10 +429,16 @@ class ZeroEngine:
     def _to_host_early(self, chunk: _Chunk) -> None:
         """ZeRO-Offload: start copying a reduced shard gradient to the host at once, so that the copy overlaps the
         rest of backward (only when it overwrites: a new accumulation window, or stage 1)."""
-        if not self.policy.offload_optimizer or chunk.reduced is None or chunk.on_host:
+        if not chunk.host or chunk.reduced is None or chunk.on_host:
             return
         if self.policy.stage == 1 or all(q.grad is None for _, q in chunk.pieces):
-            chunk.grad_shard.copy_(chunk.reduced, non_blocking=True)
+            if self._d2h is None:
+                chunk.grad_shard.copy_(chunk.reduced)
+            else:  # on the copy stream, beside the rest of backward
+                self._d2h.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self._d2h):
+                    chunk.grad_shard.copy_(chunk.reduced, non_blocking=True)
+                chunk.reduced.record_stream(self._d2h)  # not reused before the copy read it
             chunk.on_host = True
 
     @torch.no_grad()
@@ -316,15 +454,18 @@ class ZeroEngine:
             if chunk.reduced is not None:
                 self._take_reduced(chunk)
             chunk.reset_round()
-        if self.policy.offload_optimizer and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the host's gradients are complete
+        if self._d2h is not None:
+            self._d2h.synchronize()  # the host's gradients are complete before the CPU step reads them
+            torch.cuda.current_stream(self.device).synchronize()
         if self.policy.stage == 3:
             self.release_all()
+        if self._measuring:
+            self._replan()
 
     def _take_reduced(self, chunk: _Chunk) -> None:
         self._wait_reduce(chunk)
         fresh = [q.grad is None for _, q in chunk.pieces]  # optimizer.zero_grad() since: a new window
-        if self.policy.offload_optimizer:
+        if chunk.host:
             if chunk.on_host:
                 pass  # copied as soon as it was reduced; waited for at the end of finish_backward
             elif self.policy.stage == 1 or all(fresh):
@@ -368,8 +509,9 @@ class ZeroEngine:
             squares = on_device.to(squares.device)
         norm = squares.sqrt()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        scales = {}  # offloaded gradients are on the host, the others on the device
         for g in grads:
-            g.mul_(scale)
+            g.mul_(scales.setdefault(g.device, scale.to(g.device)))
         return norm
 
     # ----- parameters -----------------------------------------------------------------------------------------------
@@ -389,9 +531,12 @@ class ZeroEngine:
 
     def gather(self, index: int, async_op: bool = False) -> None:
         chunk = self.chunks[index]
-        if chunk.gathered or chunk.gather_work is not None:
+        if chunk.gathered or chunk.gather_work is not None or chunk.copied is not None:
             return
         chunk.compute.untyped_storage().resize_(chunk.padded * chunk.compute.element_size())
+        if chunk.host and self._h2d is not None:
+            self._gather_from_host(chunk, async_op)
+            return
         if self.world_size == 1:  # the shard is the chunk: one casting copy, nothing to wait for
             chunk.compute.copy_(chunk.master, non_blocking=True)
             chunk.gathered = True
@@ -402,24 +547,42 @@ class ZeroEngine:
         if not async_op:
             self._wait_gather(chunk)
 
+    def _gather_from_host(self, chunk: _Chunk, async_op: bool) -> None:
+        """Copy a host master shard to the device (and all-gather it) on the host-to-device stream, so that a
+        prefetch overlaps the compute of the modules before."""
+        assert self._h2d is not None
+        self._h2d.wait_stream(torch.cuda.current_stream(self.device))  # the fresh storage is free on every stream
+        with torch.cuda.stream(self._h2d):
+            if self.world_size == 1:
+                chunk.compute.copy_(chunk.master, non_blocking=True)  # to the device, then cast there
+            else:
+                chunk.gather_input = chunk.master.to(self.device, self.compute_dtype, non_blocking=True)
+                chunk.gather_work = dist.all_gather_into_tensor(chunk.compute, chunk.gather_input, group=self.group,
+                                                                async_op=True)
+            chunk.copied = self._h2d.record_event()
+        if not async_op:
+            self._wait_gather(chunk)
+
     def _wait_gather(self, chunk: _Chunk) -> None:
         if chunk.gather_work is not None:
             chunk.gather_work.wait()
-        chunk.gather_work = chunk.gather_input = None
+        if chunk.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(chunk.copied)
+        chunk.gather_work = chunk.gather_input = chunk.copied = None
         chunk.gathered = True
 
     def ensure_gathered(self, index: int) -> None:
         chunk = self.chunks[index]
         if chunk.gathered:
             return
-        if chunk.gather_work is None:
+        if chunk.gather_work is None and chunk.copied is None:
             self.gather(index)
         else:
             self._wait_gather(chunk)
 
     def release(self, index: int) -> None:
         chunk = self.chunks[index]
-        if chunk.gather_work is not None:
+        if chunk.gather_work is not None or chunk.copied is not None:
             self._wait_gather(chunk)
         if chunk.gathered:
             chunk.compute.untyped_storage().resize_(0)
@@ -444,6 +607,8 @@ class ZeroEngine:
         per-forward module counts of stage 3."""
         if any(p.requires_grad and p not in self._hooked for chunk in self.chunks for p in chunk.params):
             self._hook_trainable()
+        if self._measuring and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # "auto" measures the first step's working memory
         for chunk in self.chunks:
             chunk.forward_remaining = 0
         for owned in self._module_chunks.values():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -28,8 +28,13 @@ class ZeroPolicy:
     reshard_after_forward: stage 3 frees a chunk once its modules ran forward and gathers it again for backward;
         False keeps it gathered until its gradients are reduced (more memory, one gather fewer per step).
     prefetch: stage 3 starts gathering the next chunk while the current one computes.
-    offload_optimizer: fp32 master weights, shard gradients, optimizer state and the optimizer step live on the CPU
-        (ZeRO-Offload): gradients stream to pinned host memory as they are reduced, updated weights stream back.
+    offload: where each chunk's optimizer side (fp32 master, gradient shard, optimizer state, and the optimizer step
+        over them) lives. None: on the device. A fraction in [0, 1]: that share of the chunks (the last ones) in pinned
+        host memory, the rest on the device; 1.0 is ZeRO-Offload. "auto": measure one step and keep on the device as
+        much as fits, the rest on the host (see ``zero/placement.py``).
+    device_memory_limit: bytes of device memory "auto" may plan with (default: what the device has free).
+    host_memory_limit: bytes of host memory this rank may fill (default: the host's available memory shared by its
+        ranks); a plan that needs more is an error before anything is allocated.
     """
 
     stage: Stage = 2
@@ -38,10 +43,15 @@ class ZeroPolicy:
     reduce_dtype: torch.dtype = torch.float32
     reshard_after_forward: bool = True
     prefetch: bool = True
-    offload_optimizer: bool = False
+    offload: Union[None, float, Literal["auto"]] = None
+    device_memory_limit: Optional[int] = None
+    host_memory_limit: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3; got {self.stage!r}.")
         if self.chunk_numel < 1:
             raise ValueError(f"chunk_numel must be positive; got {self.chunk_numel}.")
+        if self.offload is not None and self.offload != "auto":
+            if isinstance(self.offload, bool) or not isinstance(self.offload, (int, float)) or not 0 <= self.offload <= 1:
+                raise ValueError(f"offload must be None, 'auto' or a fraction in [0, 1]; got {self.offload!r}.")

@@ -1,0 +1,121 @@
+"""Where each chunk's optimizer side lives: on the compute device or in the host's (pinned) memory.
+
+A chunk's optimizer side is its fp32 master shard (which is also its parameters at rest at stage 3), its fp32
+gradient shard and the optimizer state for that shard: ``8 + 4·k`` bytes per element for an optimizer with k fp32
+state tensors per parameter (Adam: k = 2, 16 bytes). The compute-dtype parameters exist on the device only while a
+chunk is gathered, so they count as working memory, not as model memory here.
+
+Pure arithmetic and a reading of /proc/meminfo: the engine decides, these functions compute.
+
+[Note: which chunks go to the host]
+The plan keeps the *first* chunks on the device and sends the last ones to the host. Right after the optimizer step
+the next forward needs chunk 0 first and the last chunk last, so the host chunks are the ones needed furthest in
+the future (their copies to the device are prefetched while earlier chunks compute); in backward their gradients are
+produced first, so their copies to the host overlap the rest of backward.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+GiB = 2**30
+
+# fp32 state tensors per parameter element, by optimizer class name; unknown optimizers are assumed to keep two.
+STATE_TENSORS = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adagrad": 1, "Adadelta": 2,
+                 "RMSprop": 1, "Rprop": 2, "ASGD": 2}
+
+
+class HostMemoryError(RuntimeError):
+    """The plan needs more host memory than this rank may use."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """``on_host[c]``: chunk c's optimizer side lives in host memory."""
+
+    on_host: tuple[bool, ...]
+    bytes_per_element: int
+    shard_numels: tuple[int, ...]
+
+    def host_bytes(self) -> int:
+        return sum(n for n, h in zip(self.shard_numels, self.on_host) if h) * self.bytes_per_element
+
+    def device_bytes(self) -> int:
+        return sum(n for n, h in zip(self.shard_numels, self.on_host) if not h) * self.bytes_per_element
+
+    def describe(self, device: str) -> str:
+        host = sum(self.on_host)
+        return (f"{len(self.on_host) - host} of {len(self.on_host)} chunks ({self.device_bytes() / GiB:.2f} GiB of "
+                f"masters, gradients and optimizer state) on {device}, {host} ({self.host_bytes() / GiB:.2f} GiB) "
+                "on the host")
+
+
+def state_tensors(optimizer: object) -> int:
+    """fp32 state tensors per element that ``optimizer`` keeps (SGD: one with momentum, none without)."""
+    kind = type(optimizer).__name__
+    if kind == "SGD":
+        return int(any(g.get("momentum", 0) for g in optimizer.param_groups))  # type: ignore[attr-defined]
+    if kind in ("Adam", "AdamW") and any(g.get("amsgrad") for g in optimizer.param_groups):  # type: ignore[attr-defined]
+        return 3
+    return STATE_TENSORS.get(kind, 2)
+
+
+def bytes_per_element(states: int = 2) -> int:
+    """Master (4) + gradient shard (4) + 4 per optimizer state tensor; before the optimizer is known, Adam's 2."""
+    return 8 + 4 * states
+
+
+def plan_fraction(shard_numels: Sequence[int], fraction: float, bytes_per_elem: int) -> Plan:
+    """The last chunks, holding at least ``fraction`` of this rank's elements, on the host."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"The offload fraction must lie in [0, 1]; got {fraction}.")
+    total = sum(shard_numels)
+    on_host = [False] * len(shard_numels)
+    offloaded = 0
+    for c in reversed(range(len(shard_numels))):
+        if offloaded >= fraction * total or fraction == 0.0:
+            break
+        on_host[c] = True
+        offloaded += shard_numels[c]
+    return Plan(tuple(on_host), bytes_per_elem, tuple(shard_numels))
+
+
+def plan_budget(shard_numels: Sequence[int], budget_bytes: float, bytes_per_elem: int) -> Plan:
+    """The first chunks, as many as fit in ``budget_bytes``, on the device; the rest on the host."""
+    on_host = []
+    used = 0
+    for n in shard_numels:
+        fits = not any(on_host) and used + n * bytes_per_elem <= budget_bytes
+        on_host.append(not fits)
+        used += n * bytes_per_elem if fits else 0
+    return Plan(tuple(on_host), bytes_per_elem, tuple(shard_numels))
+
+
+def host_memory_available(local_ranks: Optional[int] = None) -> int:
+    """Bytes of host memory one rank may plan with: the kernel's MemAvailable shared evenly by the ranks of this host
+    (they plan at the same time), less a tenth for everything else the process allocates."""
+    local_ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:  # not Linux: physical memory
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(0.9 * available / max(local_ranks, 1))
+
+
+def host_shortfall_message(plan: Plan, limit: int, rank: int, what: str) -> str:
+    return (
+        f"{what} on rank {rank} needs {plan.host_bytes() / GiB:.2f} GiB of host memory for the chunks it places "
+        f"there ({plan.bytes_per_element} bytes per element: fp32 master, gradient and optimizer state), but this rank "
+        f"may use {limit / GiB:.2f} GiB (`host_memory_limit`, or the host's available memory shared by its ranks). "
+        "Nothing was allocated or written. Use more ranks (each holds 1/N), keep more on the GPU (a smaller offload "
+        "fraction, or offload='auto'), or spill optimizer state to disk with `zero3_nvme`."
+    )
