@@ -82,7 +82,7 @@ def model_pieces(engine: "ZeroEngine") -> dict[str, Tensor]:
 def optimizer_pieces(engine: "ZeroEngine", optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     state = {}
     for name, piece, q in engine.optimizer_pieces(optimizer):
-        entries = {k: v for k, v in optimizer.state.get(q, {}).items() if isinstance(v, Tensor)}
+        entries = {k: v for k, v in engine.piece_state(optimizer, piece, q).items() if isinstance(v, Tensor)}
         if entries:
             state[piece_key(name, piece.start, piece.stop)] = entries
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]

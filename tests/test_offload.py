@@ -123,6 +123,106 @@ def test_offload_matches_single_process_and_places_chunks(tmp_path):
         assert r["checkpoint_untouched"]
 
 
+# zero3_nvme on CPU: every chunk on the host, and a host budget that holds the optimizer state of only a few of them:
+# the others spill it to files (16 bytes per element planned: masters, gradients, AdamW's two moments).
+NVME_HOST_LIMIT = 150_000
+
+
+class SaveAtEpochEnd(Callback):
+    """Save during fit (the spilled optimizer state is removed when fit ends)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            trainer.save_checkpoint(self.path)
+
+
+def nvme(path: str, **kwargs) -> ZeroStrategy:
+    return offload(offload=1.0, nvme_dir=path, host_memory_limit=NVME_HOST_LIMIT, **kwargs)
+
+
+def _train_nvme(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
+    _as_external_rank(rank, world_size, port)
+    out: dict = {}
+    disk = os.path.join(tmpdir, "nvme")
+    for name, run in PARITY.items():
+        placement = Placement()
+        out[name] = fit(run, nvme(disk), world_size, world_size, callbacks=[placement])
+        out[(name, "summary")] = placement.summary
+    root = os.path.join(disk, "lightning_par_nvme")  # this process's files are gone after each fit
+    out["files_left"] = [e for e in os.listdir(root) if f"-{os.getpid()}-" in e] if os.path.isdir(root) else []
+
+    run = Run(steps=4, epochs=2, per_rank_batch=GLOBAL_BATCH // world_size,
+              module_kwargs={"optimizer": "adamw", "learning_rate": 3e-3})
+    out["uninterrupted"] = fit(run, offload(), world_size, world_size)
+    saved = os.path.join(tmpdir, "nvme_epoch1")
+    out["with_save"] = fit(run, nvme(disk), world_size, world_size, callbacks=[SaveAtEpochEnd(saved)])
+    out["resumed_without_offload"] = fit(run, offload(), world_size, world_size, ckpt_path=saved)
+    out["resumed_nvme"] = fit(run, nvme(disk), world_size, world_size, ckpt_path=saved)
+
+    def error_of(make) -> str:
+        try:
+            make()
+        except Exception as error:  # noqa: BLE001 - the test inspects the message
+            return f"{type(error).__name__}: {error}"
+        return ""
+
+    trainers: list = []
+    fit(Run(steps=2), nvme(disk), world_size, world_size, trainers=trainers)
+    out["save_after_fit"] = error_of(lambda: trainers[0].save_checkpoint(os.path.join(tmpdir, "after_fit")))
+    before = sorted(os.listdir(saved))
+    a_file = os.path.join(tmpdir, "not_a_directory")
+    open(a_file, "w").close()
+    out["bad_dir"] = error_of(lambda: fit(run, nvme(a_file), world_size, world_size, ckpt_path=saved))
+    import shutil as real_shutil
+
+    import lightning_par.zero.nvme as nvme_module
+
+    class TinyDisk:  # a disk with 1 KB free (only the size check sees it)
+        def disk_usage(self, path):
+            return real_shutil.disk_usage(path)._replace(free=1000)
+
+        def __getattr__(self, name):
+            return getattr(real_shutil, name)
+
+    nvme_module.shutil = TinyDisk()
+    try:
+        out["full_disk"] = error_of(lambda: fit(run, nvme(disk), world_size, world_size, ckpt_path=saved))
+    finally:
+        nvme_module.shutil = real_shutil
+    out["checkpoint_untouched"] = sorted(os.listdir(saved)) == before
+    return out
+
+
+def test_nvme_spills_optimizer_state_and_matches_single_process(tmp_path):
+    world_size = 2
+    per_rank = run_on_ranks(_train_nvme, world_size, free_port(), str(tmp_path))
+    for name, run in PARITY.items():
+        reference = fit(run, "auto", devices=1, data_parallel=world_size)
+        ours = global_losses([r[name] for r in per_rank], world_size)
+        assert relative_gap(ours, reference) <= (ADAM_TOL if name == "adamw" else TOL), (name, ours, reference)
+    for r in per_rank:
+        summary = r[("adamw", "summary")]
+        assert 0 < summary["nvme_chunks"] < summary["host_chunks"] == summary["chunks"], summary
+        assert summary["host_bytes"] <= NVME_HOST_LIMIT and summary["nvme_bytes"] > 0, summary
+        assert r["files_left"] == [], r["files_left"]
+
+    steps = 4
+    uninterrupted = global_losses([r["uninterrupted"] for r in per_rank], world_size)
+    assert relative_gap(global_losses([r["with_save"] for r in per_rank], world_size), uninterrupted) <= ADAM_TOL
+    for key in ("resumed_without_offload", "resumed_nvme"):
+        resumed = global_losses([r[key] for r in per_rank], world_size)
+        assert relative_gap(resumed, uninterrupted[steps:]) <= ADAM_TOL, key
+
+    for r in per_rank:
+        assert "removed when fit ended" in r["save_after_fit"], r["save_after_fit"]
+        assert "NvmeDirectoryError" in r["bad_dir"] and "not_a_directory" in r["bad_dir"], r["bad_dir"]
+        assert "NvmeSpaceError" in r["full_disk"] and "free" in r["full_disk"], r["full_disk"]
+        assert r["checkpoint_untouched"]
+
+
 def test_placement_plans():
     numels = [100, 100, 100, 50]
     assert plan_fraction(numels, 0.0, 16).on_host == (False,) * 4

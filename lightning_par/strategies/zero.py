@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Generator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -53,6 +54,10 @@ class ZeroStrategy(LightningParStrategy):
         device_memory_limit: bytes of device memory ``"auto"`` may fill (default: what the device has free).
         host_memory_limit: bytes of host memory this rank may fill (default: the host's available memory shared by
             its ranks); a plan that needs more is an error before anything is allocated.
+        nvme_dir: a directory on a local NVMe disk: the optimizer state of host chunks that do not fit in host
+            memory lives there in files between steps, read and written asynchronously around the step of each
+            chunk (ZeRO-Infinity; registered as ``zero3_nvme`` with the system's temporary directory). The files are
+            removed when fit ends, and those of crashed runs on this host when the next run starts.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class ZeroStrategy(LightningParStrategy):
         offload: Union[float, Literal["auto"], None] = None,
         device_memory_limit: Optional[int] = None,
         host_memory_limit: Optional[int] = None,
+        nvme_dir: Optional[str] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -87,7 +93,7 @@ class ZeroStrategy(LightningParStrategy):
         self.policy = ZeroPolicy(stage=stage, chunk_numel=chunk_size, allow_oversize=allow_oversize,
                                  reshard_after_forward=reshard_after_forward, prefetch=prefetch,
                                  offload=offload, device_memory_limit=device_memory_limit,
-                                 host_memory_limit=host_memory_limit)
+                                 host_memory_limit=host_memory_limit, nvme_dir=nvme_dir)
         self._engine: Optional[ZeroEngine] = None
 
     @property
@@ -279,6 +285,7 @@ class ZeroStrategy(LightningParStrategy):
             # shards so that `trainer.save_checkpoint` after `fit` still writes them.
             self._engine.remove_hooks()
             self._engine.unshard()
+            self._engine.close()  # files of optimizer state spilled to disk
         super().teardown()
 
     @classmethod
@@ -287,6 +294,7 @@ class ZeroStrategy(LightningParStrategy):
         variants = [(f"zero{stage}", {"stage": stage}) for stage in (1, 2, 3)]
         variants.append(("zero2_offload", {"stage": 2, "offload": 1.0}))
         variants.append(("zero3_offload", {"stage": 3, "offload": "auto"}))
+        variants.append(("zero3_nvme", {"stage": 3, "offload": "auto", "nvme_dir": tempfile.gettempdir()}))
         for name, settings in variants:
             for suffix, start_method in (("", "popen"), ("_spawn", "spawn")):
                 strategy_registry.register(

@@ -43,10 +43,12 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from lightning_par.zero.layout import ChunkLayout, Piece, build_layout
+from lightning_par.zero.nvme import NvmeStore
 from lightning_par.zero.placement import (
     GiB, HostMemoryError, Plan, bytes_per_element, host_memory_available, host_shortfall_message, plan_budget,
-    plan_fraction, state_tensors,
+    plan_fraction, spill_to_disk, state_tensors,
 )
+from lightning_par.zero.spill import SpilledState
 from lightning_par.zero.policy import ELEMENTWISE_OPTIMIZERS, ZeroPolicy
 
 
@@ -102,6 +104,7 @@ class _Chunk:
         self.gather_work: Any = None
         self.gather_input: Optional[Tensor] = None
         self.copied: Any = None  # offloaded, on CUDA: event after the host-to-device copy of a gather
+        self.nvme = False  # offloaded, and its optimizer state lives in files between steps
         self.forward_remaining = 0
         self.pieces: list[tuple[Piece, nn.Parameter]] = []
         self.piece_slots: list[int] = []  # the slot (parameter) each piece belongs to
@@ -144,11 +147,17 @@ class ZeroEngine:
         self._h2d = torch.cuda.Stream(device) if offloading and device.type == "cuda" else None
         self._d2h = torch.cuda.Stream(device) if offloading and device.type == "cuda" else None
         self._measuring = policy.offload == "auto"  # "auto" re-plans after measuring the first backward
-        self.plan = self._initial_plan()
-        # Before any collective or allocation. "auto"'s first plan holds no optimizer state on the host before it
-        # re-plans (masters and gradients only: 8 bytes per element); the re-plan checks the state too.
-        first = Plan(self.plan.on_host, 8, self.plan.shard_numels) if self._measuring else self.plan
-        self._check_host(first, "The placement")
+        self.spilled: Optional[SpilledState] = None
+        if policy.nvme_dir is not None:  # before any other collective: a bad directory fails on every rank at once
+            store = self._agree(lambda: NvmeStore(policy.nvme_dir, rank=dist.get_rank()))
+            self.spilled = SpilledState(store)
+            self.log(f"ZeRO optimizer state that does not fit in host memory spills to {store.path}")
+        plan = self._initial_plan()
+        # Before any allocation. "auto"'s first plan holds no optimizer state on the host before it re-plans
+        # (masters and gradients only: 8 bytes per element); the re-plan checks the state too.
+        first = Plan(plan.on_host, 8, plan.shard_numels) if self._measuring else plan
+        first = self._fit_host(first, "The placement")
+        self.plan = Plan(plan.on_host, plan.bytes_per_element, plan.shard_numels, first.on_nvme)
         if any(self.plan.on_host):
             self.log(f"ZeRO placement ({policy.offload!r}{', before measuring' if self._measuring else ''}): "
                      f"{self.plan.describe(str(device))}")
@@ -176,6 +185,7 @@ class ZeroEngine:
                     dist.broadcast(full, src=dist.get_global_rank(group, 0), group=group)
                 chunk = _Chunk(c, chunk_params, full, self.layout, self.rank, separate_master, compute_dtype, device,
                                host=self.plan.on_host[c])
+                chunk.nvme = self.plan.nvme(c)
                 for i, p in enumerate(chunk.params):
                     p.data = chunk.view(chunk.compute, i)
                 self.chunks.append(chunk)
@@ -236,24 +246,41 @@ class ZeroEngine:
         # Working memory is unknown until a step ran: give the model state half of the device for that first step.
         return plan_budget(numels, 0.5 * limit, per)
 
-    def _check_host(self, plan: Plan, what: str, held: int = 0) -> None:
-        """Refuse a plan whose host part does not fit, on every rank together (no rank goes on into a collective
-        that the others never reach). ``held``: host bytes this engine holds already (they count as available)."""
+    def _fit_host(self, plan: Plan, what: str, held: int = 0) -> Plan:
+        """The plan with its host part fitted into host memory (spilling optimizer state to disk where allowed), or
+        an error on every rank together (no rank goes on into a collective that the others never reach).
+        ``held``: host bytes this engine holds already (they count as available)."""
         if self.policy.offload is None:
-            return
+            return plan
         limit = self.policy.host_memory_limit
         if limit is None:
             limit = host_memory_available(self.local_ranks) + held
-        fits = plan.host_bytes() <= limit
-        all_fit = fits
+
+        def fit() -> Plan:
+            fitted = spill_to_disk(plan, limit) if self.spilled is not None else plan
+            if fitted.host_bytes() > limit:
+                raise HostMemoryError(host_shortfall_message(fitted, limit, self.rank, what))
+            if self.spilled is not None:  # disk space, before anything is written
+                self.spilled.store.reserve(max(0, fitted.nvme_bytes() - self.spilled.store.reserved))
+            return fitted
+
+        return self._agree(fit)
+
+    def _agree(self, make: Callable[[], Any]) -> Any:
+        """``make()`` on every rank; if it raised on any rank, raise on all (the others name the failing rank)."""
+        error: Optional[BaseException] = None
+        try:
+            out = make()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the ranks agreed
+            error, out = e, None
         if self.world_size > 1:
-            flag = torch.tensor([1 if fits else 0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-            all_fit = bool(flag.item())
-        if not fits:
-            raise HostMemoryError(host_shortfall_message(plan, limit, self.rank, what))
-        if not all_fit:
-            raise HostMemoryError(f"{what} does not fit in the host memory of another rank (see its error).")
+            flag = torch.tensor([0 if error is None else 1], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            if error is None and flag.item():
+                raise RuntimeError("ZeRO setup failed on another rank (see its error); this rank stops with it.")
+        if error is not None:
+            raise error
+        return out
 
     @torch.no_grad()
     def _replan(self) -> None:
@@ -267,7 +294,9 @@ class ZeroEngine:
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         working = max(0, peak - resident)
         plan = plan_budget(self._shard_numels(), limit - working, per)
-        self._check_host(plan, "The automatic placement", held=self.placement_summary()["host_bytes"])
+        plan = self._fit_host(plan, "The automatic placement", held=self.placement_summary()["host_bytes"])
+        for chunk in self.chunks:  # (before the first step: no chunk has written state yet)
+            chunk.nvme = plan.nvme(chunk.index)
         for to_host in (True, False):  # make room on the device before filling it
             for chunk, on_host in zip(self.chunks, plan.on_host):
                 if chunk.host != on_host and on_host == to_host:
@@ -304,8 +333,10 @@ class ZeroEngine:
     def placement_summary(self) -> dict[str, Any]:
         """Bytes of masters, gradient shards and optimizer state on the device and on the host, and the plan."""
         states = {id(q): s for opt in self.optimizer_param_names for q, s in opt.state.items()}
-        out = {"chunks": len(self.chunks), "host_chunks": sum(c.host for c in self.chunks), "device_bytes": 0,
-               "host_bytes": 0, "plan": self.plan.describe(str(self.device))}
+        out = {"chunks": len(self.chunks), "host_chunks": sum(c.host for c in self.chunks),
+               "nvme_chunks": sum(c.nvme for c in self.chunks), "device_bytes": 0, "host_bytes": 0,
+               "nvme_bytes": self.spilled.bytes_on_disk() if self.spilled is not None else 0,
+               "plan": self.plan.describe(str(self.device))}
         for chunk in self.chunks:
             tensors = [chunk.master, chunk.grad_shard]
             tensors += [v for _, q in chunk.pieces for v in states.get(id(q), {}).values()
@@ -346,6 +377,36 @@ class ZeroEngine:
             if self.policy.offload is not None and kind in ("Adam", "AdamW") and not group.get("fused"):
                 # torch's fused CPU Adam(W) is ~4x its foreach path on 16 cores (ANCHORS.md): the step is on the host.
                 group["fused"], group["foreach"] = True, False
+        if self.spilled is not None:
+            self._step_spilled(optimizer, len(self.optimizer_param_names) - 1)
+
+    def _step_spilled(self, optimizer: torch.optim.Optimizer, opt_index: int) -> None:
+        """Make ``optimizer.step`` step the chunks on disk one by one (see [Note: the spilled optimizer step])."""
+        original = optimizer.step
+        spilled = self.spilled
+        assert spilled is not None
+
+        def step(closure: Optional[Callable[[], Any]] = None) -> Any:
+            loss = None
+            if closure is not None:  # Lightning's closure: forward, backward, clipping
+                with torch.enable_grad():
+                    loss = closure()
+            spilled.step(optimizer, opt_index, [c for c in self.chunks if c.nvme], original)
+            return loss
+
+        optimizer.step = step  # type: ignore[method-assign]
+
+    def piece_state(self, optimizer: torch.optim.Optimizer, piece: Piece, q: nn.Parameter) -> dict[str, Any]:
+        """A piece's optimizer state, for checkpoints: in memory, or read through a map of its files on disk."""
+        chunk = self.chunks[piece.chunk]
+        if q in optimizer.state or self.spilled is None or not chunk.nvme:
+            return optimizer.state.get(q, {})
+        return self.spilled.state_of(list(self.optimizer_param_names).index(optimizer), chunk, piece, q)
+
+    def close(self) -> None:
+        """Remove the files of spilled optimizer state (at the end of fit)."""
+        if self.spilled is not None:
+            self.spilled.close()
 
     def optimizer_pieces(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, Piece, nn.Parameter]]:
         mine = {id(q) for g in optimizer.param_groups for q in g["params"]}

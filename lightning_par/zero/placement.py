@@ -33,23 +33,35 @@ class HostMemoryError(RuntimeError):
 
 @dataclass(frozen=True)
 class Plan:
-    """``on_host[c]``: chunk c's optimizer side lives in host memory."""
+    """``on_host[c]``: chunk c's optimizer side lives in host memory; ``on_nvme[c]`` (a subset): its optimizer
+    state lives in files between steps, its master and gradient shard (8 bytes per element) in host memory."""
 
     on_host: tuple[bool, ...]
     bytes_per_element: int
     shard_numels: tuple[int, ...]
+    on_nvme: tuple[bool, ...] = ()
+
+    def nvme(self, c: int) -> bool:
+        return bool(self.on_nvme) and self.on_nvme[c]
 
     def host_bytes(self) -> int:
-        return sum(n for n, h in zip(self.shard_numels, self.on_host) if h) * self.bytes_per_element
+        return sum(n * (8 if self.nvme(c) else self.bytes_per_element)
+                   for c, (n, h) in enumerate(zip(self.shard_numels, self.on_host)) if h)
+
+    def nvme_bytes(self) -> int:
+        return sum(n for c, n in enumerate(self.shard_numels) if self.nvme(c)) * (self.bytes_per_element - 8)
 
     def device_bytes(self) -> int:
         return sum(n for n, h in zip(self.shard_numels, self.on_host) if not h) * self.bytes_per_element
 
     def describe(self, device: str) -> str:
-        host = sum(self.on_host)
-        return (f"{len(self.on_host) - host} of {len(self.on_host)} chunks ({self.device_bytes() / GiB:.2f} GiB of "
-                f"masters, gradients and optimizer state) on {device}, {host} ({self.host_bytes() / GiB:.2f} GiB) "
-                "on the host")
+        host, nvme = sum(self.on_host), sum(self.on_nvme)
+        out = (f"{len(self.on_host) - host} of {len(self.on_host)} chunks ({self.device_bytes() / GiB:.2f} GiB of "
+               f"masters, gradients and optimizer state) on {device}, {host} ({self.host_bytes() / GiB:.2f} GiB) "
+               "on the host")
+        if nvme:
+            out += f", of which {nvme} keep their optimizer state on disk ({self.nvme_bytes() / GiB:.2f} GiB)"
+        return out
 
 
 def state_tensors(optimizer: object) -> int:
@@ -93,9 +105,23 @@ def plan_budget(shard_numels: Sequence[int], budget_bytes: float, bytes_per_elem
     return Plan(tuple(on_host), bytes_per_elem, tuple(shard_numels))
 
 
+def spill_to_disk(plan: Plan, host_limit: int) -> Plan:
+    """Turn the last host chunks into disk chunks (optimizer state in files) until the host part fits in
+    ``host_limit`` bytes, or every host chunk spills."""
+    on_nvme = [False] * len(plan.on_host)
+    spilled = Plan(plan.on_host, plan.bytes_per_element, plan.shard_numels, tuple(on_nvme))
+    for c in reversed(range(len(plan.on_host))):
+        if spilled.host_bytes() <= host_limit:
+            break
+        if plan.on_host[c]:
+            on_nvme[c] = True
+            spilled = Plan(plan.on_host, plan.bytes_per_element, plan.shard_numels, tuple(on_nvme))
+    return spilled
+
+
 def host_memory_available(local_ranks: Optional[int] = None) -> int:
-    """Bytes of host memory one rank may plan with: the kernel's MemAvailable shared evenly by the ranks of this host
-    (they plan at the same time), less a tenth for everything else the process allocates."""
+    """Bytes of host memory one rank may plan with: the kernel's MemAvailable, less 3% and 2 GiB for what else the
+    processes allocate, shared evenly by the ranks of this host (they plan at the same time)."""
     local_ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     available = None
     try:
@@ -108,7 +134,7 @@ def host_memory_available(local_ranks: Optional[int] = None) -> int:
         pass
     if available is None:  # not Linux: physical memory
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(0.9 * available / max(local_ranks, 1))
+    return max(0, int(0.97 * available) - 2 * GiB) // max(local_ranks, 1)
 
 
 def host_shortfall_message(plan: Plan, limit: int, rank: int, what: str) -> str:

@@ -35,6 +35,8 @@ class ZeroPolicy:
     device_memory_limit: bytes of device memory "auto" may plan with (default: what the device has free).
     host_memory_limit: bytes of host memory this rank may fill (default: the host's available memory shared by its
         ranks); a plan that needs more is an error before anything is allocated.
+    nvme_dir: a directory (on a local NVMe disk) where the optimizer state of host chunks that do not fit in host
+        memory lives between steps (ZeRO-Infinity); None keeps everything in memory.
     """
 
     stage: Stage = 2
@@ -46,6 +48,7 @@ class ZeroPolicy:
     offload: Union[None, float, Literal["auto"]] = None
     device_memory_limit: Optional[int] = None
     host_memory_limit: Optional[int] = None
+    nvme_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
