@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from lightning_par.zero.host import PinnedHost
 from lightning_par.zero.layout import ChunkLayout, Piece, build_layout
 from lightning_par.zero.nvme import NvmeStore
 from lightning_par.zero.placement import (
@@ -73,7 +74,8 @@ def _materialize(module: nn.Module, device: torch.device) -> None:
 
 class _Chunk:
     def __init__(self, index: int, params: list[nn.Parameter], full: Tensor, layout: ChunkLayout, rank: int,
-                 separate_master: bool, compute_dtype: torch.dtype, device: torch.device, host: bool) -> None:
+                 separate_master: bool, compute_dtype: torch.dtype, device: torch.device, host: bool,
+                 pinned: PinnedHost) -> None:
         """``full``: the chunk's initial values in fp32 (so that masters keep their full precision)."""
         self.index = index
         self.params = params
@@ -85,9 +87,8 @@ class _Chunk:
         shard = slice(self.shard_start, self.shard_start + self.shard_numel)
         self.host = host  # the optimizer side (master, gradient shard, optimizer state) lives in host memory
         if host:  # pinned, so that copies to and from the device run asynchronously
-            pin = device.type == "cuda"
-            self.master = torch.empty(self.shard_numel, dtype=torch.float32, pin_memory=pin).copy_(full[shard])
-            self.grad_shard = torch.zeros(self.shard_numel, dtype=torch.float32, pin_memory=pin)
+            self.master = pinned.empty(self.shard_numel).copy_(full[shard])
+            self.grad_shard = pinned.zeros(self.shard_numel)
         else:
             self.master = full[shard].clone() if separate_master else self.compute[shard]
             self.grad_shard = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
@@ -147,6 +148,7 @@ class ZeroEngine:
         self._h2d = torch.cuda.Stream(device) if offloading and device.type == "cuda" else None
         self._d2h = torch.cuda.Stream(device) if offloading and device.type == "cuda" else None
         self._measuring = policy.offload == "auto"  # "auto" re-plans after measuring the first backward
+        self.pinned = PinnedHost(enabled=offloading and device.type == "cuda")
         self.spilled: Optional[SpilledState] = None
         if policy.nvme_dir is not None:  # before any other collective: a bad directory fails on every rank at once
             store = self._agree(lambda: NvmeStore(policy.nvme_dir, rank=dist.get_rank()))
@@ -184,7 +186,7 @@ class ZeroEngine:
                 if self.world_size > 1:  # ranks may have initialised differently: rank 0's values win
                     dist.broadcast(full, src=dist.get_global_rank(group, 0), group=group)
                 chunk = _Chunk(c, chunk_params, full, self.layout, self.rank, separate_master, compute_dtype, device,
-                               host=self.plan.on_host[c])
+                               host=self.plan.on_host[c], pinned=self.pinned)
                 chunk.nvme = self.plan.nvme(c)
                 for i, p in enumerate(chunk.params):
                     p.data = chunk.view(chunk.compute, i)
@@ -199,6 +201,7 @@ class ZeroEngine:
         self._handles: list[Any] = []
         self._hooked: set[nn.Parameter] = set()
         self._in_flight: list[_Chunk] = []  # reductions launched and not yet waited for (stages 2-3)
+        self._backward_started = False
         self._hook_trainable()
         self._module_chunks: dict[nn.Module, list[int]] = {}
         # Names of each optimizer's parameters by group, as the user built it: checkpoints map state by name.
@@ -308,11 +311,13 @@ class ZeroEngine:
     def _move(self, chunk: _Chunk, to_host: bool) -> None:
         """Move a chunk's optimizer side between host and device; the optimizer's pieces keep their identity."""
         if to_host:
-            pin = self.device.type == "cuda"
-            master = torch.empty(chunk.shard_numel, dtype=torch.float32, pin_memory=pin).copy_(chunk.master)
-            grad = torch.empty(chunk.shard_numel, dtype=torch.float32, pin_memory=pin).copy_(chunk.grad_shard)
+            master = self.pinned.empty(chunk.shard_numel).copy_(chunk.master)
+            grad = self.pinned.zeros(chunk.shard_numel)
+            if chunk.grad_shard.numel():  # (a device chunk's stale gradient may have been freed)
+                grad.copy_(chunk.grad_shard)
         else:
             master, grad = chunk.master.to(self.device), chunk.grad_shard.to(self.device, torch.float32)
+        old = (chunk.master, chunk.grad_shard)
         chunk.master, chunk.grad_shard, chunk.host = master, grad, to_host
         target = master.device
         for piece, q in chunk.pieces:
@@ -329,6 +334,8 @@ class ZeroEngine:
                     # Non-fused, non-capturable optimizers keep scalar steps on the CPU; the others beside the data.
                     if isinstance(v, Tensor) and (v.dim() > 0 or group.get("fused") or group.get("capturable")):
                         state[k] = v.to(target)
+        for t in old:  # the pieces point at the new tensors now
+            self.pinned.free(t)
 
     def placement_summary(self) -> dict[str, Any]:
         """Bytes of masters, gradient shards and optimizer state on the device and on the host, and the plan."""
@@ -404,9 +411,11 @@ class ZeroEngine:
         return self.spilled.state_of(list(self.optimizer_param_names).index(optimizer), chunk, piece, q)
 
     def close(self) -> None:
-        """Remove the files of spilled optimizer state (at the end of fit)."""
+        """At the end of fit: remove the files of spilled optimizer state, unpin host memory (the shards stay
+        readable for a checkpoint saved after fit)."""
         if self.spilled is not None:
             self.spilled.close()
+        self.pinned.close()
 
     def optimizer_pieces(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, Piece, nn.Parameter]]:
         mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
@@ -416,6 +425,9 @@ class ZeroEngine:
 
     @torch.no_grad()
     def _on_grad(self, p: nn.Parameter) -> None:
+        if not self._backward_started:
+            self._backward_started = True
+            self._drop_stale_gradients()
         chunk, i = self.where[p]
         if self.policy.stage == 1:
             if chunk.grad_full is None:  # zeros: the padding must stay zero
@@ -443,6 +455,14 @@ class ZeroEngine:
             if self.policy.stage == 3 and all(chunk.trainable):
                 self.release(chunk.index)  # every use of its parameters in this backward is done
             self._launch_ready()
+
+    def _drop_stale_gradients(self) -> None:
+        """At the start of a backward that opens an accumulation window (the optimizer's zero_grad set every
+        piece's gradient to None), free the device chunks' shard gradients of the last window: this backward's
+        reduced gradients replace them, and holding both would cost 4 bytes per element at the peak."""
+        for chunk in self.chunks:
+            if not chunk.host and chunk.pieces and all(q.grad is None for _, q in chunk.pieces):
+                chunk.grad_shard = chunk.grad_shard.new_empty(0)
 
     def _launch_ready(self) -> None:
         while self._next_reduce >= 0 and self.chunks[self._next_reduce].pending == 0:
@@ -505,6 +525,7 @@ class ZeroEngine:
     @torch.no_grad()
     def finish_backward(self) -> None:
         """Reduce what backward left, wait for every chunk, and hand the shard gradients to the optimizer pieces."""
+        self._backward_started = False
         if self.policy.stage == 1 and not self.sync:
             return
         for chunk in self.chunks[: self._next_reduce + 1][::-1]:
