@@ -521,6 +521,11 @@ class ZeroEngine:
                     chunk.grad_shard.copy_(chunk.reduced, non_blocking=True)
                 chunk.reduced.record_stream(self._d2h)  # not reused before the copy read it
             chunk.on_host = True
+            # The device copy is not needed any more: holding every host chunk's reduced gradient on the device until
+            # backward ends would cost 4 bytes per offloaded element at the peak.
+            chunk.reduced = None
+            if self.policy.stage != 1:  # (stage 1 keeps its full gradient buffer for the next window)
+                chunk.grad_full = None
 
     @torch.no_grad()
     def finish_backward(self) -> None:
@@ -533,7 +538,7 @@ class ZeroEngine:
         self._next_reduce = len(self.chunks) - 1
         self._in_flight = []
         for chunk in self.chunks:
-            if chunk.reduced is not None:
+            if chunk.reduced is not None or chunk.on_host:
                 self._take_reduced(chunk)
             chunk.reset_round()
         if self._d2h is not None:
