@@ -58,6 +58,9 @@ class ZeroStrategy(LightningParStrategy):
             memory lives there in files between steps, read and written asynchronously around the step of each
             chunk (ZeRO-Infinity; registered as ``zero3_nvme`` with the system's temporary directory). The files are
             removed when fit ends, and those of crashed runs on this host when the next run starts.
+        host_grads: ``"fp32"`` keeps the gradient shards of host chunks in fp32 (exact); ``"compute"`` keeps them
+            in the bf16 compute dtype (half the host memory and copies; each chunk is cast to fp32 for its step),
+            exact at world size 1 without accumulation, else the reduced gradient is rounded to bf16.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class ZeroStrategy(LightningParStrategy):
         device_memory_limit: Optional[int] = None,
         host_memory_limit: Optional[int] = None,
         nvme_dir: Optional[str] = None,
+        host_grads: Literal["fp32", "compute"] = "fp32",
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -93,7 +97,7 @@ class ZeroStrategy(LightningParStrategy):
         self.policy = ZeroPolicy(stage=stage, chunk_numel=chunk_size, allow_oversize=allow_oversize,
                                  reshard_after_forward=reshard_after_forward, prefetch=prefetch,
                                  offload=offload, device_memory_limit=device_memory_limit,
-                                 host_memory_limit=host_memory_limit, nvme_dir=nvme_dir)
+                                 host_memory_limit=host_memory_limit, nvme_dir=nvme_dir, host_grads=host_grads)
         self._engine: Optional[ZeroEngine] = None
 
     @property

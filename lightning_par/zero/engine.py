@@ -35,6 +35,7 @@ backward left (chunks with unused parameters, which count as zero gradient).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -75,7 +76,7 @@ def _materialize(module: nn.Module, device: torch.device) -> None:
 class _Chunk:
     def __init__(self, index: int, params: list[nn.Parameter], full: Tensor, layout: ChunkLayout, rank: int,
                  separate_master: bool, compute_dtype: torch.dtype, device: torch.device, host: bool,
-                 pinned: PinnedHost) -> None:
+                 pinned: PinnedHost, host_grad_dtype: torch.dtype) -> None:
         """``full``: the chunk's initial values in fp32 (so that masters keep their full precision)."""
         self.index = index
         self.params = params
@@ -88,7 +89,7 @@ class _Chunk:
         self.host = host  # the optimizer side (master, gradient shard, optimizer state) lives in host memory
         if host:  # pinned, so that copies to and from the device run asynchronously
             self.master = pinned.empty(self.shard_numel).copy_(full[shard])
-            self.grad_shard = pinned.zeros(self.shard_numel)
+            self.grad_shard = pinned.zeros(self.shard_numel, host_grad_dtype)
         else:
             self.master = full[shard].clone() if separate_master else self.compute[shard]
             self.grad_shard = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
@@ -106,9 +107,16 @@ class _Chunk:
         self.gather_input: Optional[Tensor] = None
         self.copied: Any = None  # offloaded, on CUDA: event after the host-to-device copy of a gather
         self.nvme = False  # offloaded, and its optimizer state lives in files between steps
+        # A host gradient shard kept in 16 bits is not held by the pieces (a parameter's .grad has its dtype): it
+        # steps in a window of its own, and `window_open[k]` says piece k has a gradient of the current window.
+        self.window_open: list[bool] = []
         self.forward_remaining = 0
         self.pieces: list[tuple[Piece, nn.Parameter]] = []
         self.piece_slots: list[int] = []  # the slot (parameter) each piece belongs to
+
+    @property
+    def half_grads(self) -> bool:
+        return self.host and self.grad_shard.dtype != torch.float32
 
     def view(self, buffer: Tensor, i: int) -> Tensor:
         s = self.slots[i]
@@ -149,17 +157,23 @@ class ZeroEngine:
         self._d2h = torch.cuda.Stream(device) if offloading and device.type == "cuda" else None
         self._measuring = policy.offload == "auto"  # "auto" re-plans after measuring the first backward
         self.pinned = PinnedHost(enabled=offloading and device.type == "cuda")
-        self.spilled: Optional[SpilledState] = None
+        self.host_grad_dtype = compute_dtype if policy.host_grads == "compute" else torch.float32
+        if self.host_grad_dtype == torch.float16:
+            raise ValueError("host_grads='compute' keeps gradients in the compute dtype, which under 16-mixed is fp16 "
+                             "with loss scaling that must see them; use bf16-mixed, or host_grads='fp32'.")
+        self.spilled: Optional[SpilledState] = None  # steps chunks in windows (state on disk, 16-bit host gradients)
         if policy.nvme_dir is not None:  # before any other collective: a bad directory fails on every rank at once
             store = self._agree(lambda: NvmeStore(policy.nvme_dir, rank=dist.get_rank()))
             self.spilled = SpilledState(store)
             self.log(f"ZeRO optimizer state that does not fit in host memory spills to {store.path}")
-        plan = self._initial_plan()
+        elif offloading and self.host_grad_dtype != torch.float32:
+            self.spilled = SpilledState(None)
+        plan = self._with_grad_bytes(self._initial_plan())
         # Before any allocation. "auto"'s first plan holds no optimizer state on the host before it re-plans
         # (masters and gradients only: 8 bytes per element); the re-plan checks the state too.
-        first = Plan(plan.on_host, 8, plan.shard_numels) if self._measuring else plan
+        first = replace(plan, bytes_per_element=8) if self._measuring else plan
         first = self._fit_host(first, "The placement")
-        self.plan = Plan(plan.on_host, plan.bytes_per_element, plan.shard_numels, first.on_nvme)
+        self.plan = replace(plan, on_nvme=first.on_nvme)
         if any(self.plan.on_host):
             self.log(f"ZeRO placement ({policy.offload!r}{', before measuring' if self._measuring else ''}): "
                      f"{self.plan.describe(str(device))}")
@@ -186,7 +200,7 @@ class ZeroEngine:
                 if self.world_size > 1:  # ranks may have initialised differently: rank 0's values win
                     dist.broadcast(full, src=dist.get_global_rank(group, 0), group=group)
                 chunk = _Chunk(c, chunk_params, full, self.layout, self.rank, separate_master, compute_dtype, device,
-                               host=self.plan.on_host[c], pinned=self.pinned)
+                               host=self.plan.on_host[c], pinned=self.pinned, host_grad_dtype=self.host_grad_dtype)
                 chunk.nvme = self.plan.nvme(c)
                 for i, p in enumerate(chunk.params):
                     p.data = chunk.view(chunk.compute, i)
@@ -232,6 +246,9 @@ class ZeroEngine:
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(0.95 * (free + torch.cuda.memory_reserved(self.device)))
 
+    def _with_grad_bytes(self, plan: Plan) -> Plan:
+        return replace(plan, host_grad_bytes=self.host_grad_dtype.itemsize)
+
     def _state_tensors(self) -> int:
         return max((state_tensors(opt) for opt in self.optimizer_param_names), default=2)
 
@@ -259,12 +276,14 @@ class ZeroEngine:
         if limit is None:
             limit = host_memory_available(self.local_ranks) + held
 
+        store = self.spilled.store if self.spilled is not None else None
+
         def fit() -> Plan:
-            fitted = spill_to_disk(plan, limit) if self.spilled is not None else plan
+            fitted = spill_to_disk(plan, limit) if store is not None else plan
             if fitted.host_bytes() > limit:
                 raise HostMemoryError(host_shortfall_message(fitted, limit, self.rank, what))
-            if self.spilled is not None:  # disk space, before anything is written
-                self.spilled.store.reserve(max(0, fitted.nvme_bytes() - self.spilled.store.reserved))
+            if store is not None:  # disk space, before anything is written
+                store.reserve(max(0, fitted.nvme_bytes() - store.reserved))
             return fitted
 
         return self._agree(fit)
@@ -296,7 +315,7 @@ class ZeroEngine:
         resident = self.placement_summary()["device_bytes"]
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         working = max(0, peak - resident)
-        plan = plan_budget(self._shard_numels(), limit - working, per)
+        plan = self._with_grad_bytes(plan_budget(self._shard_numels(), limit - working, per))
         plan = self._fit_host(plan, "The automatic placement", held=self.placement_summary()["host_bytes"])
         for chunk in self.chunks:  # (before the first step: no chunk has written state yet)
             chunk.nvme = plan.nvme(chunk.index)
@@ -310,9 +329,11 @@ class ZeroEngine:
 
     def _move(self, chunk: _Chunk, to_host: bool) -> None:
         """Move a chunk's optimizer side between host and device; the optimizer's pieces keep their identity."""
+        had_grad = [chunk.window_open[k] if chunk.half_grads else q.grad is not None
+                    for k, (_, q) in enumerate(chunk.pieces)]
         if to_host:
             master = self.pinned.empty(chunk.shard_numel).copy_(chunk.master)
-            grad = self.pinned.zeros(chunk.shard_numel)
+            grad = self.pinned.zeros(chunk.shard_numel, self.host_grad_dtype)
             if chunk.grad_shard.numel():  # (a device chunk's stale gradient may have been freed)
                 grad.copy_(chunk.grad_shard)
         else:
@@ -320,11 +341,11 @@ class ZeroEngine:
         old = (chunk.master, chunk.grad_shard)
         chunk.master, chunk.grad_shard, chunk.host = master, grad, to_host
         target = master.device
-        for piece, q in chunk.pieces:
+        for k, (piece, q) in enumerate(chunk.pieces):
             lo, hi = piece.shard_offset, piece.shard_offset + piece.numel
             q.data = master[lo:hi]
-            if q.grad is not None:
-                q.grad = grad[lo:hi]
+            q.grad = grad[lo:hi] if had_grad[k] and not chunk.half_grads else None
+            chunk.window_open[k] = had_grad[k] and chunk.half_grads
             for opt in self.optimizer_param_names:
                 state = opt.state.get(q)
                 if not state:
@@ -379,6 +400,7 @@ class ZeroEngine:
                     shard_param = nn.Parameter(chunk.master[lo:hi], requires_grad=p.requires_grad)
                     chunk.pieces.append((piece, shard_param))
                     chunk.piece_slots.append(self.where[p][1])
+                    chunk.window_open.append(False)
                     sharded.append(shard_param)
             group["params"] = sharded
             if self.policy.offload is not None and kind in ("Adam", "AdamW") and not group.get("fused"):
@@ -386,6 +408,35 @@ class ZeroEngine:
                 group["fused"], group["foreach"] = True, False
         if self.spilled is not None:
             self._step_spilled(optimizer, len(self.optimizer_param_names) - 1)
+            self._close_windows_on_zero_grad(optimizer)
+
+    def _close_windows_on_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """16-bit host gradients are not the pieces' .grad, so the optimizer's zero_grad cannot clear them: it
+        closes their accumulation window instead (the next backward overwrites)."""
+        original = optimizer.zero_grad
+        mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
+
+        def zero_grad(set_to_none: bool = True) -> None:
+            original(set_to_none)
+            for chunk in self.chunks:
+                for k, (_, q) in enumerate(chunk.pieces):
+                    if id(q) in mine:
+                        chunk.window_open[k] = False
+
+        optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
+
+    def _window_grads(self, chunk: _Chunk, pieces: list) -> dict[nn.Parameter, Tensor]:
+        """fp32 gradients for the pieces of a chunk whose host gradient shard is 16-bit (cast for its window)."""
+        if not chunk.half_grads:
+            return {}
+        index = {id(q): k for k, (_, q) in enumerate(chunk.pieces)}
+        full = chunk.grad_shard.float()
+        out = {}
+        for piece, q in pieces:
+            k = index[id(q)]
+            if chunk.window_open[k] and chunk.trainable[chunk.piece_slots[k]]:
+                out[q] = full[piece.shard_offset : piece.shard_offset + piece.numel]
+        return out
 
     def _step_spilled(self, optimizer: torch.optim.Optimizer, opt_index: int) -> None:
         """Make ``optimizer.step`` step the chunks on disk one by one (see [Note: the spilled optimizer step])."""
@@ -398,7 +449,8 @@ class ZeroEngine:
             if closure is not None:  # Lightning's closure: forward, backward, clipping
                 with torch.enable_grad():
                     loss = closure()
-            spilled.step(optimizer, opt_index, [c for c in self.chunks if c.nvme], original)
+            windowed = [c for c in self.chunks if c.nvme or c.half_grads]
+            spilled.step(optimizer, opt_index, windowed, original, self._window_grads)
             return loss
 
         optimizer.step = step  # type: ignore[method-assign]
@@ -512,7 +564,7 @@ class ZeroEngine:
         rest of backward (only when it overwrites: a new accumulation window, or stage 1)."""
         if not chunk.host or chunk.reduced is None or chunk.on_host:
             return
-        if self.policy.stage == 1 or all(q.grad is None for _, q in chunk.pieces):
+        if self.policy.stage == 1 or all(self._fresh(chunk)):
             if self._d2h is None:
                 chunk.grad_shard.copy_(chunk.reduced)
             else:  # on the copy stream, beside the rest of backward
@@ -549,9 +601,15 @@ class ZeroEngine:
         if self._measuring:
             self._replan()
 
+    def _fresh(self, chunk: _Chunk) -> list[bool]:
+        """Per piece: the optimizer's zero_grad ran since its last gradient (a new accumulation window)."""
+        if chunk.half_grads:
+            return [not open_ for open_ in chunk.window_open]
+        return [q.grad is None for _, q in chunk.pieces]
+
     def _take_reduced(self, chunk: _Chunk) -> None:
         self._wait_reduce(chunk)
-        fresh = [q.grad is None for _, q in chunk.pieces]  # optimizer.zero_grad() since: a new window
+        fresh = self._fresh(chunk)
         if chunk.host:
             if chunk.on_host:
                 pass  # copied as soon as it was reduced; waited for at the end of finish_backward
@@ -571,7 +629,10 @@ class ZeroEngine:
                 if is_fresh:
                     chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel].zero_()
             chunk.grad_shard.add_(chunk.reduced)
-        for (piece, q), i in zip(chunk.pieces, chunk.piece_slots):
+        for k, ((piece, q), i) in enumerate(zip(chunk.pieces, chunk.piece_slots)):
+            if chunk.half_grads:  # held by the chunk until the step (see `_window_grads`)
+                chunk.window_open[k] = True
+                continue
             # A frozen parameter's pieces get no gradient, so the optimizer leaves them alone.
             q.grad = chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel] if chunk.trainable[i] else None
         chunk.reduced = None
@@ -588,6 +649,12 @@ class ZeroEngine:
     def clip_grad_norm_(self, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
         """Clip by the norm over every shard of ``optimizer``'s parameters on all ranks; return that norm."""
         grads = [q.grad for _, _, q in self.optimizer_pieces(optimizer) if q.grad is not None]
+        mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
+        for chunk in self.chunks:  # 16-bit host gradients, held by their chunks
+            if chunk.half_grads:
+                for k, (piece, q) in enumerate(chunk.pieces):
+                    if id(q) in mine and chunk.window_open[k] and chunk.trainable[chunk.piece_slots[k]]:
+                        grads.append(chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel])
         device = self.chunks[0].compute.device if self.chunks else torch.device("cpu")
         squares = torch.nn.utils.get_total_norm(grads, 2.0).float().pow(2) if grads else torch.zeros((), device=device)
         if self.world_size > 1:

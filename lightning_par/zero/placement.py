@@ -17,7 +17,7 @@ produced first, so their copies to the host overlap the rest of backward.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 GiB = 2**30
@@ -40,12 +40,15 @@ class Plan:
     bytes_per_element: int
     shard_numels: tuple[int, ...]
     on_nvme: tuple[bool, ...] = ()
+    host_grad_bytes: int = 4  # 2 when host gradient shards are kept in the 16-bit compute dtype
 
     def nvme(self, c: int) -> bool:
         return bool(self.on_nvme) and self.on_nvme[c]
 
     def host_bytes(self) -> int:
-        return sum(n * (8 if self.nvme(c) else self.bytes_per_element)
+        in_memory = self.bytes_per_element - 4 + self.host_grad_bytes  # master, gradient, state
+        on_disk = 4 + self.host_grad_bytes  # master and gradient; the state is in files
+        return sum(n * (on_disk if self.nvme(c) else in_memory)
                    for c, (n, h) in enumerate(zip(self.shard_numels, self.on_host)) if h)
 
     def nvme_bytes(self) -> int:
@@ -109,13 +112,13 @@ def spill_to_disk(plan: Plan, host_limit: int) -> Plan:
     """Turn the last host chunks into disk chunks (optimizer state in files) until the host part fits in
     ``host_limit`` bytes, or every host chunk spills."""
     on_nvme = [False] * len(plan.on_host)
-    spilled = Plan(plan.on_host, plan.bytes_per_element, plan.shard_numels, tuple(on_nvme))
+    spilled = replace(plan, on_nvme=tuple(on_nvme))
     for c in reversed(range(len(plan.on_host))):
         if spilled.host_bytes() <= host_limit:
             break
         if plan.on_host[c]:
             on_nvme[c] = True
-            spilled = Plan(plan.on_host, plan.bytes_per_element, plan.shard_numels, tuple(on_nvme))
+            spilled = replace(plan, on_nvme=tuple(on_nvme))
     return spilled
 
 

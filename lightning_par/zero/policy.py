@@ -37,6 +37,9 @@ class ZeroPolicy:
         ranks); a plan that needs more is an error before anything is allocated.
     nvme_dir: a directory (on a local NVMe disk) where the optimizer state of host chunks that do not fit in host
         memory lives between steps (ZeRO-Infinity); None keeps everything in memory.
+    host_grads: the dtype of the gradient shards of host chunks. "fp32" (exact); "compute" keeps them in the bf16
+        compute dtype: half the host memory and the copies, cast to fp32 chunk by chunk for the step. Exact at world
+        size 1 without accumulation (autograd's gradients are bf16 already); else the reduced sum is rounded to bf16.
     """
 
     stage: Stage = 2
@@ -49,6 +52,7 @@ class ZeroPolicy:
     device_memory_limit: Optional[int] = None
     host_memory_limit: Optional[int] = None
     nvme_dir: Optional[str] = None
+    host_grads: Literal["fp32", "compute"] = "fp32"
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
@@ -58,3 +62,5 @@ class ZeroPolicy:
         if self.offload is not None and self.offload != "auto":
             if isinstance(self.offload, bool) or not isinstance(self.offload, (int, float)) or not 0 <= self.offload <= 1:
                 raise ValueError(f"offload must be None, 'auto' or a fraction in [0, 1]; got {self.offload!r}.")
+        if self.host_grads not in ("fp32", "compute"):
+            raise ValueError(f"host_grads must be 'fp32' or 'compute'; got {self.host_grads!r}.")

@@ -1,9 +1,11 @@
-"""Optimizer state of the chunks placed on disk (``zero3_nvme``): in files between steps, in host memory only while
-its chunk steps.
+"""The optimizer step in windows, one chunk at a time, for chunks that cannot step with the rest: those whose optimizer
+state lives on disk between steps (``zero3_nvme``), and host chunks whose gradient shard is kept in 16 bits
+(``host_grads="compute"``: cast to fp32 only for their own step).
 
 [Note: the spilled optimizer step]
-The user's optimizer object steps as usual, in several calls: first every chunk held in memory (the disk chunks'
-gradients hidden, so the optimizer skips them), then one disk chunk at a time. For chunk i, its state was read into
+The user's optimizer object steps as usual, in several calls: first every chunk held in memory (the windowed
+chunks' gradients hidden, so the optimizer skips them), then one windowed chunk at a time with its gradient (cast to
+fp32 when kept in 16 bits). For chunk i, its state was read into
 flat host buffers while chunk i-1 stepped; the optimizer's state for the chunk's pieces is set to views of those
 buffers (scalars such as Adam's ``step`` stay in memory), the chunk steps, and the buffers are written back without
 waiting. The writes finish while the next forward and backward run; the next step waits for them before it reads.
@@ -23,7 +25,7 @@ from lightning_par.zero.nvme import NvmeStore
 
 
 class SpilledState:
-    def __init__(self, store: NvmeStore) -> None:
+    def __init__(self, store: Optional[NvmeStore]) -> None:
         self.store = store
         self.scalars: dict[nn.Parameter, dict[str, Any]] = {}  # per piece: what is not a flat tensor (Adam's step)
         self.files: dict[str, dict[str, torch.dtype]] = {}  # key -> the state tensors written under it
@@ -34,9 +36,11 @@ class SpilledState:
         return f"opt{opt_index}_chunk{chunk_index}"
 
     def step(self, optimizer: torch.optim.Optimizer, opt_index: int, chunks: list[Any],
-             original_step: Callable[[], Any]) -> None:
-        """One optimizer step: the chunks in memory at once, then ``chunks`` (on disk) one by one."""
-        self.store.wait_all()  # the last step's writes (they overlapped this step's forward and backward)
+             original_step: Callable[[], Any], window_grads: Callable[[Any, list], dict]) -> None:
+        """One optimizer step: the chunks in memory at once, then ``chunks`` one by one. ``window_grads(chunk,
+        pieces)`` gives the fp32 gradients of a chunk whose shard gradient is not held by its pieces (16-bit)."""
+        if self.store is not None:
+            self.store.wait_all()  # the last step's writes (they overlapped this step's forward and backward)
         mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
         spilled = [(c, [(piece, q) for piece, q in c.pieces if id(q) in mine]) for c in chunks]
         spilled = [(c, pieces) for c, pieces in spilled if pieces]
@@ -53,19 +57,21 @@ class SpilledState:
         for i, (chunk, pieces) in enumerate(spilled):
             buffers = self._finish_read(optimizer, reading, pieces)
             reading = self._start_read(optimizer, opt_index, *spilled[i + 1]) if i + 1 < len(spilled) else None
+            cast = window_grads(chunk, pieces)
             for _, q in pieces:
-                q.grad = grads[q]
+                q.grad = cast.get(q, grads[q])
             original_step()
             for _, q in pieces:
                 q.grad = None
-            self._write(optimizer, self.key(opt_index, chunk.index), chunk, pieces, buffers)
+            if chunk.nvme:
+                self._write(optimizer, self.key(opt_index, chunk.index), chunk, pieces, buffers)
         for q, grad in grads.items():
             q.grad = grad
 
     def _start_read(self, optimizer: torch.optim.Optimizer, opt_index: int, chunk: Any,
                     pieces: list) -> Optional[tuple[Future, dict[str, Tensor]]]:
         key = self.key(opt_index, chunk.index)
-        if key not in self.files or any(q in optimizer.state for _, q in pieces):
+        if not chunk.nvme or key not in self.files or any(q in optimizer.state for _, q in pieces):
             return None  # first step (the optimizer creates the state), or state loaded from a checkpoint
         buffers = {name: torch.empty(chunk.shard_numel, dtype=dtype) for name, dtype in self.files[key].items()}
         return self.store.read(key, buffers), buffers
@@ -111,6 +117,7 @@ class SpilledState:
             )
         if key not in self.files:
             return {}
+        assert self.store is not None
         self.store.wait_all()
         lo, hi = piece.shard_offset, piece.shard_offset + piece.numel
         out = dict(self.scalars.get(q, {}))
@@ -121,14 +128,15 @@ class SpilledState:
 
 
     def bytes_on_disk(self) -> int:
-        if self.closed:
+        if self.closed or self.store is None:
             return 0
         self.store.wait_all()
         return sum(f.stat().st_size for f in self.store.path.glob("*.bin"))
 
     def close(self) -> None:
         self.closed = True
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
 
 
 def _is_flat(v: Any) -> bool:
