@@ -528,6 +528,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
         nf = ladders[n].get("next_failure") or {}
         label = f"{ladders[n]['largest'] or 'none'}" + (f"\n{nf['size']}: {nf['status']}" if nf else "")
         right.annotate(label, (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=8)
+    right.set_ylim(0, 1.15 * max(vals, default=1))  # room for the labels above the bars
     right.set_ylabel("largest model trained (billions of parameters)")
     right.set_title("Largest trainable model" if names else "Largest trainable model (no data)")
     fig.tight_layout()
