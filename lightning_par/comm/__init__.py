@@ -16,6 +16,7 @@ from .p2p import (
     META_SLOTS,
     RecvHandle,
     SendHandle,
+    ShapeCache,
     irecv_tensors,
     isend_tensors,
     recv_tensors,
@@ -39,5 +40,6 @@ __all__ = [
     "irecv_tensors",
     "SendHandle",
     "RecvHandle",
+    "ShapeCache",
     "META_SLOTS",
 ]

@@ -4,10 +4,14 @@ Wire format, per transfer from one rank to another: one fixed-size int64 metadat
 non-empty tensor. The metadata is fixed-size so the receiver can post its receive before knowing anything (no
 length handshake, no blocking in ``irecv_tensors``). Both ends must be on the same ``group`` and pair their
 transfers in the same order, as with any point-to-point protocol.
+
+With a :class:`ShapeCache` on both ends, a transfer whose shapes were seen before on that cache is one message:
+see [Note: the known-shapes fast path].
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence, Union
 
 import torch
@@ -23,6 +27,7 @@ __all__ = [
     "irecv_tensors",
     "SendHandle",
     "RecvHandle",
+    "ShapeCache",
     "META_SLOTS",
 ]
 
@@ -60,7 +65,7 @@ def _default_device(group: ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _encode(tensors: Sequence[torch.Tensor], is_tuple: bool, device: torch.device) -> torch.Tensor:
+def _meta(tensors: Sequence[torch.Tensor], is_tuple: bool) -> list[int]:
     meta = [int(is_tuple), len(tensors)]
     for t in tensors:
         if t.dtype not in _DTYPE_CODE:
@@ -68,13 +73,19 @@ def _encode(tensors: Sequence[torch.Tensor], is_tuple: bool, device: torch.devic
         meta += [_DTYPE_CODE[t.dtype], int(t.requires_grad), t.dim(), *t.shape]
     if len(meta) > META_SLOTS:
         raise ValueError(f"send_tensors: metadata needs {len(meta)} int64 slots, more than META_SLOTS={META_SLOTS}")
+    return meta
+
+
+def _encode(meta: list[int], device: torch.device) -> torch.Tensor:
     buf = torch.zeros(META_SLOTS, dtype=torch.int64)
     buf[: len(meta)] = torch.tensor(meta, dtype=torch.int64)
     return buf.to(device)
 
 
-def _decode(buf: torch.Tensor) -> tuple[bool, list[tuple[torch.dtype, bool, tuple[int, ...]]]]:
-    meta = buf.tolist()
+Spec = tuple[bool, list[tuple[torch.dtype, bool, tuple[int, ...]]]]  # is_tuple, (dtype, requires_grad, shape)
+
+
+def _parse(meta: list[int]) -> Spec:
     is_tuple, count, pos, specs = bool(meta[0]), meta[1], 2, []
     for _ in range(count):
         code, requires_grad, ndim = meta[pos : pos + 3]
@@ -82,6 +93,77 @@ def _decode(buf: torch.Tensor) -> tuple[bool, list[tuple[torch.dtype, bool, tupl
         specs.append((_DTYPES[code], bool(requires_grad), shape))
         pos += 3 + ndim
     return is_tuple, specs
+
+
+def _decode(buf: torch.Tensor) -> Spec:
+    return _parse(buf.tolist())
+
+
+# [Note: the known-shapes fast path]
+# Without a cache a transfer is the metadata, then the payload, and the receiver can only post the payload's
+# receive once the metadata has arrived: two messages in a row per hop. A pipeline sends the same shapes again and
+# again, so both ends of a stream of transfers may keep a ShapeCache (the executor keeps one): the sender remembers
+# the metadata it last sent to each peer, the receiver the metadata it last received from each peer. The two agree
+# because transfers between two ranks are matched in the order they are posted. With a cache a transfer is one
+# *packed* message: every tensor's bytes at a 16-byte-aligned offset, then one int64 flag. The receiver posts it,
+# with the size of the cached shapes, as soon as the receive is posted (so it also overlaps compute), and:
+# - flag 0: the shapes are the cached ones; the received tensors are views of the buffer (no copy);
+# - flag 1: the shapes changed (a smaller last batch, evaluation after training). The sender knows which size the
+#   receiver posted (it is the size it last sent), so it sends a message of that size with flag 1, then the
+#   metadata, then the packed payload of the new shapes; the receiver reads the metadata, updates its cache and
+#   receives the payload. Three messages, once per change.
+# - nothing cached for that peer yet: the metadata, then the packed payload (as without a cache).
+# The flag travels inside the payload's message, so learning whether shapes changed costs no message; the price is
+# one copy into the packed buffer on the sender. Reading the flag syncs the host on NCCL, as decoding the metadata
+# did. A receive of the cached size must not be posted while an earlier receive from that peer could still change
+# the cache, so posting one first completes the previous receive from the same peer.
+_ALIGN = 16  # every dtype can be viewed at a multiple of 16 bytes
+_FLAG = 8  # bytes of the trailing int64 flag
+
+
+class ShapeCache:
+    """Shapes last sent to and received from each peer by one stream of transfers (see [Note: the known-shapes
+    fast path]). Both ends of every transfer of the stream pass their own cache; a cache belongs to one group."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, tuple[list[int], int]] = {}  # global peer rank -> (metadata, packed bytes)
+        self.received: dict[int, Spec] = {}
+        self.pending: dict[int, "RecvHandle"] = {}  # the receive last posted from each peer, until it completes
+
+
+def _layout(specs: Sequence[tuple[torch.dtype, tuple[int, ...]]]) -> tuple[list[int], int]:
+    """Byte offset of each tensor in the packed buffer, and the buffer's size (the flag is the last 8 bytes)."""
+    offsets, end = [], 0
+    for dtype, shape in specs:
+        end = -(-end // _ALIGN) * _ALIGN
+        offsets.append(end)
+        end += math.prod(shape) * dtype.itemsize
+    return offsets, -(-end // _FLAG) * _FLAG + _FLAG
+
+
+def _flagged(size: int, flag: int, device: torch.device) -> torch.Tensor:
+    buf = torch.empty(size, dtype=torch.uint8, device=device)
+    buf[-_FLAG:].view(torch.int64).fill_(flag)
+    return buf
+
+
+def _pack(items: Sequence[torch.Tensor]) -> torch.Tensor:
+    offsets, size = _layout([(t.dtype, tuple(t.shape)) for t in items])
+    buf = _flagged(size, 0, items[0].device)
+    for t, offset in zip(items, offsets):
+        if t.numel():
+            buf[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t.detach())
+    return buf
+
+
+def _unpack(buf: torch.Tensor, specs: Sequence[tuple[torch.dtype, bool, tuple[int, ...]]]) -> list[torch.Tensor]:
+    offsets, _ = _layout([(dtype, shape) for dtype, _, shape in specs])
+    tensors = []
+    for (dtype, _, shape), offset in zip(specs, offsets):
+        size = math.prod(shape) * dtype.itemsize
+        tensors.append(buf[offset : offset + size].view(dtype).view(shape) if size
+                       else torch.empty(shape, dtype=dtype, device=buf.device))
+    return tensors
 
 
 class SendHandle(list):
@@ -100,28 +182,58 @@ class SendHandle(list):
 class RecvHandle:
     """A posted receive; ``wait()`` returns the tensor (or tuple) the sender passed."""
 
-    def __init__(self, src: int, group: ProcessGroup | None, device: torch.device):
+    def __init__(self, src: int, group: ProcessGroup | None, device: torch.device, cache: ShapeCache | None = None):
         self._src = _global_rank(group, src)
         self._group = group
         self._device = device
-        self._meta = torch.empty(META_SLOTS, dtype=torch.int64, device=device)
-        self._meta_work = dist.irecv(self._meta, src=self._src, group=group)
+        self._cache = cache
         self._result: Tensors | None = None
+        self._spec: Spec | None = None
+        if cache is not None:
+            earlier = cache.pending.get(self._src)
+            if earlier is not None:
+                earlier.wait()  # it may change the cached shapes (see [Note: the known-shapes fast path])
+            cache.pending[self._src] = self
+            self._spec = cache.received.get(self._src)
+        if self._spec is not None:
+            self._buf = torch.empty(_layout([(d, s) for d, _, s in self._spec[1]])[1], dtype=torch.uint8,
+                                    device=device)
+        else:
+            self._buf = torch.empty(META_SLOTS, dtype=torch.int64, device=device)
+        self._work = self._irecv(self._buf)
+
+    def _irecv(self, buf: torch.Tensor):
+        return dist.irecv(buf, src=self._src, group=self._group)
 
     def wait(self) -> Tensors:
         if self._result is not None:
             return self._result
-        self._meta_work.wait()
-        is_tuple, specs = _decode(self._meta)
-        # Payload receives are only posted now (their shapes were unknown); the sender's isends are queued already.
-        tensors, works = [], []
-        for dtype, _, shape in specs:
-            t = torch.empty(shape, dtype=dtype, device=self._device)
-            if t.numel():
-                works.append(dist.irecv(t, src=self._src, group=self._group))
-            tensors.append(t)
-        for work in works:
-            work.wait()
+        self._work.wait()
+        if self._cache is None:
+            is_tuple, specs = _decode(self._buf)
+            # Payload receives are only posted now (their shapes were unknown); the sender's isends are queued.
+            tensors, works = [], []
+            for dtype, _, shape in specs:
+                t = torch.empty(shape, dtype=dtype, device=self._device)
+                if t.numel():
+                    works.append(self._irecv(t))
+                tensors.append(t)
+            for work in works:
+                work.wait()
+        else:
+            if self._spec is None or int(self._buf[-_FLAG:].view(torch.int64).item()) != 0:
+                if self._spec is not None:  # flag 1: new shapes; their metadata comes next
+                    meta = torch.empty(META_SLOTS, dtype=torch.int64, device=self._device)
+                    self._irecv(meta).wait()
+                    self._buf = meta
+                self._spec = self._cache.received[self._src] = _decode(self._buf)
+                self._buf = torch.empty(_layout([(d, s) for d, _, s in self._spec[1]])[1], dtype=torch.uint8,
+                                        device=self._device)
+                self._irecv(self._buf).wait()
+            is_tuple, specs = self._spec
+            tensors = _unpack(self._buf, specs)
+            if self._cache.pending.get(self._src) is self:
+                del self._cache.pending[self._src]
         for t, (_, requires_grad, _) in zip(tensors, specs):
             if requires_grad:
                 t.requires_grad_(True)
@@ -129,8 +241,11 @@ class RecvHandle:
         return self._result
 
 
-def isend_tensors(tensors: Tensors | Sequence[torch.Tensor], dst: int, group: ProcessGroup | None) -> SendHandle:
-    """Post the send of a tensor or a tuple of tensors to group rank ``dst``; ``.wait()`` the handle before reuse."""
+def isend_tensors(tensors: Tensors | Sequence[torch.Tensor], dst: int, group: ProcessGroup | None,
+                  cache: ShapeCache | None = None) -> SendHandle:
+    """Post the send of a tensor or a tuple of tensors to group rank ``dst``; ``.wait()`` the handle before reuse.
+
+    With ``cache``, shapes already sent to ``dst`` on it are not sent again (the receiver passes its own cache)."""
     is_tuple = not isinstance(tensors, torch.Tensor)
     items = list(tensors) if is_tuple else [tensors]
     if not items:
@@ -138,30 +253,45 @@ def isend_tensors(tensors: Tensors | Sequence[torch.Tensor], dst: int, group: Pr
     if dst == group_rank(group):
         raise ValueError(f"send_tensors: dst={dst} is this rank")
     peer = _global_rank(group, dst)
+    meta = _meta(items, is_tuple)
     # Metadata travels on the payload's device: NCCL needs it on the GPU, gloo takes CPU tensors.
-    buffers = [_encode(items, is_tuple, items[0].device)]
-    buffers += [t.detach().contiguous() for t in items if t.numel()]
+    device = items[0].device
+    if cache is None:
+        buffers = [_encode(meta, device)] + [t.detach().contiguous() for t in items if t.numel()]
+    else:  # see [Note: the known-shapes fast path]
+        last = cache.sent.get(peer)
+        buffers = []
+        if last is None or last[0] != meta:
+            if last is not None:
+                buffers.append(_flagged(last[1], 1, device))  # fills the receive the peer posted: "changed"
+            buffers.append(_encode(meta, device))
+        buffers.append(_pack(items))
+        cache.sent[peer] = (meta, buffers[-1].numel())
     works = [dist.isend(b, dst=peer, group=group) for b in buffers]
     return SendHandle(works, buffers)
 
 
-def irecv_tensors(
-    src: int, group: ProcessGroup | None, device: torch.device | str | None = None
-) -> RecvHandle:
-    """Post a receive from group rank ``src``; ``device`` defaults to CPU on gloo, the current GPU on NCCL."""
+def irecv_tensors(src: int, group: ProcessGroup | None, device: torch.device | str | None = None,
+                  cache: ShapeCache | None = None) -> RecvHandle:
+    """Post a receive from group rank ``src``; ``device`` defaults to CPU on gloo, the current GPU on NCCL.
+
+    With ``cache`` (the sender passes its own), a transfer with the shapes last received from ``src`` is posted
+    whole at once, and a receive first completes the previous one from ``src`` on that cache."""
     if src == group_rank(group):
         raise ValueError(f"recv_tensors: src={src} is this rank")
-    return RecvHandle(src, group, torch.device(device) if device is not None else _default_device(group))
+    return RecvHandle(src, group, torch.device(device) if device is not None else _default_device(group), cache)
 
 
-def send_tensors(tensors: Tensors | Sequence[torch.Tensor], dst: int, group: ProcessGroup | None) -> None:
+def send_tensors(tensors: Tensors | Sequence[torch.Tensor], dst: int, group: ProcessGroup | None,
+                 cache: ShapeCache | None = None) -> None:
     """Send a tensor or a tuple of tensors to group rank ``dst`` and wait for completion."""
-    isend_tensors(tensors, dst, group).wait()
+    isend_tensors(tensors, dst, group, cache).wait()
 
 
-def recv_tensors(src: int, group: ProcessGroup | None, device: torch.device | str | None = None) -> Tensors:
+def recv_tensors(src: int, group: ProcessGroup | None, device: torch.device | str | None = None,
+                 cache: ShapeCache | None = None) -> Tensors:
     """Receive what ``send_tensors`` sent from group rank ``src``: a Tensor or a tuple, as sent.
 
     Tensors that required grad on the sender come back as leaves with ``requires_grad=True``.
     """
-    return irecv_tensors(src, group, device).wait()
+    return irecv_tensors(src, group, device, cache).wait()

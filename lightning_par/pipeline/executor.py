@@ -8,10 +8,13 @@ whose gradient goes to the previous stage. The four compute methods (``_forward`
 
 [Note: overlap and ordering]
 SENDs are posted and not waited until the end of the step, so a rank computes while its results travel. A RECV is
-posted where the schedule puts it (one compute before its use) and waited when its compute starts. Two receives
-from one peer are never in flight together: the p2p layer's shape metadata would be matched with the other
-transfer's payload, so posting a RECV first completes the previous one from that peer. The simulator applies the
-same rule, which is why a schedule that passes :func:`~lightning_par.pipeline.simulate.simulate` cannot deadlock here.
+posted where the schedule puts it (one compute before its use) and waited when its compute starts. Transfers go
+through one :class:`~lightning_par.comm.p2p.ShapeCache` per executor, kept across steps: once a value's shapes
+have crossed a hop, each transfer is one message posted whole at the RECV, so it also overlaps the compute before
+its use (see [Note: the known-shapes fast path] in ``lightning_par/comm/p2p.py``). Two receives from one peer are
+never in flight together: the earlier one may change the cached shapes, so posting a RECV first completes the
+previous one from that peer (the p2p layer does it). The simulator applies the same rule, which is why a schedule
+that passes :func:`~lightning_par.pipeline.simulate.simulate` cannot deadlock here.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.utils._pytree import tree_flatten, tree_map
 
-from lightning_par.comm.p2p import RecvHandle, SendHandle, irecv_tensors, isend_tensors
+from lightning_par.comm.p2p import RecvHandle, SendHandle, ShapeCache, irecv_tensors, isend_tensors
 from lightning_par.pipeline.schedules import Action, Kind, Schedule
 from lightning_par.pipeline.split_backward import WeightGradients, backward_input
 
@@ -69,11 +72,12 @@ class PipelineExecutor:
         # Index of the last action that produces weight gradients of each local stage (see `before_last_backward`).
         grad_kind = (Kind.W,) if schedule.split_backward else (Kind.B,)
         self.last_grad_action = {a.stage: i for i, a in enumerate(self.actions) if a.kind in grad_kind}
+        # Every executor of a pipeline is built alike on each of its ranks, so the caches of two ends pair up.
+        self._shapes = ShapeCache()
         self._reset()
 
     def _reset(self) -> None:
         self._recvs: dict[Action, RecvHandle] = {}
-        self._in_flight: dict[int, list[RecvHandle]] = {}
         self._sends: list[SendHandle] = []
         self._to_send: dict[Action, Any] = {}
         self._local: dict[tuple[Kind, int, int], Any] = {}  # values passed between stages of this rank
@@ -139,12 +143,7 @@ class PipelineExecutor:
         return self.schedule.placement[stage]
 
     def _receive(self, key: Action) -> Any:
-        handle = self._recvs.pop(key)
-        value = handle.wait()
-        pending = self._in_flight.get(self._source(key), [])
-        if handle in pending:
-            pending.remove(handle)
-        return value
+        return self._recvs.pop(key).wait()
 
     def _source(self, recv: Action) -> int:
         s, m = recv.stage, recv.microbatch
@@ -156,16 +155,13 @@ class PipelineExecutor:
         s, m, kind = action.stage, action.microbatch, action.kind
         schedule = self.schedule
         if kind in (Kind.RECV_F, Kind.RECV_B):
-            src = self._source(action)
-            for earlier in self._in_flight.get(src, []):
-                earlier.wait()  # see [Note: overlap and ordering]
-            handle = irecv_tensors(src, self.group, self.device)
-            self._recvs[action] = handle
-            self._in_flight[src] = [handle]
+            # Completes the previous receive from the same peer first: see [Note: overlap and ordering].
+            self._recvs[action] = irecv_tensors(self._source(action), self.group, self.device, self._shapes)
         elif kind in (Kind.SEND_F, Kind.SEND_B):
             target = (schedule.next_stage if kind is Kind.SEND_F else schedule.prev_stage)(s, m)
             assert target is not None
-            self._sends.append(isend_tensors(self._to_send.pop(action), self._peer(target), self.group))
+            self._sends.append(isend_tensors(self._to_send.pop(action), self._peer(target), self.group,
+                                            self._shapes))
         elif kind is Kind.F:
             prev = schedule.prev_stage(s, m)
             if prev is None:

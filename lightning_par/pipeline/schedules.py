@@ -16,9 +16,10 @@ A part held by two ranks (Chimera) is a replica whose gradients the executor sum
 
 [Note: communication actions]
 Every value that crosses ranks has a SEND on the producer and a RECV on the consumer. Transfers between two ranks
-are matched in the order they are posted (the p2p layer sends shape metadata first, so two receives from one peer
-must not be in flight at once: posting a RECV first waits for the previous one from the same peer). The inserted
-RECV of a compute is posted one compute early, so the transfer overlaps the compute before it; SENDs never block.
+are matched in the order they are posted (a transfer may change the shapes the p2p layer has cached for its peer,
+so two receives from one peer must not be in flight at once: posting a RECV first waits for the previous one from
+the same peer). The inserted RECV of a compute is posted one compute early, so the transfer overlaps the compute
+before it; SENDs never block.
 The simulator models exactly these rules, so "no deadlock in the simulator" means no deadlock in the executor.
 """
 

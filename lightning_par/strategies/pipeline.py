@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,7 @@ from lightning_par.pipeline.partition import (
     find_blocks,
     measure_block_times,
 )
+from lightning_par.pipeline.trace_split import TracePartition
 from lightning_par.pipeline.schedules import Schedule, build_schedule, forward_only
 from lightning_par.pipeline.shared import SharedGradients, canonical_names, parameter_holders
 from lightning_par.pipeline.steps import StepRecorder, eval_microbatches, merge_outputs, split_batch
@@ -60,15 +61,19 @@ PIPELINE_PRECISION = ("32-true", "bf16-mixed", "bf16-true")
 class PipelineStrategy(DataParallelStrategy):
     """Pipeline parallelism for a standard LightningModule (``strategy="pipeline"``, ``"pipeline_gpipe"``, ...).
 
-    The module must keep its layers in one ``nn.ModuleList`` / ``nn.Sequential`` with the embedding before it and
-    the head after it (see ``docs/pipeline.md``); its ``training_step`` stays as written.
+    The module keeps its layers in one ``nn.ModuleList`` / ``nn.Sequential`` with the embedding before it and the
+    head after it, or has a forward that ``torch.fx`` can trace (see ``docs/pipeline.md``); its ``training_step``
+    stays as written.
 
     Args:
         schedule: ``"1f1b"`` (default), ``"gpipe"``, ``"interleaved"``, ``"zero_bubble"`` or ``"chimera"``.
         stages: pipeline size (ranks per pipeline); by default all ranks. The remaining factor is data parallel.
         microbatches: microbatches per batch; by default twice the pipeline size. Must divide the batch size.
         chunks: model chunks per rank for ``interleaved`` (default 2); 1 for the other schedules.
-        split_points: block indices where stages 1, 2, ... start (``parts - 1`` of them); by default balanced.
+        split: ``"auto"`` (default): by the blocks container when there is one, else by tracing the forward;
+            ``"blocks"``; ``"trace"`` (``torch.fx``, for a module without a blocks container).
+        split_points: where stages 1, 2, ... start (``parts - 1`` of them); by default balanced by parameter count.
+            Block indices when split by blocks, module names (e.g. ``"model.l4"``) when split by tracing.
         balance: ``"params"`` (parameter count) or ``"time"`` (measured forward+backward per block on the
             module's ``example_input_array``).
         blocks: dotted path of the blocks container (e.g. ``"model.blocks"``); by default the largest one.
@@ -81,7 +86,8 @@ class PipelineStrategy(DataParallelStrategy):
         stages: Optional[int] = None,
         microbatches: Optional[int] = None,
         chunks: Optional[int] = None,
-        split_points: Optional[list[int]] = None,
+        split_points: Optional[list[Union[int, str]]] = None,
+        split: Literal["auto", "blocks", "trace"] = "auto",
         balance: Literal["params", "time"] = "params",
         blocks: Optional[str] = None,
         bucket_size_mb: float = 25.0,
@@ -114,14 +120,17 @@ class PipelineStrategy(DataParallelStrategy):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")
         if balance not in ("params", "time"):
             raise ValueError(f"balance must be 'params' or 'time'; got {balance!r}.")
+        if split not in ("auto", "blocks", "trace"):
+            raise ValueError(f"split must be 'auto', 'blocks' or 'trace'; got {split!r}.")
         self.schedule_name = schedule
         self.stages = stages
         self.microbatches = microbatches
         self.chunks = chunks if chunks is not None else (2 if schedule == "interleaved" else 1)
         self.split_points = split_points
+        self.split = split
         self.balance = balance
         self.blocks = blocks
-        self._partition: Optional[Partition] = None
+        self._partition: Optional[Union[Partition, TracePartition]] = None
         self._schedule: Optional[Schedule] = None
         self._train_executor: Optional[PipelineExecutor] = None
         self._eval_executors: dict[int, PipelineExecutor] = {}  # by microbatch count
@@ -195,6 +204,47 @@ class PipelineStrategy(DataParallelStrategy):
         broadcast_module(module, data_group)
         broadcast_module(module, pipeline_group)
         schedule = self.schedule_for(self.topology.pipeline)
+        self._canonical = canonical_names(module)
+        rank = self.pipeline_rank
+        if self._split_mode(module) == "trace":
+            self._partition = TracePartition(module, schedule.parts, schedule.parts_of(rank), self.split_points)
+        else:
+            self._partition = self._split_by_blocks(module, schedule, data_group, pipeline_group)
+        module._lightning_par_pipeline = True
+        holders = parameter_holders(self._canonical, self._partition, schedule)
+        self._shared = SharedGradients(module, self._canonical, holders, rank, pipeline_group)
+        self._schedule = schedule
+        self._pipeline_group = pipeline_group
+        self._train_executor = None
+        self._eval_executors = {}
+        self._optimizer_layouts = {}
+
+    def _split_mode(self, module: "pl.LightningModule") -> str:
+        """'blocks' or 'trace', with the arguments checked against it."""
+        mode = self.split
+        if mode == "auto":
+            try:
+                find_blocks(module, self.blocks)
+                mode = "blocks"
+            except PartitionError:
+                if self.blocks is not None:
+                    raise
+                mode = "trace"
+        points = self.split_points or []
+        if mode == "trace":
+            if self.balance == "time":
+                raise PartitionError("balance='time' measures the blocks of a blocks container; a split by tracing "
+                                     "the forward is balanced by parameter count (balance='params').")
+            if not all(isinstance(x, str) for x in points):
+                raise PartitionError(f"split_points={self.split_points}: when the model is split by tracing its forward "
+                                     "they are names of the modules where parts 1, 2, ... start, e.g. ['l3', 'l5'].")
+        elif not all(isinstance(x, int) for x in points):
+            raise PartitionError(f"split_points={self.split_points}: when the model is split by its blocks they are "
+                                 "block indices, e.g. [3, 6, 9]; module names need split='trace'.")
+        return mode
+
+    def _split_by_blocks(self, module: "pl.LightningModule", schedule: Schedule, data_group: Any,
+                         pipeline_group: Any) -> Partition:
         layout = find_blocks(module, self.blocks)
         times = None
         if self.balance == "time":
@@ -210,20 +260,10 @@ class PipelineStrategy(DataParallelStrategy):
                 dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
             times = box[0]
         starts = choose_split_points(module, layout, schedule.parts, self.split_points, times)
-        self._canonical = canonical_names(module)
-        rank = self.pipeline_rank
-        self._partition = Partition(module, layout, starts, schedule.parts_of(rank))
-        module._lightning_par_pipeline = True
-        holders = parameter_holders(self._canonical, self._partition, schedule)
-        self._shared = SharedGradients(module, self._canonical, holders, rank, pipeline_group)
-        self._schedule = schedule
-        self._pipeline_group = pipeline_group
-        self._train_executor = None
-        self._eval_executors = {}
-        self._optimizer_layouts = {}
+        return Partition(module, layout, starts, schedule.parts_of(self.pipeline_rank))
 
     @property
-    def partition(self) -> Partition:
+    def partition(self) -> Union[Partition, TracePartition]:
         if self._partition is None:
             raise RuntimeError(f"{type(self).__name__}.partition exists once the model is split, in `setup`.")
         return self._partition
