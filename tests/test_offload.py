@@ -263,12 +263,13 @@ def test_placement_plans():
 
 
 @pytest.mark.parametrize("recipe_name, logged", [
+    ("zero2_offload", "ZeRO placement (1.0)"),
     ("zero3_offload", "ZeRO placement (0.5)"),
     ("zero3_nvme", "keep their optimizer state on disk"),
 ])
 def test_recipe_trains_through_the_cli_and_logs_its_plan(tmp_path, recipe_name, logged):
-    """recipes/zero3_offload.yaml and zero3_nvme.yaml through `lightning-par fit` (popen launcher, 2 ranks),
-    shortened: the plan is logged, the loss falls, and the sharded checkpoint (written by ModelCheckpoint during
+    """recipes/zero2_offload.yaml, zero3_offload.yaml and zero3_nvme.yaml through `lightning-par fit` (popen
+    launcher, 2 ranks), shortened: the plan is logged, the loss falls, and the sharded checkpoint (written by ModelCheckpoint during
     fit, spilled state included) consolidates into a plain module."""
     import csv
     import shutil
