@@ -69,7 +69,7 @@ def parity_strategies(nvme_dir: str, world: int) -> dict[str, Callable[[], Any]]
         "zero3_offload": lambda: "zero3_offload",
         "zero3 half on host": lambda: ZeroStrategy(stage=3, chunk_size=2**16, offload=0.5),
         "zero3_nvme (spilling)": lambda: ZeroStrategy(stage=3, chunk_size=2**16, offload=1.0, nvme_dir=nvme_dir,
-                                                       host_memory_limit=5_000_000),
+                                                       host_memory_limit=host_limit),
         "tp1d": lambda: "tp1d",
         "tp1d + sequence parallel": lambda: TensorParallel1DStrategy(sequence_parallel=True),
         **{f"pipeline {s}": (lambda s=s: PipelineStrategy(schedule=s, microbatches=4))
