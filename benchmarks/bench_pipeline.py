@@ -76,8 +76,7 @@ def _stage_modules(schedule, rank: int, costs: Costs, chunks: int) -> dict[int, 
             for s in schedule.stages_of(rank)}
 
 
-def _ours(schedule, rank: int, modules: dict[int, SleepStage], batch: torch.Tensor) -> float:
-    executor = PipelineExecutor(schedule, rank, dist.group.WORLD)
+def _ours(executor: PipelineExecutor, schedule, modules: dict[int, SleepStage], batch: torch.Tensor) -> float:
     micro = batch.chunk(schedule.microbatches)
     params = [p for m in modules.values() for p in m.parameters()]
 
@@ -146,13 +145,16 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: dic
         ours_modules = _stage_modules(schedule, rank, costs, chunks)
         theirs_modules = _stage_modules(schedule, rank, costs, chunks)
         torch_schedule = None if equal else _torch_schedule(name, schedule, rank, theirs_modules, m)
+        # One executor per schedule, kept across rounds as PipelineStrategy keeps it across steps (and as torch's
+        # schedule object is kept): its shape cache is warm after the first round, like torch's inferred shapes.
+        executor = PipelineExecutor(schedule, rank, dist.group.WORLD)
         ours: list[float] = []
         theirs: list[float] = []
         for repeat in range(args.repeats + 1):  # the first round warms up (torch infers shapes)
             pair = [("ours", ours), ("torch", theirs)]
             for label, bucket in (pair if repeat % 2 == 0 else pair[::-1]):
                 if label == "ours":
-                    t = _ours(schedule, rank, ours_modules, batch)
+                    t = _ours(executor, schedule, ours_modules, batch)
                 elif torch_schedule is not None:
                     t = _theirs(torch_schedule, schedule, rank, batch)
                 else:

@@ -205,7 +205,7 @@ def run_variant(args: argparse.Namespace, strategy: Any, module_class: type, wor
                          max_steps=args.warmup + args.steps, max_epochs=1, limit_val_batches=0,
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
-    torch.cuda.reset_peak_memory_stats(device)
+    torch.cuda.reset_peak_memory_stats(device)  # (the previous variant was collected by `bench_dp.free`)
     trainer.fit(module, train_dataloaders=bench_dp.make_loader(ds))
     seconds = timer.t1 - timer.t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30
@@ -236,7 +236,7 @@ def cmd_throughput(args: argparse.Namespace) -> None:
             dist.all_gather_object(peaks, row.get("peak_gib"))
             row["peak_gib"] = max((p for p in peaks if p is not None), default=None)
         rows.append(row)
-        torch.cuda.empty_cache()
+        bench_dp.free(torch.device("cuda", torch.cuda.current_device()))  # the trainer and module form cycles: collect
         if rank == 0:
             tps = row.get("tokens_per_s")
             print(f"{name:<42} {row['status']:<6} {tps or 0:>10,.0f} tok/s  per GPU {(tps or 0) / world:>9,.0f}  "
