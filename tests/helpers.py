@@ -44,3 +44,31 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[An
         results = manager.dict()
         mp.spawn(_worker, args=(fn, world_size, free_port(), args, results), nprocs=world_size, join=True)
         return [results[rank] for rank in range(world_size)]
+
+
+def run_recipe(recipe: str, tmp_path: Any, max_steps: int = 30) -> tuple[str, list[float], Any]:
+    """`lightning-par fit --config recipes/<recipe>.yaml`, shortened to ``max_steps`` and writing under
+    ``tmp_path/run``: returns its output, the logged training losses and the run's folder. Skips when the console
+    script is not installed; fails with the output's tail when the command fails."""
+    import csv
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    script = shutil.which("lightning-par", path=os.path.dirname(sys.executable)) or shutil.which("lightning-par")
+    if script is None:
+        pytest.skip("the lightning-par console script is not installed (pip install -e .)")
+    config = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.yaml"
+    root = Path(tmp_path) / "run"
+    args = ["fit", "--config", str(config), f"--trainer.max_steps={max_steps}",
+            f"--trainer.val_check_interval={max_steps // 2}", "--trainer.limit_val_batches=2",
+            "--trainer.log_every_n_steps=5", f"--trainer.default_root_dir={root}",
+            f"--trainer.logger.init_args.save_dir={root}", "--trainer.enable_progress_bar=false"]
+    result = subprocess.run([script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = next(root.rglob("metrics.csv"))
+    losses = [float(row["train_loss"]) for row in csv.DictReader(metrics.open()) if row.get("train_loss")]
+    return result.stdout + result.stderr, losses, root

@@ -14,20 +14,13 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 import lightning_par  # noqa: F401  (registers the strategy names)
-from helpers import free_port, run_on_ranks
+from helpers import free_port, run_on_ranks, run_recipe
 from lightning_par import ZeroStrategy
 from lightning_par.zero.placement import Plan, plan_budget, plan_fraction
 from parity import Run, fit, global_losses, relative_gap
 from test_dp import _as_external_rank
 
-CHUNK = 3000  # elements: the tiny GPT (~27k parameters) spans ~10 chunks
-TOL, ADAM_TOL = 1e-5, 1e-4
-PARITY = {
-    "plain": Run(steps=6),
-    "accumulate": Run(steps=4, accumulate=2),
-    "clip_norm": Run(steps=6, clip_val=0.05),
-    "adamw": Run(steps=6, module_kwargs={"optimizer": "adamw", "learning_rate": 3e-3}),
-}
+from test_zero import ADAM_TOL, CHUNK, PARITY, TOL  # the ZeRO tests' runs: plain, accumulation, clipping, AdamW
 # "auto" on CPU needs a device budget to plan against: with this one the first step runs with about half of each
 # rank's chunks on the host (half the budget, Adam's 16 bytes per element assumed), and the measured plan moves
 # chunks back (SGD with momentum needs 12 bytes per element, AdamW 16: some stay on the host).
@@ -271,28 +264,11 @@ def test_recipe_trains_through_the_cli_and_logs_its_plan(tmp_path, recipe_name, 
     """recipes/zero2_offload.yaml, zero3_offload.yaml and zero3_nvme.yaml through `lightning-par fit` (popen
     launcher, 2 ranks), shortened: the plan is logged, the loss falls, and the sharded checkpoint (written by ModelCheckpoint during
     fit, spilled state included) consolidates into a plain module."""
-    import csv
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from lightning_par.checkpoint import load_full
     from lightning_par.demo import DemoGPT
 
-    script = shutil.which("lightning-par", path=os.path.dirname(sys.executable)) or shutil.which("lightning-par")
-    if script is None:
-        pytest.skip("the lightning-par console script is not installed (pip install -e .)")
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe_name}.yaml"
-    root = tmp_path / "run"
-    args = ["fit", "--config", str(recipe), "--trainer.max_steps=30", "--trainer.val_check_interval=15",
-            "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=5", f"--trainer.default_root_dir={root}",
-            f"--trainer.logger.init_args.save_dir={root}", "--trainer.enable_progress_bar=false"]
-    result = subprocess.run([script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert logged in result.stdout + result.stderr and "on the host" in result.stdout + result.stderr
-    metrics = next(root.rglob("metrics.csv"))
-    losses = [float(row["train_loss"]) for row in csv.DictReader(metrics.open()) if row.get("train_loss")]
+    output, losses, root = run_recipe(recipe_name, tmp_path)
+    assert logged in output and "on the host" in output
     assert len(losses) >= 5 and losses[-1] < losses[0]
     last = next(c for c in root.rglob("last.ckpt"))
     full = load_full(last)

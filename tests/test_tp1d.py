@@ -19,7 +19,7 @@ from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 
 import lightning_par  # noqa: F401  (registers the strategy names)
-from helpers import free_port, run_on_ranks
+from helpers import free_port, run_on_ranks, run_recipe
 from lightning_par import TensorParallel1DStrategy
 from parity import RecordingGPT, Run, fit, global_losses, relative_gap, token_dataset
 from test_dp import _as_external_rank
@@ -180,27 +180,10 @@ def test_tp1d_matches_single_process(world, tmp_path):
 def test_recipe_trains_through_the_cli_and_its_checkpoint_loads_in_one_process(tmp_path):
     """recipes/tp1d.yaml through `lightning-par fit` (popen launcher, 2 ranks), shortened; the checkpoint it writes
     is a plain Lightning file that the unsharded module loads."""
-    import csv
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from lightning_par.demo import DemoGPT
 
-    script = shutil.which("lightning-par", path=os.path.dirname(sys.executable)) or shutil.which("lightning-par")
-    if script is None:
-        pytest.skip("the lightning-par console script is not installed (pip install -e .)")
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tp1d.yaml"
-    root = tmp_path / "run"
-    args = ["fit", "--config", str(recipe), "--trainer.max_steps=30", "--trainer.val_check_interval=15",
-            "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=5", f"--trainer.default_root_dir={root}",
-            f"--trainer.logger.init_args.save_dir={root}", "--trainer.enable_progress_bar=false"]
-    result = subprocess.run([script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "tensor-parallel plan, tensor size 2, with sequence parallelism" in result.stdout + result.stderr
-    metrics = next(root.rglob("metrics.csv"))
-    losses = [float(row["train_loss"]) for row in csv.DictReader(metrics.open()) if row.get("train_loss")]
+    output, losses, root = run_recipe("tp1d", tmp_path)
+    assert "tensor-parallel plan, tensor size 2, with sequence parallelism" in output
     assert len(losses) >= 5 and losses[-1] < losses[0]
     last = next(c for c in root.rglob("last.ckpt"))
     model = DemoGPT.load_from_checkpoint(last, map_location="cpu")  # strict: every full-shaped tensor present
