@@ -9,6 +9,7 @@ checkpoint was loaded first), and a plan that needs more host memory than allowe
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 from lightning.pytorch.callbacks import Callback
@@ -16,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 import lightning_par  # noqa: F401  (registers the strategy names)
 from helpers import free_port, run_on_ranks, run_recipe
 from lightning_par import ZeroStrategy
-from lightning_par.zero.placement import Plan, plan_budget, plan_fraction
+from lightning_par.zero.placement import Plan, plan_budget, plan_fraction, spill_to_disk
 from parity import Run, fit, global_losses, relative_gap
 from test_dp import _as_external_rank
 
@@ -245,6 +246,16 @@ def test_placement_plans():
     assert plan.on_host == (False, False, False, True) and plan.device_bytes() == 3000 and plan.host_bytes() == 500
     assert plan_budget(numels, 10**9, 10).on_host == (False,) * 4
     assert isinstance(plan, Plan) and plan.describe("cuda:0").startswith("3 of 4 chunks")
+    # Spilling: the last host chunks keep their state on disk (8 bytes per element stay on the host: master and
+    # gradient) until the host part fits.
+    host = Plan((False, True, True, True), 16, tuple(numels))
+    spilled = spill_to_disk(host, 2800)
+    assert spilled.on_nvme == (False, False, True, True)
+    assert spilled.host_bytes() == 100 * 16 + 150 * 8 == 2800 and spilled.nvme_bytes() == 150 * 8
+    assert spill_to_disk(host, 10**6).on_nvme == (False,) * 4
+    assert spill_to_disk(host, 0).on_nvme == (False, True, True, True)  # all spill, and it still does not fit
+    half = replace(spilled, host_grad_bytes=2)  # bf16 host gradients: 14 bytes in memory, 6 with state on disk
+    assert half.host_bytes() == 100 * 14 + 150 * 6
     with pytest.raises(ValueError, match=r"fraction must lie in \[0, 1\]"):
         plan_fraction(numels, 1.5, 16)
     with pytest.raises(ValueError, match="offload must be None, 'auto' or a fraction"):
