@@ -81,6 +81,20 @@ def _train(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
     return out
 
 
+def _resume_at_four(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
+    """The world-2 offloaded checkpoint at world size 4: under the automatic plan and with NVMe spilling."""
+    _as_external_rank(rank, world_size, port)
+    run = Run(steps=4, epochs=2, per_rank_batch=GLOBAL_BATCH // world_size,
+              module_kwargs={"optimizer": "adamw", "learning_rate": 3e-3})
+    half_path = os.path.join(tmpdir, "offload_half")
+    return {
+        "auto": fit(run, offload(offload="auto", device_memory_limit=AUTO_LIMIT // 2), world_size, world_size,
+                    ckpt_path=half_path, max_epochs=2),
+        "nvme": fit(run, offload(offload=1.0, nvme_dir=os.path.join(tmpdir, "nvme4"), host_memory_limit=75_000),
+                    world_size, world_size, ckpt_path=half_path, max_epochs=2),
+    }
+
+
 def test_offload_matches_single_process_and_places_chunks(tmp_path):
     world_size = 2
     per_rank = run_on_ranks(_train, world_size, free_port(), str(tmp_path))
@@ -109,6 +123,11 @@ def test_offload_matches_single_process_and_places_chunks(tmp_path):
     assert relative_gap(first, uninterrupted[:steps]) <= ADAM_TOL
     for key in ("resumed_without_offload", "resumed_auto"):
         resumed = global_losses([r[key] for r in per_rank], world_size)
+        assert relative_gap(resumed, uninterrupted[steps:]) <= ADAM_TOL, key
+    # The same checkpoint at another world size (the global batch kept at 16).
+    four = run_on_ranks(_resume_at_four, 4, free_port(), str(tmp_path))
+    for key in ("auto", "nvme"):
+        resumed = global_losses([r[key] for r in four], 4)
         assert relative_gap(resumed, uninterrupted[steps:]) <= ADAM_TOL, key
 
     for r in per_rank:
