@@ -98,7 +98,7 @@ class _Chunk:
         self.reduce_work: Any = None
         self.reduce_input: Optional[Tensor] = None
         self.reduced: Optional[Tensor] = None
-        self.on_host = False  # offloaded: the reduced gradient is already on its way to the host
+        self.grad_sent = False  # offloaded: the reduced gradient is already on its way to the host
         self.gathered = True
         self.gather_work: Any = None
         self.gather_input: Optional[Tensor] = None
@@ -217,6 +217,7 @@ class ZeroEngine(OffloadMixin):
         self._module_chunks: dict[nn.Module, list[int]] = {}
         # Names of each optimizer's parameters by group, as the user built it: checkpoints map state by name.
         self.optimizer_param_names: dict[torch.optim.Optimizer, list[list[str]]] = {}
+        self.piece_group: dict[int, dict[str, Any]] = {}  # id(piece) -> its optimizer's parameter group
         if policy.stage == 3:
             self._install_stage3_hooks(module)
 
@@ -257,6 +258,7 @@ class ZeroEngine(OffloadMixin):
                     chunk.pieces.append((piece, shard_param))
                     chunk.piece_slots.append(self.where[p][1])
                     chunk.window_open.append(False)
+                    self.piece_group[id(shard_param)] = group
                     sharded.append(shard_param)
             group["params"] = sharded
             if self.policy.offload is not None and kind in ("Adam", "AdamW") and not group.get("fused"):
@@ -359,7 +361,7 @@ class ZeroEngine(OffloadMixin):
     def _to_host_early(self, chunk: _Chunk) -> None:
         """ZeRO-Offload: start copying a reduced shard gradient to the host at once, so that the copy overlaps the
         rest of backward (only when it overwrites: a new accumulation window, or stage 1)."""
-        if not chunk.host or chunk.reduced is None or chunk.on_host:
+        if not chunk.host or chunk.reduced is None or chunk.grad_sent:
             return
         if self.policy.stage == 1 or all(self._fresh(chunk)):
             if self._d2h is None:
@@ -369,7 +371,7 @@ class ZeroEngine(OffloadMixin):
                 with torch.cuda.stream(self._d2h):
                     chunk.grad_shard.copy_(chunk.reduced, non_blocking=True)
                 chunk.reduced.record_stream(self._d2h)  # not reused before the copy read it
-            chunk.on_host = True
+            chunk.grad_sent = True
             # The device copy is not needed any more: holding every host chunk's reduced gradient on the device until
             # backward ends would cost 4 bytes per offloaded element at the peak.
             chunk.reduced = None
@@ -387,7 +389,7 @@ class ZeroEngine(OffloadMixin):
         self._next_reduce = len(self.chunks) - 1
         self._in_flight = []
         for chunk in self.chunks:
-            if chunk.reduced is not None or chunk.on_host:
+            if chunk.reduced is not None or chunk.grad_sent:
                 self._take_reduced(chunk)
             chunk.reset_round()
         if self._d2h is not None:
@@ -408,7 +410,7 @@ class ZeroEngine(OffloadMixin):
         self._wait_reduce(chunk)
         fresh = self._fresh(chunk)
         if chunk.host:
-            if chunk.on_host:
+            if chunk.grad_sent:
                 pass  # copied as soon as it was reduced; waited for at the end of finish_backward
             elif self.policy.stage == 1 or all(fresh):
                 chunk.grad_shard.copy_(chunk.reduced, non_blocking=True)
@@ -433,7 +435,7 @@ class ZeroEngine(OffloadMixin):
             # A frozen parameter's pieces get no gradient, so the optimizer leaves them alone.
             q.grad = chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel] if chunk.trainable[i] else None
         chunk.reduced = None
-        chunk.on_host = False
+        chunk.grad_sent = False
         if self.policy.stage == 1:
             # The optimizer's zero_grad only reaches the pieces: drop the module's own .grad so that the next window
             # starts from zero (its hooks copy instead of adding).

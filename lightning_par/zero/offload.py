@@ -106,11 +106,12 @@ class OffloadMixin:
         limit = self._device_limit()
         assert limit is not None
         per = bytes_per_element(self._state_tensors())
-        resident = self.placement_summary()["device_bytes"]
+        summary = self.placement_summary()
+        resident = summary["device_bytes"]
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         working = max(0, peak - resident)
         plan = self._with_grad_bytes(plan_budget(self._shard_numels(), limit - working, per))
-        plan = self._fit_host(plan, "The automatic placement", held=self.placement_summary()["host_bytes"])
+        plan = self._fit_host(plan, "The automatic placement", held=summary["host_bytes"])
         for chunk in self.chunks:  # (before the first step: no chunk has written state yet)
             chunk.nvme = plan.nvme(chunk.index)
         for to_host in (True, False):  # make room on the device before filling it
@@ -144,7 +145,7 @@ class OffloadMixin:
                 state = opt.state.get(q)
                 if not state:
                     continue
-                group = next(g for g in opt.param_groups if any(x is q for x in g["params"]))
+                group = self.piece_group[id(q)]
                 for name, v in state.items():
                     # Non-fused, non-capturable optimizers keep scalar steps on the CPU; the others beside the data.
                     if isinstance(v, Tensor) and (v.dim() > 0 or group.get("fused") or group.get("capturable")):

@@ -29,6 +29,7 @@ class SpilledState:
         self.store = store
         self.scalars: dict[nn.Parameter, dict[str, Any]] = {}  # per piece: what is not a flat tensor (Adam's step)
         self.files: dict[str, dict[str, torch.dtype]] = {}  # key -> the state tensors written under it
+        self._mapped: dict[str, dict[str, Tensor]] = {}  # key -> its files mapped (for checkpoints), until rewritten
         self.closed = False
 
     @staticmethod
@@ -105,6 +106,7 @@ class SpilledState:
             if q in optimizer.state:
                 self.scalars[q] = {n: v for n, v in optimizer.state.pop(q).items() if not _is_flat(v)}
         self.files[key] = {name: b.dtype for name, b in buffers.items()}
+        self._mapped.pop(key, None)  # the write replaces the files: a map of the old ones would read stale state
         self.store.write(key, buffers)  # the store's tasks hold the buffers until written
 
     def state_of(self, opt_index: int, chunk: Any, piece: Any, q: nn.Parameter) -> dict[str, Any]:
@@ -117,15 +119,16 @@ class SpilledState:
             )
         if key not in self.files:
             return {}
-        assert self.store is not None
-        self.store.wait_all()
+        if key not in self._mapped:  # once per chunk, not per piece
+            assert self.store is not None
+            self.store.wait_all()
+            self._mapped[key] = {
+                name: torch.from_file(str(self.store.path / f"{key}.{name}.bin"), shared=False,
+                                      size=chunk.shard_numel, dtype=dtype)
+                for name, dtype in self.files[key].items()
+            }
         lo, hi = piece.shard_offset, piece.shard_offset + piece.numel
-        out = dict(self.scalars.get(q, {}))
-        for name, dtype in self.files[key].items():
-            path = self.store.path / f"{key}.{name}.bin"
-            out[name] = torch.from_file(str(path), shared=False, size=chunk.shard_numel, dtype=dtype)[lo:hi]
-        return out
-
+        return {**self.scalars.get(q, {}), **{name: flat[lo:hi] for name, flat in self._mapped[key].items()}}
 
     def bytes_on_disk(self) -> int:
         if self.closed or self.store is None:
@@ -135,6 +138,7 @@ class SpilledState:
 
     def close(self) -> None:
         self.closed = True
+        self._mapped.clear()
         if self.store is not None:
             self.store.close()
 
