@@ -1,7 +1,10 @@
 """GradientBucketer on 2 gloo ranks: averaged gradients, accumulation without communication, launches during
-backward, unused parameters, and collectives counted."""
+backward, unused parameters, collectives counted, and no device read-back or element write on the common path."""
 
 from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -125,3 +128,120 @@ def test_bucketer_on_two_ranks():
     for done in results:
         assert done == ["broadcast", "accumulation_and_overlap", "averaged_gradients", "unused_on_some_ranks", "views",
                         "reentrant_refused"]
+
+
+# Tensor methods that read a device value on the host (a synchronisation on CUDA), or write a Python value into a
+# tensor element (a copy from pageable host memory on CUDA), plus the flag writes, whose number is checked too.
+_SPIED = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "__setitem__", "fill_",
+          "zero_")
+
+
+@contextmanager
+def _spy_tensor_methods(counts: Counter):
+    originals = {name: getattr(torch.Tensor, name) for name in _SPIED}
+
+    def spy(name, original):
+        def wrapper(self, *args, **kwargs):
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, spy(name, original))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+
+def _sync_free_checks(rank: int, world_size: int) -> list[str]:
+    done = []
+    torch.manual_seed(0)
+    net = Net()
+    used = [(n, p) for n, p in net.named_parameters() if not n.startswith("unused_everywhere")]
+    bucketer = GradientBucketer(used, dist.group.WORLD, bucket_bytes=300)
+    xs = [torch.randn(4, 8) for _ in range(world_size)]
+
+    def step(use_b: bool = True, sync: bool = True) -> Counter:
+        counts = Counter()
+        bucketer.sync = sync
+        with _spy_tensor_methods(counts):
+            net(xs[rank], use_b=use_b).sum().backward()
+            if sync:
+                bucketer.finish()
+        bucketer.sync = True
+        return counts
+
+    # Every parameter has a gradient (fresh tensors: the hooks copy them into the buckets): no read, no element
+    # write, exactly one flag fill per bucket and no zeroing.
+    for _ in range(2):
+        net.zero_grad(set_to_none=True)
+        counts = step()
+        assert sum(counts[name] for name in _READS) == 0, counts
+        assert counts["__setitem__"] == 0 and counts["zero_"] == 0, counts
+        assert counts["fill_"] == len(bucketer.buckets), counts
+        for _, p in used:
+            bucket, i = bucketer._where[p]
+            assert p.grad is not None and p.grad.data_ptr() == bucket.views[i].data_ptr()
+    done.append("no_read_all_used")
+
+    # Gradients kept allocated (zero_grad(set_to_none=False)): the same, autograd accumulates into the views.
+    net.zero_grad(set_to_none=False)
+    counts = step()
+    assert sum(counts[name] for name in _READS) == 0 and counts["__setitem__"] == 0, counts
+    done.append("no_read_set_to_none_false")
+
+    # Layer b used only in the accumulation step: it still has a gradient at the boundary, so no read either.
+    net.zero_grad(set_to_none=True)
+    step(use_b=True, sync=False)
+    counts = step(use_b=False)
+    assert sum(counts[name] for name in _READS) == 0 and counts["__setitem__"] == 0, counts
+    assert net.b.weight.grad is not None
+    done.append("no_read_after_accumulation")
+
+    # Layer b used on rank 1 only: rank 0 reads the flags once (and only once); rank 1 does not read. Rank 0's b
+    # gets the average (rank 1 used it), not None.
+    net.zero_grad(set_to_none=True)
+    counts = step(use_b=(rank == 1))
+    reads = sum(counts[name] for name in _READS)
+    assert reads == (1 if rank == 0 else 0), counts
+    assert counts["__setitem__"] == 0, counts
+    assert net.b.weight.grad is not None and net.b.bias.grad is not None
+    done.append("one_read_when_unused_here")
+
+    # Layer b used on no rank: one read on every rank, and b keeps grad = None.
+    net.zero_grad(set_to_none=True)
+    counts = step(use_b=False)
+    assert sum(counts[name] for name in _READS) == 1, counts
+    assert net.b.weight.grad is None and net.b.bias.grad is None
+    assert net.a.weight.grad is not None
+    # ... and the next step with b used everywhere needs no read again.
+    net.zero_grad(set_to_none=True)
+    counts = step()
+    assert sum(counts[name] for name in _READS) == 0, counts
+    assert net.b.weight.grad is not None
+    bucketer.remove()
+    done.append("unused_everywhere_then_used")
+
+    # A small first bucket (DDP's trick) so communication starts early; the same layout on every rank.
+    bucketer = GradientBucketer(used, dist.group.WORLD, bucket_bytes=10_000, first_bucket_bytes=100)
+    assert [len(b.params) for b in bucketer.buckets] == [3, 3]  # head.bias, head.weight, b.bias | the rest
+    assert bucketer.buckets[0].params[1] is net.head.weight
+    bucketer.remove()
+    bucketer = GradientBucketer(used, dist.group.WORLD, bucket_bytes=10_000)  # default: min(1 MiB, bucket_bytes)
+    assert len(bucketer.buckets) == 1
+    bucketer.remove()
+    done.append("first_bucket")
+    return done
+
+
+def test_bucketer_reads_nothing_back_when_every_gradient_is_present():
+    results = run_on_ranks(_sync_free_checks, 2)
+    for done in results:
+        assert done == ["no_read_all_used", "no_read_set_to_none_false", "no_read_after_accumulation",
+                        "one_read_when_unused_here", "unused_everywhere_then_used", "first_bucket"]

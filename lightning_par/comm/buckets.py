@@ -6,16 +6,37 @@ no copy out, and autograd accumulates (gradient accumulation) straight into the 
 True)`` — Lightning's default — drops the view; the next backward then hands us a fresh tensor, which the hook
 copies into the buffer and replaces by the view again (one copy per parameter per step, only in that case).
 
+Why copy rather than re-bind the views before backward (``zero_()`` the buckets, then let autograd accumulate into
+the views)? Bytes moved per gradient element beyond producing the gradient itself (which both ways write once):
+the copy reads and writes one element each (8 bytes in fp32); re-binding writes zeros (4) and then autograd's
+in-place ``grad += new`` reads two and writes one (12), 16 bytes in all, because autograd still materialises the
+new gradient before adding it. The copy moves half as much, so it stays. (Lightning's ``ddp`` with its default
+``gradient_as_bucket_view=False`` copies into its buckets and back out, 16 bytes.) ``zero_grad(set_to_none=False)``
+avoids even the copy: the gradient is then accumulated into the view directly.
+
 [Note: launch order]
 Ranks must issue collectives in the same order or they pair up wrong buffers. Buckets are therefore launched
 strictly by index (parameters in reverse registration order, roughly the order backward produces gradients): a
 bucket that is ready waits for all buckets before it. ``finish`` launches whatever a backward left unlaunched
-(parameters that got no gradient this time), so every rank always issues every bucket exactly once per sync.
+(parameters that got no gradient this time), so every rank always issues every bucket exactly once per sync. The
+first bucket is small (1 MiB, as in DDP) so that communication starts early in backward; bucket boundaries depend
+only on the parameters, so they, and the launch order, are the same on every rank.
 
 [Note: unused parameters]
 Each bucket carries one extra element per parameter: 1 when this rank has a gradient for it, else 0. After the
 all-reduce a parameter whose flag sums to zero on every rank keeps ``grad = None`` (so optimizers that treat
 "no gradient" differently from "zero gradient", e.g. with weight decay, behave as in a single process).
+
+[Note: no host synchronisation]
+Nothing in the hooks or in ``finish`` waits for the device on the common path, so the host keeps queuing backward
+kernels while the all-reduces run on the communication stream. Which parameters have a gradient is known on the
+host (the hook fired, or ``.grad`` is set when ``finish`` launches a bucket): the device flags are written when a
+bucket is launched, with one ``fill_(1)`` per bucket and, only for parameters this rank has no gradient for, one
+``zero_()`` of that flag (never a Python value written into an element of a device tensor, which is a copy from
+pageable host memory and synchronises). When this rank has a gradient for every parameter, every all-reduced flag
+is > 0 on every rank and nothing is read back. Only when this rank lacks some gradient does ``finish`` read the
+flags of the buckets concerned: one device-to-host read, the only synchronisation, and only with unused
+parameters. ``Work.wait()`` on NCCL makes the current stream wait for the all-reduce; it does not block the host.
 """
 
 from __future__ import annotations
@@ -40,13 +61,16 @@ class _Bucket:
         self.buffer = torch.zeros(numel + len(params), dtype=dtype, device=device)
         self.views = [self.buffer[o : o + p.numel()].view_as(p) for o, p in zip(self.offsets, params)]
         self.flags = self.buffer[numel:]
+        self.flag_views = [self.flags[i : i + 1] for i in range(len(params))]  # built once, not per step
         self.pending = len(params)
         self.ready = [False] * len(params)  # which parameters got their gradient in this sync round
+        self.missing: list[int] = []  # parameters this rank had no gradient for when the bucket was launched
         self.work: dist.Work | None = None
 
     def reset_round(self) -> None:
         self.pending = len(self.params)
         self.ready = [False] * len(self.params)
+        self.missing = []
 
 
 class GradientBucketer:
@@ -54,22 +78,28 @@ class GradientBucketer:
 
     Usage per step: run backward (buckets launch as they fill), then ``finish()`` before the optimizer reads the
     gradients. Set ``sync = False`` for accumulation steps: gradients then accumulate locally in the buffers.
+    The first bucket holds about ``first_bucket_bytes`` (default ``min(1 MiB, bucket_bytes)``, as in DDP) so that
+    communication starts early in backward. No host synchronisation unless some parameter has no gradient on this
+    rank (see [Note: no host synchronisation]).
     """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], group: dist.ProcessGroup,
-                 bucket_bytes: int = 25 * 2**20):
+                 bucket_bytes: int = 25 * 2**20, first_bucket_bytes: int | None = None):
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.sync = True
         self._names = {n: p for n, p in named_params if p.requires_grad}
         trainable = list(self._names.values())
+        if first_bucket_bytes is None:
+            first_bucket_bytes = min(2**20, bucket_bytes)
         self.buckets: list[_Bucket] = []
         self._where: dict[nn.Parameter, tuple[_Bucket, int]] = {}
         current: list[nn.Parameter] = []
         current_bytes = 0
         for p in reversed(trainable):
+            cap = bucket_bytes if self.buckets else first_bucket_bytes
             starts_new = current and (
-                p.dtype != current[0].dtype or p.device != current[0].device or current_bytes >= bucket_bytes
+                p.dtype != current[0].dtype or p.device != current[0].device or current_bytes >= cap
             )
             if starts_new:
                 self._add_bucket(current)
@@ -80,7 +110,8 @@ class GradientBucketer:
             self._add_bucket(current)
         self._next_to_launch = 0
         # NCCL averages natively; gloo has no AVG, so scale before a SUM (the result is the same mean).
-        self._op = dist.ReduceOp.AVG if dist.get_backend(group) == "nccl" else dist.ReduceOp.SUM
+        self._divide_first = dist.get_backend(group) != "nccl"
+        self._op = dist.ReduceOp.SUM if self._divide_first else dist.ReduceOp.AVG
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in trainable]
 
     def _add_bucket(self, params: list[nn.Parameter]) -> None:
@@ -89,17 +120,18 @@ class GradientBucketer:
             self._where[p] = (bucket, i)
         self.buckets.append(bucket)
 
-    def _bind_grad(self, bucket: _Bucket, i: int) -> None:
-        """Make ``param.grad`` the bucket view (see [Note: gradients as bucket views])."""
+    def _bind_grad(self, bucket: _Bucket, i: int) -> bool:
+        """Make ``param.grad`` the bucket view (see [Note: gradients as bucket views]); False if it has none.
+
+        Host-side only: no device flag is written here (see [Note: no host synchronisation])."""
         p, view = bucket.params[i], bucket.views[i]
-        if p.grad is None:
-            view.zero_()
-            bucket.flags[i] = 0
-            return
-        if p.grad.data_ptr() != view.data_ptr():
-            view.copy_(p.grad)
+        grad = p.grad
+        if grad is None:
+            return False
+        if grad.data_ptr() != view.data_ptr():
+            view.copy_(grad)
             p.grad = view
-        bucket.flags[i] = 1
+        return True
 
     @torch.no_grad()
     def _on_grad_ready(self, p: nn.Parameter) -> None:
@@ -123,7 +155,11 @@ class GradientBucketer:
             self._launch_ready()
 
     def _launch(self, bucket: _Bucket) -> None:
-        if self._op == dist.ReduceOp.SUM:
+        # Flags: one kernel per bucket, plus one per parameter this rank has no gradient for (host-known).
+        bucket.flags.fill_(1)
+        for i in bucket.missing:
+            bucket.flag_views[i].zero_()
+        if self._divide_first:
             bucket.buffer.div_(self.world_size)
         bucket.work = dist.all_reduce(bucket.buffer, op=self._op, group=self.group, async_op=True)
 
@@ -134,25 +170,38 @@ class GradientBucketer:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Launch what backward left, wait for every bucket, and leave averaged gradients in ``param.grad``."""
+        """Launch what backward left, wait for every bucket, and leave averaged gradients in ``param.grad``.
+
+        Without unused parameters on this rank this neither reads from the device nor blocks the host: the waits
+        order the current stream after the all-reduces (NCCL)."""
         for bucket in self.buckets[self._next_to_launch :]:
             if bucket.pending:
-                for i, p in enumerate(bucket.params):
-                    self._bind_grad(bucket, i)
+                # Parameters without a gradient in this round may still hold one accumulated in earlier
+                # (non-synchronising) backward passes: bind those; the rest have none on this rank.
+                for i in range(len(bucket.params)):
+                    if not bucket.ready[i] and not self._bind_grad(bucket, i):
+                        bucket.views[i].zero_()
+                        bucket.missing.append(i)
                 bucket.pending = 0
             self._launch(bucket)
         self._next_to_launch = len(self.buckets)
+        affected = [bucket for bucket in self.buckets if bucket.missing]
         for bucket in self.buckets:
             assert bucket.work is not None
             bucket.work.wait()
             bucket.work = None
+        if affected:
+            # The only synchronisation, and only when this rank lacked a gradient: one read of the flags of the
+            # buckets concerned. A parameter keeps grad = None only if no rank had a gradient for it.
+            has_grad = iter(torch.cat([bucket.flags for bucket in affected]).gt(0).tolist())
+            for bucket in affected:
+                flags = [next(has_grad) for _ in bucket.params]
+                for i in bucket.missing:
+                    bucket.params[i].grad = bucket.views[i] if flags[i] else None
+        # Every other parameter's .grad is already its view (bound by the hook or above).
+        for bucket in self.buckets:
             bucket.reset_round()
         self._next_to_launch = 0
-        # One device-to-host read for all flags, not one per bucket.
-        has_grad = iter(torch.cat([bucket.flags for bucket in self.buckets]).gt(0).tolist())
-        for bucket in self.buckets:
-            for p, view in zip(bucket.params, bucket.views):
-                p.grad = view if next(has_grad) else None
 
     def reset(self) -> None:
         """Forget a half-finished sync (after an exception in backward)."""
