@@ -1,19 +1,21 @@
-"""Issue 7 on the GPUs one machine has: every strategy on NCCL against one process, and throughput beside Lightning.
+"""Issue 11 on the GPUs one machine has: every strategy against one process (parity), and throughput beside peers.
 
-    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-    python benchmarks/multi_gpu.py reference --out $OUT/reference.json             # 1 GPU, 1 process
-    torchrun --nproc_per_node N benchmarks/multi_gpu.py parity --reference $OUT/reference.json --out $OUT/parity.json
-    torchrun --nproc_per_node N benchmarks/multi_gpu.py throughput --out $OUT/throughput.json
-    python benchmarks/multi_gpu.py throughput --out $OUT/throughput_1gpu.json --variants zero3   # scaling, 1 GPU
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=$PWD
+    python benchmarks/multi_gpu.py reference --out $OUT/reference.json             # 1 device, 1 process
+    torchrun --nproc_per_node N benchmarks/multi_gpu.py parity --reference $OUT/reference.json --out $OUT/p.json
+    torchrun --nproc_per_node N benchmarks/multi_gpu.py parity --reference ... --precision bf16   # vs dp bf16
+    torchrun --nproc_per_node N benchmarks/multi_gpu.py throughput --out $OUT/throughput.json [--model 7b]
+    (benchmarks/gpu_suite.sh MODE runs the lot; --accelerator cpu runs everything on gloo with tiny sizes)
 
-parity: the demo GPT (4 blocks, width 128), fp32 with TF32 off, SGD, 8 steps of a global batch of 16, under each
-strategy on N ranks (one per GPU, NCCL) against the same global batches in one process: the relative gap of each
-step's loss (mean over the data-parallel replicas). Lightning's torchrun environment is detected, so every
-``Trainer`` joins the N processes.
+parity (benchmarks/mg_parity.py): the demo GPT (8 blocks, width 128), fp32 with TF32 off, SGD, 8 steps of a global
+batch of 16 under each strategy on N ranks (one device each) against one process on the same global batches (the
+sample ids every rank reads are checked): relative gap of each step's loss, tolerance 1e-5. ``--precision bf16``:
+each strategy under bf16-mixed against ``dp`` under bf16-mixed, tolerance 2e-2. ``ddp`` is always the first row.
 
-throughput: a GPT of ``--layers x --width`` (default 1.3 B, sequence 2048, batch 4 per GPU), bf16-mixed, fused
-AdamW, random tokens; each variant timed over ``--steps`` after ``--warmup``; tokens/s over all GPUs and the largest
-per-GPU peak. Ours (dp, zero1-3, tp1d, pipeline) beside Lightning's ddp, fsdp and ModelParallelStrategy (FSDP2).
+throughput: a GPT (``--model 1.3b``: 24 x 2048, 16 heads, batch 4 per GPU; ``--model 7b``: 32 x 4096, 32 heads,
+batch 2 per GPU), vocab 50304, sequence 2048, bf16-mixed, fused AdamW, random tokens; each variant timed over
+``--steps`` after ``--warmup``; tokens/s over all GPUs, the largest per-GPU peak, and ``host_syncs``: the number
+of synchronizing CUDA calls (``torch.cuda.set_sync_debug_mode("warn")``) during the timed steps.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, TensorDataset
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -37,111 +39,24 @@ import bench_dp  # noqa: E402  (the shared harness; puts the repository on sys.p
 import lightning.pytorch as pl  # noqa: E402
 
 import lightning_par  # noqa: E402,F401  (registers the strategy names)
-from lightning_par.demo.model import DemoGPT  # noqa: E402
-from lightning_par.strategies import PipelineStrategy, TensorParallel1DStrategy, ZeroStrategy  # noqa: E402
+import mg_parity  # noqa: E402
+import tp_peer  # noqa: E402
+from lightning_par.demo.model import GPT  # noqa: E402
+from lightning_par.strategies import PipelineStrategy, TensorParallel1DStrategy  # noqa: E402
 
-GLOBAL_BATCH, STEPS, SEQ, VOCAB = 16, 8, 64, 256
-
-
-# ------------------------------------------------------------------------------------------------------ parity
-
-
-class Recording(DemoGPT):
-    def __init__(self) -> None:
-        super().__init__(vocab_size=VOCAB, block_size=SEQ, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
-                         optimizer="sgd", learning_rate=0.1)
-        self.recorded: list[float] = []
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.recorded.append(float(outputs["loss"]) * self.trainer.accumulate_grad_batches)
+MODELS = {  # --model presets: layers, width, heads, batch per GPU
+    "1.3b": dict(layers=24, width=2048, heads=16, batch=4),
+    "7b": dict(layers=32, width=4096, heads=32, batch=2),  # batch 4 (≈36 GB of bf16 activations) would not fit zero3
+}
 
 
-def parity_strategies(nvme_dir: str, world: int) -> dict[str, Callable[[], Any]]:
-    # ~0.83 M parameters: 13.3 MB of fp32 masters, gradients and Adam-sized state over the ranks; a host limit of
-    # 10 MB in all makes about half of the host chunks spill their state to disk at any world size.
-    host_limit = 10_000_000 // world
-    return {
-        "dp": lambda: "dp",
-        "zero1": lambda: "zero1",
-        "zero2": lambda: "zero2",
-        "zero3": lambda: "zero3",
-        "zero2_offload": lambda: "zero2_offload",
-        "zero3_offload": lambda: "zero3_offload",
-        "zero3 half on host": lambda: ZeroStrategy(stage=3, chunk_size=2**16, offload=0.5),
-        "zero3_nvme (spilling)": lambda: ZeroStrategy(stage=3, chunk_size=2**16, offload=1.0, nvme_dir=nvme_dir,
-                                                       host_memory_limit=host_limit),
-        "tp1d": lambda: "tp1d",
-        "tp1d + sequence parallel": lambda: TensorParallel1DStrategy(sequence_parallel=True),
-        **{f"pipeline {s}": (lambda s=s: PipelineStrategy(schedule=s, microbatches=4))
-           for s in ("1f1b", "gpipe", "interleaved", "zero_bubble", "chimera")},
-    }
-
-
-def dataset() -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, VOCAB, (STEPS * GLOBAL_BATCH, SEQ + 1), generator=g)
-    return TensorDataset(tokens[:, :-1], tokens[:, 1:])
-
-
-def fit_losses(strategy: Any, devices: int, per_rank_batch: int) -> list[float]:
-    pl.seed_everything(0, verbose=False)
-    module = Recording()
-    trainer = pl.Trainer(accelerator="gpu", devices=devices, strategy=strategy, precision="32-true",
-                         max_steps=STEPS, max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(module, DataLoader(dataset(), batch_size=per_rank_batch))
-    return module.recorded
-
-
-def exact_fp32() -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-
-
-def cmd_reference(args: argparse.Namespace) -> None:
-    exact_fp32()
-    losses = fit_losses("auto", 1, GLOBAL_BATCH)
-    Path(args.out).write_text(json.dumps({"losses": losses}))
-    print("reference", losses)
-
-
-def data_parallel_size(strategy: Any, world: int) -> int:
-    return strategy.topology_for(world).data if hasattr(strategy, "topology_for") else world
-
-
-def cmd_parity(args: argparse.Namespace) -> None:
-    exact_fp32()
-    reference = json.loads(Path(args.reference).read_text())["losses"]
-    world = int(os.environ["WORLD_SIZE"])
-    rows = []
-    for name, make in parity_strategies(args.nvme_dir, world).items():
-        strategy = make()
-        if isinstance(strategy, str):
-            from lightning.pytorch.strategies import StrategyRegistry
-
-            entry = StrategyRegistry[strategy]
-            strategy = entry["strategy"](**entry["init_params"])
-        data = data_parallel_size(strategy, world)
-        row: dict[str, Any] = {"strategy": name, "world": world, "data_parallel": data}
-        t0 = time.perf_counter()
-        try:
-            losses = fit_losses(strategy, world, GLOBAL_BATCH // data)
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, losses)
-            replicas = [gathered[d * (world // data)] for d in range(data)]
-            ours = [sum(step) / data for step in zip(*replicas)]
-            gap = max(abs(a - b) / abs(b) for a, b in zip(ours, reference))
-            row.update(status="ok" if len(ours) == len(reference) else "steps differ", gap=gap, first=ours[0],
-                       last=ours[-1])
-        except Exception as e:  # noqa: BLE001 - recorded, the next strategy runs
-            row.update(status="error", error=f"{type(e).__name__}: {e}"[:400])
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
-        if dist.get_rank() == 0:
-            print(f"{name:<26} {row['status']:<6} gap {row.get('gap', float('nan')):.2e} "
-                  f"({row['seconds']:.0f} s) {row.get('error', '')}", flush=True)
-    if dist.get_rank() == 0:
-        Path(args.out).write_text(json.dumps({"reference": reference, "rows": rows}, indent=1))
+def local_device(accelerator: str) -> torch.device:
+    """This rank's device, set as the current CUDA device before anything else touches CUDA."""
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
 
 
 # -------------------------------------------------------------------------------------------------- throughput
@@ -153,11 +68,14 @@ class FSDP2Module(bench_dp.BenchModule):
     def configure_model(self) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if getattr(self, "_sharded", False):
+            return
         mesh = self.device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in self.model.blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(self.model, mesh=mesh, mp_policy=policy)
+        self._sharded = True
 
 
 class PipelineBench(bench_dp.BenchModule):
@@ -172,80 +90,189 @@ class PipelineBench(bench_dp.BenchModule):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
 
 
-def throughput_variants(world: int) -> dict[str, tuple[Callable[[], Any], type]]:
+def build_split_gpt(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(args.seed)
+    with device:
+        return tp_peer.SplitGPT(bench_dp.config(args))
+
+
+OURS = ("dp", "zero1", "zero2", "zero3", "zero3_offload", "tp1d", "pipeline", "pipeline_interleaved",
+        "pipeline_zero_bubble")
+
+
+def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple[Callable[[], Any], type, Callable]]:
+    """name -> (strategy factory, module class, model builder)."""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     from lightning_par.demo.model import Block
 
+    gpt, m = bench_dp.build_model, args.microbatches
     return {
-        "dp": (lambda: "dp", bench_dp.BenchModule),
-        "zero1": (lambda: "zero1", bench_dp.BenchModule),
-        "zero2": (lambda: "zero2", bench_dp.BenchModule),
-        "zero3": (lambda: "zero3", bench_dp.BenchModule),
-        "tp1d": (lambda: TensorParallel1DStrategy(), bench_dp.BenchModule),
-        "pipeline": (lambda: PipelineStrategy(schedule="1f1b"), PipelineBench),  # 2 microbatches per stage
-        "lightning ddp": (lambda: "ddp", bench_dp.BenchModule),
-        "lightning fsdp": (lambda: FSDPStrategy(auto_wrap_policy={Block}), bench_dp.BenchModule),
-        "lightning FSDP2 (ModelParallelStrategy)": (
-            lambda: ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1), FSDP2Module),
+        "dp": (lambda: "dp", bench_dp.BenchModule, gpt),
+        "zero1": (lambda: "zero1", bench_dp.BenchModule, gpt),
+        "zero2": (lambda: "zero2", bench_dp.BenchModule, gpt),
+        "zero3": (lambda: "zero3", bench_dp.BenchModule, gpt),
+        "zero3_offload": (lambda: "zero3_offload", bench_dp.BenchModule, gpt),
+        "tp1d": (lambda: TensorParallel1DStrategy(), bench_dp.BenchModule, gpt),
+        "tp1d_sp": (lambda: TensorParallel1DStrategy(sequence_parallel=True), bench_dp.BenchModule, gpt),
+        "pipeline": (lambda: PipelineStrategy(schedule="1f1b", microbatches=m), PipelineBench, gpt),
+        "pipeline_interleaved": (lambda: PipelineStrategy(schedule="interleaved", microbatches=m), PipelineBench, gpt),
+        "pipeline_zero_bubble": (lambda: PipelineStrategy(schedule="zero_bubble", microbatches=m), PipelineBench, gpt),
+        "lightning_ddp": (lambda: "ddp", bench_dp.BenchModule, gpt),
+        "lightning_fsdp": (lambda: FSDPStrategy(auto_wrap_policy={Block}), bench_dp.BenchModule, gpt),
+        "lightning_fsdp2": (lambda: ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+                            FSDP2Module, gpt),
+        "dtensor_tp": (lambda: ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=world),
+                       tp_peer.make_module_class(bench_dp.BenchModule), build_split_gpt),
     }
 
 
-def run_variant(args: argparse.Namespace, strategy: Any, module_class: type, world: int) -> dict:
-    device = torch.device("cuda", torch.cuda.current_device())
-    torch.manual_seed(0)
-    data = data_parallel_size(strategy, world) if not isinstance(strategy, str) else world
+DEFAULT_VARIANTS = ("dp,zero1,zero2,zero3,tp1d,pipeline,lightning_ddp,lightning_fsdp,lightning_fsdp2,dtensor_tp")
+
+
+class SyncTimer(bench_dp.WindowTimer):
+    """The timed window, and the synchronizing CUDA calls made in it (sync debug mode "warn", warnings recorded)."""
+
+    def __init__(self, warmup: int, steps: int, count_syncs: bool) -> None:
+        super().__init__(warmup, steps)
+        self.count_syncs = count_syncs
+        self.host_syncs: int | None = None
+        self._catcher = self._records = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if batch_idx == self.first and self.count_syncs and pl_module.device.type == "cuda":
+            self._catcher = warnings.catch_warnings(record=True)
+            self._records = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.last and self._catcher is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self.host_syncs = sum("synchroniz" in str(w.message).lower() for w in self._records)
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def data_parallel_size(strategy: Any, world: int) -> int:
+    if hasattr(strategy, "topology_for"):
+        return strategy.topology_for(world).data
+    if type(strategy).__name__ == "ModelParallelStrategy":
+        return strategy._data_parallel_size if isinstance(strategy._data_parallel_size, int) else world
+    return world
+
+
+def run_variant(args: argparse.Namespace, name: str, world: int, device: torch.device) -> dict:
+    make, module_class, builder = throughput_variants(world, args)[name]
+    strategy = make()
+    if isinstance(strategy, str) and strategy != "ddp":
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        entry = StrategyRegistry[strategy]
+        strategy = entry["strategy"](**entry["init_params"])
+    data = data_parallel_size(strategy, world)
     n_batches = (args.warmup + args.steps) * data
-    ds = bench_dp.Batches(n_batches, args.batch * world // data, args.seq, args.vocab, pin=True, seed=0)
-    with device:
-        model = bench_dp.build_model(args, device)
+    ds = bench_dp.Batches(n_batches, args.batch * world // data, args.seq, args.vocab,
+                          pin=device.type == "cuda", seed=0)
+    model = builder(args, device)  # on this rank's own device
     module = module_class(model, args.lr)
-    timer = bench_dp.WindowTimer(args.warmup, args.steps)
-    trainer = pl.Trainer(accelerator="gpu", devices=world, strategy=strategy, precision="bf16-mixed",
+    timer = SyncTimer(args.warmup, args.steps, count_syncs=args.sync_check and name in OURS)
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=world, strategy=strategy, precision="bf16-mixed",
                          max_steps=args.warmup + args.steps, max_epochs=1, limit_val_batches=0,
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
-    torch.cuda.reset_peak_memory_stats(device)  # (the previous variant was collected by `bench_dp.free`)
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                         use_distributed_sampler=False)  # each rank reads all batches: the same per-rank work
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     trainer.fit(module, train_dataloaders=bench_dp.make_loader(ds))
+    if timer.t0 is None or timer.t1 is None:
+        raise RuntimeError("the timed window was not reached")
     seconds = timer.t1 - timer.t0
-    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     tokens = args.steps * args.batch * world * args.seq  # the global batch is batch x world in every variant
-    return {"tokens_per_s": tokens / seconds, "step_s": seconds / args.steps, "peak_gib": peak}
+    return {"tokens_per_s": tokens / seconds, "step_s": seconds / args.steps, "peak_gib": peak,
+            "host_syncs": timer.host_syncs}
+
+
+def apply_model_preset(args: argparse.Namespace) -> None:
+    if args.model:
+        for k, v in MODELS[args.model].items():
+            if k != "batch" or args.batch is None:
+                setattr(args, k, v)
+    if args.batch is None:
+        args.batch = 4
 
 
 def cmd_throughput(args: argparse.Namespace) -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    device = local_device(args.accelerator)
+    apply_model_preset(args)
     torch.set_float32_matmul_precision("high")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    variants = throughput_variants(world)
-    chosen = [v.strip() for v in args.variants.split(",")] if args.variants else list(variants)
+    variants = throughput_variants(world, args)
+    chosen = [v.strip() for v in (args.variants or DEFAULT_VARIANTS).split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in variants]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(variants)}")
+    with torch.device("meta"):
+        n_params = GPT(bench_dp.config(args)).num_params()
+    if rank == 0:
+        print(f"throughput: world {world}, GPT {n_params / 1e9:.2f}B ({args.layers}x{args.width}, {args.heads} heads, "
+              f"vocab {args.vocab}), batch {args.batch}/GPU x seq {args.seq}, {args.warmup}+{args.steps} steps, "
+              f"pipeline microbatches {args.microbatches}; dtensor_tp = {tp_peer.DESCRIPTION}", flush=True)
     rows = []
     for name in chosen:
-        make, module_class = variants[name]
         row: dict[str, Any] = {"variant": name, "world": world}
+        t0 = time.perf_counter()
         try:
-            row.update(run_variant(args, make(), module_class, world))
+            row.update(run_variant(args, name, world, device))
             row["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - recorded, the next variant runs
             row.update(status="oom" if "out of memory" in str(e).lower() else "error",
                        error=f"{type(e).__name__}: {e}"[:300])
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
         if dist.is_initialized() and world > 1:
             peaks: list = [None] * world
-            dist.all_gather_object(peaks, row.get("peak_gib"))
-            row["peak_gib"] = max((p for p in peaks if p is not None), default=None)
+            dist.all_gather_object(peaks, (row.get("peak_gib"), row.get("host_syncs"), row["status"]))
+            row["peak_gib"] = max((p[0] for p in peaks if p[0] is not None), default=None)
+            syncs = [p[1] for p in peaks if p[1] is not None]
+            row["host_syncs"] = max(syncs) if syncs else None  # the largest count of one rank
+            if any(p[2] == "oom" for p in peaks):
+                row["status"] = "oom"
+        row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-        bench_dp.free(torch.device("cuda", torch.cuda.current_device()))  # the trainer and module form cycles: collect
+        bench_dp.free(device)  # the trainer and module form cycles: collect
         if rank == 0:
-            tps = row.get("tokens_per_s")
-            print(f"{name:<42} {row['status']:<6} {tps or 0:>10,.0f} tok/s  per GPU {(tps or 0) / world:>9,.0f}  "
-                  f"peak {row.get('peak_gib') or 0:6.1f} GiB {row.get('error', '')}", flush=True)
-    if rank == 0:
+            tps = row.get("tokens_per_s") or 0
+            syncs = row.get("host_syncs")
+            print(f"  {name:<22} {row['status']:<5} {tps:>10,.0f} tok/s  per GPU {tps / world:>9,.0f}  "
+                  f"peak {row.get('peak_gib') or 0:6.1f} GiB  host_syncs {'-' if syncs is None else syncs:>4}  "
+                  f"({row['seconds']:.0f} s) {row.get('error', '')}", flush=True)
+    if rank == 0 and args.out:
         config = {k: v for k, v in vars(args).items() if k != "func"}
-        Path(args.out).write_text(json.dumps({"config": config, "world": world, "rows": rows,
-                                              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        Path(args.out).write_text(json.dumps({"config": config, "world": world, "n_params": n_params, "rows": rows,
+                                              "device": name, "torch": torch.__version__,
                                               "lightning": pl.__version__}, indent=1))
+
+
+def add_throughput_args(thr: argparse.ArgumentParser) -> None:
+    thr.add_argument("--accelerator", choices=["gpu", "cpu"], default="gpu")
+    thr.add_argument("--out", default="")
+    thr.add_argument("--variants", default="", help=f"comma-separated; default {DEFAULT_VARIANTS}")
+    thr.add_argument("--model", choices=sorted(MODELS), default="", help="preset: overrides layers/width/heads")
+    for name, default in (("layers", 24), ("width", 2048), ("heads", 16), ("vocab", 50304), ("seq", 2048),
+                          ("steps", 10), ("warmup", 3), ("microbatches", 8)):
+        thr.add_argument(f"--{name}", type=int, default=default)
+    thr.add_argument("--batch", type=int, default=None, help="per GPU; default 4 (2 for --model 7b)")
+    thr.add_argument("--lr", type=float, default=1e-4)
+    thr.add_argument("--seed", type=int, default=0)
+    thr.add_argument("--no-sync-check", dest="sync_check", action="store_false")
 
 
 def main() -> None:
@@ -253,23 +280,24 @@ def main() -> None:
     sub = p.add_subparsers(required=True)
     ref = sub.add_parser("reference")
     ref.add_argument("--out", required=True)
-    ref.set_defaults(func=cmd_reference)
+    mg_parity.add_parity_args(ref)
+    ref.set_defaults(func=mg_parity.cmd_reference)
     par = sub.add_parser("parity")
-    par.add_argument("--reference", required=True)
+    par.add_argument("--accelerator", choices=["gpu", "cpu"], default="gpu")
+    par.add_argument("--reference", required=True, help="the reference's JSON (its config is used)")
     par.add_argument("--out", required=True)
+    par.add_argument("--only", default="", help="comma-separated strategy names (ddp always runs first)")
+    par.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     par.add_argument("--nvme-dir", default="/tmp/lightning_par_multi_gpu_nvme")
-    par.set_defaults(func=cmd_parity)
+    par.set_defaults(func=mg_parity.cmd_parity)
     thr = sub.add_parser("throughput")
-    thr.add_argument("--out", required=True)
-    thr.add_argument("--variants", default="")
-    for name, default in (("layers", 24), ("width", 2048), ("heads", 16), ("vocab", 50304), ("batch", 4),
-                          ("seq", 2048), ("steps", 10), ("warmup", 3)):
-        thr.add_argument(f"--{name}", type=int, default=default)
-    thr.add_argument("--lr", type=float, default=1e-4)
-    thr.add_argument("--seed", type=int, default=0)
-    thr.add_argument("--precision", default="bf16")
+    add_throughput_args(thr)
     thr.set_defaults(func=cmd_throughput)
     args = p.parse_args()
+    if args.func is not cmd_throughput:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        local_device(args.accelerator)
     args.func(args)
 
 
