@@ -30,10 +30,10 @@ all-reduce a parameter whose flag sums to zero on every rank keeps ``grad = None
 [Note: no host synchronisation]
 Nothing in the hooks or in ``finish`` waits for the device on the common path, so the host keeps queuing backward
 kernels while the all-reduces run on the communication stream. Which parameters have a gradient is known on the
-host (the hook fired, or ``.grad`` is set when ``finish`` launches a bucket): the device flags are written when a
-bucket is launched, with one ``fill_(1)`` per bucket and, only for parameters this rank has no gradient for, one
-``zero_()`` of that flag (never a Python value written into an element of a device tensor, which is a copy from
-pageable host memory and synchronises). When this rank has a gradient for every parameter, every all-reduced flag
+host (the hook fired, or ``.grad`` is set when ``finish`` launches a bucket). The device flags are set back to 1
+after each sync by two multi-tensor kernels for all buckets, and only a parameter this rank has no gradient for
+gets one ``zero_()`` of its flag when its bucket is launched (never a Python value written into an element of a
+device tensor, which is a copy from pageable host memory and synchronises). When this rank has a gradient for every parameter, every all-reduced flag
 is > 0 on every rank and nothing is read back. Only when this rank lacks some gradient does ``finish`` read the
 flags of the buckets concerned: one device-to-host read, the only synchronisation, and only with unused
 parameters. ``Work.wait()`` on NCCL makes the current stream wait for the all-reduce; it does not block the host.
@@ -61,6 +61,7 @@ class _Bucket:
         self.buffer = torch.zeros(numel + len(params), dtype=dtype, device=device)
         self.views = [self.buffer[o : o + p.numel()].view_as(p) for o, p in zip(self.offsets, params)]
         self.flags = self.buffer[numel:]
+        self.flags.fill_(1)  # reset to 1 after every sync (see GradientBucketer._reset_flags)
         self.flag_views = [self.flags[i : i + 1] for i in range(len(params))]  # built once, not per step
         self.pending = len(params)
         self.ready = [False] * len(params)  # which parameters got their gradient in this sync round
@@ -154,9 +155,16 @@ class GradientBucketer:
         if bucket.pending == 0:
             self._launch_ready()
 
+    def _reset_flags(self) -> None:
+        """Set every flag back to 1 after a sync: two multi-tensor kernels for all buckets, not one per bucket.
+        Ordered after the all-reduces on the current stream (the waits), before the next launches."""
+        flags = [bucket.flags for bucket in self.buckets]
+        torch._foreach_zero_(flags)
+        torch._foreach_add_(flags, 1)
+
     def _launch(self, bucket: _Bucket) -> None:
-        # Flags: one kernel per bucket, plus one per parameter this rank has no gradient for (host-known).
-        bucket.flags.fill_(1)
+        # The flags are 1 (see _reset_flags); only those of parameters this rank has no gradient for (known on the
+        # host, non-empty only when finish() launches the bucket) become 0, one small kernel each.
         for i in bucket.missing:
             bucket.flag_views[i].zero_()
         if self._divide_first:
@@ -199,6 +207,7 @@ class GradientBucketer:
                 for i in bucket.missing:
                     bucket.params[i].grad = bucket.views[i] if flags[i] else None
         # Every other parameter's .grad is already its view (bound by the hook or above).
+        self._reset_flags()
         for bucket in self.buckets:
             bucket.reset_round()
         self._next_to_launch = 0
@@ -210,6 +219,7 @@ class GradientBucketer:
                 bucket.work.wait()
                 bucket.work = None
             bucket.reset_round()
+        self._reset_flags()
         self._next_to_launch = 0
 
     def covers(self, params: Iterable[nn.Parameter]) -> bool:
