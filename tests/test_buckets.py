@@ -237,6 +237,15 @@ def _sync_free_checks(rank: int, world_size: int) -> list[str]:
     assert len(bucketer.buckets) == 1
     bucketer.remove()
     done.append("first_bucket")
+
+    # Nothing trainable (everything frozen): no bucket, and a sync is a no-op.
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    bucketer = GradientBucketer(frozen.named_parameters(), dist.group.WORLD)
+    assert bucketer.buckets == []
+    bucketer.finish()
+    bucketer.reset()
+    bucketer.remove()
+    done.append("nothing_trainable")
     return done
 
 
@@ -244,4 +253,5 @@ def test_bucketer_reads_nothing_back_when_every_gradient_is_present():
     results = run_on_ranks(_sync_free_checks, 2)
     for done in results:
         assert done == ["no_read_all_used", "no_read_set_to_none_false", "no_read_after_accumulation",
-                        "one_read_when_unused_here", "unused_everywhere_then_used", "first_bucket"]
+                        "one_read_when_unused_here", "unused_everywhere_then_used", "first_bucket",
+                        "nothing_trainable"]

@@ -159,8 +159,9 @@ class GradientBucketer:
         """Set every flag back to 1 after a sync: two multi-tensor kernels for all buckets, not one per bucket.
         Ordered after the all-reduces on the current stream (the waits), before the next launches."""
         flags = [bucket.flags for bucket in self.buckets]
-        torch._foreach_zero_(flags)
-        torch._foreach_add_(flags, 1)
+        if flags:  # no buckets when nothing is trainable
+            torch._foreach_zero_(flags)
+            torch._foreach_add_(flags, 1)
 
     def _launch(self, bucket: _Bucket) -> None:
         # The flags are 1 (see _reset_flags); only those of parameters this rank has no gradient for (known on the
