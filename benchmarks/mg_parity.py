@@ -98,6 +98,9 @@ def fit(cfg: dict, accelerator: str, strategy: Any, devices: int, loader_batch: 
                          max_steps=cfg["steps"], max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, loader)
+    # the replica this rank belongs to, as the strategy itself reports it after fit (a strategy may choose its
+    # degrees from the model, e.g. tp1d with fewer heads than ranks)
+    module.data_rank = trainer.strategy.distributed_sampler_kwargs["rank"] if trainer.world_size > 1 else 0
     return module
 
 
@@ -108,7 +111,8 @@ def cmd_reference(args: argparse.Namespace) -> None:
     module = fit(cfg, args.accelerator, "auto", 1, batches, "32-true")
     if module.ids != [sorted(b) for b in batches]:
         raise RuntimeError("the reference did not read the batches it was given")
-    Path(args.out).write_text(json.dumps({"config": cfg, "losses": module.recorded, "batches": module.ids}))
+    Path(args.out).write_text(json.dumps({"config": cfg, "losses": module.recorded, "batches": module.ids,
+                                          "order": batches}))
     print("reference", [f"{x:.6f}" for x in module.recorded], flush=True)
 
 
@@ -142,14 +146,6 @@ def resolve(strategy: Any) -> Any:
         entry = StrategyRegistry[strategy]
         return entry["strategy"](**entry["init_params"])
     return strategy
-
-
-def data_coordinates(strategy: Any, world: int) -> list[int]:
-    """The data-parallel replica of every rank."""
-    if hasattr(strategy, "topology_for"):
-        topology = strategy.topology_for(world)
-        return [topology.coordinates(r)["data"] for r in range(world)]
-    return list(range(world))  # Lightning's ddp
 
 
 def gather(obj: Any, world: int) -> list:
@@ -186,11 +182,15 @@ def rel_gap(a: list[float], b: list[float]) -> float:
 def run_one(args: argparse.Namespace, cfg: dict, make: Callable[[], Any], world: int, precision: str,
             expected: list[list[int]]) -> tuple[list[float], str, Any]:
     strategy = resolve(make())
-    coords = data_coordinates(strategy, world)
+    # planned degrees decide the per-rank batch; the degrees the strategy really ran with are read after fit
+    planned = strategy.topology_for(world).data if hasattr(strategy, "topology_for") else world
+    module = fit(cfg, args.accelerator, strategy, world, cfg["global_batch"] // planned, precision)
+    gathered = gather((module.recorded, module.ids, module.data_rank), world)
+    coords = [g[2] for g in gathered]
     data = len(set(coords))
-    module = fit(cfg, args.accelerator, strategy, world, cfg["global_batch"] // data, precision)
-    gathered = gather((module.recorded, module.ids), world)
-    losses, status = evaluate(gathered, coords, expected)
+    if data != planned:
+        return [], f"ran with {data} data-parallel replicas, planned {planned}", data
+    losses, status = evaluate([g[:2] for g in gathered], coords, expected)
     return losses, status, data
 
 
@@ -203,7 +203,9 @@ def cmd_parity(args: argparse.Namespace) -> None:
     bf16 = args.precision == "bf16"
     precision, tol = ("bf16-mixed", BF16_TOL) if bf16 else ("32-true", FP32_TOL)
     table = parity_strategies(args.nvme_dir, world, cfg)
-    names = ["ddp"] + [n for n in (args.only.split(",") if args.only else table) if n and n != "ddp"]
+    # At one process our strategies get no sampler from Lightning (sequential batches): only the controls run.
+    default = table if world > 1 else ["ddp"]
+    names = ["ddp"] + [n for n in (args.only.split(",") if args.only else default) if n and n != "ddp"]
     unknown = [n for n in names if n not in table and n != "reference"]
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; choose from {', '.join(table)}")
@@ -225,7 +227,7 @@ def cmd_parity(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         try:
             if name == "reference":
-                module = fit(cfg, args.accelerator, "auto", 1, expected, precision)
+                module = fit(cfg, args.accelerator, "auto", 1, ref["order"], precision)
                 losses, status, data = module.recorded, "ok" if module.ids == expected else "data differ", 1
             else:
                 losses, status, data = run_one(args, cfg, table[name], world, precision, expected)
