@@ -16,11 +16,19 @@ A part held by two ranks (Chimera) is a replica whose gradients the executor sum
 
 [Note: communication actions]
 Every value that crosses ranks has a SEND on the producer and a RECV on the consumer. Transfers between two ranks
-are matched in the order they are posted (a transfer may change the shapes the p2p layer has cached for its peer,
-so two receives from one peer must not be in flight at once: posting a RECV first waits for the previous one from
-the same peer). The inserted RECV of a compute is posted one compute early, so the transfer overlaps the compute
-before it; SENDs never block.
-The simulator models exactly these rules, so "no deadlock in the simulator" means no deadlock in the executor.
+are matched in the order they are posted. The communication actions between two computes of a rank form a *slot*,
+which the executor posts as one batch (``dist.batch_isend_irecv``): NCCL runs a rank's batches one after another
+on one stream, a batch finishing when each of its operations has met its peer, so a RECV that sits in a batch of
+its own ahead of the SEND its peer waits for can block both ranks for ever (see [Note: NCCL's in-order rule] in
+:mod:`~lightning_par.pipeline.simulate`). So the batches of all ranks must follow one order: the slot after a
+compute holds its SENDs, and each RECV goes into the receiver's first slot, on the clock of the schedule run with
+instant transfers, whose window (from the end of the compute before it to the start of the compute after it)
+reaches the time its SEND is posted: a rendezvous at the same logical time where the receiver is idle, else right
+after the compute it is busy with, and never after the compute that needs it. Where two ranks exchange values in
+both directions, both transfers then sit in batches that meet instead of crossing. A RECV is waited right before
+its compute. On a GPU the host runs ahead of the device, so a batch is posted while the compute before it still
+runs, and the transfer overlaps it.
+The simulator models this rule, so "no deadlock in the simulator" means no deadlock in the executor, on NCCL too.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ __all__ = [
     "forward_only",
     "SCHEDULES",
     "build_schedule",
+    "slots",
 ]
 
 
@@ -299,7 +308,7 @@ def chimera(ranks: int, microbatches: int) -> Schedule:
     return _with_communication(
         "chimera", p, microbatches, parts=p, placement=down_stages + tuple(p - 1 - j for j in range(p)),
         stage_part=down_stages + down_stages, pipelines=(down_stages, up_stages),
-        route=tuple(0 if m % p < half else 1 for m in range(microbatches)), orders=orders,
+        route=tuple(0 if m % p < half else 1 for m in range(microbatches)), orders=orders, costs=(1, 1, 1, 1),
     )
 
 
@@ -349,7 +358,7 @@ def build_schedule(name: str, ranks: int, microbatches: int, chunks: int = 2) ->
 
 def _with_communication(name: str, ranks: int, microbatches: int, *, parts: int, placement: tuple[int, ...],
                         stage_part: tuple[int, ...], pipelines: tuple[tuple[int, ...], ...], route: tuple[int, ...],
-                        orders: list[list[Action]]) -> Schedule:
+                        orders: list[list[Action]], costs: tuple[float, float, float, float] = (1, 2, 1, 1)) -> Schedule:
     """Insert SEND and RECV actions into per-rank compute orders (see [Note: communication actions])."""
     bare = Schedule(name, ranks, microbatches, parts, placement, stage_part, pipelines, route,
                     tuple(tuple(o) for o in orders))
@@ -363,7 +372,7 @@ def _with_communication(name: str, ranks: int, microbatches: int, *, parts: int,
                 consumer[(Kind.RECV_B, action.stage, action.microbatch)] = action
     send_of: dict[Action, Action] = {}
     channel: dict[tuple[int, int], list[Action]] = defaultdict(list)  # (src, dst) -> RECVs in the sender's order
-    needs: dict[Action, list[Action]] = defaultdict(list)  # compute -> the RECVs it consumes
+    consumer_of: dict[Action, Action] = {}  # RECV -> the compute that uses it
     for src, order in enumerate(orders):
         for action in order:
             transfer = _transfer(bare, action)
@@ -372,32 +381,77 @@ def _with_communication(name: str, ranks: int, microbatches: int, *, parts: int,
             send, recv = transfer
             send_of[action] = send
             channel[(src, placement[recv.stage])].append(recv)
-            needs[consumer[(recv.kind, recv.stage, recv.microbatch)]].append(recv)
+            consumer_of[recv] = consumer[(recv.kind, recv.stage, recv.microbatch)]
 
+    # Each RECV goes into the receiver's first slot whose window on the ideal clock reaches the time its SEND is
+    # posted (see [Note: communication actions]); on the same channel those times grow, so the order is kept.
+    start, end = _ideal_times(bare, orders, costs)
+    slot_recvs: list[dict[int, list[tuple[float, int, Action]]]] = [defaultdict(list) for _ in orders]
+    for (src, dst), queue in channel.items():
+        order = orders[dst]
+        for position, recv in enumerate(queue):
+            sent_at = end[_producer(bare, recv)]
+            consumer = order.index(consumer_of[recv])
+            # Slot j sits before compute j; its window is [end of compute j-1, start of compute j].
+            j = next(j for j in range(consumer + 1) if j == consumer or start[order[j]] >= sent_at)
+            slot_recvs[dst][j].append((sent_at, src * len(queue) + position, recv))
     actions = []
     for rank, order in enumerate(orders):
-        posted: dict[int, int] = defaultdict(int)  # src -> transfers from src posted so far
         out: list[Action] = []
-
-        def post(compute: Action) -> None:
-            # The RECVs of `compute`, preceded by any earlier transfer on the same channel (matched in order).
-            for recv in needs.get(compute, ()):
-                src = _source_rank(bare, recv)
-                queue = channel[(src, rank)]
-                while posted[src] <= queue.index(recv):
-                    out.append(queue[posted[src]])
-                    posted[src] += 1
-
-        if order:
-            post(order[0])
-        for i, compute in enumerate(order):
-            if i + 1 < len(order):
-                post(order[i + 1])  # one compute early: the transfer overlaps `compute`
+        for j, compute in enumerate(order):
+            out += [recv for _, _, recv in sorted(slot_recvs[rank][j], key=lambda x: (x[0], x[1]))]
             out.append(compute)
             if compute in send_of:
                 out.append(send_of[compute])
         actions.append(tuple(out))
     return Schedule(name, ranks, microbatches, parts, placement, stage_part, pipelines, route, tuple(actions))
+
+
+def _producer(schedule: Schedule, recv: Action) -> Action:
+    s, m = recv.stage, recv.microbatch
+    if recv.kind is Kind.RECV_F:
+        prev = schedule.prev_stage(s, m)
+        assert prev is not None
+        return Action(prev, Kind.F, m)
+    nxt = schedule.next_stage(s, m)
+    assert nxt is not None
+    kinds = [a.kind for a in schedule.actions[schedule.placement[nxt]] if a.stage == nxt and a.microbatch == m]
+    return Action(nxt, Kind.I if Kind.I in kinds else Kind.B, m)
+
+
+def _ideal_times(schedule: Schedule, orders: list[list[Action]],
+                 costs: tuple[float, float, float, float]) -> tuple[dict[Action, float], dict[Action, float]]:
+    """Start and end of every compute with instant transfers: the logical clock that places the RECVs."""
+    cost = {Kind.F: costs[0], Kind.B: costs[1], Kind.I: costs[2], Kind.W: costs[3]}
+    start: dict[Action, float] = {}
+    end: dict[Action, float] = {}
+    clock, pointer = [0.0] * len(orders), [0] * len(orders)
+    moved = True
+    while moved:
+        moved = False
+        for rank, order in enumerate(orders):
+            while pointer[rank] < len(order):
+                a = order[pointer[rank]]
+                s, m = a.stage, a.microbatch
+                if a.kind is Kind.F:
+                    prev = schedule.prev_stage(s, m)
+                    needs = [] if prev is None else [Action(prev, Kind.F, m)]
+                elif a.kind is Kind.W:
+                    needs = [Action(s, Kind.I, m)]
+                else:
+                    nxt = schedule.next_stage(s, m)
+                    needs = [Action(s, Kind.F, m)] + ([] if nxt is None else [Action(nxt, a.kind, m)])
+                if any(n not in end for n in needs):
+                    break  # the checker (simulate) says what is wrong with an order that never gets here
+                start[a] = max([clock[rank]] + [end[n] for n in needs])
+                end[a] = clock[rank] = start[a] + cost[a.kind]
+                pointer[rank] += 1
+                moved = True
+    for order in orders:  # unreachable computes keep the order they are in
+        for a in order:
+            if a not in start:
+                start[a] = end[a] = float("inf")
+    return start, end
 
 
 def _transfer(schedule: Schedule, action: Action) -> Optional[tuple[Action, Action]]:
@@ -412,8 +466,21 @@ def _transfer(schedule: Schedule, action: Action) -> Optional[tuple[Action, Acti
     return None
 
 
-def _source_rank(schedule: Schedule, recv: Action) -> int:
-    s, m = recv.stage, recv.microbatch
-    other = schedule.prev_stage(s, m) if recv.kind is Kind.RECV_F else schedule.next_stage(s, m)
-    assert other is not None
-    return schedule.placement[other]
+
+
+def slots(actions: tuple[Action, ...]) -> list[tuple[Action, ...]]:
+    """``actions`` cut into computes (1-tuples) and slots: maximal runs of SEND / RECV actions, each posted as one
+    batch (see [Note: communication actions])."""
+    out: list[tuple[Action, ...]] = []
+    run: list[Action] = []
+    for action in actions:
+        if action.kind.is_compute:
+            if run:
+                out.append(tuple(run))
+                run = []
+            out.append((action,))
+        else:
+            run.append(action)
+    if run:
+        out.append(tuple(run))
+    return out

@@ -2,7 +2,8 @@
 
 :func:`simulate` walks every rank's action list, starting a compute when its inputs exist, and raises
 :class:`~lightning_par.pipeline.schedules.ScheduleError` (with the timeline so far) when a compute runs before
-something it needs, two transfers are matched wrongly, work is missing or repeated, or no rank can move (deadlock).
+something it needs, two transfers are matched wrongly, work is missing or repeated, or no rank can move (deadlock,
+under NCCL's rule that a rank's batches of transfers run one after another: [Note: NCCL's in-order rule]).
 Its :class:`Timeline` gives start and end of every compute, each rank's idle time (the bubble) and the most
 microbatches whose activations a rank holds at once. :func:`expected_makespan` is the closed form each schedule is
 known for; tests check that both agree. :func:`format_timeline` and :func:`draw_timeline` draw the result.
@@ -15,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lightning_par.pipeline.schedules import Action, Kind, Schedule, ScheduleError
+from lightning_par.pipeline.schedules import Action, Kind, Schedule, ScheduleError, slots
 
 __all__ = ["Costs", "Timeline", "simulate", "expected_makespan", "format_timeline", "draw_timeline"]
 
@@ -68,22 +69,52 @@ def _required_computes(schedule: Schedule) -> set[Action]:
     return needed
 
 
+# [Note: NCCL's in-order rule]
+# NCCL runs the point-to-point operations a rank issues on one communicator in issue order, on one stream; torch
+# gives the batches of ``dist.batch_isend_irecv`` of a group one communicator. So, per rank, communication is a
+# sequence of batches (the slots of [Note: communication actions]) and, conservatively, one stream per rank for the
+# whole pipeline group whatever the peer: a batch *starts* once the rank's host has posted it and the rank's
+# previous batch has completed; it *completes* once every operation in it has met its matching operation (same
+# channel, matched in order per ordered pair of ranks) in a batch that has started on the peer. A compute that
+# needs a received value waits for the batch of that receive to complete (the whole batch: NCCL gives one Work for
+# it); sends do not block the host, and every batch must complete by the end of the step. A RECV alone in a batch
+# ahead of the SEND its peer waits for therefore blocks the rank's stream, and two such ranks block each other:
+# the executor would hang on NCCL (gloo, whose operations are independent, would not show it). This simulator runs
+# that rule, with transfers taking no time, and refuses such a schedule.
+
+
+@dataclass
+class _Batch:
+    rank: int
+    index: int
+    ops: list[tuple[Action, tuple[int, int], int]]  # (action, channel (src, dst), position on the channel)
+    issued: float
+    start: Optional[float] = None
+    end: Optional[float] = None
+
+    def describe(self) -> str:
+        return f"rank {self.rank} batch {self.index} [{' '.join(str(a) for a, _, _ in self.ops)}]"
+
+
 def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
-    """Run ``schedule`` on a simulated clock; raise ScheduleError on any violation (see the module docstring)."""
+    """Run ``schedule`` on a simulated clock; raise ScheduleError on any violation (see the module docstring and
+    [Note: NCCL's in-order rule])."""
     p = schedule.ranks
     timeline = Timeline(schedule, costs, [[] for _ in range(p)], [0] * p)
+    items = [slots(schedule.actions[r]) for r in range(p)]
     clock = [0.0] * p
-    pointer = [0] * p
+    pointer = [0] * p  # next item (compute or slot) of each rank's host
     done: dict[Action, float] = {}  # compute -> end time
-    sent: dict[tuple[int, int], list[tuple[Action, float]]] = defaultdict(list)  # channel -> (recv key, time)
-    posted: dict[tuple[int, int], list[Action]] = defaultdict(list)  # channel -> RECVs posted, in order
-    waited: dict[tuple[int, int], int] = defaultdict(int)  # channel -> RECVs whose data has arrived
+    batches: list[list[_Batch]] = [[] for _ in range(p)]
+    sent: dict[tuple[int, int], list[tuple[Action, _Batch]]] = defaultdict(list)  # channel -> (recv key, batch)
+    posted: dict[tuple[int, int], list[tuple[Action, _Batch]]] = defaultdict(list)  # channel -> (RECV, batch)
+    recv_batch: dict[tuple[int, Action], _Batch] = {}
     holding = [0] * p
 
-    def fail(rank: int, message: str) -> None:
+    def fail(rank: int, action: Action, message: str) -> None:
         raise ScheduleError(
-            f"{schedule.name} (ranks={p}, microbatches={schedule.microbatches}): rank {rank}, action "
-            f"{schedule.actions[rank][pointer[rank]]}: {message}\n{schedule.format()}"
+            f"{schedule.name} (ranks={p}, microbatches={schedule.microbatches}): rank {rank}, action {action}: "
+            f"{message}\n{schedule.format()}"
         )
 
     def source(recv: Action) -> int:
@@ -92,18 +123,6 @@ def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
         if other is None:
             raise ScheduleError(f"{schedule.name}: {recv} receives from no stage (it starts or ends its path)")
         return schedule.placement[other]
-
-    def arrival(rank: int, recv: Action) -> Optional[float]:
-        """When the data of a posted RECV is here, None while its SEND has not happened; marks it waited."""
-        ch = (source(recv), rank)
-        index = posted[ch].index(recv)
-        if index >= len(sent[ch]):
-            return None
-        key, time = sent[ch][index]
-        if key != recv:
-            fail(rank, f"transfer {index} from rank {ch[0]} is {key} on the sender but {recv} here (mismatched order)")
-        waited[ch] = max(waited[ch], index + 1)
-        return time
 
     def input_time(rank: int, action: Action) -> Optional[float]:
         """When everything ``action`` needs is here; None while blocked on a transfer."""
@@ -129,80 +148,149 @@ def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
             needs.append(Action(s, Kind.I, m))
         for need in needs:
             if need not in done:
-                fail(rank, f"needs {need}, which this rank has not run yet")
+                fail(rank, action, f"needs {need}, which this rank has not run yet")
         start = max([done[n] for n in needs], default=0.0)
         if remote is not None:
-            if remote not in posted[(source(remote), rank)]:
-                fail(rank, f"needs a transfer from rank {source(remote)} but no {remote} was posted before it")
-            time = arrival(rank, remote)
-            if time is None:
+            batch = recv_batch.get((rank, remote))
+            if batch is None:
+                fail(rank, action, f"needs a transfer from rank {source(remote)} but no {remote} was posted before it")
+            if batch.end is None:
                 return None
-            start = max(start, time)
+            start = max(start, batch.end)
         return start
 
+    def issue(rank: int, slot: tuple[Action, ...]) -> None:
+        """Post a slot as one batch: never blocks the host."""
+        batch = _Batch(rank, len(batches[rank]), [], clock[rank])
+        for action in slot:
+            kind = action.kind
+            if kind in (Kind.SEND_F, Kind.SEND_B):
+                producers = [Action(action.stage, Kind.F, action.microbatch)] if kind is Kind.SEND_F else [
+                    Action(action.stage, Kind.B, action.microbatch), Action(action.stage, Kind.I, action.microbatch)]
+                if not any(prod in done for prod in producers):
+                    fail(rank, action, f"sends the result of {producers[0]} before computing it")
+                target = (schedule.next_stage if kind is Kind.SEND_F else schedule.prev_stage)(
+                    action.stage, action.microbatch)
+                if target is None:
+                    fail(rank, action, "sends to no stage")
+                recv_kind = Kind.RECV_F if kind is Kind.SEND_F else Kind.RECV_B
+                ch = (rank, schedule.placement[target])
+                batch.ops.append((action, ch, len(sent[ch])))
+                sent[ch].append((Action(target, recv_kind, action.microbatch), batch))
+            else:
+                if (rank, action) in recv_batch:
+                    fail(rank, action, "posted twice")
+                ch = (source(action), rank)
+                batch.ops.append((action, ch, len(posted[ch])))
+                posted[ch].append((action, batch))
+                recv_batch[(rank, action)] = batch
+        batches[rank].append(batch)
+
     def step(rank: int) -> bool:
-        """Run the next action of ``rank`` if it can; False when it is blocked."""
-        action = schedule.actions[rank][pointer[rank]]
-        if schedule.placement[action.stage] != rank:
-            fail(rank, f"stage {action.stage} is placed on rank {schedule.placement[action.stage]}")
-        kind = action.kind
-        if kind.is_compute:
+        """Run the next item of ``rank``'s host if it can; False when it is blocked."""
+        item = items[rank][pointer[rank]]
+        for action in item:
+            if schedule.placement[action.stage] != rank:
+                fail(rank, action, f"stage {action.stage} is placed on rank {schedule.placement[action.stage]}")
+        action = item[0]
+        if not action.kind.is_compute:
+            issue(rank, item)
+        else:
             if action in done:
-                fail(rank, "runs twice")
+                fail(rank, action, "runs twice")
             ready = input_time(rank, action)
             if ready is None:
                 return False
             start = max(clock[rank], ready)
-            end = start + costs.of(kind)
+            end = start + costs.of(action.kind)
             done[action] = clock[rank] = end
             timeline.spans[rank].append((action, start, end))
             releases = Kind.W if schedule.split_backward else Kind.B
-            holding[rank] += 1 if kind is Kind.F else -1 if kind is releases else 0
+            holding[rank] += 1 if action.kind is Kind.F else -1 if action.kind is releases else 0
             timeline.peak_activations[rank] = max(timeline.peak_activations[rank], holding[rank])
-        elif kind in (Kind.SEND_F, Kind.SEND_B):
-            producers = [Action(action.stage, Kind.F, action.microbatch)] if kind is Kind.SEND_F else [
-                Action(action.stage, Kind.B, action.microbatch), Action(action.stage, Kind.I, action.microbatch)]
-            if not any(prod in done for prod in producers):
-                fail(rank, f"sends the result of {producers[0]} before computing it")
-            target = (schedule.next_stage if kind is Kind.SEND_F else schedule.prev_stage)(
-                action.stage, action.microbatch)
-            if target is None:
-                fail(rank, "sends to no stage")
-            recv_kind = Kind.RECV_F if kind is Kind.SEND_F else Kind.RECV_B
-            sent[(rank, schedule.placement[target])].append((Action(target, recv_kind, action.microbatch), clock[rank]))
-        else:  # RECV: posting waits for the previous transfer from the same peer (see schedules' note)
-            ch = (source(action), rank)
-            if action in posted[ch]:
-                fail(rank, "posted twice")
-            if waited[ch] < len(posted[ch]):
-                time = arrival(rank, posted[ch][-1])
-                if time is None:
-                    return False
-                clock[rank] = max(clock[rank], time)
-            posted[ch].append(action)
         pointer[rank] += 1
         return True
 
-    while any(pointer[r] < len(schedule.actions[r]) for r in range(p)):
+    def match(batch: _Batch, op: tuple[Action, tuple[int, int], int]) -> Optional[_Batch]:
+        """The peer's batch holding the operation that pairs with ``op``, once it is posted."""
+        action, ch, index = op
+        is_send = action.kind in (Kind.SEND_F, Kind.SEND_B)
+        other = (posted if is_send else sent)[ch]
+        if index >= len(other):
+            return None
+        key, peer_batch = other[index]
+        mine = sent[ch][index][0] if is_send else action
+        peer_key = key if is_send else key
+        if mine != peer_key:
+            recv, got = (peer_key, mine) if is_send else (action, key)
+            fail(ch[1], recv, f"transfer {index} from rank {ch[0]} is {got} on the sender but {recv} here "
+                              "(mismatched order)")
+        return peer_batch
+
+    first_open = [0] * p  # each rank's first batch that has not completed
+
+    def advance_streams() -> bool:
         moved = False
         for rank in range(p):
-            while pointer[rank] < len(schedule.actions[rank]) and step(rank):
+            for batch in batches[rank][first_open[rank]:]:
+                if batch.start is None:
+                    prev = batches[rank][batch.index - 1] if batch.index else None
+                    if prev is not None and prev.end is None:
+                        break
+                    batch.start = max(batch.issued, prev.end if prev is not None else 0.0)
+                    moved = True
+                if batch.end is None:
+                    peers = [match(batch, op) for op in batch.ops]
+                    if any(b is None or b.start is None for b in peers):
+                        break  # the stream is busy with this batch
+                    batch.end = max([batch.start] + [b.start for b in peers])
+                    first_open[rank] = batch.index + 1
+                    moved = True
+        return moved
+
+    def finished() -> bool:
+        return all(pointer[r] == len(items[r]) and all(b.end is not None for b in batches[r]) for r in range(p))
+
+    while not finished():
+        moved = advance_streams()
+        for rank in range(p):
+            while pointer[rank] < len(items[rank]) and step(rank):
                 moved = True
         if not moved:
-            blocked = ", ".join(f"rank {r} at {schedule.actions[r][pointer[r]]}" for r in range(p)
-                                if pointer[r] < len(schedule.actions[r]))
-            raise ScheduleError(f"{schedule.name}: deadlock, every rank waits: {blocked}\n{schedule.format()}")
+            raise ScheduleError(f"{schedule.name}: deadlock under NCCL's in-order rule (a rank's batches run one "
+                                f"after another): {_stuck(schedule, items, pointer, batches, match)}\n"
+                                f"{schedule.format()}")
 
     missing = _required_computes(schedule) - set(done)
     extra = set(done) - _required_computes(schedule)
     if missing or extra:
         raise ScheduleError(f"{schedule.name}: computes missing {sorted(map(str, missing))}, "
                             f"not needed {sorted(map(str, extra))}")
-    for ch, items in sent.items():
-        if len(items) != len(posted[ch]):
-            raise ScheduleError(f"{schedule.name}: rank {ch[0]} sends {len(items)} transfers to rank {ch[1]}, "
+    for ch, sends in sent.items():
+        if len(sends) != len(posted[ch]):
+            raise ScheduleError(f"{schedule.name}: rank {ch[0]} sends {len(sends)} transfers to rank {ch[1]}, "
                                 f"which posts {len(posted[ch])} receives")
+    for ch, recvs in posted.items():
+        if len(recvs) != len(sent[ch]):
+            raise ScheduleError(f"{schedule.name}: rank {ch[1]} posts {len(recvs)} receives from rank {ch[0]}, "
+                                f"which sends {len(sent[ch])} transfers")
     return timeline
+
+
+def _stuck(schedule: Schedule, items, pointer, batches, match) -> str:
+    """Every rank's host position and the batch its stream is stuck on, with the operations still unmatched."""
+    lines = []
+    for rank in range(schedule.ranks):
+        host = f"host at {items[rank][pointer[rank]][0]}" if pointer[rank] < len(items[rank]) else "host done"
+        batch = next((b for b in batches[rank] if b.end is None), None)
+        if batch is None:
+            lines.append(f"rank {rank}: {host}")
+            continue
+        waiting = [str(op[0]) for op in batch.ops if (m := match(batch, op)) is None or m.start is None]
+        state = "started" if batch.start is not None else "waiting for the batch before it"
+        lines.append(f"rank {rank}: {host}, stream stuck on {batch.describe()} ({state}; unmatched: "
+                     f"{' '.join(waiting) or '-'})")
+    return "; ".join(lines)
 
 
 def expected_makespan(schedule: Schedule, costs: Costs = Costs()) -> Optional[float]:
