@@ -8,6 +8,9 @@ inputs the same ``requires_grad`` on all ranks of the group.
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -23,6 +26,10 @@ __all__ = [
     "all_gather_along_dim",
     "broadcast_from",
     "reduce_to",
+    "reduce_from_group_",
+    "gather_input",
+    "InputGradReduction",
+    "input_grad_reduction",
 ]
 
 
@@ -98,21 +105,48 @@ def _own_chunk(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.T
     return _contiguous_copy(x.narrow(dim, group_rank(group) * length, length))
 
 
-def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
-    size = group_size(group)
-    # The fused collective concatenates along dim 0: move `dim` there and back.
-    xt = x.movedim(dim, 0).contiguous()
-    out = xt.new_empty((size * xt.size(0),) + tuple(xt.shape[1:]))
-    _all_gather_fused()(out, xt, group=group)
-    return out if dim == 0 else out.movedim(0, dim).contiguous()
+def _leading(x: torch.Tensor, dim: int) -> int:
+    return math.prod(x.shape[:dim])
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None, async_op: bool = False):
+    """All-gather along ``dim`` into one preallocated buffer. The fused collective concatenates along dim 0, which
+    is ``dim`` itself when every dim before it has size 1 (no copy at all); otherwise one copy puts the rank blocks
+    in place (``[B, t, T/t, C] -> [B, T, C]``). With ``async_op`` returns ``(finish, work)``: ``finish()`` gives the
+    result once ``work`` is done."""
     size = group_size(group)
-    xt = x.movedim(dim, 0).contiguous()
-    out = xt.new_empty((xt.size(0) // size,) + tuple(xt.shape[1:]))
-    _reduce_scatter_fused()(out, xt, op=dist.ReduceOp.SUM, group=group)
-    return out if dim == 0 else out.movedim(0, dim).contiguous()
+    xc = x.contiguous()
+    buf = xc.new_empty((size * xc.size(0),) + tuple(xc.shape[1:])) if xc.dim() else xc.new_empty((size,))
+    work = _all_gather_fused()(buf, xc, group=group, **({"async_op": True} if async_op else {}))
+    shape = list(xc.shape)
+    shape[dim] *= size
+
+    def finish() -> torch.Tensor:
+        if dim == 0 or _leading(xc, dim) == 1:
+            return buf.view(shape)
+        return buf.view((size,) + tuple(xc.shape)).movedim(0, dim).reshape(shape)
+
+    return (finish, work) if async_op else finish()
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None, async_op: bool = False):
+    """Reduce-scatter (sum) along ``dim``: no copy when every dim before ``dim`` has size 1 (or ``dim`` is 0) and
+    ``x`` is contiguous, else one copy of the input into rank-major order. With ``async_op`` returns
+    ``(out, work)``: ``out`` holds the result once ``work`` is done."""
+    size = group_size(group)
+    xc = x.contiguous()
+    out_shape = list(xc.shape)
+    out_shape[dim] //= size
+    if dim == 0 or _leading(xc, dim) == 1:
+        inp = xc
+    else:
+        split = list(xc.shape[:dim]) + [size, out_shape[dim]] + list(xc.shape[dim + 1:])
+        inp = xc.view(split).movedim(dim, 0).contiguous()
+    out = xc.new_empty(out_shape)
+    inp = inp.reshape((size * out.size(0),) + tuple(out.shape[1:]))
+    work = _reduce_scatter_fused()(out, inp, op=dist.ReduceOp.SUM, group=group,
+                                  **({"async_op": True} if async_op else {}))
+    return (out, work) if async_op else out
 
 
 # ---- autograd Functions -----------------------------------------------------------------------------------------
@@ -224,6 +258,116 @@ class _ReduceTo(torch.autograd.Function):
         return g, None, None
 
 
+# ---- the input collective of column-parallel layers, with a deferred, asynchronous gradient reduction ----------
+
+
+_REDUCTION_ATTR = "_lp_input_grad_reduction"
+
+
+class InputGradReduction:
+    """The backward reduction of an input collective (all-reduce for ``copy_to_group``, reduce-scatter for an
+    all-gather), which the layers reading its output may run themselves, early and asynchronously.
+
+    [Note: the deferred input-gradient reduction]
+    Megatron overlaps the all-reduce (reduce-scatter under sequence parallelism) of a column-parallel layer's input
+    gradient with that layer's weight-gradient matmul. Here several column layers may read one collective's output
+    (q/k/v, gate/up): their input gradients must be summed before the ONE reduction. So a layer that takes part
+    ``register()``s in forward and, in backward, hands its input gradient to ``add()`` instead of to autograd;
+    the last one to arrive launches the reduction of the sum (``async_op=True``) and computes its weight gradient
+    while it runs. The collective's own backward node, which autograd runs after every consumer, ``finish()``es:
+    waits, adds the (synchronously reduced) gradient of any consumer that did not take part, and returns the result.
+    A consumer whose backward never runs only delays the launch to ``finish``. Nothing differs numerically from the
+    plain path but the order of the summation. The reduction runs in the dtype of the gradients handed in (bf16
+    under autocast: the layers compute in it).
+    """
+
+    def __init__(self, group: ProcessGroup | None, dim: Optional[int]) -> None:
+        self.group, self.dim = group, dim
+        self.expected = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.arrived = 0
+        self.buffer: Optional[torch.Tensor] = None
+        self.result: Optional[torch.Tensor] = None
+        self.work = None
+
+    def register(self) -> None:
+        self.expected += 1
+
+    def add(self, grad: torch.Tensor) -> None:
+        """Take one consumer's input gradient (a tensor the caller will not use again: it may become the buffer)."""
+        if self.buffer is None:
+            self.buffer = grad if grad.is_contiguous() else grad.contiguous()
+        else:
+            self.buffer.add_(grad)
+        self.arrived += 1
+        if self.arrived == self.expected:
+            self.launch()
+
+    def launch(self, async_op: bool = True) -> None:
+        if self.work is not None or self.result is not None or self.buffer is None:
+            return
+        buf, self.buffer = self.buffer, None
+        if self.dim is None:
+            # In place: the buffer is our own sum (or a fresh matmul output handed over by its only consumer).
+            self.work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
+            self.result = buf
+        else:
+            self.result, self.work = _reduce_scatter(buf, self.dim, self.group, async_op=True)
+        if not async_op:
+            self._wait()
+
+    def _wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+
+    def finish(self, grad: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The input gradient of the collective: the launched reduction plus the reduction of ``grad`` (from the
+        consumers that did not take part), in ``dtype``."""
+        self.launch(async_op=False)
+        self._wait()
+        out = self.result
+        self._reset()  # a second backward through a retained graph starts over
+        if grad is not None:
+            extra = _all_reduce(grad, self.group) if self.dim is None else _reduce_scatter(grad, self.dim, self.group)
+            out = extra if out is None else out.to(extra.dtype) + extra
+        return out.to(dtype) if out is not None else None
+
+
+class _CollectInput(torch.autograd.Function):
+    """Identity (``dim`` None) or all-gather along ``dim``; backward: the deferred reduction's ``finish``."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, reduction):
+        ctx.set_materialize_grads(False)
+        ctx.reduction, ctx.dtype = reduction, x.dtype
+        return x.view_as(x) if dim is None else _all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.reduction.finish(grad, ctx.dtype), None, None, None
+
+
+def input_grad_reduction(x: torch.Tensor) -> Optional[InputGradReduction]:
+    """The deferred reduction of the collective that produced ``x`` (:func:`gather_input`,
+    :func:`all_gather_along_dim`), or None."""
+    return getattr(x, _REDUCTION_ATTR, None)
+
+
+class _ReduceFromGroupInPlace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.mark_dirty(x)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 # ---- public API -------------------------------------------------------------------------------------------------
 
 
@@ -274,7 +418,9 @@ def all_gather_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None) 
     dim = _normalize_dim(x, dim, "all_gather_along_dim")
     if group_size(group) == 1:
         return x
-    return _AllGatherAlongDim.apply(x, dim, group)
+    # The same collective as before; column-parallel layers reading the output may reduce their input gradients
+    # themselves, early (see [Note: the deferred input-gradient reduction]); otherwise backward reduce-scatters.
+    return gather_input(x, group, dim)
 
 
 def broadcast_from(x: torch.Tensor, src: int, group: ProcessGroup | None) -> torch.Tensor:
@@ -300,3 +446,26 @@ def reduce_to(x: torch.Tensor, dst: int, group: ProcessGroup | None) -> torch.Te
     if size == 1:
         return x
     return _ReduceTo.apply(x, dst, group)
+
+
+def reduce_from_group_(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """:func:`reduce_from_group` in place: for a temporary the caller owns (a matmul's output), saves the copy.
+    ``x`` must not be a leaf nor saved for backward by the op that made it (a matmul saves its inputs only)."""
+    if group_size(group) == 1:
+        return x
+    return _ReduceFromGroupInPlace.apply(x, group)
+
+
+def gather_input(x: torch.Tensor, group: ProcessGroup | None, dim: Optional[int] = None) -> torch.Tensor:
+    """Make a column-parallel layer's input whole: identity (``dim`` None; backward all-reduces the gradient) or
+    all-gather along ``dim`` (backward reduce-scatters it), the output carrying an :class:`InputGradReduction`
+    (``input_grad_reduction(out)``) through which the layers reading it reduce their summed input gradients
+    early and asynchronously. Without such layers it is :func:`copy_to_group` / :func:`all_gather_along_dim`."""
+    if group_size(group) == 1:
+        return x
+    if dim is not None:
+        dim = _normalize_dim(x, dim, "gather_input")
+    reduction = InputGradReduction(group, dim)
+    out = _CollectInput.apply(x, dim, group, reduction)
+    setattr(out, _REDUCTION_ATTR, reduction)
+    return out

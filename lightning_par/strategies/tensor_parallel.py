@@ -26,7 +26,14 @@ from lightning_par.tensor import full_state
 from lightning_par.tensor.auto_plan import auto_plan
 from lightning_par.tensor.layers_1d import VocabParallelOutput, shard_spec
 from lightning_par.tensor.loss import materialize_logits
-from lightning_par.tensor.plan import AppliedPlan, ParallelStyle, applied_plan, divisors, parallelize
+from lightning_par.tensor.plan import (
+    AppliedPlan,
+    ParallelStyle,
+    SequenceParallelRegion,
+    applied_plan,
+    divisors,
+    parallelize,
+)
 from lightning_par.topology import Topology
 
 
@@ -43,7 +50,9 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         tensor_size: ranks per tensor group. Default: the largest divisor of the world size that divides every head
             count and hidden width the automatic plan would split (the world size for a custom plan).
         sequence_parallel: split the activations between blocks (norms, dropout, residuals) along the sequence;
-            the block's all-reduces become a reduce-scatter and an all-gather.
+            the block's all-reduces become a reduce-scatter and an all-gather. None (default): on where the plan
+            allows it (it has a sequence-parallel region, and the tensor size is above 1), else off with an info
+            line; True: required (the plan's errors stay errors); False: off.
         plan: ``{module name or glob: style}``; None for the automatic plan.
         sequence_dim: the sequence dim of the activations between the user's blocks (1 for ``[batch, seq, ...]``);
             ``nn.Transformer*`` layers use their own ``batch_first``.
@@ -55,7 +64,7 @@ class TensorParallel1DStrategy(DataParallelStrategy):
     def __init__(
         self,
         tensor_size: Optional[int] = None,
-        sequence_parallel: bool = False,
+        sequence_parallel: Optional[bool] = None,
         plan: Optional[dict[str, Union[str, ParallelStyle]]] = None,
         sequence_dim: int = 1,
         vocab_parallel_loss: bool = True,
@@ -132,14 +141,16 @@ class TensorParallel1DStrategy(DataParallelStrategy):
                 plan, notes, reasons = automatic.plan, automatic.notes, automatic.reasons
             else:
                 plan, notes, reasons = self.plan, [], None
-            applied = parallelize(module, plan, group, sequence_parallel=self.sequence_parallel,
+            sp = self._resolve_sequence_parallel(plan, tensor)
+            applied = parallelize(module, plan, group, sequence_parallel=sp,
                                   sequence_dim=self.sequence_dim, vocab_parallel_loss=self.vocab_parallel_loss,
                                   notes=notes, reasons=reasons)
             rank_zero_info(applied.describe())
         else:
             # A second fit / validate of the same module: same shards, new process groups.
             existing.rebind(group)
-            if existing.sequence_parallel != (self.sequence_parallel and tensor > 1):
+            if self.sequence_parallel is not None and existing.sequence_parallel != (self.sequence_parallel
+                                                                                    and tensor > 1):
                 raise ValueError("This module was sharded with sequence_parallel="
                                  f"{existing.sequence_parallel}; build a new module to change it.")
         for m in module.modules():
@@ -147,6 +158,20 @@ class TensorParallel1DStrategy(DataParallelStrategy):
                 m.vocab_parallel_loss = self.vocab_parallel_loss
         _share_rng_state(group, self.root_device)
         super().setup_module(trainer)
+
+    def _resolve_sequence_parallel(self, plan: Any, tensor: int) -> bool:
+        """``sequence_parallel`` as given, or for None: on where the plan has a sequence-parallel region (Megatron
+        turns it on together with tensor parallelism), else off, said in an info line."""
+        if self.sequence_parallel is not None:
+            return bool(self.sequence_parallel)
+        if tensor == 1:
+            return False
+        has_region = any(isinstance(style, SequenceParallelRegion) or style == SequenceParallelRegion.name
+                         for style in plan.values())
+        if not has_region:
+            rank_zero_info("tp1d: sequence parallelism off: the plan has no sequence-parallel region (a list of "
+                           "blocks run one after the other); pass sequence_parallel=False to silence this.")
+        return has_region
 
     @override
     @torch.no_grad()

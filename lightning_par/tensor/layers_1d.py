@@ -12,6 +12,24 @@ backward). Layers that read the same input (q, k and v projections of one attent
 MLP) share one :class:`InputOp`, which runs the collective once per input tensor, so a block costs one collective
 whatever its number of column layers (Megatron's formula). A row-parallel layer ends the pair: all-reduce forward,
 or reduce-scatter along the sequence under sequence parallelism, and adds its (replicated) bias after the reduction.
+
+[Note: collectives in the autocast dtype]
+Under ``torch.autocast`` (bf16-mixed) a Linear computes in bf16 whatever its input's dtype, so the input is cast to
+the autocast dtype *before* the input collective: the forward all-gather (sequence parallel) and the backward
+all-reduce / reduce-scatter then carry bf16, half the bytes of fp32. The row-parallel output is a bf16 matmul
+output already, reduced in place (it is a temporary: no copy). The gradient flowing back into the fp32 activations
+is cast up after the reduction, as autocast's own cast would do. Without autocast nothing changes (fp32 parity).
+
+[Note: overlapping the input-gradient reduction]
+Column layers run :class:`_ColumnLinear`, which computes in the autocast dtype and, when its input comes from an
+input collective (:func:`~lightning_par.comm.collectives.gather_input`, or the all-gather a block's hook runs under
+sequence parallelism), hands its input gradient to that collective's deferred reduction instead of to autograd.
+Its backward computes the input gradient first; the last layer reading the collective's output launches the one
+all-reduce (reduce-scatter) of the summed input gradients asynchronously, then computes its weight and bias
+gradients while it runs (Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``); the collective's own
+backward node waits. See [Note: the deferred input-gradient reduction] in ``collectives.py``. With one column
+layer per block input (the demo GPT's fused q/k/v, an MLP's first Linear, the output layer) its whole weight
+gradient overlaps; with several (separate q/k/v, gate/up) the last one's does.
 """
 
 from __future__ import annotations
@@ -25,12 +43,14 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from lightning_par.comm.collectives import (
-    all_gather_along_dim,
-    copy_to_group,
+    InputGradReduction,
     gather_along_dim,
+    gather_input,
     group_rank,
     group_size,
+    input_grad_reduction,
     reduce_from_group,
+    reduce_from_group_,
     reduce_scatter_along_dim,
     split_along_dim,
 )
@@ -158,15 +178,73 @@ class InputOp:
     def __call__(self, x: Tensor) -> Tensor:
         if x is self._key:
             return self._value  # type: ignore[return-value]
-        if self.seq_dim is None:
-            y = copy_to_group(x, self.tg.group)
-        else:
-            y = all_gather_along_dim(x, self.seq_dim, self.tg.group)
+        # Cast first: the collectives then carry the autocast dtype (see [Note: collectives in the autocast dtype]).
+        y = gather_input(to_compute_dtype(x), self.tg.group, self.seq_dim)
         self._key, self._value = x, y
         return y
 
     def clear(self) -> None:
         self._key = self._value = None
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a Linear computes in for input ``x``: the autocast dtype when autocast is on for ``x``'s device
+    (and ``x`` is a type autocast casts), else ``x``'s own."""
+    dev = x.device.type
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def to_compute_dtype(x: Tensor) -> Tensor:
+    return x.to(compute_dtype(x))
+
+
+class _ColumnLinear(torch.autograd.Function):
+    """``F.linear`` in the compute dtype whose backward hands the input gradient to ``reduction`` (when given)
+    before computing the weight gradient: see [Note: overlapping the input-gradient reduction]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], reduction: Optional[InputGradReduction],
+                dtype: torch.dtype) -> Tensor:
+        xc, wc = x.to(dtype), weight.to(dtype)
+        bc = bias.to(dtype) if bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(xc, wc, bc)
+        ctx.save_for_backward(xc, wc)
+        ctx.reduction = reduction
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        if reduction is not None and ctx.needs_input_grad[0]:
+            reduction.register()
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        xc, wc = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        gy = gy.to(wc.dtype)
+        gx = gw = gb = None
+        if need_x:
+            gx = gy.matmul(wc)
+            if ctx.reduction is not None:
+                ctx.reduction.add(gx)  # the last consumer launches the reduction here, asynchronously
+                gx = None
+            else:
+                gx = gx.to(x_dtype)
+        if need_w or need_b:
+            g2 = gy.reshape(-1, gy.size(-1))
+            if need_w:  # overlaps the reduction launched above
+                gw = g2.t().mm(xc.reshape(-1, xc.size(-1))).to(w_dtype)
+            if need_b:
+                gb = g2.sum(0).to(b_dtype)
+        return gx, gw, gb, None, None
+
+
+def column_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x, weight, bias)`` for a column-parallel layer (any autocast applied): when ``x`` is the output
+    of an input collective, its input gradient is reduced early, overlapping the weight-gradient matmul."""
+    return _ColumnLinear.apply(x, weight, bias, input_grad_reduction(x), compute_dtype(x))
 
 
 def _prepare_input(tg: TensorGroup, input_op: Optional[InputOp], x: Tensor) -> Tensor:
@@ -221,10 +299,12 @@ class ColumnParallelLinear(_ParallelLinear):
         return cls(shard(linear.weight, spec), bias, tg, input_op, gather_output, seq_dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.tg.size == 1:
+            return F.linear(x, self.weight, self.bias)
         x = _prepare_input(self.tg, self.input_op, x)
         if self._owns_input_op:
             self.input_op.clear()
-        y = F.linear(x, self.weight, self.bias)
+        y = column_linear(x, self.weight, self.bias)
         if self.gather_output and self.tg.size > 1:
             spec = shard_spec(self.weight)
             y = gather_along_dim(y, -1, self.tg.group)
@@ -261,8 +341,8 @@ class RowParallelLinear(_ParallelLinear):
             return F.linear(x, self.weight, self.bias)
         if not self.input_is_parallel:
             x = split_along_dim(x, -1, g)
-        y = F.linear(x, self.weight)
-        y = reduce_from_group(y, g) if self.seq_dim is None else reduce_scatter_along_dim(y, self.seq_dim, g)
+        y = F.linear(x, self.weight)  # a fresh temporary (bf16 under autocast): reduced in place, no copy
+        y = reduce_from_group_(y, g) if self.seq_dim is None else reduce_scatter_along_dim(y, self.seq_dim, g)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -307,7 +387,7 @@ class VocabParallelEmbedding(nn.Module):
         local_pad = pad - start if pad is not None and start <= pad < start + rows else None
         out = F.embedding(local_ids, self.weight, local_pad)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_group(out, self.tg.group)
+        return reduce_from_group_(out, self.tg.group)  # `out` is a temporary: in place
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, local rows={self.weight.size(0)}, tensor={self.tg.size}"
@@ -345,7 +425,7 @@ class VocabParallelOutput(_ParallelLinear):
             return F.linear(x, self.weight, self.bias)
         x = self.input_op(x)
         self.input_op.clear()  # nothing else shares it; do not keep the activation alive
-        local = F.linear(x, self.weight, self.bias)
+        local = column_linear(x, self.weight, self.bias)  # its input gradient's all-reduce overlaps the weight's
         start = self.tg.rank * self.weight.size(0)
         if self.vocab_parallel_loss:
             return VocabParallelLogits.wrap(local, self.tg.group, self.out_features, start)
@@ -383,7 +463,7 @@ def sum_gradient_over_group(param: nn.Parameter, tg: TensorGroup) -> torch.utils
     """
 
     def hook(grad: Tensor) -> Tensor:
-        return reduce_from_group(grad, tg.group)
+        return reduce_from_group(grad, tg.group)  # not in place: autograd may hold `grad` elsewhere
 
     return param.register_hook(hook)
 
