@@ -93,16 +93,24 @@ class GPT(nn.Module):
         # Weight tying: one Parameter shared by both modules (counted once by .parameters()).
         self.wte.weight = self.lm_head.weight
 
-        self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance stays bounded.
+        # The scale is kept on the projections, so that `_init_weights` alone initialises any module the way this
+        # constructor does (ZeRO-3 initialises a model built on the meta device module by module with it).
+        for name, m in self.named_modules():
+            if name.endswith("c_proj") and isinstance(m, nn.Linear):
+                m._init_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        self.apply(self._init_weights)
+        # (Drawn again as before the scale was kept on the modules: the same random stream, the same weights.)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
+        """The initialisation of one module (not its children): N(0, 0.02) weights (scaled residual projections),
+        zero biases; LayerNorm keeps its own (ones and zeros)."""
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=getattr(module, "_init_std", 0.02))
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):

@@ -26,6 +26,7 @@ from lightning_par.comm.buckets import broadcast_tensors
 from lightning_par.strategies.base import LightningParStrategy, StartMethod
 from lightning_par.topology import Topology
 from lightning_par.zero.engine import ZeroEngine
+from lightning_par.zero.materialize import meta_parameters
 from lightning_par.zero.policy import ZeroPolicy
 
 COMPUTE_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
@@ -61,6 +62,17 @@ class ZeroStrategy(LightningParStrategy):
         host_grads: ``"fp32"`` keeps the gradient shards of host chunks in fp32 (exact); ``"compute"`` keeps them
             in the bf16 compute dtype (half the host memory and copies; each chunk is cast to fp32 for its step),
             exact at world size 1 without accumulation, else the reduced gradient is rounded to bf16.
+        param_init_fn: initialises a module built on the meta device (stage 3 with
+            ``Trainer.init_module(empty_init=True)`` or ``configure_model``): called with each module that owns meta
+            tensors once they have (uninitialised) storage on the device, it fills that module's own parameters and
+            buffers in place. Default: the model's own ``_init_weights(module)`` (Hugging Face models, the demo
+            GPT), else the module's ``reset_parameters()``; a module left uninitialised is an error.
+        allow_untested_optimizer: accept an optimizer that is not one of torch's element-wise optimizers nor a
+            subclass of one, declaring it element-wise (as DeepSpeed's ``zero_allow_untested_optimizer``).
+
+    Reading parameters: at stage 3 a parameter's values exist only inside the forward and backward of the module
+    that owns it; read them elsewhere inside ``with strategy.full_params():`` (see ``full_params``). The gradient
+    norm is ``strategy.grad_norm(norm_type)``, not Lightning's ``grad_norm(module)``.
     """
 
     def __init__(
@@ -75,6 +87,8 @@ class ZeroStrategy(LightningParStrategy):
         host_memory_limit: Optional[int] = None,
         nvme_dir: Optional[str] = None,
         host_grads: Literal["fp32", "compute"] = "fp32",
+        param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
+        allow_untested_optimizer: bool = False,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -97,7 +111,9 @@ class ZeroStrategy(LightningParStrategy):
         self.policy = ZeroPolicy(stage=stage, chunk_numel=chunk_size, allow_oversize=allow_oversize,
                                  reshard_after_forward=reshard_after_forward, prefetch=prefetch,
                                  offload=offload, device_memory_limit=device_memory_limit,
-                                 host_memory_limit=host_memory_limit, nvme_dir=nvme_dir, host_grads=host_grads)
+                                 host_memory_limit=host_memory_limit, nvme_dir=nvme_dir, host_grads=host_grads,
+                                 allow_untested_optimizer=allow_untested_optimizer)
+        self.param_init_fn = param_init_fn
         self._engine: Optional[ZeroEngine] = None
 
     @property
@@ -130,7 +146,8 @@ class ZeroStrategy(LightningParStrategy):
         compute_dtype = COMPUTE_DTYPES[self.precision_plugin.precision]
         # The engine agrees on the parameters chunk by chunk (rank 0's values); buffers are copied here.
         self._engine = ZeroEngine(self.model, self.group("data"), self.policy, compute_dtype, self.root_device,
-                                  log=rank_zero_info, local_ranks=self.num_processes)
+                                  log=rank_zero_info, local_ranks=self.num_processes,
+                                  param_init_fn=self.param_init_fn)
         broadcast_tensors(list(self.model.buffers()), self.group("data"))
 
     @override
@@ -153,25 +170,25 @@ class ZeroStrategy(LightningParStrategy):
     @contextmanager
     @override
     def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
-        # `Trainer.init_module(empty_init=True)` at stage 3 builds on the meta device; the engine materialises one
-        # chunk at a time with each module's `reset_parameters()` (custom initialisation is then the user's, e.g. by
-        # loading a checkpoint). Otherwise the model is built as usual.
+        # `Trainer.init_module(empty_init=True)` at stage 3 builds the parameters on the meta device (buffers as
+        # usual); the engine materialises one chunk at a time with the model's own initialisation (see
+        # `zero/materialize.py`). Otherwise the model is built as usual.
         if self.policy.stage != 3 or not empty_init:
             with super().tensor_init_context(empty_init):
                 yield
             return
-        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+        with meta_parameters(), self.precision_plugin.tensor_init_context():
             yield
 
     @contextmanager
     @override
     def model_sharded_context(self) -> Generator[None, None, None]:
-        # `configure_model` runs inside this: at stage 3 its modules are created on the meta device (as Lightning's
-        # FSDP strategy does) and initialised chunk by chunk through `reset_parameters()`.
+        # `configure_model` runs inside this: at stage 3 its parameters are created on the meta device (as Lightning's
+        # FSDP strategy does; buffers as usual) and initialised chunk by chunk with the model's own initialisation.
         if self.policy.stage != 3:
             yield
             return
-        with torch.device("meta"):
+        with meta_parameters():
             yield
 
     @override
@@ -182,6 +199,8 @@ class ZeroStrategy(LightningParStrategy):
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._refuse_weight_averaging(trainer)
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
@@ -193,9 +212,43 @@ class ZeroStrategy(LightningParStrategy):
 
             plugin.scaler = ShardedGradScaler(device=self.root_device.type, process_group=self.group("data"))
 
+    def _refuse_weight_averaging(self, trainer: "pl.Trainer") -> None:
+        """Lightning's weight-averaging callbacks read and write the module's parameters between steps: under ZeRO
+        they would average freed memory (stage 3), or have their final weights overwritten from the fp32 masters
+        when fit ends, and their checkpoints mixed with the shards (stages 1-2). Refused before anything is built."""
+        from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+
+        for callback in trainer.callbacks:
+            if isinstance(callback, (WeightAveraging, StochasticWeightAveraging)):
+                raise RuntimeError(
+                    f"The {type(callback).__name__} callback does not work with {type(self).__name__} (ZeRO stage "
+                    f"{self.policy.stage}): it averages whole parameters between steps, which ZeRO keeps sharded (the "
+                    "fp32 masters on their ranks; at stage 3 the parameters are freed between steps). Remove the "
+                    "callback; or use strategy='dp' (or 'ddp'); or keep the average in your LightningModule, updated "
+                    "inside `with self.trainer.strategy.full_params():` on every rank."
+                )
+
     @override
     def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> None:
         self.engine.clip_grad_norm_(optimizer, max_norm)  # the optimizer holds this rank's pieces
+
+    def grad_norm(self, norm_type: Union[float, int, str] = 2.0) -> dict[str, Tensor]:
+        """What ``lightning.pytorch.utilities.grad_norm(module, norm_type)`` gives under ``dp``: the norm of each
+        parameter's whole gradient (``grad_{p}_norm/<name>``) and their total (``grad_{p}_norm_total``), from the
+        shards on every rank. Lightning's ``grad_norm`` reads ``param.grad``, which ZeRO does not fill (stages 2-3)
+        or fills with this rank's unreduced gradient (stage 1). Call it on every rank after backward, before the
+        optimizer step: ``self.log_dict(self.trainer.strategy.grad_norm(2))`` in ``on_before_optimizer_step``."""
+        return self.engine.grad_norm(float(norm_type))
+
+    @contextmanager
+    def full_params(self, writeback: bool = False) -> Generator[None, None, None]:
+        """Every parameter of the module whole and readable inside, like FSDP's ``summon_full_params``: a
+        collective, entered on every rank outside forward and backward (in ``training_step`` before or after the
+        forward, in callbacks). ``writeback=True`` writes the values changed inside into the fp32 masters on exit
+        (make the same changes on every rank). At stage 3 the whole model is held on the device in the compute
+        dtype while inside; at stages 1-2 parameters are always readable and this only matters for writing."""
+        with self.engine.full_params(writeback=writeback):
+            yield
 
     # ----- training -------------------------------------------------------------------------------------------------
 
@@ -286,11 +339,37 @@ class ZeroStrategy(LightningParStrategy):
         if self._engine is not None:
             # The module leaves `fit` whole (from the fp32 masters, in its original dtypes) and hook-free: usable
             # for inference, `state_dict()`, another Trainer; the next `fit` shards it again. The engine keeps its
-            # shards so that `trainer.save_checkpoint` after `fit` still writes them.
+            # master and optimizer shards so that `trainer.save_checkpoint` after `fit` still writes them (its
+            # gradients are freed).
             self._engine.remove_hooks()
-            self._engine.unshard()
+            device, reason = self._unshard_device()
+            rank_zero_info(f"ZeRO teardown: the module is made whole on {device} ({reason}).")
+            self._engine.unshard(device)
+            if device != self.root_device and self.lightning_module is not None:
+                self.lightning_module.to(device)  # its buffers too: one device for the whole module
             self._engine.close()  # files of optimizer state spilled to disk
         super().teardown()
+
+    def _unshard_device(self) -> tuple[torch.device, str]:
+        """Where teardown makes the module whole: the device when the whole model fits in its free memory (with
+        the engine's gradients freed first and one chunk of room to gather into), else the host; always the host
+        for offloading strategies, whose training never held the whole model on the device. Every rank agrees."""
+        engine = self.engine
+        if self.root_device.type != "cuda":
+            return self.root_device, "the device is the host"
+        if self.policy.offload is not None:
+            return torch.device("cpu"), "offloading strategy: training never held the whole model on the device"
+        engine.drop_gradients()
+        need = sum(p.numel() * engine.original_dtypes[p].itemsize for c in engine.chunks for p in c.params)
+        need += max((4 * c.padded for c in engine.chunks), default=0)
+        free, _ = torch.cuda.mem_get_info(self.root_device)
+        free += torch.cuda.memory_reserved(self.root_device) - torch.cuda.memory_allocated(self.root_device)
+        fits = torch.tensor([1.0 if need <= 0.9 * free else 0.0], device=self.root_device)
+        if engine.world_size > 1:
+            torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN, group=engine.group)
+        if fits.item():
+            return self.root_device, f"{need / 2**30:.1f} GiB fits in the free device memory"
+        return torch.device("cpu"), f"{need / 2**30:.1f} GiB does not fit in the free device memory of every rank"
 
     @classmethod
     @override

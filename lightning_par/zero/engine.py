@@ -41,33 +41,15 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from lightning_par.zero.host import PinnedHost
 from lightning_par.zero.layout import ChunkLayout, Piece, build_layout
 from lightning_par.zero.nvme import NvmeStore
+from lightning_par.zero.materialize import Materializer
 from lightning_par.zero.offload import OffloadMixin
+from lightning_par.zero.params import ParamsMixin
 from lightning_par.zero.spill import SpilledState
-from lightning_par.zero.policy import ELEMENTWISE_OPTIMIZERS, ZeroPolicy
-
-
-def _materialize(module: nn.Module, device: torch.device) -> None:
-    """Give ``module``'s own meta parameters and buffers storage on ``device`` and initialise them with its
-    ``reset_parameters()``. The Parameter objects are kept (``swap_tensors``), so tied weights stay tied."""
-    meta_params = [q for q in module.parameters(recurse=False) if q.is_meta]
-    meta_buffers = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
-    if not meta_params and not meta_buffers:
-        return
-    for q in meta_params:
-        torch.utils.swap_tensors(q, nn.Parameter(torch.empty_like(q, device=device), requires_grad=q.requires_grad))
-    for name in meta_buffers:
-        module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
-    if not hasattr(module, "reset_parameters"):
-        raise TypeError(
-            f"{type(module).__name__} has tensors on the meta device but no reset_parameters() to initialise them. "
-            "Give it reset_parameters(), or build the model without empty_init / outside configure_model."
-        )
-    module.reset_parameters()
+from lightning_par.zero.policy import ZeroPolicy, check_optimizer
 
 
 class _Chunk:
@@ -127,13 +109,15 @@ class _Chunk:
         self.pending = sum(self.trainable)
 
 
-class ZeroEngine(OffloadMixin):
+class ZeroEngine(OffloadMixin, ParamsMixin):
     """Shards ``module``'s parameters, gradients and optimizer state over ``group`` according to ``policy``."""
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup, policy: ZeroPolicy,
                  compute_dtype: torch.dtype, device: torch.device,
-                 log: Optional[Callable[[str], None]] = None, local_ranks: int = 1) -> None:
-        """``log``: where the placement plan is reported; ``local_ranks``: ranks sharing this host's memory."""
+                 log: Optional[Callable[[str], None]] = None, local_ranks: int = 1,
+                 param_init_fn: Optional[Callable[[nn.Module], None]] = None) -> None:
+        """``log``: where the placement plan is reported; ``local_ranks``: ranks sharing this host's memory;
+        ``param_init_fn``: initialises a module built on the meta device (see ``zero/materialize.py``)."""
         self.group = group
         self.local_ranks = local_ranks
         self.log = log or (lambda message: None)
@@ -182,6 +166,7 @@ class ZeroEngine(OffloadMixin):
             for q in m.parameters(recurse=False):
                 owners.setdefault(q, []).append(m)
         self.chunks: list[_Chunk] = []
+        materializer = Materializer(module, device, param_init_fn)
         with torch.no_grad():
             # One chunk at a time: gather its initial values (materialising meta parameters), agree on them across
             # ranks, keep the shard, and point the parameters at the chunk, so that at stage 3 a model built on the
@@ -192,7 +177,7 @@ class ZeroEngine(OffloadMixin):
                 for p, slot in zip(chunk_params, self.layout.slots_in(c)):
                     if p.is_meta:
                         for m in owners[p]:
-                            _materialize(m, device)
+                            materializer.materialize(m)
                     full[slot.offset : slot.offset + slot.numel].copy_(p.detach().reshape(-1))
                 if self.world_size > 1:  # ranks may have initialised differently: rank 0's values win
                     dist.broadcast(full, src=dist.get_global_rank(group, 0), group=group)
@@ -206,10 +191,11 @@ class ZeroEngine(OffloadMixin):
                     chunk.compute.untyped_storage().resize_(0)
                     chunk.gathered = False
             for m in module.modules():  # meta buffers of modules that own no parameters
-                _materialize(m, device)
+                materializer.materialize(m)
         self.where = {p: (chunk, i) for chunk in self.chunks for i, p in enumerate(chunk.params)}
         self._next_reduce = len(self.chunks) - 1
         self._handles: list[Any] = []
+        self._guarded: list[nn.Module] = []  # modules whose parameters are read-guarded (stage 3)
         self._hooked: set[nn.Parameter] = set()
         self._in_flight: list[_Chunk] = []  # reductions launched and not yet waited for (stages 2-3)
         self._backward_started = False
@@ -220,6 +206,7 @@ class ZeroEngine(OffloadMixin):
         self.piece_group: dict[int, dict[str, Any]] = {}  # id(piece) -> its optimizer's parameter group
         if policy.stage == 3:
             self._install_stage3_hooks(module)
+            self._guard_parameters(module)
 
     def _hook_trainable(self) -> None:
         """Gradient hooks on every parameter that requires grad, including ones unfrozen since the last step."""
@@ -235,11 +222,7 @@ class ZeroEngine(OffloadMixin):
     def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Rewrite ``optimizer``'s parameter groups to hold this rank's pieces (see [Note: what lives where])."""
         kind = type(optimizer).__name__
-        if kind not in ELEMENTWISE_OPTIMIZERS:
-            raise TypeError(
-                f"ZeRO cannot shard the optimizer {kind}: its update needs whole tensors, and each rank holds flat "
-                f"pieces. Element-wise optimizers work: {', '.join(ELEMENTWISE_OPTIMIZERS)}."
-            )
+        check_optimizer(optimizer, self.policy.allow_untested_optimizer)
         if optimizer.state:
             raise RuntimeError(f"{kind} already has state; ZeRO must shard it before the first step.")
         self.optimizer_param_names[optimizer] = [[self.names[p] for p in g["params"]] for g in optimizer.param_groups]
@@ -444,157 +427,67 @@ class ZeroEngine(OffloadMixin):
         else:
             chunk.grad_full = None
 
+    def shard_gradients(self, optimizer: Optional[torch.optim.Optimizer] = None) -> list[tuple[str, Tensor]]:
+        """(parameter name, gradient of this rank's piece of it) for every piece that has a gradient now, of
+        ``optimizer`` (default: all)."""
+        mine = None if optimizer is None else {id(q) for g in optimizer.param_groups for q in g["params"]}
+        out = []
+        for chunk in self.chunks:
+            for k, (piece, q) in enumerate(chunk.pieces):
+                if mine is not None and id(q) not in mine:
+                    continue
+                if chunk.half_grads:  # 16-bit host gradients, held by their chunks
+                    if chunk.window_open[k] and chunk.trainable[chunk.piece_slots[k]]:
+                        out.append((piece.name, chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel]))
+                elif q.grad is not None:
+                    out.append((piece.name, q.grad))
+        return out
+
+    def _all_reduce(self, t: Tensor, op: Any = dist.ReduceOp.SUM) -> Tensor:
+        if self.world_size == 1:
+            return t
+        on_device = t.to(self.device)  # NCCL reduces device tensors (offloaded gradients are on the host)
+        dist.all_reduce(on_device, op=op, group=self.group)
+        return on_device.to(t.device)
+
     @torch.no_grad()
     def clip_grad_norm_(self, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
         """Clip by the norm over every shard of ``optimizer``'s parameters on all ranks; return that norm."""
-        grads = [q.grad for _, _, q in self.optimizer_pieces(optimizer) if q.grad is not None]
-        mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
-        for chunk in self.chunks:  # 16-bit host gradients, held by their chunks
-            if chunk.half_grads:
-                for k, (piece, q) in enumerate(chunk.pieces):
-                    if id(q) in mine and chunk.window_open[k] and chunk.trainable[chunk.piece_slots[k]]:
-                        grads.append(chunk.grad_shard[piece.shard_offset : piece.shard_offset + piece.numel])
+        grads = [g for _, g in self.shard_gradients(optimizer)]
         device = self.chunks[0].compute.device if self.chunks else torch.device("cpu")
         squares = torch.nn.utils.get_total_norm(grads, 2.0).float().pow(2) if grads else torch.zeros((), device=device)
-        if self.world_size > 1:
-            on_device = squares.to(self.device)  # NCCL reduces device tensors (offloaded gradients are on the host)
-            dist.all_reduce(on_device, group=self.group)
-            squares = on_device.to(squares.device)
-        norm = squares.sqrt()
+        norm = self._all_reduce(squares).sqrt()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         scales = {}  # offloaded gradients are on the host, the others on the device
         for g in grads:
             g.mul_(scales.setdefault(g.device, scale.to(g.device)))
         return norm
 
-    # ----- parameters -----------------------------------------------------------------------------------------------
-
     @torch.no_grad()
-    def refresh_compute(self) -> None:
-        """Bring the compute buffers up to date with the master shards (after a step or a load)."""
-        if self.policy.stage == 3:
-            self.release_all()  # the next gather casts the master shards
-            return
-        for chunk in self.chunks:
-            shard = chunk.compute[chunk.shard_start : chunk.shard_start + chunk.shard_numel]
-            if shard.data_ptr() != chunk.master.data_ptr():
-                shard.copy_(chunk.master, non_blocking=True)  # casts; from pinned host memory when offloaded
-            if self.world_size > 1:
-                dist.all_gather_into_tensor(chunk.compute, shard.clone(), group=self.group)
-
-    def gather(self, index: int, async_op: bool = False) -> None:
-        chunk = self.chunks[index]
-        if chunk.gathered or chunk.gather_work is not None or chunk.copied is not None:
-            return
-        chunk.compute.untyped_storage().resize_(chunk.padded * chunk.compute.element_size())
-        if chunk.host and self._h2d is not None:
-            self._gather_from_host(chunk, async_op)
-            return
-        if self.world_size == 1:  # the shard is the chunk: one casting copy, nothing to wait for
-            chunk.compute.copy_(chunk.master, non_blocking=True)
-            chunk.gathered = True
-            return
-        chunk.gather_input = chunk.master.to(self.device, self.compute_dtype, non_blocking=True)
-        chunk.gather_work = dist.all_gather_into_tensor(chunk.compute, chunk.gather_input, group=self.group,
-                                                        async_op=async_op)
-        if not async_op:
-            self._wait_gather(chunk)
-
-    def _gather_from_host(self, chunk: _Chunk, async_op: bool) -> None:
-        """Copy a host master shard to the device (and all-gather it) on the host-to-device stream, so that a
-        prefetch overlaps the compute of the modules before."""
-        assert self._h2d is not None
-        self._h2d.wait_stream(torch.cuda.current_stream(self.device))  # the fresh storage is free on every stream
-        with torch.cuda.stream(self._h2d):
-            if self.world_size == 1:
-                chunk.compute.copy_(chunk.master, non_blocking=True)  # to the device, then cast there
+    def grad_norm(self, norm_type: float = 2.0) -> dict[str, Tensor]:
+        """Lightning's ``grad_norm(module, norm_type)`` over the sharded gradients: the norm of each parameter's
+        whole gradient and their total, from every rank's shards (a collective: call it on every rank, after
+        backward and before the optimizer step, e.g. in ``on_before_optimizer_step``)."""
+        norm_type = float(norm_type)
+        index = {s.name: i for i, s in enumerate(self.layout.slots)}
+        acc = torch.zeros(len(index), dtype=torch.float64, device=self.device)
+        has = torch.zeros(len(index), dtype=torch.float64, device=self.device)
+        for name, g in self.shard_gradients():
+            g = g.detach().to(self.device, torch.float64)
+            i = index[name]
+            has[i] = 1.0
+            if norm_type == float("inf"):
+                acc[i] = torch.maximum(acc[i], g.abs().max()) if g.numel() else acc[i]
             else:
-                chunk.gather_input = chunk.master.to(self.device, self.compute_dtype, non_blocking=True)
-                chunk.gather_work = dist.all_gather_into_tensor(chunk.compute, chunk.gather_input, group=self.group,
-                                                                async_op=True)
-            chunk.copied = self._h2d.record_event()
-        if not async_op:
-            self._wait_gather(chunk)
-
-    def _wait_gather(self, chunk: _Chunk) -> None:
-        if chunk.gather_work is not None:
-            chunk.gather_work.wait()
-        if chunk.copied is not None:
-            torch.cuda.current_stream(self.device).wait_event(chunk.copied)
-        chunk.gather_work = chunk.gather_input = chunk.copied = None
-        chunk.gathered = True
-
-    def ensure_gathered(self, index: int) -> None:
-        chunk = self.chunks[index]
-        if chunk.gathered:
-            return
-        if chunk.gather_work is None and chunk.copied is None:
-            self.gather(index)
-        else:
-            self._wait_gather(chunk)
-
-    def release(self, index: int) -> None:
-        chunk = self.chunks[index]
-        if chunk.gather_work is not None or chunk.copied is not None:
-            self._wait_gather(chunk)
-        if chunk.gathered:
-            chunk.compute.untyped_storage().resize_(0)
-            chunk.gathered = False
-
-    def release_all(self) -> None:
-        for chunk in self.chunks:
-            self.release(chunk.index)
-
-    # ----- stage 3 hooks --------------------------------------------------------------------------------------------
-
-    def _install_stage3_hooks(self, module: nn.Module) -> None:
-        for m in module.modules():
-            owned = sorted({self.where[p][0].index for p in m.parameters(recurse=False) if p in self.where})
-            if owned:
-                self._module_chunks[m] = owned
-                self._handles.append(m.register_forward_pre_hook(self._pre_forward))
-                self._handles.append(m.register_forward_hook(self._post_forward))
-
-    def begin_forward(self) -> None:
-        """Called before every step that runs forward: hook parameters unfrozen since the last step, and reset the
-        per-forward module counts of stage 3."""
-        if any(p.requires_grad and p not in self._hooked for chunk in self.chunks for p in chunk.params):
-            self._hook_trainable()
-        if self._measuring and self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)  # "auto" measures the first step's working memory
-        for chunk in self.chunks:
-            chunk.forward_remaining = 0
-        for owned in self._module_chunks.values():
-            for c in owned:
-                self.chunks[c].forward_remaining += 1
-
-    def _prefetch(self, index: int) -> None:
-        if self.policy.prefetch and 0 <= index < len(self.chunks):
-            self.gather(index, async_op=True)
-
-    def _pre_forward(self, m: nn.Module, args: Any) -> None:
-        owned = self._module_chunks[m]
-        for c in owned:
-            self.ensure_gathered(c)
-        self._prefetch(owned[-1] + 1)
-
-    def _post_forward(self, m: nn.Module, args: Any, output: Any) -> Any:
-        owned = self._module_chunks[m]
-        for c in owned:
-            chunk = self.chunks[c]
-            chunk.forward_remaining -= 1
-            if chunk.forward_remaining <= 0 and (self.policy.reshard_after_forward or not torch.is_grad_enabled()):
-                self.release(c)
-        if torch.is_grad_enabled():
-            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.requires_grad]
-            for t in tensors:
-                t.register_hook(lambda grad, owned=owned: self._pre_backward(owned))
-        return output
-
-    def _pre_backward(self, owned: list[int]) -> None:
-        for c in owned:
-            self.ensure_gathered(c)
-        self._prefetch(owned[0] - 1)
+                acc[i] += g.abs().pow(norm_type).sum()
+        inf = norm_type == float("inf")
+        acc = self._all_reduce(acc, dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM)
+        has = self._all_reduce(has, dist.ReduceOp.MAX)
+        per = acc if inf else acc.pow(1.0 / norm_type)
+        norms = {f"grad_{norm_type}_norm/{s.name}": per[i].float() for i, s in enumerate(self.layout.slots) if has[i]}
+        if norms:
+            norms[f"grad_{norm_type}_norm_total"] = torch.stack(list(norms.values())).norm(norm_type)
+        return norms
 
     # ----- bookkeeping ----------------------------------------------------------------------------------------------
 
@@ -615,27 +508,9 @@ class ZeroEngine(OffloadMixin):
         )
         return {"parameters": params, "gradients": grads, "optimizer_state": state}
 
-    @torch.no_grad()
-    def unshard(self) -> None:
-        """Give every parameter back its whole value, from the fp32 masters, in the dtype it had before sharding:
-        after ``fit`` the module is an ordinary module again, usable and savable anywhere."""
-        for chunk in self.chunks:
-            full = torch.empty(chunk.padded, dtype=torch.float32, device=self.device)
-            if self.world_size == 1:
-                full.copy_(chunk.master)
-            else:
-                dist.all_gather_into_tensor(full, chunk.master.to(self.device), group=self.group)
-            for i, p in enumerate(chunk.params):
-                view = chunk.view(full, i)
-                dtype = self.original_dtypes[p]
-                p.data = view if dtype == torch.float32 else view.to(dtype)
-                p.grad = None
-            if chunk.master.untyped_storage().data_ptr() != chunk.compute.untyped_storage().data_ptr():
-                chunk.compute.untyped_storage().resize_(0)  # (fp32 stages 1-2 keep it: the masters live in it)
-            chunk.grad_full = None
-
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._hooked = set()
+        self._unguard_parameters()

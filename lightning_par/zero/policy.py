@@ -17,6 +17,22 @@ ELEMENTWISE_OPTIMIZERS = (
 )
 
 
+def check_optimizer(optimizer: torch.optim.Optimizer, allow_untested: bool = False) -> None:
+    """Accept the element-wise ``torch.optim`` optimizers and their subclasses (a subclass that changes the update
+    must stay element-wise: that is the user's to keep), and any optimizer when ``allow_untested``."""
+    known = tuple(getattr(torch.optim, name) for name in ELEMENTWISE_OPTIMIZERS)
+    if allow_untested or isinstance(optimizer, known):
+        return
+    kind = type(optimizer).__name__
+    raise TypeError(
+        f"ZeRO cannot shard the optimizer {kind}: each rank holds flat pieces of the parameters, so only an "
+        "element-wise optimizer (each element's update depends on that element's gradient and state alone) gives "
+        f"the same result. Known element-wise: torch.optim.{', '.join(ELEMENTWISE_OPTIMIZERS)} and their subclasses: "
+        f"derive {kind} from one of them, or, if {kind} is element-wise (no whole-tensor norms, factored moments or "
+        "line searches), declare it with ZeroStrategy(allow_untested_optimizer=True)."
+    )
+
+
 @dataclass(frozen=True)
 class ZeroPolicy:
     """What is sharded and how chunks are cut.
@@ -37,6 +53,8 @@ class ZeroPolicy:
         ranks); a plan that needs more is an error before anything is allocated.
     nvme_dir: a directory (on a local NVMe disk) where the optimizer state of host chunks that do not fit in host
         memory lives between steps (ZeRO-Infinity); None keeps everything in memory.
+    allow_untested_optimizer: accept an optimizer that is neither one of ``ELEMENTWISE_OPTIMIZERS`` nor a subclass
+        of one (the user declares it element-wise, as DeepSpeed's ``zero_allow_untested_optimizer``).
     host_grads: the dtype of the gradient shards of host chunks. "fp32" (exact); "compute" keeps them in the bf16
         compute dtype: half the host memory and the copies, cast to fp32 chunk by chunk for the step. Exact at world
         size 1 without accumulation (autograd's gradients are bf16 already); else the reduced sum is rounded to bf16.
@@ -53,6 +71,7 @@ class ZeroPolicy:
     host_memory_limit: Optional[int] = None
     nvme_dir: Optional[str] = None
     host_grads: Literal["fp32", "compute"] = "fp32"
+    allow_untested_optimizer: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
