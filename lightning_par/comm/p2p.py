@@ -7,6 +7,10 @@ transfers in the same order, as with any point-to-point protocol.
 
 With a :class:`ShapeCache` on both ends, a transfer whose shapes were seen before on that cache is one message:
 see [Note: the known-shapes fast path].
+
+The pipeline executor does not use these functions: it posts each slot of transfers as one batch, with shapes it
+recorded per input signature, through the building blocks at the end of this module (see [Note: batched slots and
+recorded shapes]).
 """
 
 from __future__ import annotations
@@ -29,6 +33,16 @@ __all__ = [
     "RecvHandle",
     "ShapeCache",
     "META_SLOTS",
+    "Spec",
+    "post_batch",
+    "wire_meta",
+    "spec_of",
+    "packed_size",
+    "pack_tensors",
+    "unpack_value",
+    "encode_meta",
+    "decode_meta",
+    "describe_spec",
 ]
 
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
@@ -116,7 +130,8 @@ def _decode(buf: torch.Tensor) -> Spec:
 # The flag travels inside the payload's message, so learning whether shapes changed costs no message; the price is
 # one copy into the packed buffer on the sender. Reading the flag syncs the host on NCCL, as decoding the metadata
 # did. A receive of the cached size must not be posted while an earlier receive from that peer could still change
-# the cache, so posting one first completes the previous receive from the same peer.
+# the cache, so posting one first completes the previous receive from the same peer. Those two host waits are why
+# the pipeline executor no longer uses this path on NCCL (see [Note: batched slots and recorded shapes]).
 _ALIGN = 16  # every dtype can be viewed at a multiple of 16 bytes
 _FLAG = 8  # bytes of the trailing int64 flag
 
@@ -295,3 +310,81 @@ def recv_tensors(src: int, group: ProcessGroup | None, device: torch.device | st
     Tensors that required grad on the sender come back as leaves with ``requires_grad=True``.
     """
     return irecv_tensors(src, group, device, cache).wait()
+
+
+# [Note: batched slots and recorded shapes]
+# The pipeline executor posts the SENDs and RECVs between two of its computes (a slot) as one
+# ``dist.batch_isend_irecv``: NCCL groups them, so the sends and receives of a slot progress together, and a rank's
+# slots run in order on one stream (the schedule is built so that this cannot deadlock: [Note: communication
+# actions] in lightning_par/pipeline/schedules.py). It knows every transfer's shapes in advance: the first step
+# with a new input signature sends each transfer's metadata and packed payload over a gloo group (host waits there
+# are fine once per signature) and both ends record the shapes per action; later steps post receives of the
+# recorded size, one packed message per transfer, and never read anything on the host. These are the pieces.
+
+
+def post_batch(ops: Sequence[tuple[bool, torch.Tensor, int, int]], group: ProcessGroup | None) -> list:
+    """Post ``(is_send, tensor, group peer, tag)`` operations as one ``dist.batch_isend_irecv``; one Work per
+    operation (the batch's single Work repeated where the backend coalesces the batch, as NCCL does)."""
+    if not ops:
+        return []
+    p2p = [dist.P2POp(dist.isend if is_send else dist.irecv, t, group=group, tag=tag, group_peer=peer)
+           for is_send, t, peer, tag in ops]
+    works = dist.batch_isend_irecv(p2p)
+    if len(works) == len(p2p):
+        return list(works)
+    if len(works) == 1:
+        return list(works) * len(p2p)
+    raise RuntimeError(f"batch_isend_irecv returned {len(works)} works for {len(p2p)} operations")
+
+
+def wire_meta(value: Tensors | Sequence[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
+    """The metadata of a tensor or tuple of tensors (read from shapes only: no device sync) and its tensors."""
+    is_tuple = not isinstance(value, torch.Tensor)
+    items = list(value) if is_tuple else [value]
+    if not items:
+        raise ValueError("send_tensors: nothing to send (empty sequence)")
+    return _meta(items, is_tuple), items
+
+
+def spec_of(meta: list[int]) -> Spec:
+    return _parse(meta)
+
+
+def packed_size(spec: Spec) -> int:
+    """Bytes of the packed message of ``spec`` (see ``pack_tensors``)."""
+    return _layout([(dtype, shape) for dtype, _, shape in spec[1]])[1]
+
+
+def pack_tensors(items: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One uint8 buffer holding every tensor at an aligned offset (a copy on the tensors' device)."""
+    return _pack(items)
+
+
+def unpack_value(buf: torch.Tensor, spec: Spec, device: torch.device | None = None) -> Tensors:
+    """The tensor or tuple a packed buffer holds (views of it, or copies on ``device`` when that differs), with the
+    sender's ``requires_grad``."""
+    tensors = _unpack(buf, spec[1])
+    if device is not None and torch.device(device) != buf.device:
+        tensors = [t.to(device) for t in tensors]
+    for t, (_, requires_grad, _) in zip(tensors, spec[1]):
+        if requires_grad:
+            t.requires_grad_(True)
+    return tuple(tensors) if spec[0] else tensors[0]
+
+
+def encode_meta(meta: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The fixed-size int64 message of ``meta`` (``META_SLOTS`` long)."""
+    return _encode(meta, torch.device(device))
+
+
+def decode_meta(buf: torch.Tensor) -> tuple[list[int], Spec]:
+    """Metadata list and spec from a received ``encode_meta`` message (reads it on the host)."""
+    values = buf.tolist()
+    spec = _parse(values)
+    used = 2 + sum(3 + len(shape) for _, _, shape in spec[1])
+    return values[:used], spec
+
+
+def describe_spec(spec: Spec) -> str:
+    parts = [f"{str(dtype).removeprefix('torch.')}{list(shape)}" for dtype, _, shape in spec[1]]
+    return f"({', '.join(parts)})" if spec[0] else parts[0]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from lightning_par.comm.p2p import irecv_tensors, isend_tensors
+from lightning_par.comm.p2p import post_batch
 from lightning_par.pipeline.partition import Partition
 from lightning_par.pipeline.schedules import Schedule
 
@@ -62,35 +62,41 @@ class SharedGradients:
 
     @torch.no_grad()
     def sum_(self) -> None:
-        """Give every shared parameter the sum of its holders' gradients (``None`` only if no holder had one)."""
+        """Give every shared parameter the sum of its holders' gradients (``None`` only if no holder had one).
+
+        All of this rank's sends and receives go in one ``batch_isend_irecv``: NCCL runs them as one group, so two
+        holders exchanging with each other (and with others) cannot block each other as separate operations can
+        (see [Note: NCCL's in-order rule] in ``lightning_par/pipeline/simulate.py``). Every holder sends the same
+        parameters in the same order, so a receive's size is known: no metadata, no host read."""
         if not self.params:
             return
         own = {name: self._flat(p) for name, p in self.params.items()}
-        sends, recvs = [], {}
+        ops, received = [], {}
         for peer in self.peers:
             names = [n for n in self.params if peer in self.holders[n]]
-            sends.append(isend_tensors(torch.cat([own[n] for n in names]), peer, self.group))
-            recvs[peer] = (names, irecv_tensors(peer, self.group, next(iter(self.params.values())).device))
+            flat = torch.cat([own[n] for n in names])
+            received[peer] = (names, torch.empty_like(flat))
+            ops += [(True, flat, peer, 0), (False, received[peer][1], peer, 0)]
+        for work in post_batch(ops, self.group):
+            work.wait()  # on NCCL a stream wait; on gloo the host waits
         theirs: dict[tuple[str, int], torch.Tensor] = {}
-        for peer, (names, handle) in recvs.items():
-            flat, offset = handle.wait(), 0
+        for peer, (names, flat) in received.items():
+            offset = 0
             for n in names:
                 size = own[n].numel()
                 theirs[(n, peer)] = flat[offset: offset + size]
                 offset += size
-        for handle in sends:
-            handle.wait()
         for name, p in self.params.items():
             total = None
             for holder in self.holders[name]:  # fixed order: identical sums on every holder
                 part = own[name] if holder == self.rank else theirs[(name, holder)]
                 total = part.clone() if total is None else total.add_(part)
             assert total is not None
-            has_grad = total[-1] > 0
             grad = total[:-1].view_as(p)
-            if not has_grad:
-                p.grad = None
-            elif p.grad is None:
+            # A local gradient decides without reading the device; only a holder without one reads the flag.
+            if p.grad is None and not bool(total[-1] > 0):
+                continue
+            if p.grad is None:
                 p.grad = grad.to(p.dtype)
             else:
                 p.grad.copy_(grad)

@@ -32,6 +32,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils._pytree import tree_flatten
 from typing_extensions import override
 
 import lightning.pytorch as pl
@@ -78,6 +79,8 @@ class PipelineStrategy(DataParallelStrategy):
             module's ``example_input_array``).
         blocks: dotted path of the blocks container (e.g. ``"model.blocks"``); by default the largest one.
         bucket_size_mb: gradient bucket size of the data-parallel all-reduce.
+        stall_timeout: seconds a pipeline transfer may wait before the step fails with an error naming the rank,
+            the action and the peer (on NCCL the message is printed and the process group's ``timeout`` aborts).
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class PipelineStrategy(DataParallelStrategy):
         balance: Literal["params", "time"] = "params",
         blocks: Optional[str] = None,
         bucket_size_mb: float = 25.0,
+        stall_timeout: float = 600.0,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -118,6 +122,8 @@ class PipelineStrategy(DataParallelStrategy):
         for name, value in (("stages", stages), ("microbatches", microbatches), ("chunks", chunks)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        if not isinstance(stall_timeout, (int, float)) or isinstance(stall_timeout, bool) or stall_timeout <= 0:
+            raise ValueError(f"stall_timeout must be a positive number of seconds; got {stall_timeout!r}.")
         if balance not in ("params", "time"):
             raise ValueError(f"balance must be 'params' or 'time'; got {balance!r}.")
         if split not in ("auto", "blocks", "trace"):
@@ -130,6 +136,9 @@ class PipelineStrategy(DataParallelStrategy):
         self.split = split
         self.balance = balance
         self.blocks = blocks
+        self.stall_timeout = float(stall_timeout)
+        self._side_group: Optional[dist.ProcessGroup] = None  # gloo twin of the pipeline group (see `_side_group_for`)
+        self._side_group_of: Optional[dist.ProcessGroup] = None
         self._partition: Optional[Union[Partition, TracePartition]] = None
         self._schedule: Optional[Schedule] = None
         self._train_executor: Optional[PipelineExecutor] = None
@@ -215,9 +224,28 @@ class PipelineStrategy(DataParallelStrategy):
         self._shared = SharedGradients(module, self._canonical, holders, rank, pipeline_group)
         self._schedule = schedule
         self._pipeline_group = pipeline_group
+        self._side_group_for(pipeline_group)
         self._train_executor = None
         self._eval_executors = {}
         self._optimizer_layouts = {}
+
+    def _side_group_for(self, pipeline_group: dist.ProcessGroup) -> None:
+        """A gloo group over this rank's pipeline group, for the first step of each input shape (see [Note: overlap
+        and ordering] in ``lightning_par/pipeline/executor.py``). ``new_group`` is collective over the world: every
+        rank creates every pipeline group's twin, in the topology's order; a gloo pipeline group is its own twin."""
+        if self._side_group_of is pipeline_group:
+            return
+        if str(dist.get_backend(pipeline_group)) == "gloo" or self.topology.pipeline == 1:
+            self._side_group = pipeline_group
+        else:
+            mine = dist.get_process_group_ranks(pipeline_group)
+            for ranks in self.topology.groups("pipeline"):
+                group = dist.new_group(ranks, backend="gloo")
+                if self.global_rank in ranks:
+                    if sorted(ranks) != mine:
+                        raise RuntimeError(f"pipeline group ranks {mine} differ from the topology's {ranks}")
+                    self._side_group = group
+        self._side_group_of = pipeline_group
 
     def _split_mode(self, module: "pl.LightningModule") -> str:
         """'blocks' or 'trace', with the arguments checked against it."""
@@ -304,11 +332,12 @@ class PipelineStrategy(DataParallelStrategy):
         if microbatches is None:
             if self._train_executor is None:
                 self._train_executor = PipelineExecutor(self.schedule, self.pipeline_rank, self._pipeline_group,
-                                                        self.root_device)
+                                                        self.root_device, self._side_group, self.stall_timeout)
             return self._train_executor
         if microbatches not in self._eval_executors:
             self._eval_executors[microbatches] = PipelineExecutor(
-                forward_only(self.schedule, microbatches), self.pipeline_rank, self._pipeline_group, self.root_device)
+                forward_only(self.schedule, microbatches), self.pipeline_rank, self._pipeline_group, self.root_device,
+                self._side_group, self.stall_timeout)
         return self._eval_executors[microbatches]
 
     def _run(self, step: Callable[..., Any], executor: PipelineExecutor, batch: Any, rest: tuple, kwargs: dict,
@@ -331,7 +360,12 @@ class PipelineStrategy(DataParallelStrategy):
                                    "must call the model's forward, which runs every block.")
             return output
 
-        results = executor.run(forward, loss, **run_kwargs)
+        # Every rank of the pipeline sees the same batch, so all compute the same signature: the executor's
+        # transfers take the recorded shapes from the second step with it on (no host sync).
+        signature = (executor.training, module.training, schedule.microbatches,
+                     tuple((tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t).__name__
+                           for t in tree_flatten(micro[0])[0]))
+        results = executor.run(forward, loss, signature=signature, **run_kwargs)
         return recorder.share(results, self._pipeline_group, schedule.microbatches, self.root_device)
 
     @override
