@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Issue 11 on one 4-GPU machine, one mode per call (each mode fits a 10-minute call; estimates below):
+#
+#   OUT=$OUT benchmarks/gpu_suite.sh parity        # ~4-6 min: reference, 1-process self-check, 2 GPUs, 4 GPUs in 4 groups
+#   OUT=$OUT benchmarks/gpu_suite.sh parity_bf16   # ~3-4 min: every strategy under bf16-mixed against dp bf16, 4 then 2 GPUs
+#   OUT=$OUT benchmarks/gpu_suite.sh throughput    # ~5-7 min: 1.3B at 4 GPUs, ours then the peers (Lightning, DTensor TP)
+#   OUT=$OUT benchmarks/gpu_suite.sh throughput7b  # ~5-7 min: ~6.9B at 4 GPUs, batch 2/GPU (ddp expected OOM)
+#   OUT=$OUT benchmarks/gpu_suite.sh offload       # ~3-4 min: 1.3B at 2 GPUs: zero3, zero3_offload, FSDP2
+#   OUT=$OUT benchmarks/gpu_suite.sh pipeline      # ~4-6 min: torch.distributed.pipelining vs ours, 1.3B at 4 GPUs
+#   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
+#
+# Every case runs under `timeout` in its own process group, which is killed after the case (leftover workers of a
+# hung case cannot hold the GPUs for the next one). Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
+# (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
+set -u
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_bf16|throughput|throughput7b|offload|pipeline}
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+OUT=${OUT:-$PWD/suite_out}
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/gpu_suite.XXXXXX)
+LOG=$OUT/$MODE.log
+: > "$LOG"
+CPU=${CPU:-0}
+PY=${PYTHON:-python}
+SUMMARY=()
+CASES=()
+
+if [ "$CPU" = 1 ]; then
+  ACC="--accelerator cpu"
+  PAR="--layers 8 --width 32 --heads 4 --seq 16 --vocab 64 --steps 4"
+  THR="--layers 8 --width 64 --heads 4 --vocab 128 --seq 32 --batch 2 --steps 2 --warmup 1 --microbatches 4"
+  THR7=$THR
+  SCALE=3   # CPU cases get 3x the GPU time limits
+else
+  ACC="--accelerator gpu"
+  PAR=""
+  THR="--model 1.3b"
+  THR7="--model 7b"
+  SCALE=1
+fi
+NVME="--nvme-dir $WORK/nvme"
+
+gpus() {  # gpus N -> the CUDA_VISIBLE_DEVICES setting for N GPUs
+  case $1 in 1) echo 0 ;; 2) echo 0,1 ;; *) echo 0,1,2,3 ;; esac
+}
+
+run_case() {  # run_case NAME LIMIT_S NPROC ARGS... (ARGS: the script and its arguments)
+  local name=$1 limit=$(( $2 * SCALE )) nproc=$3
+  shift 3
+  local clog=$WORK/$name.log t0=$SECONDS rc
+  echo "=== $name: $nproc process(es), limit ${limit}s, $(date +%T)"
+  if [ "$nproc" = 0 ]; then  # one plain process
+    CUDA_VISIBLE_DEVICES=$(gpus 1) setsid timeout -k 20 "$limit" $PY "$@" > "$clog" 2>&1 &
+  else
+    CUDA_VISIBLE_DEVICES=$(gpus "$nproc") setsid timeout -k 20 "$limit" \
+      $PY -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$@" > "$clog" 2>&1 &
+  fi
+  local pid=$!
+  wait $pid
+  rc=$?
+  kill -TERM -- -"$pid" 2>/dev/null && sleep 2
+  kill -KILL -- -"$pid" 2>/dev/null
+  { echo "=================== $name (rc $rc, $((SECONDS - t0)) s): $*"; cat "$clog"; } >> "$LOG"
+  grep -E '^(parity|throughput|pipeline peer|reference)[: ]|^  [A-Za-z0-9_]+ +(PASS|FAIL|ok|oom|error) ' "$clog"
+  if [ "$rc" != 0 ]; then
+    echo "  !! rc $rc$([ "$rc" = 124 ] && echo ' (timeout)'); last errors:"
+    grep -E 'Error|error:|Timeout|timed out' "$clog" | grep -v Warning | tail -4 | cut -c1-300
+  fi
+  CASES+=("$clog")
+  SUMMARY+=("$(printf '%-26s rc %-3s %4d s' "$name" "$rc" $((SECONDS - t0)))")
+}
+
+MG=benchmarks/multi_gpu.py
+REF=$WORK/reference.json
+case $MODE in
+  parity)
+    run_case reference 60 0 $MG reference --out "$REF" $ACC $PAR
+    run_case parity_1proc_self 60 0 $MG parity --reference "$REF" --out "$WORK/parity_1proc.json" $ACC
+    run_case parity_2gpu_all 120 2 $MG parity --reference "$REF" --out "$WORK/parity_2gpu.json" $ACC $NVME
+    run_case parity_4gpu_dp_zero 80 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_dp_zero.json" $ACC \
+      --only dp,zero1,zero2,zero3
+    run_case parity_4gpu_offload 80 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_offload.json" $ACC $NVME \
+      --only zero2_offload,zero3_offload,zero3_half_host,zero3_nvme
+    run_case parity_4gpu_tp 60 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_tp.json" $ACC --only tp1d,tp1d_sp
+    run_case parity_4gpu_pipeline 80 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_pipeline.json" $ACC \
+      --only pipeline_1f1b,pipeline_gpipe,pipeline_interleaved,pipeline_zero_bubble,pipeline_chimera
+    ;;
+  parity_bf16)
+    run_case reference 60 0 $MG reference --out "$REF" $ACC $PAR
+    run_case parity_bf16_4gpu 200 4 $MG parity --precision bf16 --reference "$REF" --out "$WORK/parity_bf16_4gpu.json" \
+      $ACC $NVME
+    run_case parity_bf16_2gpu 200 2 $MG parity --precision bf16 --reference "$REF" --out "$WORK/parity_bf16_2gpu.json" \
+      $ACC $NVME
+    ;;
+  throughput)
+    run_case throughput_ours 270 4 $MG throughput --out "$WORK/throughput_ours.json" $ACC $THR \
+      --variants dp,zero1,zero2,zero3,tp1d,tp1d_sp,pipeline
+    run_case throughput_peers 240 4 $MG throughput --out "$WORK/throughput_peers.json" $ACC $THR \
+      --variants lightning_ddp,lightning_fsdp,lightning_fsdp2,dtensor_tp
+    ;;
+  throughput7b)
+    run_case throughput7b_ours 270 4 $MG throughput --out "$WORK/throughput7b_ours.json" $ACC $THR7 \
+      --variants zero3,tp1d,pipeline
+    run_case throughput7b_peers 240 4 $MG throughput --out "$WORK/throughput7b_peers.json" $ACC $THR7 \
+      --variants lightning_ddp,lightning_fsdp2,dtensor_tp
+    ;;
+  offload)
+    run_case offload_2gpu 480 2 $MG throughput --out "$WORK/offload_2gpu.json" $ACC $THR \
+      --variants zero3,zero3_offload,lightning_fsdp2
+    ;;
+  pipeline)
+    run_case pipeline_peer_4gpu 500 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_4gpu.json" $ACC $THR
+    ;;
+  *)
+    echo "unknown mode $MODE"; exit 2 ;;
+esac
+
+$PY - "$WORK" "$OUT/$MODE.json" <<'EOF'
+import json, sys
+from pathlib import Path
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+merged = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
+out.write_text(json.dumps(merged, indent=1, default=str))
+EOF
+{
+  echo "================ summary: $MODE ($([ "$CPU" = 1 ] && echo 'CPU, gloo' || echo GPU)), $(date +%T)"
+  for line in "${SUMMARY[@]}"; do echo "$line"; done
+  grep -hE '^(parity|throughput|pipeline peer|reference)[: ]|^  [A-Za-z0-9_]+ +(PASS|FAIL|ok|oom|error) ' "${CASES[@]}" | cut -c1-220
+} | tee "$OUT/${MODE}_summary.txt"
+rm -rf "$WORK"
