@@ -299,6 +299,20 @@ def main() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
         local_device(args.accelerator)
     args.func(args)
+    exit_now()
+
+
+def exit_now() -> None:
+    """Results are written: leave without interpreter teardown, where a rank could abort or hang on a background
+    communication thread ("terminate called without an active exception" seen at exit on gloo)."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

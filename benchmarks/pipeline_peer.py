@@ -266,3 +266,4 @@ def print_row(row: dict, world: int) -> None:
 
 if __name__ == "__main__":
     main()
+    multi_gpu.exit_now()
