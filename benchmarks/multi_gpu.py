@@ -253,12 +253,12 @@ def cmd_throughput(args: argparse.Namespace) -> None:
             print(f"  {name:<22} {row['status']:<5} {tps:>10,.0f} tok/s  per GPU {tps / world:>9,.0f}  "
                   f"peak {row.get('peak_gib') or 0:6.1f} GiB  host_syncs {'-' if syncs is None else syncs:>4}  "
                   f"({row['seconds']:.0f} s) {row.get('error', '')}", flush=True)
-    if rank == 0 and args.out:
-        config = {k: v for k, v in vars(args).items() if k != "func"}
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        Path(args.out).write_text(json.dumps({"config": config, "world": world, "n_params": n_params, "rows": rows,
-                                              "device": name, "torch": torch.__version__,
-                                              "lightning": pl.__version__}, indent=1))
+        if rank == 0 and args.out:  # after every variant: a later hang (an OOM on one rank only) keeps these rows
+            config = {k: v for k, v in vars(args).items() if k != "func"}
+            dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            Path(args.out).write_text(json.dumps({"config": config, "world": world, "n_params": n_params,
+                                                  "rows": rows, "device": dev_name, "torch": torch.__version__,
+                                                  "lightning": pl.__version__}, indent=1))
 
 
 def add_throughput_args(thr: argparse.ArgumentParser) -> None:
