@@ -39,6 +39,7 @@ from lightning_par.tensor.layers_1d import (
     VocabParallelEmbedding,
     VocabParallelOutput,
     make_shard,
+    to_compute_dtype,
     output_segments,
     shard_spec,
     sum_gradient_over_group,
@@ -418,7 +419,10 @@ def _install_block_hooks(module: nn.Module, tg: TensorGroup, op: Optional[InputO
         if op is not None:
             op.clear()
         if seq_dim is not None:
-            args, kwargs = _map_hidden(args, kwargs, lambda x: all_gather_along_dim(x, seq_dim, tg.group))
+            # The gathered input feeds only the block's column layers, which compute in the autocast dtype: gather
+            # it in that dtype (half the bytes of an fp32 norm output under bf16-mixed).
+            args, kwargs = _map_hidden(args, kwargs,
+                                       lambda x: all_gather_along_dim(to_compute_dtype(x), seq_dim, tg.group))
         return args, kwargs
 
     def post(mod: nn.Module, args: tuple, output: Any) -> None:
