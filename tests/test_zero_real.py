@@ -77,7 +77,7 @@ class TinyLlama(LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def _llama_fit(strategy, world_size: int, empty_init=None, **module_kwargs) -> list[float]:
+def _llama_fit(strategy, world_size: int, empty_init=None, save_dir=None, **module_kwargs) -> list[float]:
     from lightning.pytorch import Trainer, seed_everything
 
     seed_everything(0, verbose=False)
@@ -91,17 +91,28 @@ def _llama_fit(strategy, world_size: int, empty_init=None, **module_kwargs) -> l
             module = TinyLlama(**module_kwargs)
     trainer.fit(module, loader)
     assert not any(p.is_meta for p in module.parameters())
+    if save_dir is not None:  # after fit the Hugging Face model is whole: save_pretrained / from_pretrained round trip
+        from transformers import LlamaForCausalLM
+
+        module.model.save_pretrained(save_dir)  # written by rank 0 (transformers' own choice under torch.distributed)
+        dist.barrier()
+        loaded = LlamaForCausalLM.from_pretrained(save_dir)
+        mine, theirs = module.model.state_dict(), loaded.state_dict()
+        assert set(theirs) <= set(mine) and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+        x = torch.randint(0, 128, (2, 8))
+        assert torch.allclose(module.model(input_ids=x).logits, loaded(input_ids=x).logits, atol=1e-6)
     return module.recorded
 
 
-def _meta_first_loss(rank: int, world_size: int, port: int) -> dict:
+def _meta_first_loss(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
     _as_external_rank(rank, world_size, port)
     run = Run(steps=2)
     out = {
         "gpt_eager": fit(run, zero(3), world_size, world_size),
         "gpt_meta": fit(run, zero(3), world_size, world_size, empty_init=True),
         "llama_eager": _llama_fit(zero(3), world_size),
-        "llama_meta": _llama_fit(zero(3), world_size, empty_init=True),
+        "llama_meta": _llama_fit(zero(3), world_size, empty_init=True,
+                                 save_dir=os.path.join(tmpdir, "llama")),
         "llama_tied_meta": _llama_fit(zero(3), world_size, empty_init=True, tie=True),
         "llama_configure_model": _llama_fit(zero(3), world_size, in_configure_model=True),
     }
@@ -132,9 +143,9 @@ def _meta_first_loss(rank: int, world_size: int, port: int) -> dict:
     return out
 
 
-def test_zero3_from_the_meta_device_uses_the_models_own_initialisation():
+def test_zero3_from_the_meta_device_uses_the_models_own_initialisation(tmp_path):
     pytest.importorskip("transformers")
-    results = run_on_ranks(_meta_first_loss, 2, free_port())
+    results = run_on_ranks(_meta_first_loss, 2, free_port(), str(tmp_path))
     for eager, meta in (("gpt_eager", "gpt_meta"), ("llama_eager", "llama_meta"), ("llama_eager", "llama_tied_meta"),
                         ("llama_eager", "llama_configure_model")):
         first_eager = global_losses([r[eager] for r in results], 2)[0]
