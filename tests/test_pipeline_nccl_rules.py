@@ -225,3 +225,12 @@ def test_a_transfer_that_never_comes_fails_after_the_stall_timeout():
     assert error1.startswith("RuntimeError: pipeline rank 1: 1RECV_F0 waiting on rank 0 for 2 s"), error1
     assert "stall_timeout=2 s" in error1
     assert 1.5 < waited < 30
+
+
+def test_the_strategy_takes_a_stall_timeout():
+    from lightning_par import PipelineStrategy
+
+    assert PipelineStrategy(stall_timeout=5).stall_timeout == 5.0
+    assert PipelineStrategy().stall_timeout == 600.0
+    with pytest.raises(ValueError, match="stall_timeout must be a positive number of seconds"):
+        PipelineStrategy(stall_timeout=0)

@@ -137,8 +137,8 @@ class PipelineStrategy(DataParallelStrategy):
         self.balance = balance
         self.blocks = blocks
         self.stall_timeout = float(stall_timeout)
-        self._side_group: Optional[dist.ProcessGroup] = None  # gloo twin of the pipeline group (see `_side_group_for`)
-        self._side_group_of: Optional[dist.ProcessGroup] = None
+        self._side_group: Optional[dist.ProcessGroup] = None
+        self._side_group_of: Optional[dist.ProcessGroup] = None  # the pipeline group `_side_group` belongs to
         self._partition: Optional[Union[Partition, TracePartition]] = None
         self._schedule: Optional[Schedule] = None
         self._train_executor: Optional[PipelineExecutor] = None
@@ -230,22 +230,17 @@ class PipelineStrategy(DataParallelStrategy):
         self._optimizer_layouts = {}
 
     def _side_group_for(self, pipeline_group: dist.ProcessGroup) -> None:
-        """A gloo group over this rank's pipeline group, for the first step of each input shape (see [Note: overlap
-        and ordering] in ``lightning_par/pipeline/executor.py``). ``new_group`` is collective over the world: every
-        rank creates every pipeline group's twin, in the topology's order; a gloo pipeline group is its own twin."""
-        if self._side_group_of is pipeline_group:
-            return
-        if str(dist.get_backend(pipeline_group)) == "gloo" or self.topology.pipeline == 1:
-            self._side_group = pipeline_group
-        else:
-            mine = dist.get_process_group_ranks(pipeline_group)
-            for ranks in self.topology.groups("pipeline"):
-                group = dist.new_group(ranks, backend="gloo")
-                if self.global_rank in ranks:
-                    if sorted(ranks) != mine:
-                        raise RuntimeError(f"pipeline group ranks {mine} differ from the topology's {ranks}")
-                    self._side_group = group
-        self._side_group_of = pipeline_group
+        # The gloo twin of the pipeline group, for the first step of each input shape (see [Note: overlap and
+        # ordering] in executor.py). `new_group` is collective over the world: every rank makes every twin in order.
+        if self._side_group_of is not pipeline_group:
+            self._side_group = pipeline_group  # a gloo group is its own twin
+            if str(dist.get_backend(pipeline_group)) != "gloo" and self.topology.pipeline > 1:
+                for ranks in self.topology.groups("pipeline"):
+                    group = dist.new_group(ranks, backend="gloo")
+                    if self.global_rank in ranks:
+                        assert sorted(ranks) == dist.get_process_group_ranks(pipeline_group), ranks
+                        self._side_group = group
+            self._side_group_of = pipeline_group
 
     def _split_mode(self, module: "pl.LightningModule") -> str:
         """'blocks' or 'trace', with the arguments checked against it."""
