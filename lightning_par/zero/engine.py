@@ -25,7 +25,8 @@ chunk when all have run. Freeing resizes the buffer's storage to zero, so the vi
 and see the data again once it is gathered back into the same storage. Backward: a hook on each module output
 gathers the module's chunks before its backward runs; a chunk is freed again when all its parameters received
 their gradients (autograd accumulates a gradient only after every use of the parameter). Parameters must therefore
-be used through the modules that own them (not read functionally from elsewhere) at stage 3.
+be used through the modules that own them (not read functionally from elsewhere) at stage 3; an attribute read
+of a released parameter raises instead of reading freed memory (see ``zero/params.py``, which holds these methods).
 
 [Note: launch order]
 Collectives must be issued in the same order on every rank: chunk gradients are reduce-scattered strictly from the
