@@ -9,8 +9,9 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline      # ~4-6 min: torch.distributed.pipelining vs ours, 1.3B at 4 GPUs
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
 #
-# Every case runs under `timeout` in its own process group, which is killed after the case (leftover workers of a
-# hung case cannot hold the GPUs for the next one). Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
+# Every case runs under `timeout`; afterwards every process it left behind (torchrun starts workers in new sessions,
+# so they are found by an environment marker, GPU_SUITE_CASE, not by name) is killed, so leftover workers of a hung
+# case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
 MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_bf16|throughput|throughput7b|offload|pipeline}
@@ -47,22 +48,44 @@ gpus() {  # gpus N -> the CUDA_VISIBLE_DEVICES setting for N GPUs
   case $1 in 1) echo 0 ;; 2) echo 0,1 ;; *) echo 0,1,2,3 ;; esac
 }
 
-run_case() {  # run_case NAME LIMIT_S NPROC ARGS... (ARGS: the script and its arguments)
+kill_case() {  # kill_case TAG SIGNAL: every process started by one case (found by its environment marker)
+  local d pid
+  for d in /proc/[0-9]*; do
+    pid=${d#/proc/}
+    [ "$pid" = "$$" ] && continue
+    if { tr '\0' '\n' < "$d/environ"; } 2>/dev/null | grep -qx "GPU_SUITE_CASE=$1"; then
+      kill "-$2" "$pid" 2>/dev/null
+    fi
+  done
+}
+
+left_over() {  # left_over TAG: how many processes of the case are still alive
+  local d n=0
+  for d in /proc/[0-9]*; do
+    [ "${d#/proc/}" = "$$" ] && continue
+    { tr '\0' '\n' < "$d/environ"; } 2>/dev/null | grep -qx "GPU_SUITE_CASE=$1" && n=$((n + 1))
+  done
+  echo $n
+}
+
+run_case() {  # run_case NAME LIMIT_S NPROC ARGS... (ARGS: the script and its arguments; NPROC 0: one plain process)
   local name=$1 limit=$(( $2 * SCALE )) nproc=$3
   shift 3
-  local clog=$WORK/$name.log t0=$SECONDS rc
+  local clog=$WORK/$name.log t0=$SECONDS rc tag="$$-$name"
   echo "=== $name: $nproc process(es), limit ${limit}s, $(date +%T)"
-  if [ "$nproc" = 0 ]; then  # one plain process
-    CUDA_VISIBLE_DEVICES=$(gpus 1) setsid timeout -k 20 "$limit" $PY "$@" > "$clog" 2>&1 &
+  # torchrun starts its workers in new sessions: they are found afterwards by the marker in their environment,
+  # not by process group or name, so only this case's processes are killed.
+  if [ "$nproc" = 0 ]; then
+    GPU_SUITE_CASE=$tag CUDA_VISIBLE_DEVICES=$(gpus 1) timeout -k 20 "$limit" $PY "$@" > "$clog" 2>&1
   else
-    CUDA_VISIBLE_DEVICES=$(gpus "$nproc") setsid timeout -k 20 "$limit" \
-      $PY -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$@" > "$clog" 2>&1 &
+    GPU_SUITE_CASE=$tag CUDA_VISIBLE_DEVICES=$(gpus "$nproc") timeout -k 20 "$limit" \
+      $PY -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$@" > "$clog" 2>&1
   fi
-  local pid=$!
-  wait $pid
   rc=$?
-  kill -TERM -- -"$pid" 2>/dev/null && sleep 2
-  kill -KILL -- -"$pid" 2>/dev/null
+  if [ "$(left_over "$tag")" != 0 ]; then
+    kill_case "$tag" TERM; sleep 3; kill_case "$tag" KILL; sleep 1
+    echo "  (killed leftover processes of $name; $(left_over "$tag") remain)"
+  fi
   { echo "=================== $name (rc $rc, $((SECONDS - t0)) s): $*"; cat "$clog"; } >> "$LOG"
   grep -E '^(parity|throughput|pipeline peer|reference)[: ]|^  [A-Za-z0-9_]+ +(PASS|FAIL|ok|oom|error) ' "$clog"
   if [ "$rc" != 0 ]; then
@@ -113,6 +136,13 @@ case $MODE in
     ;;
   pipeline)
     run_case pipeline_peer_4gpu 500 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_4gpu.json" $ACC $THR
+    ;;
+  selftest_hang)  # checks the timeout and the leftover kill: a case that never ends
+    printf '%s\n' 'import os, subprocess, sys, time' \
+      'if os.environ["RANK"] == "1":  # an orphan in its own session, as a stuck worker child would be' \
+      '    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], start_new_session=True)' \
+      'time.sleep(3600)' > "$WORK/hang.py"
+    run_case hang 5 2 "$WORK/hang.py"
     ;;
   *)
     echo "unknown mode $MODE"; exit 2 ;;
