@@ -245,8 +245,10 @@ def cmd_parity(args: argparse.Namespace) -> None:
             gap = f"{row['gap']:.2e}" if "gap" in row else "   -    "
             print(f"  {name:<22} {row['status']:<4} gap {gap}  dp={row.get('data_parallel', '?')}  "
                   f"({row['seconds']:.0f} s) {row.get('error', '')}", flush=True)
+        if rank == 0:  # after every row: a later hang keeps what was measured
+            Path(args.out).write_text(json.dumps({"config": cfg, "world": world, "baseline": base_name,
+                                                  "baseline_losses": baseline, "tolerance": tol, "rows": rows},
+                                                 indent=1))
     passed = sum(r["status"] == "PASS" for r in rows)
     if rank == 0:
         print(f"parity: {passed} passed, {len(rows) - passed} failed (world {world}, {precision})", flush=True)
-        Path(args.out).write_text(json.dumps({"config": cfg, "baseline": base_name, "baseline_losses": baseline,
-                                              "tolerance": tol, "rows": rows}, indent=1))
