@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -13,7 +15,7 @@ from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -33,8 +35,10 @@ from lightning_par.tensor.plan import (
     applied_plan,
     divisors,
     parallelize,
+    unparallelize,
 )
 from lightning_par.topology import Topology
+from lightning_par.zero.materialize import Materializer, meta_parameters
 
 
 class TensorParallel1DStrategy(DataParallelStrategy):
@@ -58,7 +62,18 @@ class TensorParallel1DStrategy(DataParallelStrategy):
             ``nn.Transformer*`` layers use their own ``batch_first``.
         vocab_parallel_loss: the output layer hands out its vocabulary shard, so ``F.cross_entropy`` on the logits
             never gathers them; False gathers the logits in the output layer.
+        strict: with the automatic plan, refuse a model with a list of repeated blocks of which the plan shards
+            nothing (naming the block class); False trains such a model with those blocks replicated, with a
+            warning.
+        param_init_fn: initialises a module built on the meta device (``Trainer.init_module(empty_init=True)`` or
+            ``configure_model``), called with each module that owns meta tensors, which already have storage: fill
+            them in place. Default: the model's own ``_init_weights`` (Hugging Face) or ``reset_parameters()``; see
+            ``docs/tp1d.md``.
         bucket_size_mb, process_group_backend, timeout, start_method: as for ``dp``.
+
+    After ``fit`` (``validate``, ...) the module is whole again on every rank: its original classes, parameter
+    names and full shapes, trained values gathered from the shards (``save_pretrained`` and inference work as in one
+    process); the optimizers hold the whole parameters and full-shaped state.
     """
 
     def __init__(
@@ -68,6 +83,8 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         plan: Optional[dict[str, Union[str, ParallelStyle]]] = None,
         sequence_dim: int = 1,
         vocab_parallel_loss: bool = True,
+        strict: bool = True,
+        param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
         bucket_size_mb: float = 25.0,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -96,7 +113,11 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         self.plan = dict(plan) if plan is not None else None
         self.sequence_dim = sequence_dim
         self.vocab_parallel_loss = vocab_parallel_loss
+        self.strict = strict
+        self.param_init_fn = param_init_fn
         self._default_sizes: dict[int, int] = {}
+        self._sharded_here = False  # this strategy sharded the module in setup: teardown makes it whole again
+        self._failed = False
 
     # ----- topology -----------------------------------------------------------------------------------------------
 
@@ -135,16 +156,24 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         tensor = self.topology.tensor
         existing = applied_plan(module)
         if existing is None:
+            self._materialize(module)
             broadcast_module(module, group)  # every rank of the tensor group cuts the same full weights
             if self.plan is None:
                 automatic = auto_plan(module, tensor)
                 plan, notes, reasons = automatic.plan, automatic.notes, automatic.reasons
+                message = automatic.strict_error()
+                if message is not None and tensor > 1:
+                    if self.strict:
+                        raise ValueError(message)
+                    rank_zero_warn(message.split("\nGive a plan")[0] + " (strict=False: training them replicated).")
             else:
                 plan, notes, reasons = self.plan, [], None
             sp = self._resolve_sequence_parallel(plan, tensor)
             applied = parallelize(module, plan, group, sequence_parallel=sp,
                                   sequence_dim=self.sequence_dim, vocab_parallel_loss=self.vocab_parallel_loss,
                                   notes=notes, reasons=reasons)
+            self._sharded_here = True
+            self._failed = False
             rank_zero_info(applied.describe())
         else:
             # A second fit / validate of the same module: same shards, new process groups.
@@ -158,6 +187,46 @@ class TensorParallel1DStrategy(DataParallelStrategy):
                 m.vocab_parallel_loss = self.vocab_parallel_loss
         _share_rng_state(group, self.root_device)
         super().setup_module(trainer)
+
+    # ----- meta-device initialisation -----------------------------------------------------------------------------
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        # `Trainer.init_module(empty_init=True)`: parameters on the meta device (buffers as usual), initialised in
+        # `setup_module` by the model's own initialisation before sharding; never uninitialised memory.
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with meta_parameters(), self.precision_plugin.tensor_init_context():
+            yield
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        if not any(t.is_meta for t in [*self.model.parameters(), *self.model.buffers()]):
+            super().model_to_device()
+            return
+        with torch.no_grad():  # move what has storage; `setup_module` materialises the rest on the device
+            for m in self.model.modules():
+                for q in m.parameters(recurse=False):
+                    if not q.is_meta:
+                        q.data = q.data.to(self.root_device)
+                for name, b in m.named_buffers(recurse=False):
+                    if not b.is_meta:
+                        m._buffers[name] = b.to(self.root_device)
+
+    def _materialize(self, module: torch.nn.Module) -> None:
+        """Initialise meta tensors with the model's own initialisation (``zero/materialize.py``), whole, before the
+        plan cuts them; rank 0's values are then broadcast to the tensor group. Tied weights are one Parameter,
+        initialised once. A module that cannot be initialised is refused there, by name."""
+        if not any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+            return
+        materializer = Materializer(module, self.root_device, self.param_init_fn, who="tp1d",
+                                    strategy="TensorParallel1DStrategy")
+        for m in module.modules():
+            materializer.materialize(m)
 
     def _resolve_sequence_parallel(self, plan: Any, tensor: int) -> bool:
         """``sequence_parallel`` as given, or for None: on where the plan has a sequence-parallel region (Megatron
@@ -194,6 +263,37 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         dist.all_reduce(partial, group=self._tensor_group())
         total = (partial + squared(replicated)).sqrt()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+
+    @torch.no_grad()
+    def grad_norm(self, norm_type: Union[float, int, str] = 2.0) -> dict[str, torch.Tensor]:
+        """What ``lightning.pytorch.utilities.grad_norm(module, norm_type)`` gives in one process: the norm of each
+        parameter's whole gradient (``grad_{p}_norm/<name>``) and their total (``grad_{p}_norm_total``), summed over
+        the tensor group's shards (Lightning's own reads only this rank's shard). A collective: call it on every
+        rank after backward and before the optimizer step, e.g. ``self.log_dict(self.trainer.strategy.grad_norm(2))``
+        in ``on_before_optimizer_step`` (gradients are data-averaged by then)."""
+        norm_type = float(norm_type)
+        if norm_type <= 0:
+            raise ValueError(f"`norm_type` must be a positive number or 'inf'; got {norm_type}")
+        module = self.lightning_module
+        named = [(n, p) for n, p in module.named_parameters() if p.grad is not None]
+        if not named:
+            return {}
+        inf = norm_type == float("inf")
+        device = named[0][1].grad.device
+        values = torch.zeros(len(named), dtype=torch.float64, device=device)
+        sharded = torch.zeros(len(named), dtype=torch.bool, device=device)
+        for i, (_, p) in enumerate(named):
+            g = p.grad.detach().to(torch.float64)
+            values[i] = (g.abs().max() if g.numel() else 0.0) if inf else g.abs().pow(norm_type).sum()
+            sharded[i] = shard_spec(p) is not None
+        if self._sharded() and bool(sharded.any()):
+            part = torch.where(sharded, values, torch.zeros_like(values))
+            dist.all_reduce(part, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=self._tensor_group())
+            values = torch.where(sharded, part, values)
+        per = values if inf else values.pow(1.0 / norm_type)
+        norms = {f"grad_{norm_type}_norm/{n}": per[i].float() for i, (n, _) in enumerate(named)}
+        norms[f"grad_{norm_type}_norm_total"] = torch.stack(list(norms.values())).norm(norm_type)
+        return norms
 
     # ----- steps: outputs leave as plain tensors ------------------------------------------------------------------
 
@@ -252,6 +352,26 @@ class TensorParallel1DStrategy(DataParallelStrategy):
                 state = full_state.shard_optimizer_state(optimizer, state, group_rank(self._tensor_group()))
             optimizer.load_state_dict(state)
             _optimizers_to_device([optimizer], self.root_device)
+
+    # ----- teardown: the module whole again -----------------------------------------------------------------------
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self._failed = True  # another rank may be gone: no collective in teardown
+        super().on_exception(exception)
+
+    @override
+    def teardown(self) -> None:
+        module = self.lightning_module
+        if module is not None and self._sharded_here and applied_plan(module) is not None:
+            if self._failed:
+                rank_zero_warn("tp1d: training failed; the module is left sharded (its parameters hold this rank's "
+                               "shards).")
+            else:
+                optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+                unparallelize(module, optimizers)
+            self._sharded_here = False
+        super().teardown()
 
     @classmethod
     @override

@@ -30,6 +30,7 @@ from typing import Optional
 
 from torch import nn
 
+from lightning_par.tensor.layers_1d import linear_dims
 from lightning_par.tensor.plan import (
     ColwiseParallel,
     ParallelAttention,
@@ -51,6 +52,29 @@ MLP_WIDTH_ATTRS = ("intermediate_size", "hidden_dim", "ffn_dim", "d_ff", "dim_fe
                    "ff_dim", "mlp_dim", "hidden_features", "ffn_hidden_size")
 DOWN_NAMES = ("down_proj", "down", "w2", "c_proj", "fc2", "dense_4h_to_h", "proj", "out_proj", "wo", "linear2")
 
+# ----- Hugging Face attention (see [Note: Hugging Face attention]) -----
+OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "proj", "attn_out")
+# The layout of a fused q/k/v projection, by ``config.model_type``: "concat" = ``[q; k; v]`` (split / chunk of the
+# whole output), "per_head" = per head ``[q_h, k_h, v_h]`` (viewed as ``(..., heads, 3 * head_dim)``). A family with
+# a fused projection that is in neither is left replicated (say how in a plan).
+FUSED_QKV_LAYOUT = {"gpt2": "concat", "phi3": "concat", "gpt_bigcode": "concat", "phi": "concat",
+                    "gpt_neox": "per_head"}
+# Integer attributes a Hugging Face attention declares as the width of all its heads together (read by its forward
+# to split the fused output: GPT-2's ``split_size``; BERT-style ``all_head_size``): divided by the tensor size.
+HF_HEADS_WIDTH_ATTRS = ("split_size", "all_head_size")
+
+
+@dataclass
+class _Lin:
+    """A Linear-like child: ``nn.Linear`` or Hugging Face ``Conv1D`` (weight stored transposed)."""
+
+    module: nn.Module
+    in_features: int
+    out_features: int
+
+    def parameters(self):
+        return self.module.parameters()
+
 
 @dataclass(frozen=True)
 class Constraint:
@@ -65,6 +89,21 @@ class AutoPlan:
     reasons: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     constraints: list[Constraint] = field(default_factory=list)
+    #: repeated blocks of which the plan shards nothing: (list name, block class, count, notes about them)
+    unsharded_blocks: list[tuple[str, str, int, list[str]]] = field(default_factory=list)
+
+    def strict_error(self) -> Optional[str]:
+        """The message ``tp1d(strict=True)`` refuses with when a list of repeated blocks stays whole, else None."""
+        if not self.unsharded_blocks:
+            return None
+        lines = []
+        for name, cls, count, notes in self.unsharded_blocks:
+            lines.append(f"the automatic plan shards nothing in the {count} repeated {cls} blocks of {name!r}, so "
+                         f"every rank would hold and compute them whole")
+            lines += [f"  - {n}" for n in notes[:4]]
+        return ("tp1d: " + "\n".join(lines) + "\nGive a plan for them: TensorParallel1DStrategy(plan={...}) with "
+                "'colwise' / 'rowwise' entries for the Linears of each block and 'block' for the block (see "
+                "docs/tp1d.md, \"Writing a plan\"), or pass strict=False to train with these blocks replicated.")
 
     def divisor(self) -> int:
         """The largest number that every sharded size is a multiple of (0 when nothing constrains)."""
@@ -121,12 +160,31 @@ class _Planner:
             elif isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
                 self.transformer_layer(name, module)
             elif not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
-                linears = [(n, c) for n, c in module.named_children() if isinstance(c, nn.Linear)]
+                linears = [(n, _Lin(c, *dims[:2])) for n, c in module.named_children()
+                           if (dims := linear_dims(c)) is not None]
                 if len(linears) >= 2:
                     self.block(name, module, linears)
         self.vocabulary()
         self.regions()
+        self.repeated()
         return self.out
+
+    def repeated(self) -> None:
+        """Lists of two or more blocks of one class with parameters, none of which the plan touches."""
+        planned = [n for n, st in self.out.plan.items() if not isinstance(st, SequenceParallelRegion)]
+        for name, m in self.root.named_modules():
+            if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) < 2:
+                continue
+            classes = {type(c) for c in m}
+            if len(classes) != 1 or not any(True for _ in m[0].parameters()):
+                continue
+            prefix = f"{name}." if name else ""
+            if any(p.startswith(prefix) for p in planned):
+                continue
+            if any(name.startswith(u + ".") for u, *_ in self.out.unsharded_blocks):
+                continue
+            notes = [n for n in self.out.notes if n.startswith(prefix)]
+            self.out.unsharded_blocks.append((name, type(m[0]).__name__, len(m), notes))
 
     # ----- torch's own modules --------------------------------------------------------------------------------
 
@@ -145,9 +203,12 @@ class _Planner:
 
     # ----- user blocks ------------------------------------------------------------------------------------------
 
-    def block(self, name: str, m: nn.Module, linears: list[tuple[str, nn.Linear]]) -> None:
-        heads = _int_attr(m, HEAD_ATTRS)
-        found = self.attention(name, m, linears, heads) if heads else self.mlp(name, m, linears)
+    def block(self, name: str, m: nn.Module, linears: list[tuple[str, _Lin]]) -> None:
+        if _hf_heads(m) is not None:
+            found = self.hf_attention(name, m, linears)
+        else:
+            heads = _int_attr(m, HEAD_ATTRS)
+            found = self.attention(name, m, linears, heads) if heads else self.mlp(name, m, linears)
         if not found:
             return
         linear_params = {id(p) for _, lin in linears for p in lin.parameters()}
@@ -161,6 +222,9 @@ class _Planner:
         self.entry(name, style, reason, m)
         for child, child_style, why in children:
             self.entry(_join(name, child), child_style, why, getattr(m, child))
+        if len(linears) > len(children):
+            self.note(f"{name}: {', '.join(n for n, _ in linears if n not in {c[0] for c in children})} left "
+                      f"replicated inside a sharded block.")
         for what, value in constraints:
             self.constrain(name, what, value)
 
@@ -205,7 +269,47 @@ class _Planner:
         constraints = [("attention heads", n_heads)] + ([("key/value heads", kv_heads)] if kv_heads != n_heads else [])
         return ParallelBlock(divide=tuple(divide)), reason, children, constraints
 
-    def mlp(self, name: str, m: nn.Module, linears: list[tuple[str, nn.Linear]]):
+    def hf_attention(self, name: str, m: nn.Module, linears: list[tuple[str, _Lin]]):
+        """A Hugging Face attention: see [Note: Hugging Face attention]."""
+        n_heads, kv_heads, head_dim, model_type = _hf_heads(m)
+        q_width, kv = n_heads * head_dim, kv_heads * head_dim
+        kind = type(m).__name__
+        outs = [(n, lin) for n, lin in linears if n in OUT_PROJ_NAMES and lin.in_features == q_width]
+        if not outs:
+            self.note(f"{name} ({kind}): {n_heads} heads of {head_dim}, but no output projection of input width "
+                      f"{q_width} among {', '.join(n for n, _ in linears)}; left replicated.")
+            return None
+        out_name, out = outs[-1]
+        ins = [(n, lin) for n, lin in linears if n != out_name]
+        widths = [lin.out_features for _, lin in ins]
+        children = []
+        if len(ins) == 3 and widths == [q_width, kv, kv]:
+            children += [(n, ColwiseParallel(), role) for (n, _), role in zip(ins, ("q", "k", "v"))]
+            layout = "separate q/k/v"
+        elif len(ins) == 1 and widths == [q_width + 2 * kv]:
+            fused = FUSED_QKV_LAYOUT.get(model_type)
+            if fused == "concat":
+                children.append((ins[0][0], ColwiseParallel(segments=(q_width, kv, kv)), "fused q/k/v, [q; k; v]"))
+            elif fused == "per_head" and kv_heads == n_heads:
+                children.append((ins[0][0], ColwiseParallel(), "fused q/k/v, interleaved per head"))
+            else:
+                self.note(f"{name} ({kind}): fused q/k/v projection {ins[0][0]} whose layout is not known for "
+                          f"model_type {model_type!r} ([q; k; v] or per head); left replicated (write a plan).")
+                return None
+            layout = f"fused q/k/v ({fused})"
+        else:
+            self.note(f"{name} ({kind}): {n_heads} heads ({kv_heads} k/v) of {head_dim}, but its projections "
+                      f"{', '.join(f'{n}->{w}' for (n, _), w in zip(ins, widths))} are not q/k/v of widths "
+                      f"{q_width}/{kv}/{kv} (or one fused); left replicated.")
+            return None
+        children.append((out_name, RowwiseParallel(), "output projection"))
+        divide = (_attrs_equal(m, HEAD_ATTRS, {n_heads}) + _attrs_equal(m, KV_HEAD_ATTRS, {kv_heads})
+                  + _attrs_equal(m, HF_HEADS_WIDTH_ATTRS, {q_width}))
+        reason = (f"{kind}, {layout}, {n_heads} heads" + (f" ({kv_heads} k/v heads)" if kv_heads != n_heads else ""))
+        constraints = [("attention heads", n_heads)] + ([("key/value heads", kv_heads)] if kv_heads != n_heads else [])
+        return ParallelBlock(divide=tuple(divide)), reason, children, constraints
+
+    def mlp(self, name: str, m: nn.Module, linears: list[tuple[str, _Lin]]):
         if len(linears) == 2:
             (a_name, a), (b_name, b) = linears
             if a.in_features == b.out_features and a.out_features == b.in_features:
@@ -291,6 +395,39 @@ class _Planner:
                 self.out.plan[name] = SequenceParallelRegion(seq_dim=seq_dim)
                 self.out.reasons[name] = "blocks run in sequence"
                 taken.append(name)
+
+
+def _config_int(config: object, name: str) -> Optional[int]:
+    value = getattr(config, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _hf_heads(m: nn.Module) -> Optional[tuple[int, int, int, str]]:
+    """(heads, key/value heads, head width, model_type) of a Hugging Face attention module, or None.
+
+    A module counts as one when it keeps its model's ``config`` (with ``num_attention_heads``) and declares itself
+    per-head: a ``head_dim`` / ``head_size`` attribute or a head-count attribute of its own."""
+    config = m.__dict__.get("config")
+    n_heads = _config_int(config, "num_attention_heads")
+    if n_heads is None:
+        return None
+    declared_dim = _int_attr(m, ("head_dim", "head_size", "attention_head_size"))
+    declared_heads = _int_attr(m, HEAD_ATTRS)
+    if declared_dim is None and declared_heads is None:
+        return None
+    if declared_heads is not None:
+        n_heads = declared_heads[1]
+    kv_heads = _config_int(config, "num_key_value_heads")
+    if kv_heads is None:
+        kv_heads = 1 if getattr(config, "multi_query", False) is True else n_heads
+    declared_kv = _int_attr(m, KV_HEAD_ATTRS)
+    if declared_kv is not None:
+        kv_heads = declared_kv[1]
+    hidden = _config_int(config, "hidden_size")
+    head_dim = declared_dim[1] if declared_dim is not None else (hidden // n_heads if hidden else None)
+    if not head_dim:
+        return None
+    return n_heads, kv_heads, head_dim, str(getattr(config, "model_type", ""))
 
 
 def auto_plan(root: nn.Module, tensor_size: Optional[int] = None) -> AutoPlan:

@@ -34,6 +34,7 @@ gradient overlaps; with several (separate q/k/v, gate/up) the last one's does.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Union
 
@@ -258,15 +259,39 @@ def shard_fn(tg: TensorGroup, shard: Optional[ShardFn]) -> ShardFn:
 # ----- layers ---------------------------------------------------------------------------------------------------
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """A Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2 and relatives): a Linear whose weight is stored
+    transposed, ``(in_features, out_features)`` = ``(nx, nf)``. Recognised without importing transformers."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def linear_dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
+    """``(in_features, out_features, transposed)`` of an ``nn.Linear`` or a Hugging Face ``Conv1D``; None else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if is_conv1d(module) and tuple(module.weight.shape) == (module.nx, module.nf):
+        return module.nx, module.nf, True
+    return None
+
+
 class _ParallelLinear(nn.Module):
+    """``transposed``: the weight is stored ``(in, out)`` as Hugging Face's ``Conv1D`` stores it (the state dict
+    keeps that layout, so a checkpoint loads into the original model); the layer multiplies by its transpose."""
+
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter],
-                 group: Union[ProcessGroup, TensorGroup, None]) -> None:
+                 group: Union[ProcessGroup, TensorGroup, None], transposed: bool = False) -> None:
         super().__init__()
         self.tg = _as_tensor_group(group)
         self.weight = weight
         self.bias = bias
-        self.in_features = weight.size(1)
-        self.out_features = weight.size(0)
+        self.transposed = transposed
+        self.in_features = weight.size(0 if transposed else 1)
+        self.out_features = weight.size(1 if transposed else 0)
+
+    def _matrix(self) -> Tensor:
+        """The weight as ``F.linear`` takes it, ``(out, in)``."""
+        return self.weight.t() if self.transposed else self.weight
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -279,8 +304,8 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], group: Union[ProcessGroup, TensorGroup, None],
                  input_op: Union[InputOp, None, Literal["own"]] = "own", gather_output: bool = False,
-                 seq_dim: Optional[int] = None) -> None:
-        super().__init__(weight, bias, group)
+                 seq_dim: Optional[int] = None, transposed: bool = False) -> None:
+        super().__init__(weight, bias, group, transposed)
         # "own": a private copy_to_group (all-gather along ``seq_dim`` if given), released after every call; a shared
         # InputOp is released by its block; None: the input is whole already.
         self._owns_input_op = input_op == "own"
@@ -293,18 +318,20 @@ class ColumnParallelLinear(_ParallelLinear):
                     input_op: Union[InputOp, None, Literal["own"]] = "own", gather_output: bool = False,
                     seq_dim: Optional[int] = None, shard: Optional[ShardFn] = None) -> "ColumnParallelLinear":
         tg = _as_tensor_group(group)
-        spec = ShardSpec(0, output_segments(linear.out_features, segments), tg.size)
+        _, out_features, transposed = _dims(linear)
+        pieces = output_segments(out_features, segments)
         shard = shard_fn(tg, shard)
-        bias = shard(linear.bias, spec) if linear.bias is not None else None
-        return cls(shard(linear.weight, spec), bias, tg, input_op, gather_output, seq_dim)
+        bias = shard(linear.bias, ShardSpec(0, pieces, tg.size)) if linear.bias is not None else None
+        weight = shard(linear.weight, ShardSpec(1 if transposed else 0, pieces, tg.size))
+        return cls(weight, bias, tg, input_op, gather_output, seq_dim, transposed)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.tg.size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self._matrix(), self.bias)
         x = _prepare_input(self.tg, self.input_op, x)
         if self._owns_input_op:
             self.input_op.clear()
-        y = column_linear(x, self.weight, self.bias)
+        y = column_linear(x, self._matrix(), self.bias)
         if self.gather_output and self.tg.size > 1:
             spec = shard_spec(self.weight)
             y = gather_along_dim(y, -1, self.tg.group)
@@ -322,8 +349,8 @@ class RowParallelLinear(_ParallelLinear):
     The bias is added once, after the reduction. ``in_features`` is the local width."""
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], group: Union[ProcessGroup, TensorGroup, None],
-                 seq_dim: Optional[int] = None, input_is_parallel: bool = True) -> None:
-        super().__init__(weight, bias, group)
+                 seq_dim: Optional[int] = None, input_is_parallel: bool = True, transposed: bool = False) -> None:
+        super().__init__(weight, bias, group, transposed)
         self.seq_dim = seq_dim
         self.input_is_parallel = input_is_parallel
 
@@ -332,16 +359,17 @@ class RowParallelLinear(_ParallelLinear):
                     input_is_parallel: bool = True, shard: Optional[ShardFn] = None) -> "RowParallelLinear":
         tg = _as_tensor_group(group)
         shard = shard_fn(tg, shard)
-        weight = shard(linear.weight, ShardSpec(1, (linear.in_features,), tg.size))
-        return cls(weight, linear.bias, tg, seq_dim, input_is_parallel)
+        in_features, _, transposed = _dims(linear)
+        weight = shard(linear.weight, ShardSpec(0 if transposed else 1, (in_features,), tg.size))
+        return cls(weight, linear.bias, tg, seq_dim, input_is_parallel, transposed)
 
     def forward(self, x: Tensor) -> Tensor:
         g = self.tg.group
         if self.tg.size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self._matrix(), self.bias)
         if not self.input_is_parallel:
             x = split_along_dim(x, -1, g)
-        y = F.linear(x, self.weight)  # a fresh temporary (bf16 under autocast): reduced in place, no copy
+        y = F.linear(x, self._matrix())  # a fresh temporary (bf16 under autocast): reduced in place, no copy
         y = reduce_from_group_(y, g) if self.seq_dim is None else reduce_scatter_along_dim(y, self.seq_dim, g)
         return y + self.bias if self.bias is not None else y
 
@@ -434,6 +462,13 @@ class VocabParallelOutput(_ParallelLinear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, vocab={self.out_features}, local rows={self.weight.size(0)}, "
                 f"tensor={self.tg.size}, vocab_parallel_loss={self.vocab_parallel_loss}")
+
+
+def _dims(module: nn.Module) -> tuple[int, int, bool]:
+    dims = linear_dims(module)
+    if dims is None:
+        raise TypeError(f"expected an nn.Linear or a Hugging Face Conv1D, got {type(module).__name__}")
+    return dims
 
 
 def output_segments(size: int, segments: Union[int, tuple[int, ...], None]) -> tuple[int, ...]:

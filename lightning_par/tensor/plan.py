@@ -21,7 +21,8 @@ Modules that no entry names stay replicated. Exact names win over patterns; patt
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+import inspect
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -38,6 +39,7 @@ from lightning_par.tensor.layers_1d import (
     TensorGroup,
     VocabParallelEmbedding,
     VocabParallelOutput,
+    linear_dims,
     make_shard,
     to_compute_dtype,
     output_segments,
@@ -169,6 +171,20 @@ class AppliedPlan:
     sequence_parallel: bool
     entries: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: elements of the module's parameters (each shared one counted once, full shapes): all, and those sharded
+    total_numel: int = 0
+    sharded_numel: int = 0
+    # What `unparallelize` undoes (see [Note: making the module whole again]).
+    _shards: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list, repr=False)  # (original, shard)
+    _replaced: list[tuple[nn.Module, nn.Module, list[tuple[nn.Module, str]]]] = field(default_factory=list, repr=False)
+    _divided: list[tuple[nn.Module, str, int]] = field(default_factory=list, repr=False)
+    _handles: list[Any] = field(default_factory=list, repr=False)
+    _flags: list[tuple[nn.Module, str, Any]] = field(default_factory=list, repr=False)
+
+    @property
+    def sharded_share(self) -> float:
+        """The fraction of the model's parameters (elements) that the plan shards."""
+        return self.sharded_numel / self.total_numel if self.total_numel else 0.0
 
     def rebind(self, group: Optional[ProcessGroup]) -> None:
         size = self.tg.size
@@ -179,7 +195,8 @@ class AppliedPlan:
 
     def describe(self) -> str:
         mode = "with" if self.sequence_parallel else "without"
-        lines = [f"tensor-parallel plan, tensor size {self.tg.size}, {mode} sequence parallelism:"]
+        lines = [f"tensor-parallel plan, tensor size {self.tg.size}, {mode} sequence parallelism, sharded "
+                 f"{100 * self.sharded_share:.1f}% of parameters:"]
         width = max((len(n) for n, _ in self.entries), default=0)
         lines += [f"  {name:<{width}}  {what}" for name, what in self.entries]
         lines += [f"  note: {note}" for note in self.notes]
@@ -224,15 +241,17 @@ def _check(name: str, module: nn.Module, style: ParallelStyle, t: int) -> None:
         if not isinstance(module, types):
             raise ValueError(f"{name}: style {style.name!r} applies to {label}, not {type(module).__name__}.")
 
-    if isinstance(style, ColwiseParallel):
-        need((nn.Linear,), "nn.Linear")
-        for n in output_segments(module.out_features, style.segments):
-            if n % t:
-                raise indivisible(name, "output features" + (" per segment" if style.segments else ""), n, t)
-    elif isinstance(style, RowwiseParallel):
-        need((nn.Linear,), "nn.Linear")
-        if module.in_features % t:
-            raise indivisible(name, "input features", module.in_features, t)
+    if isinstance(style, (ColwiseParallel, RowwiseParallel)):
+        dims = linear_dims(module)
+        if dims is None:
+            raise ValueError(f"{name}: style {style.name!r} applies to nn.Linear or Hugging Face Conv1D, not "
+                             f"{type(module).__name__}.")
+        if isinstance(style, ColwiseParallel):
+            for n in output_segments(dims[1], style.segments):
+                if n % t:
+                    raise indivisible(name, "output features" + (" per segment" if style.segments else ""), n, t)
+        elif dims[0] % t:
+            raise indivisible(name, "input features", dims[0], t)
     elif isinstance(style, VocabParallel):
         need((nn.Embedding, nn.Linear), "nn.Embedding or nn.Linear")
         if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse
@@ -266,10 +285,24 @@ def _locations(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return where
 
 
-def _map_hidden(args: tuple, kwargs: dict, fn: Callable[[Tensor], Tensor]) -> tuple[tuple, dict]:
-    """Apply ``fn`` to a block's hidden-state argument: its first positional tensor, else its first tensor keyword
-    argument; every other argument that is the same tensor object gets the same result."""
+def _first_parameter(module: nn.Module) -> Optional[str]:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    return params[0].name if params and params[0].kind in (params[0].POSITIONAL_OR_KEYWORD,
+                                                           params[0].KEYWORD_ONLY) else None
+
+
+def _map_hidden(args: tuple, kwargs: dict, fn: Callable[[Tensor], Tensor],
+                first: Optional[str] = None) -> tuple[tuple, dict]:
+    """Apply ``fn`` to a block's hidden-state argument: its first positional tensor, else the keyword argument named
+    like the block's first forward parameter (``first``; Hugging Face layers call ``self_attn(hidden_states=...)``),
+    else its first tensor keyword argument; every other argument that is the same tensor object gets the same
+    result."""
     hidden = next((a for a in args if isinstance(a, Tensor)), None)
+    if hidden is None and first is not None and isinstance(kwargs.get(first), Tensor):
+        hidden = kwargs[first]
     if hidden is None:
         hidden = next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
     if hidden is None:
@@ -316,6 +349,7 @@ def parallelize(root: nn.Module, plan: Plan, group: Union[ProcessGroup, TensorGr
                for n, s in chosen.items() if isinstance(s, SequenceParallelRegion)}
     blocks = {n: s for n, s in chosen.items() if isinstance(s, ParallelBlock)}
     result = AppliedPlan(tg, sp, notes=list(notes or []))
+    unique = {id(p): p for p in root.parameters()}
 
     def region_of(name: str) -> Optional[int]:
         """The sequence dim of the region ``name`` lies in (None when not sequence parallel)."""
@@ -332,6 +366,7 @@ def parallelize(root: nn.Module, plan: Plan, group: Union[ProcessGroup, TensorGr
             return hit[2]
         new = make_shard(param, spec, tg.rank)
         cache[id(param)] = (spec, param, new)  # keeps the original alive: ids stay unique while we work
+        result._shards.append((param, new))
         return new
 
     # Blocks first: their shared input collective is handed to the column layers inside them.
@@ -339,11 +374,12 @@ def parallelize(root: nn.Module, plan: Plan, group: Union[ProcessGroup, TensorGr
     for name, style in blocks.items():
         module = named[name]
         for attr in style.divide:
+            result._divided.append((module, attr, getattr(module, attr)))
             setattr(module, attr, getattr(module, attr) // t)
         seq_dim = region_of(name)
         block_ops[name] = InputOp(tg) if seq_dim is None else None
         if t > 1:
-            _install_block_hooks(module, tg, block_ops[name], seq_dim)
+            result._handles += _install_block_hooks(module, tg, block_ops[name], seq_dim)
 
     where = _locations(root)
     for name, style in chosen.items():
@@ -366,6 +402,7 @@ def parallelize(root: nn.Module, plan: Plan, group: Union[ProcessGroup, TensorGr
             new = ParallelMultiheadAttention(module, tg, seq_dim, shard=shard)
         if new is not None:
             new.train(module.training)
+            result._replaced.append((module, new, where.get(id(module), [])))
             for parent, attr in where.get(id(module), []):
                 setattr(parent, attr, new)
         if isinstance(style, SequenceParallelRegion):
@@ -383,19 +420,83 @@ def parallelize(root: nn.Module, plan: Plan, group: Union[ProcessGroup, TensorGr
 
     if sp:
         for name, seq_dim in regions.items():
-            _install_region_hooks(root.get_submodule(name), name, tg, seq_dim)
+            result._handles += _install_region_hooks(root.get_submodule(name), name, tg, seq_dim)
             seen: set[int] = set()
             for p in root.get_submodule(name).parameters():
                 if shard_spec(p) is None and id(p) not in seen and p.requires_grad:
                     seen.add(id(p))
-                    sum_gradient_over_group(p, tg)
+                    result._handles.append(sum_gradient_over_group(p, tg))
     for module in root.modules():
         # torch's nested-tensor fast path reads the attention weights directly; never with sharded layers.
         if isinstance(module, nn.TransformerEncoder) and any(
                 isinstance(m, ParallelMultiheadAttention) for m in module.modules()):
+            result._flags.append((module, "use_nested_tensor", module.use_nested_tensor))
             module.use_nested_tensor = False
+    result.total_numel = sum(p.numel() for p in unique.values())
+    result.sharded_numel = sum(original.numel() for original, _ in result._shards if id(original) in unique)
+    with torch.no_grad():
+        for original, _ in result._shards:  # the shards hold the values now; the originals come back at teardown
+            original.data = torch.empty(0, dtype=original.dtype, device=original.device)
     setattr(root, PLAN_ATTR, result)
     return result
+
+
+# [Note: making the module whole again]
+# `parallelize` keeps what it replaced: the original modules (their sharded Parameters emptied, the same Parameter
+# objects, so ties between them survive), the attributes it divided, its hooks. `unparallelize` gathers every shard
+# into its original Parameter (a collective over the tensor group), puts the original modules back, restores the
+# attributes and removes the hooks: the module has its original classes, names and full shapes again, on every
+# rank, so that `save_pretrained`, inference or another strategy see the model as it was built. Optimizers that
+# hold the shards are pointed at the originals, their state gathered to full shapes.
+
+
+@torch.no_grad()
+def unparallelize(root: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+    """Undo :func:`parallelize` on ``root`` after training: a collective, called on every rank of the tensor group.
+    ``optimizers`` holding the shards are moved to the whole parameters (state gathered)."""
+    result = applied_plan(root)
+    if result is None:
+        return
+    group = result.tg.group
+    full: dict[int, nn.Parameter] = {}
+    for original, shard in result._shards:
+        spec = shard_spec(shard)
+        value = spec.unshard(gather_along_dim(shard.detach().contiguous(), spec.dim, group)) if result.tg.size > 1 \
+            else spec.unshard(shard.detach())
+        original.data = value.to(shard.dtype)
+        original.requires_grad_(shard.requires_grad)
+        full[id(shard)] = original
+    for optimizer in optimizers:
+        _move_optimizer(optimizer, full, group, result.tg.size)
+    for original, new, places in reversed(result._replaced):
+        original.train(new.training)
+        for parent, attr in places:
+            setattr(parent, attr, original)
+    for module, attr, value in reversed(result._divided):
+        setattr(module, attr, value)
+    for module, attr, value in result._flags:
+        setattr(module, attr, value)
+    for handle in result._handles:
+        handle.remove()
+    result._shards.clear()
+    result._replaced.clear()
+    delattr(root, PLAN_ATTR)
+
+
+def _move_optimizer(optimizer: torch.optim.Optimizer, full: dict[int, nn.Parameter], group: Optional[ProcessGroup],
+                    t: int) -> None:
+    for param_group in optimizer.param_groups:
+        for i, p in enumerate(param_group["params"]):
+            whole = full.get(id(p))
+            if whole is None:
+                continue
+            state = optimizer.state.pop(p, None)
+            if state:
+                spec = shard_spec(p)
+                optimizer.state[whole] = {
+                    k: (spec.unshard(gather_along_dim(v.contiguous(), spec.dim, group) if t > 1 else v)
+                        if isinstance(v, Tensor) and v.shape == p.shape else v) for k, v in state.items()}
+            param_group["params"][i] = whole
 
 
 def _detail(style: ParallelStyle, module: nn.Module, t: int, seq_dim: Optional[int]) -> str:
@@ -414,7 +515,9 @@ def _detail(style: ParallelStyle, module: nn.Module, t: int, seq_dim: Optional[i
     return style.describe()
 
 
-def _install_block_hooks(module: nn.Module, tg: TensorGroup, op: Optional[InputOp], seq_dim: Optional[int]) -> None:
+def _install_block_hooks(module: nn.Module, tg: TensorGroup, op: Optional[InputOp], seq_dim: Optional[int]) -> list:
+    first = _first_parameter(module)
+
     def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if op is not None:
             op.clear()
@@ -422,28 +525,27 @@ def _install_block_hooks(module: nn.Module, tg: TensorGroup, op: Optional[InputO
             # The gathered input feeds only the block's column layers, which compute in the autocast dtype: gather
             # it in that dtype (half the bytes of an fp32 norm output under bf16-mixed).
             args, kwargs = _map_hidden(args, kwargs,
-                                       lambda x: all_gather_along_dim(to_compute_dtype(x), seq_dim, tg.group))
+                                       lambda x: all_gather_along_dim(to_compute_dtype(x), seq_dim, tg.group), first)
         return args, kwargs
 
     def post(mod: nn.Module, args: tuple, output: Any) -> None:
         if op is not None:
             op.clear()  # do not keep the block's input alive past its forward
 
-    module.register_forward_pre_hook(pre, with_kwargs=True)
-    module.register_forward_hook(post)
+    return [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
 
 
-def _install_region_hooks(region: nn.Module, name: str, tg: TensorGroup, seq_dim: int) -> None:
+def _install_region_hooks(region: nn.Module, name: str, tg: TensorGroup, seq_dim: int) -> list:
     first, last = region[0], region[len(region) - 1]
+    first_param = _first_parameter(first)
 
     def split(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return _map_hidden(args, kwargs, lambda x: _split_sequence(x, seq_dim, tg, name))
+        return _map_hidden(args, kwargs, lambda x: _split_sequence(x, seq_dim, tg, name), first_param)
 
     def gather(mod: nn.Module, args: tuple, output: Any) -> Any:
         return _first_output(output, lambda y: gather_along_dim(y, seq_dim, tg.group))
 
-    first.register_forward_pre_hook(split, with_kwargs=True)
-    last.register_forward_hook(gather)
+    return [first.register_forward_pre_hook(split, with_kwargs=True), last.register_forward_hook(gather)]
 
 
 def sharded_parameter_bytes(module: nn.Module) -> tuple[int, int]:

@@ -61,9 +61,12 @@ class Materializer:
     """Gives meta tensors storage on ``device`` and initialises them (see [Note: initialising a module])."""
 
     def __init__(self, root: nn.Module, device: torch.device,
-                 param_init_fn: Optional[Callable[[nn.Module], None]] = None) -> None:
+                 param_init_fn: Optional[Callable[[nn.Module], None]] = None, who: str = "ZeRO-3",
+                 strategy: str = "ZeroStrategy") -> None:
+        """``who`` / ``strategy``: how the error names the caller and its strategy class (tp1d reuses this)."""
         self.device = device
         self.param_init_fn = param_init_fn
+        self.who, self.strategy = who, strategy
         self.names = {m: n for n, m in root.named_modules()}
         self.parent: dict[nn.Module, nn.Module] = {}
         for m in root.modules():
@@ -122,11 +125,11 @@ class Materializer:
                 return
         where = self.names.get(module, "?") or "the root module"
         raise TypeError(
-            f"ZeRO-3 cannot initialise module {where!r} ({type(module).__name__}): it was built on the meta device "
+            f"{self.who} cannot initialise module {where!r} ({type(module).__name__}): it was built on the meta device "
             f"(Trainer.init_module(empty_init=True) or configure_model), and its {', '.join(unset)} "
             f"{'is' if len(unset) == 1 else 'are'} still unset after "
             f"{', then '.join(tried) if tried else 'nothing: no initialiser was found for it'}. Remedies: pass "
-            "ZeroStrategy(param_init_fn=fn), where fn(module) initialises a module's own tensors in place; give the "
+            f"{self.strategy}(param_init_fn=fn), where fn(module) initialises a module's own tensors in place; give the "
             "model an _init_weights(module) method (as Hugging Face models have) or the module a reset_parameters(); "
             "or build the model without empty_init (outside configure_model) and load its weights."
         )
