@@ -120,7 +120,8 @@ case $MODE in
     ;;
   throughput)
     run_case throughput_ours 270 4 $MG throughput --out "$WORK/throughput_ours.json" $ACC $THR \
-      --variants dp,zero1,zero2,zero3,tp1d,tp1d_sp,pipeline
+      --variants dp,zero1,zero2,zero3,tp1d,tp1d_nosp
+    run_case throughput_1gpu 90 0 $MG throughput --out "$WORK/throughput_1gpu.json" $ACC $THR --variants dp
     run_case throughput_peers 240 4 $MG throughput --out "$WORK/throughput_peers.json" $ACC $THR \
       --variants lightning_ddp,lightning_fsdp,lightning_fsdp2,dtensor_tp
     ;;

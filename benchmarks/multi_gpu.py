@@ -96,7 +96,7 @@ def build_split_gpt(args: argparse.Namespace, device: torch.device) -> torch.nn.
         return tp_peer.SplitGPT(bench_dp.config(args))
 
 
-OURS = ("dp", "zero1", "zero2", "zero3", "zero3_offload", "tp1d", "pipeline", "pipeline_interleaved",
+OURS = ("dp", "zero1", "zero2", "zero3", "zero3_offload", "tp1d", "tp1d_sp", "tp1d_nosp", "pipeline", "pipeline_interleaved",
         "pipeline_zero_bubble")
 
 
@@ -115,6 +115,7 @@ def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple
         "zero3_offload": (lambda: "zero3_offload", bench_dp.BenchModule, gpt),
         "tp1d": (lambda: TensorParallel1DStrategy(), bench_dp.BenchModule, gpt),
         "tp1d_sp": (lambda: TensorParallel1DStrategy(sequence_parallel=True), bench_dp.BenchModule, gpt),
+        "tp1d_nosp": (lambda: TensorParallel1DStrategy(sequence_parallel=False), bench_dp.BenchModule, gpt),
         "pipeline": (lambda: PipelineStrategy(schedule="1f1b", microbatches=m), PipelineBench, gpt),
         "pipeline_interleaved": (lambda: PipelineStrategy(schedule="interleaved", microbatches=m), PipelineBench, gpt),
         "pipeline_zero_bubble": (lambda: PipelineStrategy(schedule="zero_bubble", microbatches=m), PipelineBench, gpt),
