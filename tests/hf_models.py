@@ -28,7 +28,7 @@ class HFCausalLM(LightningModule):
     """A Hugging Face causal LM (or a function building one, called in ``configure_model`` when ``build`` is given
     instead of ``model``) trained on next-token cross-entropy; records every training loss."""
 
-    def __init__(self, model: Optional[torch.nn.Module] = None, lr: float = 0.1, momentum: float = 0.0) -> None:
+    def __init__(self, model: Optional[torch.nn.Module] = None, lr: float = 0.1, momentum: float = 0.9) -> None:
         super().__init__()
         self.model = model
         self.lr, self.momentum = lr, momentum
