@@ -13,17 +13,31 @@ the root rearranged for the part being computed (:meth:`Partition.stage`):
 
 - the blocks container yields, instead of all blocks, an *inject* callable that returns the activation received
   from the previous part (unless this is part 0), then this part's blocks, then a *capture* callable that stops the
-  forward by raising :class:`StageExit` with the hidden state (unless this is the last part);
+  forward by raising :class:`StageExit` with the hidden state (unless this is the last part). Iterating, slicing
+  over all blocks (``self.layers[: config.num_hidden_layers]``, as Hugging Face models do), ``len`` and indexing
+  (``for i in range(len(self.h)): self.h[i](x)``) see this sequence;
 - the children before / after the blocks that another part owns are *ghosts*: modules without parameters that
   return zeros of the right shape and dtype (computed on the meta device, free), so the code before the blocks runs
-  unchanged and its result is ignored by *inject*.
+  unchanged and its result is ignored by *inject*. Children without parameters (rotary position embeddings,
+  dropout) are not ghosts: they run on every rank (their buffers are on every rank too).
 
 So the last part's ``training_step`` returns the real loss, computed by the user's code from the real output, while
 earlier parts stop at *capture*. The contract, checked where it can be: every block takes the hidden state as its
-first argument and returns the new hidden state (a tensor or a tuple of tensors); other block arguments may only
-depend on the model's inputs (every rank sees the real microbatch); nothing computed before the blocks is used
-after them; the code does not index the blocks container. Parameter and buffer names do not change (kept blocks
-keep their index), so state dicts of the parts add up to the full model's.
+first argument and returns the new hidden state (a tensor or a tuple of tensors); nothing computed before the blocks
+is used after them; the code indexes the blocks container only as the sequence it iterates (not to reach block k).
+Parameter and buffer names do not change (kept blocks keep their index), so state dicts of the parts add up to the
+full model's.
+
+[Note: what crosses a stage boundary]
+Besides the hidden state, the other tensors the model passes to the blocks cross too: the tensors among the
+positional and keyword arguments of the call where *capture* stops (position embeddings (cos, sin), attention
+masks, position ids), found in tuples, lists and dicts; other values (``None``, flags, a cache object) do not cross.
+They go as one flat tuple after the hidden state's tensors. The receiving part runs the same code, so it makes the
+same call to *inject* with its own copies of these values: their structure tells how to unflatten the tuple, and
+each received tensor replaces, in every call of a block of this part (and at *capture*), the local tensor at its
+place — the same object, so a model that passes different masks to different layers keeps the others. So values
+computed on part 0 from its weights (a learned position embedding passed to every block) are the real ones on
+every part, and their gradients flow back through the executor like the hidden state's.
 """
 
 from __future__ import annotations
@@ -70,6 +84,49 @@ class BlockLayout:
 
 def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(iter(module.parameters()), None) is not None
+
+
+def _tensor_leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value``, looking into tuples, lists and dicts (not into other objects), each object once."""
+    found: dict[int, torch.Tensor] = {}
+
+    def visit(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            found.setdefault(id(v), v)
+        elif type(v) in (tuple, list) or (isinstance(v, tuple) and hasattr(v, "_fields")):
+            for item in v:
+                visit(item)
+        elif type(v) is dict:
+            for item in v.values():
+                visit(item)
+
+    visit(value)
+    return list(found.values())
+
+
+def _replace_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` rebuilt with every tensor ``t`` found as :func:`_tensor_leaves` finds them replaced by ``fn(t)``."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_replace_tensors(v, fn) for v in value))
+    if type(value) in (tuple, list):
+        return type(value)(_replace_tensors(v, fn) for v in value)
+    if type(value) is dict:
+        return {k: _replace_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` on the meta device (no memory), for shapes and attributes."""
+    memo = {id(t): (nn.Parameter(torch.empty_like(t, device="meta"), t.requires_grad)
+                    if isinstance(t, nn.Parameter) else torch.empty_like(t, device="meta"))
+            for t in [*module.parameters(), *module.buffers()]}
+    return copy.deepcopy(module, memo)
 
 
 def find_blocks(module: nn.Module, path: Optional[str] = None) -> BlockLayout:
@@ -196,10 +253,7 @@ class _Ghost(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         # A meta copy (no memory) computes output shapes; kept out of the module tree (no state, no .to()).
-        memo = {id(t): (nn.Parameter(torch.empty_like(t, device="meta"), t.requires_grad)
-                        if isinstance(t, nn.Parameter) else torch.empty_like(t, device="meta"))
-                for t in [*module.parameters(), *module.buffers()]}
-        object.__setattr__(self, "_meta", copy.deepcopy(module, memo))
+        object.__setattr__(self, "_meta", _meta_copy(module))
         self.original_type = type(module).__name__
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -216,16 +270,33 @@ class _Ghost(nn.Module):
         return f"ghost of {self.original_type}"
 
 
+class _Boundary:
+    """*inject* or *capture*: a callable in the blocks sequence whose attributes are those of the first block after
+    the boundary (a model may read e.g. ``layer.attention_type`` to choose the mask it passes), the same block on
+    both sides of it."""
+
+    def __init__(self, fn: Callable[..., Any], block: nn.Module) -> None:
+        self._fn = fn
+        self._block = block
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_block"], name)
+
+
 class _StageBlocks(nn.Module):
     """Replaces the blocks container: holds this rank's blocks under their original indices (names unchanged) and,
     inside :meth:`Partition.stage`, yields inject, the part's blocks and capture."""
 
-    def __init__(self, blocks: dict[int, nn.Module], path: str) -> None:
+    def __init__(self, blocks: dict[int, nn.Module], path: str, num_blocks: int) -> None:
         super().__init__()
         for index, block in blocks.items():
             self.add_module(str(index), block)
         self._run: Optional[list[Callable]] = None
         self._path = path
+        self._num_blocks = num_blocks
 
     def _sequence(self) -> list[Callable]:
         if self._run is None:
@@ -242,8 +313,19 @@ class _StageBlocks(nn.Module):
         return len(self._sequence())
 
     def __getitem__(self, index: Any) -> Any:
-        raise RuntimeError(f"{self._path}[{index!r}]: a pipeline stage holds only some blocks; iterate over the "
-                           "blocks instead of indexing them.")
+        n = self._num_blocks
+        if isinstance(index, slice):
+            # A slice over every block (Hugging Face: `self.layers[: config.num_hidden_layers]`) is the sequence.
+            if range(n)[index] != range(n):
+                raise RuntimeError(
+                    f"{self._path}[{index.start}:{index.stop}:{index.step}]: a pipeline stage runs a contiguous run "
+                    f"of the {n} blocks; only a slice over all of them (e.g. [:{n}]) can be iterated on a stage.")
+            return list(self._sequence())
+        if self._run is None:
+            raise RuntimeError(f"{self._path}[{index!r}]: a pipeline stage holds only some blocks; iterate over the "
+                               "blocks instead of indexing them.")
+        # Inside a stage the container is the list it iterates as: `for i in range(len(h)): h[i](x)` works too.
+        return self._run[index]
 
     def forward(self, x: Any) -> Any:  # the nn.Sequential way: self.blocks(x)
         for fn in self._sequence():
@@ -270,10 +352,15 @@ class Partition:
         if self.num_parts > self.num_blocks:
             balance([1.0] * self.num_blocks, self.num_parts)  # raises with the explanation
         self._part_of = self._block_parts(starts, self.num_blocks)
+        # Children without parameters (rotary embeddings, dropout) run on every rank: see the note above.
+        self.everywhere = frozenset(name for name in (*layout.before, *layout.after)
+                                    if not _has_parameters(self.root.get_submodule(name)))
         self._owner_parts = self._parts_of_names(module)
         self.real: dict[str, nn.Module] = {}
         self.ghosts: dict[str, _Ghost] = {}
         for name in (*layout.before, *layout.after):
+            if name in self.everywhere:
+                continue
             child = self.root.get_submodule(name)
             self.ghosts[name] = _Ghost(child)
             owner = 0 if name in layout.before else self.num_parts - 1
@@ -282,7 +369,13 @@ class Partition:
             else:
                 setattr(self.root, name, self.ghosts[name])
         kept = {i: b for i, b in enumerate(blocks) if self._part_of[i] in self.parts}
-        self.blocks = _StageBlocks(kept, layout.blocks_path)
+        # For capture's attributes: the first block of the next part (a meta copy when another rank holds it).
+        self._after_boundary: dict[int, nn.Module] = {}
+        for part in self.parts:
+            if part < self.num_parts - 1:
+                i = self.starts[part + 1]
+                self._after_boundary[part] = kept[i] if i in kept else _meta_copy(blocks[i])
+        self.blocks = _StageBlocks(kept, layout.blocks_path, self.num_blocks)
         setattr(self.root, layout.blocks, self.blocks)
 
     @staticmethod
@@ -304,6 +397,8 @@ class Partition:
                 head, _, rest = local.partition(".")
                 if head == self.layout.blocks:
                     parts = frozenset({self._part_of[int(rest.partition(".")[0])]})
+                elif head in self.everywhere:
+                    parts = everywhere
                 elif head in self.layout.before:
                     parts = frozenset({0})
                 elif head in self.layout.after:
@@ -320,30 +415,59 @@ class Partition:
 
     @contextmanager
     def stage(self, part: int, received: Any = None) -> Iterator[None]:
-        """Arrange the root to compute ``part``: inject ``received`` (unless part 0), stop at capture (unless last)."""
+        """Arrange the root to compute ``part``: inject ``received`` (unless part 0), stop at capture (unless last).
+
+        See [Note: what crosses a stage boundary] for the values besides the hidden state."""
         if part not in self.parts:
             raise ValueError(f"part {part} is not on this rank (it holds {self.parts})")
         first, last = part == 0, part == self.num_parts - 1
+        substitutes: dict[int, Any] = {}  # id(local tensor) -> the one received in its place
+        kept_alive: list[torch.Tensor] = []  # the local tensors, so that their ids stay theirs
+
+        def substitute(value: Any) -> Any:
+            return _replace_tensors(value, lambda t: substitutes.get(id(t), t)) if substitutes else value
 
         def inject(x: Any, *args: Any, **kwargs: Any) -> Any:
-            return received
+            extras = _tensor_leaves((args, kwargs))
+            if not extras:
+                return received
+            got = [received] if isinstance(received, torch.Tensor) else list(received)
+            hidden = _tensor_leaves(x)
+            if len(got) != len(hidden) + len(extras):
+                raise PartitionError(
+                    f"Pipeline part {part} received {len(got)} tensors from part {part - 1} but its first block "
+                    f"{self.layout.blocks_path}[{self.starts[part]}] is called with {len(hidden)} hidden-state tensors "
+                    f"and {len(extras)} other tensor arguments. Every part must call the blocks with the same kinds "
+                    "of arguments (they may depend on the model's inputs, not on which part runs).")
+            kept_alive.extend(extras)
+            substitutes.update({id(t): r for t, r in zip(extras, got[len(hidden):])})
+            values = iter(got[: len(hidden)])
+            return _replace_tensors(x, lambda t: next(values))
 
         def capture(x: Any, *args: Any, **kwargs: Any) -> Any:
-            raise StageExit(x)
+            extras = _tensor_leaves(substitute((args, kwargs)))
+            raise StageExit((*_tensor_leaves(x), *extras) if extras else x)
 
-        sequence: list[Callable] = [] if first else [inject]
-        sequence += [self.blocks.get_submodule(str(i)) for i in self.block_range(part)]
-        sequence += [] if last else [capture]
+        def arguments(block: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+            return (args[:1] + substitute(args[1:]), substitute(kwargs)) if substitutes else None
+
+        local = [self.blocks.get_submodule(str(i)) for i in self.block_range(part)]
+        sequence: list[Callable] = [] if first else [_Boundary(inject, local[0])]
+        sequence += local
+        sequence += [] if last else [_Boundary(capture, self._after_boundary[part])]
         swapped = {}
         for name, real in self.real.items():
             wanted = (name in self.layout.before and first) or (name in self.layout.after and last)
             if not wanted:
                 swapped[name] = real
                 setattr(self.root, name, self.ghosts[name])
+        hooks = [] if first else [b.register_forward_pre_hook(arguments, with_kwargs=True) for b in local]
         self.blocks._run = sequence
         try:
             yield
         finally:
             self.blocks._run = None
+            for hook in hooks:
+                hook.remove()
             for name, real in swapped.items():
                 setattr(self.root, name, real)

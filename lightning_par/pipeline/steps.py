@@ -8,10 +8,21 @@ in size, so the mean of per-microbatch means is the batch mean a single process 
 ``self.log`` once, with the user's arguments. So every rank logs the same values, once per step, and
 ``sync_dist`` and ``on_epoch`` behave as in a single process. A value that is not a number or a tensor (a
 torchmetrics ``Metric``) cannot be averaged or sent; it is logged as given on the rank that computed it.
+
+[Note: printing from a pipelined step]
+``self.print`` prints on global rank 0 only, and rank 0 runs the first stage, whose step stops inside the model's
+forward: the code after ``self(x)`` never runs there. So ``self.print`` calls are recorded as ``self.log`` calls
+are (their arguments rendered to text where they ran), and after the schedule the records of the microbatches that
+finished (those of the last stage, which ran the whole step: prints before and after the forward) reach every rank
+of the pipeline; each rank calls the real ``self.print`` with them in microbatch order, so global rank 0 prints
+every one once — one line per microbatch, after the step's schedule. Prints of microbatches that stopped at a
+stage boundary are dropped (the last stage printed the same lines with the real values). A plain ``print`` is not
+recorded: it prints where it runs.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
@@ -85,6 +96,7 @@ class StepRecorder:
         self.module = module
         self.logs: dict[int, list[tuple[str, Any, tuple, dict]]] = {}
         self.kept: dict[int, list[tuple[str, Any, tuple, dict]]] = {}
+        self.prints: dict[int, list[tuple[tuple[str, ...], dict]]] = {}
 
     @contextmanager
     def microbatch(self, index: int) -> Iterator["_Microbatch"]:
@@ -95,13 +107,20 @@ class StepRecorder:
         def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
             record.calls.append((name, value, args, kwargs))
 
+        def print_(*args: Any, **kwargs: Any) -> None:  # see [Note: printing from a pipelined step]
+            record.prints.append(_printable(args, kwargs))
+
         self.module.log = log  # an instance attribute shadows LightningModule.log (and log_dict calls self.log)
+        self.module.print = print_
         try:
             yield record
         finally:
             del self.module.log
+            del self.module.print
         if record.finished:
             self.logs[index] = record.calls
+            if record.prints:
+                self.prints[index] = record.prints
 
     def share(self, results: dict[int, Any], group: Optional[ProcessGroup], microbatches: int,
               device: torch.device) -> dict[int, Any]:
@@ -110,16 +129,17 @@ class StepRecorder:
         numeric = {m: [c for c in calls if _is_number(c[1])] for m, calls in self.logs.items()}
         self.kept = {m: [c for c in calls if not _is_number(c[1])] for m, calls in self.logs.items()}
         payload = (_portable(results), {m: [(n, _portable(v), a, k) for n, v, a, k in calls]
-                                        for m, calls in numeric.items()})
+                                        for m, calls in numeric.items()}, self.prints)
         everyone = [payload]
         if group_size(group) > 1:
             everyone = [None] * group_size(group)
             dist.all_gather_object(everyone, payload, group=group)
         outputs: dict[int, Any] = {}
-        self.logs = {}
-        for rank_results, rank_logs in everyone:
+        self.logs, self.prints = {}, {}
+        for rank_results, rank_logs, rank_prints in everyone:
             outputs.update(rank_results)
             self.logs.update(rank_logs)
+            self.prints.update(rank_prints)
         if sorted(outputs) != list(range(microbatches)):
             raise RuntimeError(f"The pipeline produced outputs for microbatches {sorted(outputs)} of {microbatches}.")
         to_device = lambda t: t.to(device) if isinstance(t, Tensor) else t  # noqa: E731
@@ -139,12 +159,18 @@ class StepRecorder:
         for m in sorted(self.kept):
             for name, value, args, kwargs in self.kept[m]:
                 log(name, value, *args, **kwargs)
-        self.logs, self.kept = {}, {}
+        for m in sorted(self.prints):
+            for args, kwargs in self.prints[m]:
+                if kwargs.pop("stderr", False):
+                    kwargs["file"] = sys.stderr
+                self.module.print(*args, **kwargs)  # LightningModule.print: global rank 0 only
+        self.logs, self.kept, self.prints = {}, {}, {}
 
 
 class _Microbatch:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any, tuple, dict]] = []
+        self.prints: list[tuple[tuple[str, ...], dict]] = []
         self.finished = True
 
     def stopped(self) -> None:
@@ -155,3 +181,12 @@ def _is_number(value: Any) -> bool:
     if isinstance(value, Tensor):
         return value.numel() == 1
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _printable(args: tuple, kwargs: dict) -> tuple[tuple[str, ...], dict]:
+    """A ``print`` call that can be sent: arguments rendered as ``print`` renders them; ``sep``, ``end`` and
+    ``flush`` kept, ``file`` kept when it is stdout or stderr."""
+    options = {k: kwargs[k] for k in ("sep", "end", "flush") if k in kwargs}
+    if kwargs.get("file") is sys.stderr:
+        options["stderr"] = True
+    return tuple(str(a) for a in args), options

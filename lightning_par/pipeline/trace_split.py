@@ -47,6 +47,14 @@ def trace_forward(module: nn.Module) -> fx.Graph:
     try:
         return fx.Tracer().trace(module)
     except Exception as error:  # noqa: BLE001 (fx raises TraceError, TypeError, AttributeError, ...)
+        hf = _hugging_face_blocks(module)
+        if hf is not None:
+            raise PartitionError(
+                f"Cannot split {type(module).__name__} into pipeline stages by tracing: it holds a Hugging Face "
+                f"model ({hf[0]}), whose forward torch.fx cannot trace ({type(error).__name__}: {error}). Split it "
+                f"by its layers instead: split='blocks' (the default split='auto' does), blocks='{hf[1]}'. "
+                "See docs/huggingface.md."
+            ) from error
         raise PartitionError(
             f"Cannot split {type(module).__name__} into pipeline stages by tracing its forward with torch.fx "
             f"({type(error).__name__}: {error}). Tracing fails on Python control flow that depends on tensor values "
@@ -54,6 +62,19 @@ def trace_forward(module: nn.Module) -> fx.Graph:
             "nn.ModuleList / nn.Sequential and split by it (split='blocks', with split_points=[...] to place the "
             "cuts), or move that control flow out of forward (e.g. into training_step)."
         ) from error
+
+
+def _hugging_face_blocks(module: nn.Module) -> Optional[tuple[str, str]]:
+    """(class name, path of its largest layer list) of the first ``transformers`` model inside ``module``, if any."""
+    for name, sub in module.named_modules():
+        if any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
+               for c in type(sub).__mro__):
+            lists = [(n, m) for n, m in sub.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and n]
+            if not lists:
+                return None
+            path = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))[0]
+            return type(sub).__name__, f"{name}.{path}" if name else path
+    return None
 
 
 class TracePartition:

@@ -105,8 +105,11 @@ class LightningParStrategy(ParallelStrategy):
 
     @property
     def is_distributed(self) -> bool:
-        # Read by Lightning before the processes start (to add a DistributedSampler): use the planned world size.
-        return self.num_nodes * self.num_processes > 1
+        # As DDP: true at any world size. Lightning reads it to add a DistributedSampler (built from
+        # `distributed_sampler_kwargs`, so the order is DDP's: shuffled per epoch for training, an unrepeated one for
+        # predict with the batch indices tracked) and to sync `self.log(..., sync_dist=True)`; one device then
+        # behaves as N devices do.
+        return True
 
     @property
     def topology(self) -> Topology:
