@@ -1,7 +1,9 @@
 """The ``lightning-par`` command: LightningCLI over the demo GPT and the character corpus.
 
 ``lightning-par fit --config recipes/quickstart.yaml`` trains with any strategy registered by ``lightning_par``
-(``trainer.strategy: dp``, ...) as well as Lightning's own.
+(``trainer.strategy: dp``, ...) as well as Lightning's own. The model is the demo GPT unless the config names
+another LightningModule (``model: {class_path: lightning_par.demo.hf.HFCausalLM, init_args: ...}``, as
+``recipes/hf_llama_*.yaml`` do); it receives the corpus's ``vocab_size`` and the data's ``block_size``.
 """
 
 from __future__ import annotations
@@ -11,18 +13,20 @@ from typing import Any
 import lightning_par  # noqa: F401  (registers this package's strategy names with Lightning's StrategyRegistry)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_par.demo import CharDataModule, DemoGPT
+from lightning_par.demo import CharDataModule
 
 
 class ParCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Any LightningModule with `vocab_size` and `block_size` arguments; the demo GPT when none is named.
+        parser.set_defaults({"model": {"class_path": "lightning_par.demo.DemoGPT"}})
         # The vocabulary is a property of the corpus, and the model's context must cover the data's windows.
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-        parser.link_arguments("data.block_size", "model.block_size")
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.block_size", "model.init_args.block_size")
 
 
 def build_cli(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> ParCLI:
-    return ParCLI(DemoGPT, CharDataModule, save_config_kwargs={"overwrite": True}, args=args, run=run)
+    return ParCLI(None, CharDataModule, save_config_kwargs={"overwrite": True}, args=args, run=run)
 
 
 def main(args: list[str] | dict[str, Any] | None = None) -> None:
