@@ -25,6 +25,7 @@ from lightning_par.tensor.plan import (
     applied_plan,
     parallelize,
     sharded_parameter_bytes,
+    unparallelize,
 )
 
 __all__ = [
@@ -51,5 +52,6 @@ __all__ = [
     "parallelize",
     "shard_spec",
     "sharded_parameter_bytes",
+    "unparallelize",
     "vocab_parallel_cross_entropy",
 ]

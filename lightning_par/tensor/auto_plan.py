@@ -55,10 +55,11 @@ DOWN_NAMES = ("down_proj", "down", "w2", "c_proj", "fc2", "dense_4h_to_h", "proj
 # ----- Hugging Face attention (see [Note: Hugging Face attention]) -----
 OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "proj", "attn_out")
 # The layout of a fused q/k/v projection, by ``config.model_type``: "concat" = ``[q; k; v]`` (split / chunk of the
-# whole output), "per_head" = per head ``[q_h, k_h, v_h]`` (viewed as ``(..., heads, 3 * head_dim)``). A family with
-# a fused projection that is in neither is left replicated (say how in a plan).
-FUSED_QKV_LAYOUT = {"gpt2": "concat", "phi3": "concat", "gpt_bigcode": "concat", "phi": "concat",
-                    "gpt_neox": "per_head"}
+# whole output), "per_head" = per head ``[q_h, k_h, v_h]`` (viewed as ``(..., heads, 3 * head_dim)``). Only families
+# whose forward then finds the local heads by itself (``-1`` heads, or attributes the plan divides) are listed: Phi-3
+# slices its ``qkv_proj`` output by ``config.num_attention_heads * head_dim`` (the shared config, not divided), so it
+# is left replicated with a note, as is any family not listed (write a plan).
+FUSED_QKV_LAYOUT = {"gpt2": "concat", "gpt_neox": "per_head"}
 # Integer attributes a Hugging Face attention declares as the width of all its heads together (read by its forward
 # to split the fused output: GPT-2's ``split_size``; BERT-style ``all_head_size``): divided by the tensor size.
 HF_HEADS_WIDTH_ATTRS = ("split_size", "all_head_size")

@@ -244,8 +244,8 @@ def _check(name: str, module: nn.Module, style: ParallelStyle, t: int) -> None:
     if isinstance(style, (ColwiseParallel, RowwiseParallel)):
         dims = linear_dims(module)
         if dims is None:
-            raise ValueError(f"{name}: style {style.name!r} applies to nn.Linear or Hugging Face Conv1D, not "
-                             f"{type(module).__name__}.")
+            raise ValueError(f"{name}: style {style.name!r} applies to nn.Linear, not {type(module).__name__} (a "
+                             f"Hugging Face Conv1D works too).")
         if isinstance(style, ColwiseParallel):
             for n in output_segments(dims[1], style.segments):
                 if n % t:
