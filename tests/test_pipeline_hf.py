@@ -123,6 +123,38 @@ def test_hugging_face_llama_and_gpt2_pipelined_match_one_process():
     assert "blocks='model.model.layers'" in message
 
 
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("parts", [2, 4])
+def test_parts_of_a_hugging_face_model_compose_to_the_full_model(arch, parts):
+    """In one process: the parts, each run by the model's own forward with what the previous one sent (hidden
+    state, and the other tensors passed to the layers), give the full model's logits."""
+    import copy
+
+    from lightning_par.pipeline.partition import Partition, StageExit, choose_split_points, find_blocks
+
+    torch.manual_seed(0)
+    full = PipelinedHF(arch)
+    x = torch.randint(0, VOCAB, (2, 16))
+    expected = full(x)
+    layout = find_blocks(full)
+    assert layout.blocks_path == {"llama": "model.model.layers", "gpt2": "model.transformer.h"}[arch]
+    starts = choose_split_points(full, layout, parts)
+    partitions = [Partition(copy.deepcopy(full), layout, starts, [k]) for k in range(parts)]
+    received = None
+    for k, partition in enumerate(partitions):
+        with partition.stage(k, received):
+            try:
+                out = partition.module(x)
+            except StageExit as stop:
+                sent = stop.output
+                assert isinstance(sent, tuple) and len(sent) == (5 if arch == "llama" else 2)  # + mask, cos, sin, ids / ids
+                received = tuple(t.detach() for t in sent)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with partitions[0].stage(0):
+        with pytest.raises(RuntimeError, match="only a slice over all of them"):
+            partitions[0].blocks[1:]
+
+
 @pytest.mark.parametrize("strategy", ["dp", "zero3", "pipeline"])
 def test_one_device_is_distributed_as_ddp(strategy):
     """Lightning's DDP is distributed at any world size: a DistributedSampler for training (shuffled, seeded) and
