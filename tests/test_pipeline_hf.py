@@ -147,7 +147,8 @@ def test_parts_of_a_hugging_face_model_compose_to_the_full_model(arch, parts):
                 out = partition.module(x)
             except StageExit as stop:
                 sent = stop.output
-                assert isinstance(sent, tuple) and len(sent) == (5 if arch == "llama" else 2)  # + mask, cos, sin, ids / ids
+                # The hidden state, then Llama's mask, cos, sin and position ids; GPT-2's position ids (SDPA: no mask).
+                assert isinstance(sent, tuple) and len(sent) == (5 if arch == "llama" else 2)
                 received = tuple(t.detach() for t in sent)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     with partitions[0].stage(0):
