@@ -171,14 +171,15 @@ class _Planner:
         return self.out
 
     def repeated(self) -> None:
-        """Lists of two or more blocks of one class with parameters, none of which the plan touches."""
+        """Lists of two or more blocks of one class holding Linears, none of which the plan touches."""
         planned = [n for n, st in self.out.plan.items() if not isinstance(st, SequenceParallelRegion)]
         for name, m in self.root.named_modules():
             if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) < 2:
                 continue
             classes = {type(c) for c in m}
-            if len(classes) != 1 or not any(True for _ in m[0].parameters()):
-                continue
+            if len(classes) != 1 or not any(linear_dims(x) is not None or isinstance(x, nn.MultiheadAttention)
+                                            for x in m[0].modules()):
+                continue  # not blocks with layers a plan could cut (a list of norms, of embeddings, ...)
             prefix = f"{name}." if name else ""
             if any(p.startswith(prefix) for p in planned):
                 continue
