@@ -376,8 +376,10 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
             if chunk.reduced is not None or chunk.grad_sent:
                 self._take_reduced(chunk)
             chunk.reset_round()
-        if self._d2h is not None:
-            self._d2h.synchronize()  # the host's gradients are complete before the CPU step reads them
+        if self._d2h is not None and any(chunk.host for chunk in self.chunks):
+            # The host's gradients are complete before the CPU step reads them (no wait when the plan keeps every
+            # chunk on the device: then nothing was copied, and waiting would only stall the host).
+            self._d2h.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
         if self.policy.stage == 3:
             self.release_all()
