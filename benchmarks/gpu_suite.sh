@@ -5,6 +5,7 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh parity_bf16   # ~3-4 min: every strategy under bf16-mixed against dp bf16, 4 then 2 GPUs
 #   OUT=$OUT benchmarks/gpu_suite.sh throughput    # ~5-7 min: 1.3B at 4 GPUs, ours then the peers (Lightning, DTensor TP)
 #   OUT=$OUT benchmarks/gpu_suite.sh throughput7b  # ~5-7 min: ~6.7B at 4 GPUs, batch 2/GPU (ddp expected OOM)
+#   OUT=$OUT benchmarks/gpu_suite.sh reduce        # ~3 min: ZeRO reducing in bf16 beside Lightning fsdp, 1.3B and ~6.7B
 #   OUT=$OUT benchmarks/gpu_suite.sh offload       # ~3-4 min: 1.3B at 2 GPUs: zero3, zero3_offload, FSDP2
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline      # ~4-6 min: torch.distributed.pipelining vs ours, 1.3B at 4 GPUs
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
@@ -14,7 +15,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_bf16|throughput|throughput7b|offload|pipeline}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_bf16|throughput|throughput7b|reduce|offload|pipeline}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -130,6 +131,14 @@ case $MODE in
       --variants zero3,tp1d,pipeline
     run_case throughput7b_peers 240 4 $MG throughput --out "$WORK/throughput7b_peers.json" $ACC $THR7 \
       --variants lightning_fsdp2,dtensor_tp,lightning_ddp   # ddp last: expected OOM (fp32 Adam of 6.7B > 80 GB)
+    ;;
+  reduce)
+    # ZeRO with gradients reduced in bf16 (reduce_dtype="compute") beside Lightning's fsdp, which reduces in bf16
+    # under bf16-mixed; host syncs of dp and Lightning's ddp counted with the same callback.
+    run_case reduce_1b3 200 4 $MG throughput --out "$WORK/reduce_1b3.json" $ACC $THR \
+      --variants dp,lightning_ddp,zero2_bf16_reduce,zero3_bf16_reduce
+    run_case reduce_7b 240 4 $MG throughput --out "$WORK/reduce_7b.json" $ACC $THR7 \
+      --variants zero2_bf16_reduce,zero3_bf16_reduce,lightning_fsdp
     ;;
   offload)
     run_case offload_2gpu 480 2 $MG throughput --out "$WORK/offload_2gpu.json" $ACC $THR \

@@ -42,7 +42,7 @@ import lightning_par  # noqa: E402,F401  (registers the strategy names)
 import mg_parity  # noqa: E402
 import tp_peer  # noqa: E402
 from lightning_par.demo.model import GPT  # noqa: E402
-from lightning_par.strategies import PipelineStrategy, TensorParallel1DStrategy  # noqa: E402
+from lightning_par.strategies import PipelineStrategy, TensorParallel1DStrategy, ZeroStrategy  # noqa: E402
 
 MODELS = {  # --model presets: layers, width, heads, batch per GPU
     "1.3b": dict(layers=24, width=2048, heads=16, batch=4),
@@ -96,10 +96,6 @@ def build_split_gpt(args: argparse.Namespace, device: torch.device) -> torch.nn.
         return tp_peer.SplitGPT(bench_dp.config(args))
 
 
-OURS = ("dp", "zero1", "zero2", "zero3", "zero3_offload", "tp1d", "tp1d_sp", "tp1d_nosp", "pipeline", "pipeline_interleaved",
-        "pipeline_zero_bubble")
-
-
 def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple[Callable[[], Any], type, Callable]]:
     """name -> (strategy factory, module class, model builder)."""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -112,6 +108,9 @@ def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple
         "zero1": (lambda: "zero1", bench_dp.BenchModule, gpt),
         "zero2": (lambda: "zero2", bench_dp.BenchModule, gpt),
         "zero3": (lambda: "zero3", bench_dp.BenchModule, gpt),
+        # Gradients reduced in bf16, as Lightning's fsdp does under bf16-mixed (our default reduces in fp32).
+        "zero2_bf16_reduce": (lambda: ZeroStrategy(stage=2, reduce_dtype="compute"), bench_dp.BenchModule, gpt),
+        "zero3_bf16_reduce": (lambda: ZeroStrategy(stage=3, reduce_dtype="compute"), bench_dp.BenchModule, gpt),
         "zero3_offload": (lambda: "zero3_offload", bench_dp.BenchModule, gpt),
         "tp1d": (lambda: TensorParallel1DStrategy(), bench_dp.BenchModule, gpt),
         "tp1d_sp": (lambda: TensorParallel1DStrategy(sequence_parallel=True), bench_dp.BenchModule, gpt),
@@ -179,7 +178,7 @@ def run_variant(args: argparse.Namespace, name: str, world: int, device: torch.d
                           pin=device.type == "cuda", seed=0)
     model = builder(args, device)  # on this rank's own device
     module = module_class(model, args.lr)
-    timer = SyncTimer(args.warmup, args.steps, count_syncs=args.sync_check and name in OURS)
+    timer = SyncTimer(args.warmup, args.steps, count_syncs=args.sync_check)  # peers too: the same yardstick
     trainer = pl.Trainer(accelerator=args.accelerator, devices=world, strategy=strategy, precision="bf16-mixed",
                          max_steps=args.warmup + args.steps, max_epochs=1, limit_val_batches=0,
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
