@@ -233,8 +233,9 @@ def run_lightning(cfg: dict, build, ds, device, rec) -> None:
     )
     stage3 = getattr(getattr(trainer.strategy, "policy", None), "stage", None) == 3 or name.startswith("zero3")
     rec.extra["empty_init"] = stage3
-    # Stage 3: on meta, each chunk materialised on the GPU by the engine with the modules' reset_parameters() (not
-    # the GPT init: the first loss is higher, e.g. 43 instead of 4.9 at `tiny`). Else: on the GPU, GPT init.
+    # Stage 3: on meta, each chunk materialised on the GPU by the engine with the model's own init (the GPT's
+    # `_init_weights`: first loss 4.87 at `tiny`, as built eagerly; before 2026-11-26 modules' reset_parameters() gave
+    # 43, and 1171 at 1.3B). Else: on the GPU, GPT init.
     with trainer.init_module(empty_init=stage3):
         torch.manual_seed(cfg["seed"])
         model = build()
