@@ -307,3 +307,20 @@ def test_zero3_through_spawn_launcher_leaves_a_whole_module(tmp_path):
     x = torch.randint(0, 32, (2, 16))
     assert torch.isfinite(module(x)).all()  # trained weights, readable, in the main process
     assert module.model.wte.weight.dtype == torch.float32 and module.model.wte.weight is module.model.lm_head.weight
+
+
+def test_zero3_at_world_size_one_leaves_the_trained_module_on_the_masters():
+    # At world size 1 each master is a whole chunk: teardown makes the parameters its views (no second copy of the
+    # model, which at 10B on one GPU took ~20 GiB of host memory) and they hold exactly the trained weights.
+    run = Run(steps=4)
+    reference_trainers: list = []  # dp at world size 1 is plain training, with the same sampler as ZeRO gets
+    fit(run, "dp", devices=1, data_parallel=1, trainers=reference_trainers)
+    expected = reference_trainers[0].lightning_module.state_dict()
+    for strategy in (zero(3), zero(3, offload=0.5)):
+        trainers: list = []
+        fit(run, strategy, devices=1, data_parallel=1, trainers=trainers)
+        module, engine = trainers[0].lightning_module, trainers[0].strategy.engine
+        got = module.state_dict()
+        assert max((got[k] - expected[k]).abs().max().item() for k in expected) <= 1e-5
+        masters = {c.master.untyped_storage().data_ptr() for c in engine.chunks}
+        assert all(p.untyped_storage().data_ptr() in masters for p in module.parameters())

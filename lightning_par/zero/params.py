@@ -279,13 +279,19 @@ class ParamsMixin:
                 for i, p in enumerate(chunk.params):  # fp32 stages 1-2: the compute buffer is the gathered masters
                     p.data = chunk.view(chunk.compute, i)
                 continue
-            full = torch.empty(chunk.padded, dtype=torch.float32, device=self.device)
-            if self.world_size == 1:
-                full.copy_(chunk.master)
+            if self.world_size == 1 and chunk.master.device == device:
+                # The master is the whole chunk already, where it must end (e.g. a host chunk of an offloading
+                # strategy made whole on the host): the parameters become its views, with no copy. (10B on one H100,
+                # 2026-11-26: the host peaked 38 GiB above the plan's host bytes; copies of host masters were ~20.)
+                full = chunk.master
             else:
-                dist.all_gather_into_tensor(full, chunk.master.to(self.device), group=self.group)
-            if device != self.device:
-                full = full.to(device)
+                full = torch.empty(chunk.padded, dtype=torch.float32, device=self.device)
+                if self.world_size == 1:
+                    full.copy_(chunk.master)
+                else:
+                    dist.all_gather_into_tensor(full, chunk.master.to(self.device), group=self.group)
+                if device != self.device:
+                    full = full.to(device)
             for i, p in enumerate(chunk.params):
                 view = chunk.view(full, i)
                 dtype = self.original_dtypes[p]
