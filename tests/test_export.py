@@ -4,6 +4,10 @@
 
 - a ``zero3`` checkpoint (a sharded directory) of a tiny tied Llama built on the meta device, 2 gloo ranks; the
   config written from HFCausalLM's hyper-parameters;
+- ``tp1d`` checkpoints (single files with full tensors) of a tiny untied Llama trained with tensor size 2 on the same
+  2 gloo ranks (one launch for both strategies): one written by ``ModelCheckpoint`` during fit (the module sharded,
+  its shards gathered for the save), one by ``trainer.save_checkpoint`` after fit (the module whole again); both load
+  with the logits of the trained module after fit;
 - a single-file checkpoint (as ``dp``, pipeline and ``tp1d`` write) of a tiny GPT-2, in one process, with
   ``--hf-config`` and ``--dtype bfloat16``;
 - the errors: a prefix that matches nothing, safetensors missing.
@@ -17,6 +21,7 @@ import sys
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 pytest.importorskip("transformers")
@@ -24,6 +29,7 @@ pytest.importorskip("safetensors")
 
 import lightning_par  # noqa: E402,F401
 from helpers import free_port, run_on_ranks  # noqa: E402
+from lightning_par import TensorParallel1DStrategy  # noqa: E402
 from lightning_par.checkpoint import export_safetensors, main  # noqa: E402
 from lightning_par.demo.hf import HFCausalLM  # noqa: E402
 from parity import token_dataset  # noqa: E402
@@ -36,10 +42,11 @@ GPT2 = dict(n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0, emb
 PROBE = torch.arange(2 * 16).reshape(2, 16) % VOCAB
 
 
-def _train(strategy, devices, module, ckpt):
+def _train(strategy, devices, module, ckpt, callbacks=()):
     seed_everything(0, verbose=False)
     trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=3, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                      enable_checkpointing=bool(callbacks), callbacks=list(callbacks), enable_progress_bar=False,
+                      enable_model_summary=False)
     trainer.fit(module, DataLoader(token_dataset(24, vocab=VOCAB), batch_size=4))
     trainer.save_checkpoint(ckpt)
     with torch.no_grad():
@@ -55,15 +62,44 @@ def _zero3_llama(rank, world_size, port, ckpt):
     return _train("zero3", world_size, module, ckpt)
 
 
+def _tp1d_llama(world_size, tmpdir):
+    """Tensor size 2 (an untied Llama: ``lm_head`` exported too). ModelCheckpoint saves after the last step while
+    the module is sharded; ``_train`` saves again after fit, when the module is whole (docs/tp1d.md)."""
+    module = HFCausalLM(config={**LLAMA, "tie_word_embeddings": False}, vocab_size=VOCAB, optimizer="sgd",
+                        learning_rate=0.1)
+    during = ModelCheckpoint(dirpath=tmpdir, filename="tp1d_during", every_n_train_steps=3, save_top_k=-1)
+    shapes = []  # q_proj's weight on this rank while training: the rows of its shard
+    record = LambdaCallback(on_train_batch_end=lambda trainer, pl_module, *_: shapes.append(
+        tuple(pl_module.model.model.layers[0].self_attn.q_proj.weight.shape)))
+    strategy = TensorParallel1DStrategy(tensor_size=world_size)
+    logits = _train(strategy, world_size, module, os.path.join(tmpdir, "tp1d_after.ckpt"), callbacks=[record, during])
+    sharded = any("Parallel" in type(m).__name__ for m in module.modules())
+    return {"logits": logits, "shapes": shapes, "sharded_after_fit": sharded}
+
+
+def _both(rank, world_size, port, tmpdir):
+    """One launch for the two strategies: zero3, then tp1d, on the same ranks."""
+    zero3 = _zero3_llama(rank, world_size, port, os.path.join(tmpdir, "zero3.ckpt"))
+    return {"zero3": zero3, "tp1d": _tp1d_llama(world_size, tmpdir)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The checkpoints written on 2 gloo ranks (one multi-process launch shared by the tests below) and the logits
+    of the trained modules on rank 0."""
+    tmpdir = tmp_path_factory.mktemp("two_ranks")
+    return tmpdir, run_on_ranks(_both, 2, free_port(), str(tmpdir))[0]
+
+
 def _loaded(out):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(out))
 
 
-def test_zero3_checkpoint_exports_to_a_hugging_face_directory(tmp_path):
-    ckpt, out = tmp_path / "zero3.ckpt", tmp_path / "hf"
-    trained = run_on_ranks(_zero3_llama, 2, free_port(), str(ckpt))[0]
+def test_zero3_checkpoint_exports_to_a_hugging_face_directory(two_ranks, tmp_path):
+    tmpdir, trained = two_ranks
+    ckpt, out, trained = tmpdir / "zero3.ckpt", tmp_path / "hf", trained["zero3"]
     assert ckpt.is_dir()  # a sharded checkpoint
     main([str(ckpt), str(out), "--format", "safetensors"])
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
@@ -76,6 +112,28 @@ def test_zero3_checkpoint_exports_to_a_hugging_face_directory(tmp_path):
     assert type(model).__name__ == "LlamaForCausalLM" and model.lm_head.weight is model.model.embed_tokens.weight
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=PROBE).logits, trained, rtol=1e-5, atol=1e-6)
+
+
+def test_tp1d_checkpoint_exports_to_a_hugging_face_directory(two_ranks, tmp_path):
+    tmpdir, trained = two_ranks
+    trained = trained["tp1d"]
+    assert trained["shapes"] == [(16, 32)] * 3  # sharded while training (during the first save too)
+    assert not trained["sharded_after_fit"]  # the logits below are the whole module's
+    from safetensors import safe_open
+
+    for name in ("tp1d_during.ckpt", "tp1d_after.ckpt"):
+        ckpt, out = tmpdir / name, tmp_path / name.replace(".ckpt", "")
+        assert ckpt.is_file()  # a single file with full tensors
+        main([str(ckpt), str(out), "--format", "safetensors"])
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"], name
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert f.get_tensor("lm_head.weight").shape == (VOCAB, LLAMA["hidden_size"]), name  # untied, unpadded
+            assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").shape == (32, 32), name
+        model = _loaded(out)
+        assert type(model).__name__ == "LlamaForCausalLM" and model.lm_head.weight is not model.model.embed_tokens.weight
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=PROBE).logits, trained["logits"], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_single_file_checkpoint_exports_with_a_given_config_and_dtype(tmp_path):
