@@ -11,13 +11,11 @@ lightning-par[hf]`` installs it).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal, Optional
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule
-from lightning.pytorch.accelerators import CPUAccelerator
+
+from lightning_par.demo.model import CausalLMSteps
 
 __all__ = ["HFCausalLM", "build_causal_lm", "build_config", "model_config"]
 
@@ -69,7 +67,7 @@ def build_causal_lm(config: dict[str, Any], config_class: str = "LlamaConfig") -
     return _transformers().AutoModelForCausalLM.from_config(build_config(config, config_class))
 
 
-class HFCausalLM(LightningModule):
+class HFCausalLM(CausalLMSteps):
     """A Hugging Face causal LM built from ``config`` (the keyword arguments of ``config_class``), trained on
     next-token cross-entropy.
 
@@ -109,37 +107,5 @@ class HFCausalLM(LightningModule):
         if getattr(self, "model", None) is None:
             self.model = self._build()
 
-    def setup(self, stage: str) -> None:
-        # Several CPU ranks on one host oversubscribe the cores if each keeps torch's default thread count.
-        trainer = self._trainer
-        if trainer is not None and trainer.num_devices > 1 and isinstance(trainer.accelerator, CPUAccelerator):
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            torch.set_num_threads(max(1, cores // trainer.num_devices))
-
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=idx, use_cache=False).logits
-
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=hp.learning_rate, momentum=0.9)
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.95))

@@ -131,31 +131,10 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-class DemoGPT(LightningModule):
-    def __init__(
-        self,
-        vocab_size: int = 65,
-        block_size: int = 128,
-        n_layer: int = 4,
-        n_head: int = 4,
-        n_embd: int = 128,
-        dropout: float = 0.0,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.1,
-        optimizer: Literal["adamw", "sgd"] = "adamw",
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.model = GPT(
-            GPTConfig(
-                vocab_size=vocab_size,
-                block_size=block_size,
-                n_layer=n_layer,
-                n_head=n_head,
-                n_embd=n_embd,
-                dropout=dropout,
-            )
-        )
+class CausalLMSteps(LightningModule):
+    """Next-token cross-entropy steps and the optimizer of the demo modules (``DemoGPT`` here, ``HFCausalLM`` in
+    :mod:`lightning_par.demo.hf`): a subclass sets ``self.model``, its ``forward(idx)`` returns logits, and its
+    hyperparameters hold ``learning_rate``, ``weight_decay`` and ``optimizer``."""
 
     def setup(self, stage: str) -> None:
         # Several CPU ranks on one host oversubscribe the cores if each keeps torch's default thread count.
@@ -163,9 +142,6 @@ class DemoGPT(LightningModule):
         if trainer is not None and trainer.num_devices > 1 and isinstance(trainer.accelerator, CPUAccelerator):
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             torch.set_num_threads(max(1, cores // trainer.num_devices))
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.model(idx)
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
@@ -195,3 +171,33 @@ class DemoGPT(LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.95))
+
+
+class DemoGPT(CausalLMSteps):
+    def __init__(
+        self,
+        vocab_size: int = 65,
+        block_size: int = 128,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
+        dropout: float = 0.0,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.1,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = GPT(
+            GPTConfig(
+                vocab_size=vocab_size,
+                block_size=block_size,
+                n_layer=n_layer,
+                n_head=n_head,
+                n_embd=n_embd,
+                dropout=dropout,
+            )
+        )
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
