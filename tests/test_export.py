@@ -130,7 +130,8 @@ def test_tp1d_checkpoint_exports_to_a_hugging_face_directory(two_ranks, tmp_path
             assert f.get_tensor("lm_head.weight").shape == (VOCAB, LLAMA["hidden_size"]), name  # untied, unpadded
             assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").shape == (32, 32), name
         model = _loaded(out)
-        assert type(model).__name__ == "LlamaForCausalLM" and model.lm_head.weight is not model.model.embed_tokens.weight
+        assert type(model).__name__ == "LlamaForCausalLM"
+        assert model.lm_head.weight is not model.model.embed_tokens.weight
         with torch.no_grad():
             torch.testing.assert_close(model(input_ids=PROBE).logits, trained["logits"], rtol=1e-5, atol=1e-6,
                                        msg=lambda m, name=name: f"{name}: {m}")
