@@ -16,7 +16,6 @@ from .p2p import (
     META_SLOTS,
     RecvHandle,
     SendHandle,
-    ShapeCache,
     irecv_tensors,
     isend_tensors,
     recv_tensors,
@@ -40,6 +39,5 @@ __all__ = [
     "irecv_tensors",
     "SendHandle",
     "RecvHandle",
-    "ShapeCache",
     "META_SLOTS",
 ]

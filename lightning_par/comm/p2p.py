@@ -5,9 +5,6 @@ non-empty tensor. The metadata is fixed-size so the receiver can post its receiv
 length handshake, no blocking in ``irecv_tensors``). Both ends must be on the same ``group`` and pair their
 transfers in the same order, as with any point-to-point protocol.
 
-With a :class:`ShapeCache` on both ends, a transfer whose shapes were seen before on that cache is one message:
-see [Note: the known-shapes fast path].
-
 The pipeline executor does not use these functions: it posts each slot of transfers as one batch, with shapes it
 recorded per input signature, through the building blocks at the end of this module (see [Note: batched slots and
 recorded shapes]).
@@ -31,7 +28,6 @@ __all__ = [
     "irecv_tensors",
     "SendHandle",
     "RecvHandle",
-    "ShapeCache",
     "META_SLOTS",
     "Spec",
     "post_batch",
@@ -113,58 +109,25 @@ def _decode(buf: torch.Tensor) -> Spec:
     return _parse(buf.tolist())
 
 
-# [Note: the known-shapes fast path]
-# Without a cache a transfer is the metadata, then the payload, and the receiver can only post the payload's
-# receive once the metadata has arrived: two messages in a row per hop. A pipeline sends the same shapes again and
-# again, so both ends of a stream of transfers may keep a ShapeCache (the executor keeps one): the sender remembers
-# the metadata it last sent to each peer, the receiver the metadata it last received from each peer. The two agree
-# because transfers between two ranks are matched in the order they are posted. With a cache a transfer is one
-# *packed* message: every tensor's bytes at a 16-byte-aligned offset, then one int64 flag. The receiver posts it,
-# with the size of the cached shapes, as soon as the receive is posted (so it also overlaps compute), and:
-# - flag 0: the shapes are the cached ones; the received tensors are views of the buffer (no copy);
-# - flag 1: the shapes changed (a smaller last batch, evaluation after training). The sender knows which size the
-#   receiver posted (it is the size it last sent), so it sends a message of that size with flag 1, then the
-#   metadata, then the packed payload of the new shapes; the receiver reads the metadata, updates its cache and
-#   receives the payload. Three messages, once per change.
-# - nothing cached for that peer yet: the metadata, then the packed payload (as without a cache).
-# The flag travels inside the payload's message, so learning whether shapes changed costs no message; the price is
-# one copy into the packed buffer on the sender. Reading the flag syncs the host on NCCL, as decoding the metadata
-# did. A receive of the cached size must not be posted while an earlier receive from that peer could still change
-# the cache, so posting one first completes the previous receive from the same peer. Those two host waits are why
-# the pipeline executor no longer uses this path on NCCL (see [Note: batched slots and recorded shapes]).
+# Packed messages: every tensor's bytes at a 16-byte-aligned offset in one uint8 buffer, so a transfer of several
+# tensors whose shapes both ends know is one message (the pipeline executor's fast path, [Note: batched slots and
+# recorded shapes] below). The received tensors are views of the buffer (no copy); the sender pays one copy in.
 _ALIGN = 16  # every dtype can be viewed at a multiple of 16 bytes
-_FLAG = 8  # bytes of the trailing int64 flag
-
-
-class ShapeCache:
-    """Shapes last sent to and received from each peer by one stream of transfers (see [Note: the known-shapes
-    fast path]). Both ends of every transfer of the stream pass their own cache; a cache belongs to one group."""
-
-    def __init__(self) -> None:
-        self.sent: dict[int, tuple[list[int], int]] = {}  # global peer rank -> (metadata, packed bytes)
-        self.received: dict[int, Spec] = {}
-        self.pending: dict[int, "RecvHandle"] = {}  # the receive last posted from each peer, until it completes
 
 
 def _layout(specs: Sequence[tuple[torch.dtype, tuple[int, ...]]]) -> tuple[list[int], int]:
-    """Byte offset of each tensor in the packed buffer, and the buffer's size (the flag is the last 8 bytes)."""
+    """Byte offset of each tensor in the packed buffer, and the buffer's size."""
     offsets, end = [], 0
     for dtype, shape in specs:
         end = -(-end // _ALIGN) * _ALIGN
         offsets.append(end)
         end += math.prod(shape) * dtype.itemsize
-    return offsets, -(-end // _FLAG) * _FLAG + _FLAG
-
-
-def _flagged(size: int, flag: int, device: torch.device) -> torch.Tensor:
-    buf = torch.empty(size, dtype=torch.uint8, device=device)
-    buf[-_FLAG:].view(torch.int64).fill_(flag)
-    return buf
+    return offsets, max(end, 1)  # one byte at least: a message of only empty tensors still pairs the two ends
 
 
 def _pack(items: Sequence[torch.Tensor]) -> torch.Tensor:
     offsets, size = _layout([(t.dtype, tuple(t.shape)) for t in items])
-    buf = _flagged(size, 0, items[0].device)
+    buf = torch.empty(size, dtype=torch.uint8, device=items[0].device)
     for t, offset in zip(items, offsets):
         if t.numel():
             buf[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t.detach())
@@ -197,24 +160,12 @@ class SendHandle(list):
 class RecvHandle:
     """A posted receive; ``wait()`` returns the tensor (or tuple) the sender passed."""
 
-    def __init__(self, src: int, group: ProcessGroup | None, device: torch.device, cache: ShapeCache | None = None):
+    def __init__(self, src: int, group: ProcessGroup | None, device: torch.device):
         self._src = _global_rank(group, src)
         self._group = group
         self._device = device
-        self._cache = cache
         self._result: Tensors | None = None
-        self._spec: Spec | None = None
-        if cache is not None:
-            earlier = cache.pending.get(self._src)
-            if earlier is not None:
-                earlier.wait()  # it may change the cached shapes (see [Note: the known-shapes fast path])
-            cache.pending[self._src] = self
-            self._spec = cache.received.get(self._src)
-        if self._spec is not None:
-            self._buf = torch.empty(_layout([(d, s) for d, _, s in self._spec[1]])[1], dtype=torch.uint8,
-                                    device=device)
-        else:
-            self._buf = torch.empty(META_SLOTS, dtype=torch.int64, device=device)
+        self._buf = torch.empty(META_SLOTS, dtype=torch.int64, device=device)
         self._work = self._irecv(self._buf)
 
     def _irecv(self, buf: torch.Tensor):
@@ -224,31 +175,16 @@ class RecvHandle:
         if self._result is not None:
             return self._result
         self._work.wait()
-        if self._cache is None:
-            is_tuple, specs = _decode(self._buf)
-            # Payload receives are only posted now (their shapes were unknown); the sender's isends are queued.
-            tensors, works = [], []
-            for dtype, _, shape in specs:
-                t = torch.empty(shape, dtype=dtype, device=self._device)
-                if t.numel():
-                    works.append(self._irecv(t))
-                tensors.append(t)
-            for work in works:
-                work.wait()
-        else:
-            if self._spec is None or int(self._buf[-_FLAG:].view(torch.int64).item()) != 0:
-                if self._spec is not None:  # flag 1: new shapes; their metadata comes next
-                    meta = torch.empty(META_SLOTS, dtype=torch.int64, device=self._device)
-                    self._irecv(meta).wait()
-                    self._buf = meta
-                self._spec = self._cache.received[self._src] = _decode(self._buf)
-                self._buf = torch.empty(_layout([(d, s) for d, _, s in self._spec[1]])[1], dtype=torch.uint8,
-                                        device=self._device)
-                self._irecv(self._buf).wait()
-            is_tuple, specs = self._spec
-            tensors = _unpack(self._buf, specs)
-            if self._cache.pending.get(self._src) is self:
-                del self._cache.pending[self._src]
+        is_tuple, specs = _decode(self._buf)
+        # Payload receives are only posted now (their shapes were unknown); the sender's isends are queued.
+        tensors, works = [], []
+        for dtype, _, shape in specs:
+            t = torch.empty(shape, dtype=dtype, device=self._device)
+            if t.numel():
+                works.append(self._irecv(t))
+            tensors.append(t)
+        for work in works:
+            work.wait()
         for t, (_, requires_grad, _) in zip(tensors, specs):
             if requires_grad:
                 t.requires_grad_(True)
@@ -256,11 +192,8 @@ class RecvHandle:
         return self._result
 
 
-def isend_tensors(tensors: Tensors | Sequence[torch.Tensor], dst: int, group: ProcessGroup | None,
-                  cache: ShapeCache | None = None) -> SendHandle:
-    """Post the send of a tensor or a tuple of tensors to group rank ``dst``; ``.wait()`` the handle before reuse.
-
-    With ``cache``, shapes already sent to ``dst`` on it are not sent again (the receiver passes its own cache)."""
+def isend_tensors(tensors: Tensors | Sequence[torch.Tensor], dst: int, group: ProcessGroup | None) -> SendHandle:
+    """Post the send of a tensor or a tuple of tensors to group rank ``dst``; ``.wait()`` the handle before reuse."""
     is_tuple = not isinstance(tensors, torch.Tensor)
     items = list(tensors) if is_tuple else [tensors]
     if not items:
@@ -268,48 +201,30 @@ def isend_tensors(tensors: Tensors | Sequence[torch.Tensor], dst: int, group: Pr
     if dst == group_rank(group):
         raise ValueError(f"send_tensors: dst={dst} is this rank")
     peer = _global_rank(group, dst)
-    meta = _meta(items, is_tuple)
     # Metadata travels on the payload's device: NCCL needs it on the GPU, gloo takes CPU tensors.
-    device = items[0].device
-    if cache is None:
-        buffers = [_encode(meta, device)] + [t.detach().contiguous() for t in items if t.numel()]
-    else:  # see [Note: the known-shapes fast path]
-        last = cache.sent.get(peer)
-        buffers = []
-        if last is None or last[0] != meta:
-            if last is not None:
-                buffers.append(_flagged(last[1], 1, device))  # fills the receive the peer posted: "changed"
-            buffers.append(_encode(meta, device))
-        buffers.append(_pack(items))
-        cache.sent[peer] = (meta, buffers[-1].numel())
+    buffers = [_encode(_meta(items, is_tuple), items[0].device)] + [t.detach().contiguous() for t in items if t.numel()]
     works = [dist.isend(b, dst=peer, group=group) for b in buffers]
     return SendHandle(works, buffers)
 
 
-def irecv_tensors(src: int, group: ProcessGroup | None, device: torch.device | str | None = None,
-                  cache: ShapeCache | None = None) -> RecvHandle:
-    """Post a receive from group rank ``src``; ``device`` defaults to CPU on gloo, the current GPU on NCCL.
-
-    With ``cache`` (the sender passes its own), a transfer with the shapes last received from ``src`` is posted
-    whole at once, and a receive first completes the previous one from ``src`` on that cache."""
+def irecv_tensors(src: int, group: ProcessGroup | None, device: torch.device | str | None = None) -> RecvHandle:
+    """Post a receive from group rank ``src``; ``device`` defaults to CPU on gloo, the current GPU on NCCL."""
     if src == group_rank(group):
         raise ValueError(f"recv_tensors: src={src} is this rank")
-    return RecvHandle(src, group, torch.device(device) if device is not None else _default_device(group), cache)
+    return RecvHandle(src, group, torch.device(device) if device is not None else _default_device(group))
 
 
-def send_tensors(tensors: Tensors | Sequence[torch.Tensor], dst: int, group: ProcessGroup | None,
-                 cache: ShapeCache | None = None) -> None:
+def send_tensors(tensors: Tensors | Sequence[torch.Tensor], dst: int, group: ProcessGroup | None) -> None:
     """Send a tensor or a tuple of tensors to group rank ``dst`` and wait for completion."""
-    isend_tensors(tensors, dst, group, cache).wait()
+    isend_tensors(tensors, dst, group).wait()
 
 
-def recv_tensors(src: int, group: ProcessGroup | None, device: torch.device | str | None = None,
-                 cache: ShapeCache | None = None) -> Tensors:
+def recv_tensors(src: int, group: ProcessGroup | None, device: torch.device | str | None = None) -> Tensors:
     """Receive what ``send_tensors`` sent from group rank ``src``: a Tensor or a tuple, as sent.
 
     Tensors that required grad on the sender come back as leaves with ``requires_grad=True``.
     """
-    return irecv_tensors(src, group, device, cache).wait()
+    return irecv_tensors(src, group, device).wait()
 
 
 # [Note: batched slots and recorded shapes]
