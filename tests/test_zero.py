@@ -324,3 +324,9 @@ def test_zero3_at_world_size_one_leaves_the_trained_module_on_the_masters():
         assert max((got[k] - expected[k]).abs().max().item() for k in expected) <= 1e-5
         masters = {c.master.untyped_storage().data_ptr() for c in engine.chunks}
         assert all(p.untyped_storage().data_ptr() in masters for p in module.parameters())
+    # What teardown would allocate on the host for an engine on another device (the check before it, which refuses
+    # a teardown the host cannot hold): nothing where the masters lie there already, else every chunk in fp32.
+    engine.device = torch.device("meta")
+    assert engine.unshard_bytes(torch.device("cpu")) == 0
+    engine.world_size = 2
+    assert engine.unshard_bytes(torch.device("cpu")) == 4 * sum(c.padded for c in engine.chunks)

@@ -28,6 +28,7 @@ from lightning_par.strategies.base import LightningParStrategy, StartMethod
 from lightning_par.topology import Topology
 from lightning_par.zero.engine import ZeroEngine
 from lightning_par.zero.materialize import meta_parameters
+from lightning_par.zero.placement import HostMemoryError, host_memory_available
 from lightning_par.zero.policy import ZeroPolicy
 
 COMPUTE_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
@@ -354,12 +355,35 @@ class ZeroStrategy(LightningParStrategy):
             # gradients are freed).
             self._engine.remove_hooks()
             device, reason = self._unshard_device()
+            self._check_host_room(device)
             rank_zero_info(f"ZeRO teardown: the module is made whole on {device} ({reason}).")
             self._engine.unshard(device)
             if device != self.root_device and self.lightning_module is not None:
                 self.lightning_module.to(device)  # its buffers too: one device for the whole module
             self._engine.close()  # files of optimizer state spilled to disk
         super().teardown()
+
+    def _check_host_room(self, device: torch.device) -> None:
+        """Refuse, on every rank together and before allocating, a teardown that cannot fit the whole module in host
+        memory: the kernel would kill the process instead (12B on one H100, 2026-11-26). The engine is left intact,
+        so ``trainer.save_checkpoint`` still writes the trained shards."""
+        engine = self.engine
+        if device.type != "cpu" or self.root_device.type == "cpu":
+            return
+        need = engine.unshard_bytes(device)
+        available = host_memory_available(self.num_processes)
+
+        def check() -> None:
+            if need > available:
+                raise HostMemoryError(
+                    f"ZeRO teardown: making the module whole on the host needs {need / 2**30:.1f} GiB of host memory "
+                    f"on rank {engine.rank}, but {available / 2**30:.1f} GiB is available. Training finished and "
+                    "the trained state is intact in the engine's shards: write it with `trainer.save_checkpoint(path)` "
+                    "(or the checkpoints ModelCheckpoint wrote) and make one file of it with lightning-par-consolidate; "
+                    "or train on more ranks (each holds 1/N of the module)."
+                )
+
+        engine._agree(check)
 
     def _unshard_device(self) -> tuple[torch.device, str]:
         """Where teardown makes the module whole: the device when the whole model fits in its free memory (with

@@ -266,6 +266,21 @@ class ParamsMixin:
                 p.grad = None
 
     @torch.no_grad()
+    def unshard_bytes(self, device: torch.device) -> int:
+        """Bytes ``unshard(device)`` allocates on ``device`` when it differs from the engine's (the host, for an
+        offloading strategy): whole fp32 chunks, except those whose master already lies there (world size 1), and
+        the casts of parameters whose original dtype is not fp32."""
+        device = torch.device(device)
+        if device == self.device:
+            return 0
+        total = 0
+        for chunk in self.chunks:
+            if not (self.world_size == 1 and chunk.master.device == device):
+                total += 4 * chunk.padded
+            total += sum(p.numel() * self.original_dtypes[p].itemsize for p in chunk.params
+                         if self.original_dtypes[p] != torch.float32)
+        return total
+
     def unshard(self, device: Optional[torch.device] = None) -> None:
         """Give every parameter back its whole value, from the fp32 masters, in the dtype it had before sharding, on
         ``device`` (default: the engine's): after ``fit`` the module is an ordinary module again, usable and savable
