@@ -8,8 +8,9 @@ each, no validation, ``accumulate_grad_batches=2``, CPU, 2 processes) and the sa
 counts of ``update_parameters`` / ``transfer_weights`` and the SWALR swap). The original runs ``ddp_spawn``:
 
 - ``dp_spawn`` (our data parallel, Lightning's spawn launcher) passes it as ``ddp_spawn`` does: the control;
-- ``zero3_spawn`` and ``zero3_offload_spawn`` refuse ``StochasticWeightAveraging`` at setup, before anything is
-  built, with an error naming the callback (lightning_par/strategies/zero.py ``_refuse_weight_averaging``).
+- ``zero3_spawn``, ``zero3_offload_spawn`` and ``tp1d_spawn`` refuse ``StochasticWeightAveraging`` at setup, before
+  anything is built, with an error naming the callback (``_refuse_weight_averaging`` in
+  lightning_par/strategies/base.py).
 
 The checks of the original's callback run inside the spawned ranks: a failed one fails the launch.
 """
@@ -110,11 +111,12 @@ def test_swa_callback_dp_cpu(tmp_path):
     train_with_swa(tmp_path, "dp_spawn")
 
 
-@pytest.mark.parametrize("strategy", ["zero3_spawn", "zero3_offload_spawn"])
+@pytest.mark.parametrize("strategy", ["zero3_spawn", "zero3_offload_spawn", "tp1d_spawn"])
 def test_swa_callback_zero3_cpu_is_refused(tmp_path, strategy):
     # Raised at setup in the spawned ranks; Lightning's launcher re-raises it in this process with the rank's
     # traceback in the message.
-    message = "The SwaTestCallback callback does not work with ZeroStrategy (ZeRO stage 3)"
+    owner = "TensorParallel1DStrategy:" if strategy.startswith("tp1d") else "ZeroStrategy (ZeRO stage 3)"
+    message = f"The SwaTestCallback callback does not work with {owner}"
     with pytest.raises(Exception, match=re.escape(message)) as error:
         train_with_swa(tmp_path, strategy)
     assert "Remove the callback" in str(error.value)

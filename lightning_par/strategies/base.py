@@ -218,6 +218,17 @@ class LightningParStrategy(ParallelStrategy):
                 lambda _plugin, optimizer, clip_val: self.clip_grad_norm_(optimizer, float(clip_val)), plugin
             )
 
+    def _refuse_weight_averaging(self, trainer: "pl.Trainer", why: str, remedy: str) -> None:
+        """Lightning's weight-averaging callbacks copy the module when fit starts, before a strategy shards it, and
+        then average its parameters between steps: a strategy whose parameters are not whole on every rank refuses
+        them before anything is built, naming the callback (``why``: what it would see; ``remedy``: what works)."""
+        from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+
+        for callback in trainer.callbacks:
+            if isinstance(callback, (WeightAveraging, StochasticWeightAveraging)):
+                raise RuntimeError(f"The {type(callback).__name__} callback does not work with {type(self).__name__}"
+                                   f"{why} Remove the callback; or use strategy='dp' (or 'ddp'){remedy}.")
+
     def setup_module(self, trainer: "pl.Trainer") -> None:
         """Shard or wrap ``self.model`` after it is on its device and before optimizers are built."""
 

@@ -17,6 +17,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 import lightning.pytorch as pl
@@ -152,6 +153,12 @@ class TensorParallel1DStrategy(DataParallelStrategy):
     def setup_module(self, trainer: "pl.Trainer") -> None:
         module = self.lightning_module
         assert module is not None
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._refuse_weight_averaging(
+                trainer,
+                ": it copies the whole module when fit starts and then averages the parameters of the sharded one "
+                "(each rank holds 1/tensor_size of every sharded weight), a size mismatch.",
+                "; or average after fit, when the module is whole again")
         group = self.group("tensor")
         tensor = self.topology.tensor
         existing = applied_plan(module)

@@ -212,7 +212,14 @@ class ZeroStrategy(LightningParStrategy):
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
         if trainer.state.fn == TrainerFn.FITTING:
-            self._refuse_weight_averaging(trainer)
+            # Under stage 3 the callback would average freed memory; at stages 1-2 its final weights would be
+            # overwritten from the fp32 masters when fit ends, and its checkpoint state mixed with the shards.
+            self._refuse_weight_averaging(
+                trainer,
+                f" (ZeRO stage {self.policy.stage}): it averages whole parameters between steps, which ZeRO keeps "
+                "sharded (the fp32 masters on their ranks; at stage 3 the parameters are freed between steps).",
+                "; or keep the average in your LightningModule, updated inside "
+                "`with self.trainer.strategy.full_params():` on every rank")
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
@@ -223,22 +230,6 @@ class ZeroStrategy(LightningParStrategy):
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             plugin.scaler = ShardedGradScaler(device=self.root_device.type, process_group=self.group("data"))
-
-    def _refuse_weight_averaging(self, trainer: "pl.Trainer") -> None:
-        """Lightning's weight-averaging callbacks read and write the module's parameters between steps: under ZeRO
-        they would average freed memory (stage 3), or have their final weights overwritten from the fp32 masters
-        when fit ends, and their checkpoints mixed with the shards (stages 1-2). Refused before anything is built."""
-        from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
-
-        for callback in trainer.callbacks:
-            if isinstance(callback, (WeightAveraging, StochasticWeightAveraging)):
-                raise RuntimeError(
-                    f"The {type(callback).__name__} callback does not work with {type(self).__name__} (ZeRO stage "
-                    f"{self.policy.stage}): it averages whole parameters between steps, which ZeRO keeps sharded (the "
-                    "fp32 masters on their ranks; at stage 3 the parameters are freed between steps). Remove the "
-                    "callback; or use strategy='dp' (or 'ddp'); or keep the average in your LightningModule, updated "
-                    "inside `with self.trainer.strategy.full_params():` on every rank."
-                )
 
     @override
     def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> None:
