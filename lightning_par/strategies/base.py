@@ -35,6 +35,7 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning_par.topology import Topology
+from lightning_par.zero.materialize import meta_parameters
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +244,39 @@ class LightningParStrategy(ParallelStrategy):
         """
         torch.nn.utils.clip_grad_norm_(list(self.precision_plugin.main_params(optimizer)), max_norm)
 
+    # ----- meta-device initialisation ------------------------------------------------------------------------------
+
+    def _initialises_meta(self) -> bool:
+        """Whether ``Trainer.init_module(empty_init=True)`` builds parameters on the meta device for this strategy
+        to initialise later with the model's own initialisation (``zero/materialize.py``): ZeRO stage 3, tp1d."""
+        return False
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        # Parameters on the meta device, buffers as usual (HF models compute some in their constructor); never
+        # uninitialised memory: the strategy initialises them before training.
+        if not (empty_init and self._initialises_meta()):
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with meta_parameters(), self.precision_plugin.tensor_init_context():
+            yield
+
     @override
     def model_to_device(self) -> None:
         assert self.model is not None
-        self.model.to(self.root_device)
+        if not (self._initialises_meta() and any(t.is_meta for t in [*self.model.parameters(), *self.model.buffers()])):
+            self.model.to(self.root_device)
+            return
+        with torch.no_grad():  # move what has storage; the strategy materialises the rest on the device
+            for m in self.model.modules():
+                for q in m.parameters(recurse=False):
+                    if not q.is_meta:
+                        q.data = q.data.to(self.root_device)
+                for name, b in m.named_buffers(recurse=False):
+                    if not b.is_meta:
+                        m._buffers[name] = b.to(self.root_device)
 
     @contextmanager
     @override

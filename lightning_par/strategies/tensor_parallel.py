@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Optional, Union
 
@@ -39,7 +37,7 @@ from lightning_par.tensor.plan import (
     unparallelize,
 )
 from lightning_par.topology import Topology
-from lightning_par.zero.materialize import Materializer, meta_parameters
+from lightning_par.zero.materialize import Materializer
 
 
 class TensorParallel1DStrategy(DataParallelStrategy):
@@ -197,32 +195,10 @@ class TensorParallel1DStrategy(DataParallelStrategy):
 
     # ----- meta-device initialisation -----------------------------------------------------------------------------
 
-    @contextmanager
     @override
-    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
-        # `Trainer.init_module(empty_init=True)`: parameters on the meta device (buffers as usual), initialised in
-        # `setup_module` by the model's own initialisation before sharding; never uninitialised memory.
-        if not empty_init:
-            with super().tensor_init_context(empty_init):
-                yield
-            return
-        with meta_parameters(), self.precision_plugin.tensor_init_context():
-            yield
-
-    @override
-    def model_to_device(self) -> None:
-        assert self.model is not None
-        if not any(t.is_meta for t in [*self.model.parameters(), *self.model.buffers()]):
-            super().model_to_device()
-            return
-        with torch.no_grad():  # move what has storage; `setup_module` materialises the rest on the device
-            for m in self.model.modules():
-                for q in m.parameters(recurse=False):
-                    if not q.is_meta:
-                        q.data = q.data.to(self.root_device)
-                for name, b in m.named_buffers(recurse=False):
-                    if not b.is_meta:
-                        m._buffers[name] = b.to(self.root_device)
+    def _initialises_meta(self) -> bool:
+        # Materialised whole in `setup_module` by the model's own initialisation, before the plan cuts it.
+        return True
 
     def _materialize(self, module: torch.nn.Module) -> None:
         """Initialise meta tensors with the model's own initialisation (``zero/materialize.py``), whole, before the

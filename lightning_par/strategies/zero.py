@@ -163,34 +163,9 @@ class ZeroStrategy(LightningParStrategy):
         broadcast_tensors(list(self.model.buffers()), self.group("data"))
 
     @override
-    def model_to_device(self) -> None:
-        assert self.model is not None
-        if not any(t.is_meta for t in [*self.model.parameters(), *self.model.buffers()]):
-            super().model_to_device()
-            return
-        # Built on the meta device (stage 3): the engine materialises parameters chunk by chunk on the device;
-        # move only what already has storage.
-        with torch.no_grad():
-            for m in self.model.modules():
-                for q in m.parameters(recurse=False):
-                    if not q.is_meta:
-                        q.data = q.data.to(self.root_device)
-                for name, b in m.named_buffers(recurse=False):
-                    if not b.is_meta:
-                        m._buffers[name] = b.to(self.root_device)
-
-    @contextmanager
-    @override
-    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
-        # `Trainer.init_module(empty_init=True)` at stage 3 builds the parameters on the meta device (buffers as
-        # usual); the engine materialises one chunk at a time with the model's own initialisation (see
-        # `zero/materialize.py`). Otherwise the model is built as usual.
-        if self.policy.stage != 3 or not empty_init:
-            with super().tensor_init_context(empty_init):
-                yield
-            return
-        with meta_parameters(), self.precision_plugin.tensor_init_context():
-            yield
+    def _initialises_meta(self) -> bool:
+        # At stage 3 the engine materialises one chunk at a time with the model's own initialisation.
+        return self.policy.stage == 3
 
     @contextmanager
     @override
