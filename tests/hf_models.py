@@ -17,40 +17,24 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torch.utils.data import TensorDataset
+
+from tp1d_models import Recording
 
 VOCAB, HIDDEN, HEADS, LAYERS, SEQ = 128, 64, 4, 2, 32
 
 
-class HFCausalLM(LightningModule):
-    """A Hugging Face causal LM (or a function building one, called in ``configure_model`` when ``build`` is given
-    instead of ``model``) trained on next-token cross-entropy; records every training loss."""
+class HFCausalLM(Recording):
+    """A Hugging Face causal LM trained on next-token cross-entropy with SGD and momentum (the steps of
+    ``tp1d_models.Recording``); records every training loss."""
 
     def __init__(self, model: Optional[torch.nn.Module] = None, lr: float = 0.1, momentum: float = 0.9) -> None:
-        super().__init__()
+        super().__init__(learning_rate=lr)
         self.model = model
         self.lr, self.momentum = lr, momentum
-        self.recorded: list[float] = []
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids).logits
-
-    def _loss(self, batch) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-
-    def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.recorded.append(loss.item())
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("val_loss", loss, sync_dist=True)
-        return loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
