@@ -36,9 +36,10 @@ def main(args: list[str] | dict[str, Any] | None = None) -> None:
 
 
 def _close_process_group() -> None:
-    """Leave the process group together before the interpreter exits. Left to interpreter shutdown, a rank that
-    exits first can close its sockets under a peer still finishing teardown's last collectives; a rank of the
-    tp1d recipe once died there with "terminate called without an active exception" (2 ranks on 2 busy cores)."""
+    """Leave the process group together before the interpreter exits, so that no rank closes its sockets under a
+    peer still finishing teardown's last collectives. (A rank of the tp1d recipe once died in interpreter teardown
+    with "terminate called without an active exception"; spawned workers show the same abort, see
+    [Note: workers skip interpreter teardown] in strategies/base.py. Whether this prevents it is not shown.)"""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import types
 from collections.abc import Generator
 from contextlib import contextmanager
@@ -173,7 +175,7 @@ class LightningParStrategy(ParallelStrategy):
             # Does nothing when the cluster environment (SLURM, torchrun, ...) already created the processes.
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+            self._launcher = _ExitingLauncher(self, start_method=self._start_method)
 
     @override
     def setup_environment(self) -> None:
@@ -345,3 +347,22 @@ class LightningParStrategy(ParallelStrategy):
             self.accelerator.teardown()
         self.checkpoint_io.teardown()
         # The mesh stays: `trainer.save_checkpoint` after `fit` still needs the groups.
+
+
+class _ExitingLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn / fork launcher whose workers leave with ``os._exit(0)`` once their work is done and rank 0's
+    results are in the queue (``SimpleQueue.put`` writes them to the pipe before it returns).
+
+    [Note: workers skip interpreter teardown] On torch 2.13 (CPU, gloo) a spawned worker that finished cleanly
+    sometimes aborted in the interpreter's own teardown ("terminate called without an active exception", SIGABRT),
+    which fails the parent's ``fit``: 2 and 4 runs in 16 of a 2-rank zero3 test at two commits of
+    2026-11-26 (one before any of that day's changes), also with the process groups destroyed first; 0 in 16 with
+    this launcher. Nothing is left to do in the worker at that point; errors still leave
+    through Lightning's and torch's usual path (an exception never reaches ``os._exit``)."""
+
+    @override
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
