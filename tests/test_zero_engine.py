@@ -131,3 +131,39 @@ def test_collectives_per_step_match_the_stage():
         # ...or kept from forward to its backward.
         assert result[(3, False)]["gathers_total"] == chunks
         assert result[(3, True)]["compute_bytes_at_rest"] == result[(3, False)]["compute_bytes_at_rest"] == 0
+
+
+def _refresh_is_waited_for_at_first_read(rank: int, world_size: int) -> list[str]:
+    """Stage 2: the gathers after the step are launched, not waited for; a layer's forward waits for its own chunk
+    only; iterating the parameters waits for the rest, and every rank then holds the updated whole parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])  # one chunk per layer
+    engine = ZeroEngine(model, dist.group.WORLD, ZeroPolicy(stage=2, chunk_numel=72), torch.float32,
+                        torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.shard_optimizer(optimizer)
+    model(torch.randn(2, 8)).sum().backward()
+    engine.finish_backward()
+    optimizer.step()
+    engine.refresh_compute()
+    done = []
+    if not any(c.gathered for c in engine.chunks) and len(engine._pending_gathers) == 4:
+        done.append("launched_not_waited")
+    model[0](torch.randn(2, 8))
+    if engine.chunks[0].gathered and not any(c.gathered for c in engine.chunks[1:]):
+        done.append("first_layer_waits_for_its_chunk_only")
+    state = model.state_dict()
+    masters = []
+    for chunk in engine.chunks:
+        whole = torch.empty(chunk.padded)
+        dist.all_gather_into_tensor(whole, chunk.master, group=dist.group.WORLD)
+        masters.append(whole)
+    if all(c.gathered for c in engine.chunks) and all(
+            torch.equal(state[f"{i}.weight"].reshape(-1), masters[i][:64]) for i in range(4)):
+        done.append("state_dict_waits_and_is_current")
+    return done
+
+
+def test_stage2_refresh_overlaps_the_next_forward():
+    expected = ["launched_not_waited", "first_layer_waits_for_its_chunk_only", "state_dict_waits_and_is_current"]
+    assert run_on_ranks(_refresh_is_waited_for_at_first_read, 2) == [expected] * 2

@@ -195,6 +195,10 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
                 materializer.materialize(m)
         self.where = {p: (chunk, i) for chunk in self.chunks for i, p in enumerate(chunk.params)}
         self._next_reduce = len(self.chunks) - 1
+        self._nccl = dist.get_backend(group) == "nccl"
+        # NCCL averages inside the reduction (no extra pass over every gradient); gloo has no AVG: divide, then sum.
+        self._divide_first = self.world_size > 1 and not self._nccl
+        self._reduce_op = dist.ReduceOp.SUM if self._divide_first else dist.ReduceOp.AVG
         self._handles: list[Any] = []
         self._guarded: list[nn.Module] = []  # modules whose parameters are read-guarded (stage 3)
         self._hooked: set[nn.Parameter] = set()
@@ -205,9 +209,11 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
         # Names of each optimizer's parameters by group, as the user built it: checkpoints map state by name.
         self.optimizer_param_names: dict[torch.optim.Optimizer, list[list[str]]] = {}
         self.piece_group: dict[int, dict[str, Any]] = {}  # id(piece) -> its optimizer's parameter group
+        self._pending_gathers: list[_Chunk] = []  # stages 1-2: refresh gathers not yet waited for
         if policy.stage == 3:
             self._install_stage3_hooks(module)
-            self._guard_parameters(module)
+        # Stage 3: reads of released parameters raise; stages 1-2: reads wait for the refresh after the step.
+        self._guard_parameters(module)
 
     def _hook_trainable(self) -> None:
         """Gradient hooks on every parameter that requires grad, including ones unfrozen since the last step."""
@@ -324,9 +330,11 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
                 chunk.grad_full = None
             self._to_host_early(chunk)
             return
-        full.div_(self.world_size)
+        if self._divide_first:
+            full.div_(self.world_size)
         chunk.reduced = torch.empty(chunk.shard_numel, dtype=self.policy.reduce_dtype, device=full.device)
-        chunk.reduce_work = dist.reduce_scatter_tensor(chunk.reduced, full, group=self.group, async_op=True)
+        chunk.reduce_work = dist.reduce_scatter_tensor(chunk.reduced, full, op=self._reduce_op, group=self.group,
+                                                       async_op=True)
         chunk.reduce_input = full  # keep alive until the collective is done
         if self.policy.stage != 1:
             # Stages 2-3 hold a full gradient only while it is on the wire: wait for all but the two most recent
