@@ -6,6 +6,8 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh throughput    # ~5-7 min: 1.3B at 4 GPUs, ours then the peers (Lightning, DTensor TP)
 #   OUT=$OUT benchmarks/gpu_suite.sh throughput7b  # ~5-7 min: ~6.7B at 4 GPUs, batch 2/GPU (ddp expected OOM)
 #   OUT=$OUT benchmarks/gpu_suite.sh reduce        # ~3 min: ZeRO reducing in bf16 beside Lightning fsdp, 1.3B and ~6.7B
+#   OUT=$OUT benchmarks/gpu_suite.sh dp_tuning     # ~4 min: dp's bucket sizes and NCCL SM limits, 1.3B, and 1 GPU
+#   OUT=$OUT benchmarks/gpu_suite.sh zero7b        # ~5 min: zero2/zero3 (fp32 and bf16 reduce) beside fsdp and FSDP2 at ~6.7B
 #   OUT=$OUT benchmarks/gpu_suite.sh offload       # ~3-4 min: 1.3B at 2 GPUs: zero3, zero3_offload, FSDP2
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline      # ~4-6 min: torch.distributed.pipelining vs ours, 1.3B at 4 GPUs
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
@@ -15,7 +17,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_bf16|throughput|throughput7b|reduce|offload|pipeline}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -139,6 +141,21 @@ case $MODE in
       --variants dp,lightning_ddp,zero2_bf16_reduce,zero3_bf16_reduce
     run_case reduce_7b 240 4 $MG throughput --out "$WORK/reduce_7b.json" $ACC $THR7 \
       --variants zero2_bf16_reduce,zero3_bf16_reduce,lightning_fsdp
+    ;;
+  dp_tuning)  # dp's scaling: bucket sizes, and NCCL limited to fewer SMs (it competes with backward for them)
+    run_case dp_buckets 200 4 $MG throughput --out "$WORK/dp_buckets.json" $ACC $THR \
+      --variants dp,dp_bucket100,dp_bucket250,lightning_ddp
+    NCCL_MAX_CTAS=16 run_case dp_ctas16 120 4 $MG throughput --out "$WORK/dp_ctas16.json" $ACC $THR \
+      --variants dp,dp_bucket100
+    NCCL_MAX_CTAS=8 run_case dp_ctas8 120 4 $MG throughput --out "$WORK/dp_ctas8.json" $ACC $THR \
+      --variants dp,dp_bucket100
+    run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
+    ;;
+  zero7b)  # ZeRO at ~6.7B beside both peers, fp32 and bf16 gradient reduction
+    run_case zero7b_ours 300 4 $MG throughput --out "$WORK/zero7b_ours.json" $ACC $THR7 \
+      --variants zero2,zero3,zero2_bf16_reduce,zero3_bf16_reduce
+    run_case zero7b_peers 200 4 $MG throughput --out "$WORK/zero7b_peers.json" $ACC $THR7 \
+      --variants lightning_fsdp,lightning_fsdp2
     ;;
   offload)
     run_case offload_2gpu 480 2 $MG throughput --out "$WORK/offload_2gpu.json" $ACC $THR \

@@ -42,7 +42,8 @@ import lightning_par  # noqa: E402,F401  (registers the strategy names)
 import mg_parity  # noqa: E402
 import tp_peer  # noqa: E402
 from lightning_par.demo.model import GPT  # noqa: E402
-from lightning_par.strategies import PipelineStrategy, TensorParallel1DStrategy, ZeroStrategy  # noqa: E402
+from lightning_par.strategies import (  # noqa: E402
+    DataParallelStrategy, PipelineStrategy, TensorParallel1DStrategy, ZeroStrategy)
 
 MODELS = {  # --model presets: layers, width, heads, batch per GPU
     "1.3b": dict(layers=24, width=2048, heads=16, batch=4),
@@ -105,6 +106,9 @@ def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple
     gpt, m = bench_dp.build_model, args.microbatches
     return {
         "dp": (lambda: "dp", bench_dp.BenchModule, gpt),
+        # Larger buckets: fewer, longer all-reduces (DDP's default is 25 MB, as ours).
+        "dp_bucket100": (lambda: DataParallelStrategy(bucket_size_mb=100), bench_dp.BenchModule, gpt),
+        "dp_bucket250": (lambda: DataParallelStrategy(bucket_size_mb=250), bench_dp.BenchModule, gpt),
         "zero1": (lambda: "zero1", bench_dp.BenchModule, gpt),
         "zero2": (lambda: "zero2", bench_dp.BenchModule, gpt),
         "zero3": (lambda: "zero3", bench_dp.BenchModule, gpt),
