@@ -62,13 +62,14 @@ class RecordingGPT(DemoGPT):
     """The demo GPT with SGD by default, recording every training loss it computes."""
 
     def __init__(self, manual: bool = False, two_optimizers: bool = False, unfreeze_at: Optional[int] = None,
-                 scheduler: bool = False, **kwargs: Any) -> None:
+                 scheduler: bool = False, backwards: int = 1, **kwargs: Any) -> None:
         kwargs = {**TINY, "optimizer": "sgd", "learning_rate": 0.1, **kwargs}
         super().__init__(**kwargs)
         self.recorded: list[float] = []
         self.manual = manual
         self.two_optimizers = two_optimizers
         self.automatic_optimization = not manual
+        self.backwards = backwards  # manual: backward calls per step, each on its share of the batch
         # Fine-tuning pattern: the last block starts frozen and is unfrozen during fit.
         self.unfreeze_at = unfreeze_at
         self.scheduler = scheduler  # halve the learning rate every 2 steps: the scheduler must reach the optimizer
@@ -86,11 +87,14 @@ class RecordingGPT(DemoGPT):
             return loss
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        loss = self._loss(batch)
-        self.recorded.append(loss.item())
         for opt in optimizers:
             opt.zero_grad()
-        self.manual_backward(loss)
+        loss = 0.0
+        for part in zip(*(t.chunk(self.backwards) for t in batch)):
+            part_loss = self._loss(part) / self.backwards
+            self.manual_backward(part_loss)
+            loss = loss + part_loss.detach()
+        self.recorded.append(loss.item())
         self.clip_gradients(optimizers[0], gradient_clip_val=0.05, gradient_clip_algorithm="norm")
         for opt in optimizers:
             opt.step()

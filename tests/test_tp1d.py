@@ -72,6 +72,8 @@ def cases(world: int) -> dict[str, Case]:
         out["t2_gpt_sp_accumulate_clip"] = Case(2, sp=True, run=Run(accumulate=2, clip_val=0.05))
         out["t2_llama_clip"] = Case(2, RecordingLlama, (("n_kv_heads", 2),), run=Run(clip_val=0.05))
         out["t2_gpt_manual_clip"] = Case(2, kwargs=(("manual", True),), sp=True)
+        # Two manual_backward calls per step: each sums the replicated gradients over the tensor group.
+        out["t2_gpt_manual_two_backwards"] = Case(2, kwargs=(("manual", True), ("backwards", 2)), sp=True)
         out["t2_gpt_gathered_logits"] = Case(2, strategy=(("vocab_parallel_loss", False),))
         out["t2_gpt_two_epochs"] = Case(2, run=Run(steps=5, epochs=2))
         out["t2_custom_plan_sp"] = Case(2, RecordingNet, sp=True, strategy=(("plan", tuple(CUSTOM_PLAN.items())),))

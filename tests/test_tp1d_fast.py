@@ -1,7 +1,9 @@
 """tp1d speed work (issue 11) on 2 gloo ranks: the activation collectives carry bf16 under autocast; the fused
 column-parallel linear (input-gradient reduction deferred, launched asynchronously before the weight gradient)
 gives the gradients of the unsharded layers, with ONE reduction per shared input; in-place and one-copy collectives
-equal the plain ones; ``sequence_parallel=None`` turns sequence parallelism on where the plan allows it."""
+equal the plain ones; the replicated parameters' gradients under sequence parallelism are summed right however
+backward calls and reduces interleave; ``sequence_parallel=None`` turns sequence parallelism on where the plan allows
+it."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from lightning_par.comm.collectives import (
 from lightning_par.tensor import ColumnParallelLinear, RowParallelLinear, TensorGroup, auto_plan, parallelize
 from lightning_par.tensor.full_state import _gather
 from lightning_par.tensor.layers_1d import InputOp, shard_spec
+from lightning_par.tensor.replicated_grads import ReplicatedGradSum
 from test_tp1d_layers import B, E, T, Recorder, Stack
 
 HALF_TOL = 2e-2  # the bf16 tolerance of tests/test_tp1d.py
@@ -45,7 +48,7 @@ def _check_bf16_collectives(tg: TensorGroup) -> None:
         torch.manual_seed(0)
         ref = Stack(2)
         stack = copy.deepcopy(ref)
-        parallelize(stack, auto_plan(stack, tg.size).plan, tg, sequence_parallel=sp)
+        applied = parallelize(stack, auto_plan(stack, tg.size).plan, tg, sequence_parallel=sp)
         x = torch.randn(B, T, E)
         xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
         with Recorder() as rec, torch.autocast("cpu", dtype=torch.bfloat16):
@@ -68,6 +71,7 @@ def _check_bf16_collectives(tg: TensorGroup) -> None:
             assert sorted(c for c in bwd if c[0] == "all_gather") == sorted(
                 [("all_gather", bsh, 2)] * 4 + [("all_gather", bsh, 4)]), bwd
             assert len([c for c in fwd if c[0] == "all_gather"]) == 5, fwd
+        applied.reduce_replicated_grads()  # what the strategy's post_backward does
         with torch.autocast("cpu", dtype=torch.bfloat16):
             yr = ref(xr)
             yr.float().square().sum().backward()
@@ -164,13 +168,60 @@ def _check_fused_column_gradients(tg: TensorGroup) -> None:
                 gr = dict(ref.named_parameters())[name].grad
                 if seq_dim is not None and shard_spec(p) is None:
                     g = g.clone()
-                    dist.all_reduce(g, group=tg.group)  # what sum_gradient_over_group does in a region
+                    dist.all_reduce(g, group=tg.group)  # what ReplicatedGradSum does for a region
                     gr = gr.clone()
                     dist.all_reduce(gr, group=tg.group)
                 elif seq_dim is not None:
                     gr = gr.clone()
                     dist.all_reduce(gr, group=tg.group)
                 assert torch.allclose(g, gr, atol=1e-5), (seq_dim, extra, drop_v, name)
+
+
+def _check_replicated_grad_sum(tg: TensorGroup) -> None:
+    """Under sequence parallelism the replicated parameters' gradients equal the unsharded module's (fp32) after
+    ``reduce_replicated_grads``, however backward calls and reduces interleave: accumulation (two backward calls, one
+    reduce), several reduced backward calls per step, gradients zeroed in place or set to None in between. A
+    parameter without a gradient on some rank gets the sum on every rank; one without a gradient anywhere keeps
+    None."""
+    torch.manual_seed(3)
+    ref = Stack(2)
+    stack = copy.deepcopy(ref)
+    applied = parallelize(stack, auto_plan(stack, tg.size).plan, tg, sequence_parallel=True)
+    xs = [torch.randn(B, T, E) for _ in range(3)]
+
+    def backward(i):
+        stack(xs[i]).square().sum().backward()
+        ref(xs[i]).square().sum().backward()
+
+    def check(label):
+        for name, p in stack.named_parameters():
+            gr = dict(ref.named_parameters())[name].grad
+            assert torch.allclose(_full_grad(p, tg), gr, rtol=1e-5, atol=1e-5), (label, name)
+
+    backward(0)
+    backward(1)
+    applied.reduce_replicated_grads()
+    check("accumulated, one reduce")
+    backward(2)
+    applied.reduce_replicated_grads()
+    check("a second reduced backward in the same step")
+    stack.zero_grad(set_to_none=False)
+    ref.zero_grad(set_to_none=True)
+    backward(0)
+    applied.reduce_replicated_grads()
+    check("zeroed in place")
+    stack.zero_grad()
+    ref.zero_grad()
+    backward(1)
+    applied.reduce_replicated_grads()
+    check("set to None")
+
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    summed = ReplicatedGradSum([a, b], tg)
+    if tg.rank == 0:  # the only rank with a gradient for a; none has one for b
+        (a * 2).sum().backward()
+    summed.reduce()
+    assert torch.equal(a.grad, torch.full((3,), 2.0)) and b.grad is None
 
 
 def _check_collective_variants(tg: TensorGroup) -> None:
@@ -214,6 +265,7 @@ def _on_two_ranks(rank: int, world: int) -> bool:
     _check_collective_variants(tg)
     _check_fused_column_gradients(tg)
     _check_bf16_collectives(tg)
+    _check_replicated_grad_sum(tg)
     return True
 
 

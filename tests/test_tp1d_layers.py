@@ -255,13 +255,21 @@ def _count_block_collectives(tg: TensorGroup, sp: bool) -> dict:
     stack = Stack(n_blocks)
     plan = auto_plan(stack, tg.size)
     parallelize(stack, plan.plan, tg, sequence_parallel=sp)
+    strategy = TensorParallel1DStrategy()
+    strategy._lightning_module = stack  # what post_backward reads: the plan kept on the module (no bucketer)
     x = torch.randn(B, T, E, requires_grad=True)
     with Recorder() as rec:
         y = stack(x)
         forward = rec.take()
         y.backward(torch.ones_like(y))
         backward = rec.take()
-    return {"forward": forward, "backward": backward, "n_blocks": n_blocks}
+        with strategy.block_backward_sync():  # an accumulation step: no sum yet
+            strategy.post_backward(y)
+        accumulating = rec.take()
+        strategy.post_backward(y)
+        after = rec.take()
+    return {"forward": forward, "backward": backward, "accumulating": accumulating, "after": after,
+            "n_blocks": n_blocks}
 
 
 def _check_megatron_formula(tg: TensorGroup) -> None:
@@ -274,22 +282,23 @@ def _check_megatron_formula(tg: TensorGroup) -> None:
     assert sorted(tp["backward"]) == [("all_reduce", bsh, 4)] * (2 * n)
     # Sequence parallel, per block: each all-reduce becomes an all-gather (block input) and a reduce-scatter (block
     # output) of the same b*s*h elements, forward and backward. Once per stack: the all-gather that ends the region
-    # (forward) and the one that mirrors its split (backward). Backward also sums the gradients of the replicated
-    # parameters that saw one sequence shard: 2 LayerNorms x (weight, bias) + 2 row-parallel biases per block.
+    # (forward) and the one that mirrors its split (backward).
     boundary = [("all_gather", bsh, 4)]
     assert sorted(sp["forward"]) == sorted([("all_gather", bsh, 4)] * (2 * n) + [("reduce_scatter", bsh, 4)] * (2 * n)
                                            + boundary)
-    params = [c for c in sp["backward"] if c[1] == E]
-    activations = [c for c in sp["backward"] if c[1] != E]
-    assert params == [("all_reduce", E, 4)] * (6 * n)
-    assert sorted(activations) == sorted([("reduce_scatter", bsh, 4)] * (2 * n) + [("all_gather", bsh, 4)] * (2 * n)
-                                         + boundary)
+    assert sorted(sp["backward"]) == sorted([("reduce_scatter", bsh, 4)] * (2 * n) + [("all_gather", bsh, 4)] * (2 * n)
+                                            + boundary)
+    # The gradients of the replicated parameters that saw one sequence shard (2 LayerNorms x (weight, bias) + 2
+    # row-parallel biases per block, E elements each) are summed by the strategy's post_backward, not during
+    # backward: ONE all-reduce of all of them and a flag each, none on an accumulation step.
+    assert sp["accumulating"] == [] and sp["after"] == [("all_reduce", 6 * n * (E + 1), 4)], sp["after"]
+    assert tp["accumulating"] == tp["after"] == []
     # Megatron (Korthikanti et al. 2022): per block and pass, 4 (t-1)/t * b*s*h * bytes per rank, the same bytes
     # with and without sequence parallelism.
     formula = 4 * (t - 1) / t * bsh * 4
     for phase in ("forward", "backward"):
         per_block_tp = ring_bytes(tp[phase], t) / n
-        per_block_sp = (ring_bytes([c for c in sp[phase] if c[1] != E], t) - ring_bytes(boundary, t)) / n
+        per_block_sp = (ring_bytes(sp[phase], t) - ring_bytes(boundary, t)) / n
         assert per_block_tp == pytest.approx(formula) and per_block_sp == pytest.approx(formula), phase
 
 

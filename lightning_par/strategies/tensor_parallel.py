@@ -225,6 +225,18 @@ class TensorParallel1DStrategy(DataParallelStrategy):
                            "blocks run one after the other); pass sequence_parallel=False to silence this.")
         return has_region
 
+    # ----- gradients ------------------------------------------------------------------------------------------------
+
+    @override
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        super().post_backward(closure_loss)  # the data axis: bucketed average
+        # Every backward goes through here (`manual_backward` too); accumulation steps skip the sum, the backward
+        # that ends them sums the accumulated gradients once. Right also after several backward calls per step:
+        # see [Note: one coalesced sum of the replicated gradients] in tensor/replicated_grads.py.
+        plan = self.applied_plan
+        if plan is not None and self._grad_sync_enabled:
+            plan.reduce_replicated_grads()
+
     @override
     @torch.no_grad()
     def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> None:

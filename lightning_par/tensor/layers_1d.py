@@ -50,7 +50,6 @@ from lightning_par.comm.collectives import (
     group_rank,
     group_size,
     input_grad_reduction,
-    reduce_from_group,
     reduce_from_group_,
     reduce_scatter_along_dim,
     split_along_dim,
@@ -481,24 +480,4 @@ def output_segments(size: int, segments: Union[int, tuple[int, ...], None]) -> t
     if sum(segments) != size:
         raise ValueError(f"segments {tuple(segments)} do not add up to the {size} output features")
     return tuple(segments)
-
-
-# ----- replicated parameters of sequence-parallel regions ---------------------------------------------------------
-
-
-def sum_gradient_over_group(param: nn.Parameter, tg: TensorGroup) -> torch.utils.hooks.RemovableHandle:
-    """Sum ``param``'s gradient over the tensor group in every backward.
-
-    [Note: replicated parameters under sequence parallelism]
-    A norm (or a row-parallel bias) that acts on a sequence shard gets a gradient from that shard only: the full
-    gradient is the sum over the tensor group (Megatron: ``allreduce_layernorm_grads``). The hook reduces each
-    backward's own contribution before autograd accumulates it into ``.grad``, so it stays right with gradient
-    accumulation and with several backward calls per step; it costs one small all-reduce per parameter per
-    backward. This is the whole difference between a norm inside and outside a sequence-parallel region.
-    """
-
-    def hook(grad: Tensor) -> Tensor:
-        return reduce_from_group(grad, tg.group)  # not in place: autograd may hold `grad` elsewhere
-
-    return param.register_hook(hook)
 

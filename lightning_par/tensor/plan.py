@@ -44,9 +44,9 @@ from lightning_par.tensor.layers_1d import (
     to_compute_dtype,
     output_segments,
     shard_spec,
-    sum_gradient_over_group,
 )
 from lightning_par.tensor.mha import ParallelMultiheadAttention
+from lightning_par.tensor.replicated_grads import ReplicatedGradSum
 
 # ----- styles ---------------------------------------------------------------------------------------------------
 
@@ -174,6 +174,9 @@ class AppliedPlan:
     #: elements of the module's parameters (each shared one counted once, full shapes): all, and those sharded
     total_numel: int = 0
     sharded_numel: int = 0
+    #: the replicated parameters of sequence-parallel regions, whose gradients the tensor group sums (None without
+    #: sequence parallelism); see :meth:`reduce_replicated_grads`
+    replicated_grads: Optional[ReplicatedGradSum] = field(default=None, repr=False)
     # What `unparallelize` undoes (see [Note: making the module whole again]).
     _shards: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list, repr=False)  # (original, shard)
     _replaced: list[tuple[nn.Module, nn.Module, list[tuple[nn.Module, str]]]] = field(default_factory=list, repr=False)
@@ -185,6 +188,14 @@ class AppliedPlan:
     def sharded_share(self) -> float:
         """The fraction of the model's parameters (elements) that the plan shards."""
         return self.sharded_numel / self.total_numel if self.total_numel else 0.0
+
+    def reduce_replicated_grads(self) -> None:
+        """Sum the gradients of the replicated parameters of sequence-parallel regions over the tensor group: one
+        all-reduce, a collective. The strategy calls it after every backward that synchronises gradients; without
+        the strategy, call it on every rank after backward and before anything reads the gradients. See [Note: one
+        coalesced sum of the replicated gradients] in ``replicated_grads.py``."""
+        if self.replicated_grads is not None:
+            self.replicated_grads.reduce()
 
     def rebind(self, group: Optional[ProcessGroup]) -> None:
         size = self.tg.size
@@ -334,7 +345,9 @@ def parallelize(root: nn.Module, plan: Plan, group: Union[ProcessGroup, TensorGr
     """Shard ``root`` in place as ``plan`` says, over ``group``; return (and keep on ``root``) what was done.
 
     Every rank of the group must hold the same full weights when this runs (the strategy broadcasts them first).
-    Checks every entry before changing anything, so an error leaves the module as it was.
+    Checks every entry before changing anything, so an error leaves the module as it was. With sequence
+    parallelism, gradients of the replicated parameters in its regions are complete only after
+    :meth:`AppliedPlan.reduce_replicated_grads` (the strategy calls it after backward).
     """
     tg = group if isinstance(group, TensorGroup) else TensorGroup(group)
     t = tg.size
@@ -419,13 +432,14 @@ def parallelize(root: nn.Module, plan: Plan, group: Union[ProcessGroup, TensorGr
                              f"sharded the same way: shard both (e.g. the embedding and the output layer) or neither.")
 
     if sp:
+        replicated: dict[int, nn.Parameter] = {}  # a parameter shared by two regions is summed once
         for name, seq_dim in regions.items():
             result._handles += _install_region_hooks(root.get_submodule(name), name, tg, seq_dim)
-            seen: set[int] = set()
-            for p in root.get_submodule(name).parameters():
-                if shard_spec(p) is None and id(p) not in seen and p.requires_grad:
-                    seen.add(id(p))
-                    result._handles.append(sum_gradient_over_group(p, tg))
+            replicated.update((id(p), p) for p in root.get_submodule(name).parameters()
+                              if shard_spec(p) is None and p.requires_grad)
+        if replicated:
+            result.replicated_grads = ReplicatedGradSum(list(replicated.values()), tg)
+            result._handles += result.replicated_grads.handles
     for module in root.modules():
         # torch's nested-tensor fast path reads the attention weights directly; never with sharded layers.
         if isinstance(module, nn.TransformerEncoder) and any(
@@ -478,6 +492,7 @@ def unparallelize(root: nn.Module, optimizers: Iterable[torch.optim.Optimizer] =
         setattr(module, attr, value)
     for handle in result._handles:
         handle.remove()
+    result.replicated_grads = None
     result._shards.clear()
     result._replaced.clear()
     delattr(root, PLAN_ATTR)
