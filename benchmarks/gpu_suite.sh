@@ -151,6 +151,16 @@ case $MODE in
       --variants dp,dp_bucket100
     run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
     ;;
+  round2)  # after the first round: dp tuning, pipelines, tp1d and zero3's chunk size at ~6.7B, one call
+    run_case dp_buckets 200 4 $MG throughput --out "$WORK/dp_buckets.json" $ACC $THR \
+      --variants dp,dp_bucket100,lightning_ddp
+    NCCL_MAX_CTAS=16 run_case dp_ctas16 120 4 $MG throughput --out "$WORK/dp_ctas16.json" $ACC $THR --variants dp
+    NCCL_MAX_CTAS=8 run_case dp_ctas8 120 4 $MG throughput --out "$WORK/dp_ctas8.json" $ACC $THR --variants dp
+    run_case tp1d_1b3 120 4 $MG throughput --out "$WORK/tp1d_1b3.json" $ACC $THR --variants tp1d,zero2
+    run_case zero3_chunks_7b 150 4 $MG throughput --out "$WORK/zero3_chunks_7b.json" $ACC $THR7 \
+      --variants zero3_bf16_reduce,zero3_bf16_chunk128m
+    run_case pipeline_peer_4gpu 200 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_4gpu.json" $ACC $THR
+    ;;
   zero7b)  # ZeRO at ~6.7B beside both peers, fp32 and bf16 gradient reduction
     run_case zero7b_ours 300 4 $MG throughput --out "$WORK/zero7b_ours.json" $ACC $THR7 \
       --variants zero2,zero3,zero2_bf16_reduce,zero3_bf16_reduce
