@@ -38,28 +38,25 @@ class WeightGradients:
         self._captured = captured
 
     def run(self) -> None:
-        """Every group's weight gradients in one ``autograd.backward`` call (one engine start, not one per group:
-        a stage of a few blocks has dozens of groups, and each start cost ~0.1-0.2 ms of host time on every W)."""
         groups, self._groups = self._groups, []
-        captured, self._captured = self._captured, {}
-        edges, grads, params = [], [], []
-        for intermediates, group_params in groups:
+        for index, (intermediates, params) in enumerate(groups):
+            edges, grads = [], []
             for node in intermediates:
-                for i, g in enumerate(captured.get(node, ())):
+                for i, g in enumerate(self._captured.get(node, ())):
                     if g is not None:
                         edges.append(GradientEdge(node, i))
                         grads.append(g)
-            params += group_params
-        if not edges:
-            return
-        # An intermediate may also lie downstream of another one, whose restart would add its flow to the stored
-        # gradient: each intermediate's incoming gradient is pinned to the stored value, so nothing counts twice.
-        pins = [node.register_prehook(lambda _, saved=saved: saved) for node, saved in captured.items()]
-        try:
-            torch.autograd.backward(edges, grads, inputs=[get_gradient_edge(p) for p in params])
-        finally:
-            for pin in pins:
-                pin.remove()
+            if not edges:
+                continue
+            pins = [node.register_prehook(lambda _, saved=self._captured[node]: saved)
+                    for node in intermediates if len(intermediates) > 1 and node in self._captured]
+            try:
+                torch.autograd.backward(edges, grads, retain_graph=index + 1 < len(groups),
+                                        inputs=[get_gradient_edge(p) for p in params])
+            finally:
+                for pin in pins:
+                    pin.remove()
+        self._captured = {}
 
 
 def _weight_groups(roots: list[Node], inputs: list[Node], params: Sequence[torch.nn.Parameter]
