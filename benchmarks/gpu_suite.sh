@@ -161,6 +161,13 @@ case $MODE in
       --variants zero3_bf16_reduce,zero3_bf16_chunk128m
     run_case pipeline_peer_4gpu 200 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_4gpu.json" $ACC $THR
     ;;
+  round3)  # ZeRO's chunk size at 1.3B and ~6.7B, and the pipelines again
+    run_case chunks_1b3 150 4 $MG throughput --out "$WORK/chunks_1b3.json" $ACC $THR \
+      --variants zero3_bf16_reduce,zero3_bf16_chunk64m,zero3_bf16_chunk128m,zero2_bf16_reduce,zero2_bf16_chunk64m
+    run_case chunks_7b 200 4 $MG throughput --out "$WORK/chunks_7b.json" $ACC $THR7 \
+      --variants zero3_bf16_chunk64m,zero3_bf16_chunk256m,zero2_bf16_chunk128m,zero3_bf16_chunk128m
+    run_case pipeline_peer_4gpu 200 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_4gpu.json" $ACC $THR
+    ;;
   zero7b)  # ZeRO at ~6.7B beside both peers, fp32 and bf16 gradient reduction
     run_case zero7b_ours 300 4 $MG throughput --out "$WORK/zero7b_ours.json" $ACC $THR7 \
       --variants zero2,zero3,zero2_bf16_reduce,zero3_bf16_reduce

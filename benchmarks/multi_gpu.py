@@ -115,9 +115,11 @@ def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple
         # Gradients reduced in bf16, as Lightning's fsdp does under bf16-mixed (our default reduces in fp32).
         "zero2_bf16_reduce": (lambda: ZeroStrategy(stage=2, reduce_dtype="compute"), bench_dp.BenchModule, gpt),
         "zero3_bf16_reduce": (lambda: ZeroStrategy(stage=3, reduce_dtype="compute"), bench_dp.BenchModule, gpt),
-        # Chunks of 128 Mi elements instead of 32 Mi: fewer, longer gathers (about one per block at ~6.7B).
-        "zero3_bf16_chunk128m": (lambda: ZeroStrategy(stage=3, reduce_dtype="compute", chunk_size=2**27),
-                                 bench_dp.BenchModule, gpt),
+        # Other chunk sizes (the default is 32 Mi elements): fewer, longer collectives.
+        **{f"zero3_bf16_chunk{mi}m": (lambda mi=mi: ZeroStrategy(stage=3, reduce_dtype="compute", chunk_size=mi * 2**20),
+                                      bench_dp.BenchModule, gpt) for mi in (64, 128, 256)},
+        **{f"zero2_bf16_chunk{mi}m": (lambda mi=mi: ZeroStrategy(stage=2, reduce_dtype="compute", chunk_size=mi * 2**20),
+                                      bench_dp.BenchModule, gpt) for mi in (64, 128)},
         "zero3_offload": (lambda: "zero3_offload", bench_dp.BenchModule, gpt),
         "tp1d": (lambda: TensorParallel1DStrategy(), bench_dp.BenchModule, gpt),
         "tp1d_sp": (lambda: TensorParallel1DStrategy(sequence_parallel=True), bench_dp.BenchModule, gpt),

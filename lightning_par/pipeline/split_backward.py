@@ -38,6 +38,9 @@ class WeightGradients:
         self._captured = captured
 
     def run(self) -> None:
+        # One engine start per group, not one for all: an intermediate of a later layer lies on the input path to
+        # the intermediates of earlier ones, so a single call over every group makes the engine recompute the whole
+        # input-side backward to reach them (4 x H100, 1.3B, 2026-11-26: zero bubble went from 262 to 345 ms a step).
         groups, self._groups = self._groups, []
         for index, (intermediates, params) in enumerate(groups):
             edges, grads = [], []
