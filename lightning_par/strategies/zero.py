@@ -45,7 +45,9 @@ class ZeroStrategy(LightningParStrategy):
 
     Args:
         stage: 1, 2 or 3.
-        chunk_size: elements per chunk, the unit of communication and sharding.
+        chunk_size: elements per chunk, the unit of communication and sharding. Default: 128 Mi elements (fewer,
+            longer collectives: on 4 x H100 zero3 went from 40.5k to 43.1k tokens/s at 6.7B and from 192k to 195k at
+            1.3B against 32 Mi), or 32 Mi when offloading (a finer split between host and device memory).
         allow_oversize: a parameter larger than ``chunk_size`` gets a chunk of its own (else an error).
         reshard_after_forward: stage 3 frees chunks after forward and gathers them again in backward.
         prefetch: stage 3 gathers the next chunk while the current one computes.
@@ -83,7 +85,7 @@ class ZeroStrategy(LightningParStrategy):
     def __init__(
         self,
         stage: Literal[1, 2, 3] = 2,
-        chunk_size: int = 32 * 2**20,
+        chunk_size: Optional[int] = None,
         allow_oversize: bool = True,
         reshard_after_forward: bool = True,
         prefetch: bool = True,
@@ -114,6 +116,8 @@ class ZeroStrategy(LightningParStrategy):
             timeout=timeout,
             start_method=start_method,
         )
+        if chunk_size is None:
+            chunk_size = (32 if offload is not None else 128) * 2**20
         self.policy = ZeroPolicy(stage=stage, chunk_numel=chunk_size, allow_oversize=allow_oversize,
                                  reshard_after_forward=reshard_after_forward, prefetch=prefetch,
                                  offload=offload, device_memory_limit=device_memory_limit,
