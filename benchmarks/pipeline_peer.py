@@ -13,11 +13,13 @@ AdamW, ``--microbatches`` m over a global batch of batch x world, tokens/s over 
 ``pipeline``, ``pipeline_interleaved``, ``pipeline_zero_bubble`` run in the same process through Lightning
 (``multi_gpu.run_variant``).
 
-Bubble formulas: T = the largest (over ranks) forward + backward time of one microbatch through all the rank's
-chunks, measured alone (no communication). 1F1B: (m + p - 1) T; interleaved with v chunks: (m + (p - 1)/v) T;
-zero bubble: ZB-H1's bubble (p - 1)(F + B - W) with F = B = W = T/3, i.e. (m + (p - 1)/3) T, and (m + (p - 1)/(3v)) T
-for v chunks per rank (an approximation). The ratio measured / formula shows the cost beyond the schedule's bubble
-(communication, launch overheads, imbalance: the last stage also runs the 50k-vocabulary head).
+Bubble formulas, from each rank's T_r = forward + backward of one microbatch through all its chunks, measured
+alone (no communication). The stages are not of equal time (the last also runs the 50k-vocabulary head), so the
+formulas are written for unequal stages: the slowest rank's m microbatches, plus the fill and drain through the
+others, S - T_max with S = sum of T_r (for equal stages T_r = T they are the textbook formulas). 1F1B:
+m T_max + (S - T_max) [= (m + p - 1) T]; interleaved with v chunks per rank: m T_max + (S - T_max)/v
+[= (m + (p - 1)/v) T]; zero bubble (ZB-H1, F = B = W = T/3): m T_max + (S - T_max)/(3v) [= (m + (p - 1)/3v) T].
+The ratio measured / formula shows the cost beyond the schedule's bubble (communication, launch overheads).
 """
 
 from __future__ import annotations
@@ -168,12 +170,14 @@ def run_torch(args: argparse.Namespace, kind: str, device: torch.device, rank: i
             "peak_gib": peak, "t_chunks": t_chunks, "chunks": v}
 
 
-def formula(kind: str, m: int, p: int, v: int, t: float) -> tuple[float, str]:
+def formula(kind: str, m: int, v: int, times: list[float]) -> tuple[float, str]:
+    """The step time the schedule's bubble allows, for ranks whose microbatch times are ``times`` (see above)."""
+    t_max, fill = max(times), sum(times) - max(times)
     if kind == "1f1b":
-        return (m + p - 1) * t, "(m+p-1)T"
+        return m * t_max + fill, "m Tmax + (S - Tmax)"
     if kind == "interleaved":
-        return (m + (p - 1) / v) * t, f"(m+(p-1)/{v})T"
-    return (m + (p - 1) / (3 * v)) * t, f"(m+(p-1)/{3 * v})T (ZB-H1)"
+        return m * t_max + fill / v, f"m Tmax + (S - Tmax)/{v}"
+    return m * t_max + fill / (3 * v), f"m Tmax + (S - Tmax)/{3 * v} (ZB-H1)"
 
 
 def main() -> None:
@@ -211,9 +215,10 @@ def main() -> None:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, (row.get("t_chunks"), row.get("peak_gib")))
         if row["status"] == "ok":
-            t_rank = max(g[0] for g in gathered if g[0] is not None)
-            ideal, name = formula(kind, m, world, row["chunks"], t_rank)
-            row.update(t_rank=t_rank, formula=name, formula_step_s=ideal, ratio=row["step_s"] / ideal,
+            t_ranks = [g[0] for g in gathered if g[0] is not None]
+            ideal, name = formula(kind, m, row["chunks"], t_ranks)
+            row.update(t_rank=max(t_ranks), t_ranks=t_ranks, formula=name, formula_step_s=ideal,
+                       ratio=row["step_s"] / ideal,
                        peak_gib=max((g[1] for g in gathered if g[1] is not None), default=None))
         row["seconds"] = time.perf_counter() - t
         rows.append(row)
@@ -237,7 +242,7 @@ def main() -> None:
         peer = next((r for r in rows if r["variant"] == f"torch_{kind}" and "t_rank" in r), None)
         if row["status"] == "ok" and peer is not None:
             v = 2 if kind == "interleaved" else 1  # ours: interleaved runs 2 chunks, the others 1
-            ideal, fname = formula(kind, m, world, v, peer["t_rank"])
+            ideal, fname = formula(kind, m, v, peer["t_ranks"])
             row.update(formula=fname, formula_step_s=ideal, ratio=row["step_s"] / ideal,
                        vs_torch=row["tokens_per_s"] / peer["tokens_per_s"])
         row["seconds"] = time.perf_counter() - t
@@ -259,7 +264,7 @@ def print_row(row: dict, world: int) -> None:
     if "vs_torch" in row:
         extra += f", vs torch {row['vs_torch']:.2f}x"
     if "t_rank" in row:
-        extra += f"  (T = {row['t_rank'] * 1e3:.1f} ms)"
+        extra += f"  (T per rank {', '.join(f'{t * 1e3:.1f}' for t in row['t_ranks'])} ms)"
     print(f"  {row['variant']:<22} {row['status']:<5} {tps:>10,.0f} tok/s  step {row.get('step_s', 0) * 1e3:7.0f} ms  "
           f"peak {row.get('peak_gib') or 0:5.1f} GiB{extra} {row.get('error', '')}", flush=True)
 
