@@ -306,7 +306,7 @@ def _load_full_into_engine(full: dict[str, Any], engine: "ZeroEngine", module: t
                            optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
     """A plain Lightning checkpoint (whole tensors, e.g. written by ``dp``) into the shards."""
     state_dict = full["state_dict"]
-    module_state = module.state_dict()
+    module_state = module.state_dict(keep_vars=True)  # names and shapes only: stage 3 has released the values
     missing = sorted(set(module_state) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(module_state))
     mismatched = sorted(n for n in set(module_state) & set(state_dict) if state_dict[n].shape != module_state[n].shape)

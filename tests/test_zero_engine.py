@@ -167,3 +167,46 @@ def _refresh_is_waited_for_at_first_read(rank: int, world_size: int) -> list[str
 def test_stage2_refresh_overlaps_the_next_forward():
     expected = ["launched_not_waited", "first_layer_waits_for_its_chunk_only", "state_dict_waits_and_is_current"]
     assert run_on_ranks(_refresh_is_waited_for_at_first_read, 2) == [expected] * 2
+
+
+def _released_parameters_refuse_value_reads(rank: int, world_size: int) -> list[str]:
+    """Stage 3, between steps: a parameter reached by iterating the module keeps its metadata, and a read of its
+    values raises ParameterNotGathered naming it, instead of reading freed memory (a segfault)."""
+    from lightning_par.zero.params import ParameterNotGathered
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+    engine = ZeroEngine(model, dist.group.WORLD, ZeroPolicy(stage=3, chunk_numel=72), torch.float32,
+                        torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built from released parameters: metadata only
+    engine.shard_optimizer(optimizer)
+    done = []
+    for step in range(2):
+        engine.begin_forward()
+        model(torch.randn(2, 8)).sum().backward()
+        engine.finish_backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        engine.refresh_compute()
+    weight = next(iter(model.parameters()))
+    if isinstance(weight, nn.Parameter) and weight.shape == (8, 8) and weight.requires_grad and weight.numel() == 64:
+        done.append("metadata")
+    for name, read in (("sum", lambda: weight.sum()), ("norm", lambda: torch.linalg.vector_norm(weight)),
+                       ("state_dict", lambda: model.state_dict())):
+        try:
+            read()
+        except ParameterNotGathered as e:
+            if "0.weight" in str(e) and "full_params" in str(e):
+                done.append(name)
+    with engine.full_params():
+        if torch.isfinite(weight.sum()) and type(weight) is nn.Parameter:
+            done.append("full_params")
+    engine.begin_forward()
+    if torch.isfinite(model(torch.randn(2, 8)).sum()):
+        done.append("forward_after")
+    return done
+
+
+def test_released_stage3_parameters_raise_instead_of_crashing():
+    expected = ["metadata", "sum", "norm", "state_dict", "full_params", "forward_after"]
+    assert run_on_ranks(_released_parameters_refuse_value_reads, 2) == [expected] * 2

@@ -51,6 +51,7 @@ from lightning_par.zero.offload import OffloadMixin
 from lightning_par.zero.params import ParamsMixin
 from lightning_par.zero.spill import SpilledState
 from lightning_par.zero.policy import ZeroPolicy, check_optimizer
+from lightning_par.zero.released import mark_released
 
 
 class _Chunk:
@@ -191,6 +192,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
                 if policy.stage == 3:
                     chunk.compute.untyped_storage().resize_(0)
                     chunk.gathered = False
+                    mark_released(chunk.params, self)
             for m in module.modules():  # meta buffers of modules that own no parameters
                 materializer.materialize(m)
         self.where = {p: (chunk, i) for chunk in self.chunks for i, p in enumerate(chunk.params)}

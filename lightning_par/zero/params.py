@@ -9,7 +9,8 @@ and release] in ``engine.py``): reading such a parameter would read freed memory
 therefore a ``_GuardedParameters`` dict while the engine runs: reading a parameter by attribute
 (``layer.weight``, which is how forward code and user code reach it) while its chunk is released raises
 ``ParameterNotGathered``, naming the parameter and the remedies; a chunk still on its way (prefetch) is waited for.
-Iterating ``module.parameters()`` does not go through the guard (metadata such as shapes is fine; values are not).
+A parameter reached by iterating ``module.parameters()`` is a ``ReleasedParameter`` while its chunk is released:
+its metadata reads work, a value read raises the same error (see ``released.py``).
 ``full_params()`` gathers every chunk, on every rank, so that all parameters can be read (and, with
 ``writeback=True``, changed) between steps.
 
@@ -32,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
+
+from lightning_par.zero.released import mark_gathered, mark_released
 
 if TYPE_CHECKING:
     from lightning_par.zero.engine import _Chunk
@@ -107,6 +110,7 @@ class ParamsMixin:
         if self.world_size == 1:  # the shard is the chunk: one casting copy, nothing to wait for
             chunk.compute.copy_(chunk.master, non_blocking=True)
             chunk.gathered = True
+            mark_gathered(chunk.params)
             return
         chunk.gather_input = chunk.master.to(self.device, self.compute_dtype, non_blocking=True)
         chunk.gather_work = dist.all_gather_into_tensor(chunk.compute, chunk.gather_input, group=self.group,
@@ -137,6 +141,7 @@ class ParamsMixin:
             torch.cuda.current_stream(self.device).wait_event(chunk.copied)
         chunk.gather_work = chunk.gather_input = chunk.copied = None
         chunk.gathered = True
+        mark_gathered(chunk.params)
 
     def ensure_gathered(self, index: int) -> None:
         chunk = self.chunks[index]
@@ -154,6 +159,7 @@ class ParamsMixin:
         if chunk.gathered:
             chunk.compute.untyped_storage().resize_(0)
             chunk.gathered = False
+            mark_released(chunk.params, self)
 
     def release_all(self) -> None:
         for chunk in self.chunks:
@@ -222,6 +228,8 @@ class ParamsMixin:
                 self._guarded.append(m)
 
     def _unguard_parameters(self) -> None:
+        for chunk in self.chunks:
+            mark_gathered(chunk.params)  # plain Parameters again (teardown points them at whole tensors)
         for m in self._guarded:
             if isinstance(m._parameters, _GuardedParameters):
                 m.__dict__["_parameters"] = dict(dict.items(m._parameters))
