@@ -10,6 +10,7 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh zero7b        # ~5 min: zero2/zero3 (fp32 and bf16 reduce) beside fsdp and FSDP2 at ~6.7B
 #   OUT=$OUT benchmarks/gpu_suite.sh offload       # ~3-4 min: 1.3B at 2 GPUs: zero3, zero3_offload, FSDP2
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline      # ~4-6 min: torch.distributed.pipelining vs ours, 1.3B at 4 GPUs
+#   OUT=$OUT benchmarks/gpu_suite.sh profile       # ~3 min: torch.profiler summaries of tp1d, dp, zero3 (1.3B) per rank
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_equal # ~1-2 min: the same with a 2048-token vocabulary (stages of equal time)
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
 #
@@ -18,7 +19,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -181,6 +182,11 @@ case $MODE in
     ;;
   pipeline)
     run_case pipeline_peer_4gpu 500 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_4gpu.json" $ACC $THR
+    ;;
+  profile)  # where the step time goes (torch.profiler, benchmarks/profile_variant.py): tp1d, dp, zero3 at 1.3B
+    for v in tp1d dp zero3; do
+      run_case "profile_$v" 150 4 benchmarks/profile_variant.py --variant $v --out "$OUT/profile_$v" $ACC $THR
+    done
     ;;
   pipeline_equal)  # stages of equal time for the bubble formulas: a 2048-token vocabulary makes the head negligible
     run_case pipeline_equal_4gpu 500 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_4gpu.json" $ACC $THR \

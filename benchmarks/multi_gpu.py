@@ -173,7 +173,8 @@ def data_parallel_size(strategy: Any, world: int) -> int:
     return world
 
 
-def run_variant(args: argparse.Namespace, name: str, world: int, device: torch.device) -> dict:
+def run_variant(args: argparse.Namespace, name: str, world: int, device: torch.device,
+                extra_callbacks: tuple | list = ()) -> dict:
     make, module_class, builder = throughput_variants(world, args)[name]
     strategy = make()
     if isinstance(strategy, str) and strategy != "ddp":
@@ -191,7 +192,7 @@ def run_variant(args: argparse.Namespace, name: str, world: int, device: torch.d
     trainer = pl.Trainer(accelerator=args.accelerator, devices=world, strategy=strategy, precision="bf16-mixed",
                          max_steps=args.warmup + args.steps, max_epochs=1, limit_val_batches=0,
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, *extra_callbacks],
                          use_distributed_sampler=False)  # each rank reads all batches: the same per-rank work
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

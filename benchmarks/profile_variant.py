@@ -1,0 +1,131 @@
+"""Where a step's time goes: one variant of ``multi_gpu.py throughput`` under ``torch.profiler``, every rank.
+
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=$PWD
+    torchrun --nproc_per_node 4 benchmarks/profile_variant.py --variant tp1d --model 1.3b --out $OUT/prof_tp1d
+    (--accelerator cpu with tiny sizes runs it on gloo: the smoke test)
+
+The variant trains ``--warmup`` steps, then ``--steps`` steps under the profiler. Each rank writes
+``OUT/rank<r>.txt``: the step's wall time and its device time split into communication kernels (NCCL), matrix
+multiplies, attention and the rest, per step; the idle time of the busiest stream (the wall time minus that
+stream's kernel time: what neither overlap nor compute filled); and the 40 kernels with the most device time.
+Rank 0 also writes ``OUT/trace_rank0.json.gz`` (Chrome trace, for https://ui.perfetto.dev). A figure from here is
+a diagnosis, not a throughput: the profiler itself costs time; throughput comes from ``multi_gpu.py throughput``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import re
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import lightning.pytorch as pl  # noqa: E402
+
+import bench_dp  # noqa: E402
+import multi_gpu  # noqa: E402
+
+CATEGORIES = (  # first match wins; kernel names of cuBLAS/CUTLASS GEMMs, flash/cuDNN attention, NCCL
+    ("communication", re.compile(r"nccl", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|sm90_xmma|sm80_xmma|cublas|matmul", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
+)
+
+
+class StepProfiler(pl.Callback):
+    """Profiles batches ``first`` to ``first + steps - 1`` and times them on the host."""
+
+    def __init__(self, first: int, steps: int, device: torch.device) -> None:
+        self.first, self.last, self.device = first, first + steps - 1, device
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.first:
+            bench_dp.sync(self.device)
+            self.profiler.start()
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.last:
+            bench_dp.sync(self.device)
+            self.seconds = time.perf_counter() - self._t0
+            self.profiler.stop()
+
+
+def kernel_times(profiler: torch.profiler.profile) -> tuple[dict[str, float], dict[int, float]]:
+    """Device seconds per kernel name, and per stream (device events only)."""
+    by_name: dict[str, float] = defaultdict(float)
+    by_stream: dict[int, float] = defaultdict(float)
+    for event in profiler.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        seconds = event.device_time_total / 1e6  # microseconds -> seconds (the kernel's own time)
+        by_name[event.name] += seconds
+        by_stream[getattr(event, "device_resource_id", 0)] += seconds
+    return by_name, by_stream
+
+
+def summarize(by_name: dict[str, float], by_stream: dict[int, float], wall: float, steps: int) -> list[str]:
+    split: dict[str, float] = defaultdict(float)
+    for name, seconds in by_name.items():
+        category = next((c for c, pattern in CATEGORIES if pattern.search(name)), "other")
+        split[category] += seconds
+    busiest = max(by_stream.values(), default=0.0)
+    ms = lambda s: f"{s / steps * 1e3:8.1f} ms"  # noqa: E731 - per step
+    lines = [f"wall per step {ms(wall)}  (the profiler's own cost included)"]
+    for category in ("matmul", "attention", "other", "communication"):
+        lines.append(f"  {category:<14} {ms(split[category])} of device time")
+    lines.append(f"  busiest stream {ms(busiest)} busy, idle {ms(max(wall - busiest, 0.0))} "
+                 f"(streams: {', '.join(ms(s).strip() for s in sorted(by_stream.values(), reverse=True))})")
+    lines.append("top kernels (device time per step):")
+    for name, seconds in sorted(by_name.items(), key=lambda kv: -kv[1])[:40]:
+        lines.append(f"  {ms(seconds)}  {name[:150]}")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    multi_gpu.add_throughput_args(p)
+    p.add_argument("--variant", required=True, help="one variant name of multi_gpu.py throughput")
+    args = p.parse_args()
+    args.steps = min(args.steps, 3)  # a diagnosis: a few steps keep the trace small
+    multi_gpu.apply_model_preset(args)
+    torch.set_float32_matmul_precision("high")
+    device = multi_gpu.local_device(args.accelerator)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    out = Path(args.out or "profile_out")
+    out.mkdir(parents=True, exist_ok=True)
+    profiler = StepProfiler(args.warmup, args.steps, device)
+    multi_gpu.run_variant(args, args.variant, world, device, extra_callbacks=[profiler])
+    by_name, by_stream = kernel_times(profiler.profiler)
+    header = (f"{args.variant}: world {world}, rank {rank}, {args.layers}x{args.width}, batch {args.batch}/GPU x seq "
+              f"{args.seq}, {args.steps} profiled steps after {args.warmup}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
+    lines = [header, *summarize(by_name, by_stream, profiler.seconds, args.steps)]
+    (out / f"rank{rank}.txt").write_text("\n".join(lines) + "\n")
+    if rank == 0:
+        print("\n".join(lines[:8]), flush=True)
+        trace = out / "trace_rank0.json"
+        profiler.profiler.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
+    multi_gpu.exit_now()
+
+
+if __name__ == "__main__":
+    main()
