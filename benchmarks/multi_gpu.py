@@ -244,6 +244,9 @@ def cmd_throughput(args: argparse.Namespace) -> None:
         except Exception as e:  # noqa: BLE001 - recorded, the next variant runs
             row.update(status="oom" if "out of memory" in str(e).lower() else "error",
                        error=f"{type(e).__name__}: {e}"[:300])
+            # At once, on every rank: if the other ranks are still inside the variant's collectives, the gather of
+            # the rows below cannot pair up and the case ends at its time limit; this line is then all that is left.
+            print(f"rank {rank}: {name} failed: {row['error']}", file=sys.stderr, flush=True)
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
         if dist.is_initialized() and world > 1:
