@@ -14,6 +14,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def error_message(make: Callable[[], Any], none: str = "") -> str:
+    """``"Type: message"`` of what ``make()`` raised, or ``none`` when it raised nothing (tests read the message)."""
+    try:
+        make()
+    except Exception as error:  # noqa: BLE001 - the test inspects the message
+        return f"{type(error).__name__}: {error}"
+    return none
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

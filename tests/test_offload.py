@@ -15,7 +15,7 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 import lightning_par  # noqa: F401  (registers the strategy names)
-from helpers import free_port, run_on_ranks, run_recipe
+from helpers import error_message, free_port, run_on_ranks, run_recipe
 from lightning_par import ZeroStrategy
 from lightning_par.zero.placement import Plan, plan_budget, plan_fraction, spill_to_disk
 from parity import Run, fit, global_losses, relative_gap
@@ -185,20 +185,13 @@ def _train_nvme(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
     out["bf16_zero3_accumulate"] = fit(Run(**{**bf16.__dict__, "steps": 3, "accumulate": 2}), offload(), world_size,
                                        world_size)
 
-    def error_of(make) -> str:
-        try:
-            make()
-        except Exception as error:  # noqa: BLE001 - the test inspects the message
-            return f"{type(error).__name__}: {error}"
-        return ""
-
     trainers: list = []
     fit(Run(steps=2), nvme(disk), world_size, world_size, trainers=trainers)
-    out["save_after_fit"] = error_of(lambda: trainers[0].save_checkpoint(os.path.join(tmpdir, "after_fit")))
+    out["save_after_fit"] = error_message(lambda: trainers[0].save_checkpoint(os.path.join(tmpdir, "after_fit")))
     before = sorted(os.listdir(saved))
     a_file = os.path.join(tmpdir, "not_a_directory")
     open(a_file, "w").close()
-    out["bad_dir"] = error_of(lambda: fit(run, nvme(a_file), world_size, world_size, ckpt_path=saved))
+    out["bad_dir"] = error_message(lambda: fit(run, nvme(a_file), world_size, world_size, ckpt_path=saved))
     import shutil as real_shutil
 
     import lightning_par.zero.nvme as nvme_module
@@ -212,7 +205,7 @@ def _train_nvme(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
 
     nvme_module.shutil = TinyDisk()
     try:
-        out["full_disk"] = error_of(lambda: fit(run, nvme(disk), world_size, world_size, ckpt_path=saved))
+        out["full_disk"] = error_message(lambda: fit(run, nvme(disk), world_size, world_size, ckpt_path=saved))
     finally:
         nvme_module.shutil = real_shutil
     out["checkpoint_untouched"] = sorted(os.listdir(saved)) == before

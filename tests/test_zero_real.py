@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import lightning_par  # noqa: F401
-from helpers import free_port, run_on_ranks
+from helpers import error_message, free_port, run_on_ranks
 from lightning_par import ZeroStrategy
 from lightning_par.checkpoint import load_full
 from lightning_par.zero.engine import ZeroEngine
@@ -35,11 +35,7 @@ def zero(stage: int, **kwargs) -> ZeroStrategy:
 
 
 def _error(make) -> str:
-    try:
-        make()
-    except Exception as error:  # noqa: BLE001 - the test inspects the message
-        return f"{type(error).__name__}: {error}"
-    return "no error"
+    return error_message(make, none="no error")
 
 
 # ----- meta-device initialisation -----------------------------------------------------------------------------------

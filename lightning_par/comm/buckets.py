@@ -47,6 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_par.comm.collectives import mean_op
+
 
 class _Bucket:
     def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, device: torch.device) -> None:
@@ -110,9 +112,7 @@ class GradientBucketer:
         if current:
             self._add_bucket(current)
         self._next_to_launch = 0
-        # NCCL averages natively; gloo has no AVG, so scale before a SUM (the result is the same mean).
-        self._divide_first = dist.get_backend(group) != "nccl"
-        self._op = dist.ReduceOp.SUM if self._divide_first else dist.ReduceOp.AVG
+        self._op, self._divide_first = mean_op(group)  # NCCL: AVG; gloo: divide, then SUM
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in trainable]
 
     def _add_bucket(self, params: list[nn.Parameter]) -> None:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 __all__ = [
+    "mean_op",
     "group_size",
     "group_rank",
     "copy_to_group",
@@ -35,6 +36,15 @@ __all__ = [
 
 def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def mean_op(group: ProcessGroup | None) -> tuple[dist.ReduceOp, bool]:
+    """How to average over ``group``: the reduce op, and whether the input must first be divided by the group size.
+    NCCL averages inside the reduction (``AVG``: no extra pass over the data); gloo has no ``AVG``, so the input is
+    divided first and then summed (the same mean)."""
+    if dist.get_backend(group) == "nccl":
+        return dist.ReduceOp.AVG, False
+    return dist.ReduceOp.SUM, True
 
 
 def group_size(group: ProcessGroup | None) -> int:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from lightning_par.comm.collectives import mean_op
 from lightning_par.tensor.layers_1d import TensorGroup
 
 
@@ -72,9 +73,7 @@ class ReplicatedGradSum:
 
 
 def _all_reduce_mean(flat: Tensor, tg: TensorGroup) -> None:
-    # NCCL averages natively; gloo has no AVG: divide first, then sum (the same mean).
-    if dist.get_backend(tg.group) == "nccl":
-        dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=tg.group)
-    else:
+    op, divide_first = mean_op(tg.group)
+    if divide_first:
         flat.div_(tg.size)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=tg.group)
+    dist.all_reduce(flat, op=op, group=tg.group)

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_par.comm.collectives import mean_op
 from lightning_par.zero.host import PinnedHost
 from lightning_par.zero.layout import ChunkLayout, Piece, build_layout
 from lightning_par.zero.nvme import NvmeStore
@@ -197,10 +198,8 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
                 materializer.materialize(m)
         self.where = {p: (chunk, i) for chunk in self.chunks for i, p in enumerate(chunk.params)}
         self._next_reduce = len(self.chunks) - 1
-        self._nccl = dist.get_backend(group) == "nccl"
-        # NCCL averages inside the reduction (no extra pass over every gradient); gloo has no AVG: divide, then sum.
-        self._divide_first = self.world_size > 1 and not self._nccl
-        self._reduce_op = dist.ReduceOp.SUM if self._divide_first else dist.ReduceOp.AVG
+        self._nccl = dist.get_backend(group) == "nccl"  # gathers in place (see `refresh_compute`)
+        self._reduce_op, self._divide_first = mean_op(group)  # NCCL: AVG; gloo: divide, then SUM
         self._handles: list[Any] = []
         self._guarded: list[nn.Module] = []  # modules whose parameters are read-guarded (stage 3)
         self._hooked: set[nn.Parameter] = set()
