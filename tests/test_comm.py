@@ -165,6 +165,38 @@ def _check_primitives(group, members, me, label, done):
     for name in ("split_along_dim", "gather_along_dim", "reduce_scatter_along_dim", "all_gather_along_dim"):
         done.append(f"{name}[{label}]")
 
+    # flat (token blocks): rank k's piece is the k-th block of the tensor's memory, in the chunk's shape; the
+    # wholes are the plain concatenation of the blocks (see [Note: token-sharded sequence parallelism]).
+    for dim in (1, -1):
+        cs = _chunk_shape(dim, n)
+        block = lambda t, k: t.reshape(-1).chunk(n)[k].view(cs)  # noqa: E731
+        whole = lambda parts: torch.cat([p.reshape(-1) for p in parts]).view(FULL)  # noqa: E731
+
+        x = _leaf(X(me))
+        y = split_along_dim(x, dim, group, flat=True)
+        _close(y, block(X(me), gr))
+        y.backward(U(me, cs))
+        _close(x.grad, whole([U(m, cs) for m in members]))
+
+        x = _leaf(X(me, cs))
+        y = gather_along_dim(x, dim, group, flat=True)
+        _close(y, whole([X(m, cs) for m in members]))
+        y.backward(U(me))
+        _close(x.grad, block(U(me), gr))
+
+        x = _leaf(X(me))
+        y = reduce_scatter_along_dim(x, dim, group, flat=True)
+        _close(y, block(sum(X(m) for m in members), gr))
+        y.backward(U(me, cs))
+        _close(x.grad, whole([U(m, cs) for m in members]))
+
+        x = _leaf(X(me, cs))
+        y = all_gather_along_dim(x, dim, group, flat=True)
+        _close(y, whole([X(m, cs) for m in members]))
+        y.backward(U(me))
+        _close(x.grad, block(sum(U(m) for m in members), gr))
+    done.append(f"flat[{label}]")
+
     for root in range(n):
         x = _leaf(X(me))
         y = broadcast_from(x, root, group)
@@ -399,7 +431,7 @@ def _rank_fn(rank, world_size):
 
 def _expected(world_size):
     labels = ["world"] + (["pair", "strided"] if world_size == 4 else [])
-    names = [f"{p}[{label}]" for label in labels for p in (*PRIMITIVES, "bf16", "tp_mlp")]
+    names = [f"{p}[{label}]" for label in labels for p in (*PRIMITIVES, "flat", "bf16", "tp_mlp")]
     names += ["errors[world]", "single", "p2p_ring_tuple", "p2p_ring_async", "p2p_pair_group"]
     return sorted(names)
 

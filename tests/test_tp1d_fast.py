@@ -100,6 +100,13 @@ class Qkv(nn.Module):
         return out + x.sum() * 0.1 if extra else out  # the gathered input used by something else
 
 
+def _token_block(x: torch.Tensor, tg: TensorGroup) -> torch.Tensor:
+    """This rank's sequence-parallel piece of a ``[B, T, C]`` tensor: its block of the B*T tokens in memory order,
+    viewed as ``[B, T/t, C]`` (see [Note: token-sharded sequence parallelism])."""
+    n = x.size(0) * x.size(1) // tg.size
+    return x.reshape(-1, x.size(-1))[tg.rank * n:(tg.rank + 1) * n].view(x.size(0), -1, x.size(-1))
+
+
 def _check_fused_column_gradients(tg: TensorGroup) -> None:
     """The fused path's gradients equal the unsharded module's (fp32); three column layers sharing one InputOp
     cost one reduction, launched asynchronously; a consumer that gets no gradient, or a non-column consumer of the
@@ -114,14 +121,13 @@ def _check_fused_column_gradients(tg: TensorGroup) -> None:
                 setattr(par, name, ColumnParallelLinear.from_linear(getattr(par, name), tg, input_op=op))
             par.o = RowParallelLinear.from_linear(par.o, tg, seq_dim=seq_dim)
             x = torch.randn(B, T, E)
-            chunk = T // tg.size
             xr = x.clone().requires_grad_()
-            xp = (x if seq_dim is None else x[:, tg.rank * chunk:(tg.rank + 1) * chunk]).clone().requires_grad_()
+            xp = (x if seq_dim is None else _token_block(x, tg)).clone().requires_grad_()
             yr = ref(xr, extra=False, drop_v=drop_v)
             if extra:  # the non-column consumer sees the whole input on every rank: reference sums x once per rank
                 yr = yr + xr.sum() * 0.1
             if seq_dim is not None:
-                yr = yr[:, tg.rank * chunk:(tg.rank + 1) * chunk]
+                yr = _token_block(yr, tg)
             yr.square().sum().backward()
 
             calls = []
@@ -154,7 +160,7 @@ def _check_fused_column_gradients(tg: TensorGroup) -> None:
                 # over ranks is the sum over ranks.
                 ref_x_grad = xr.grad.clone()
                 dist.all_reduce(ref_x_grad, group=tg.group)
-                ref_x_grad = ref_x_grad[:, tg.rank * chunk:(tg.rank + 1) * chunk]
+                ref_x_grad = _token_block(ref_x_grad, tg)
             if extra and seq_dim is None:
                 # copy_to_group's contract: a consumer of the whole input is taken as sharded, so a replicated one
                 # (the extra term) is counted once per rank, as in the plain path.

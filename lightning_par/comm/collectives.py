@@ -101,6 +101,18 @@ def _check_root(root: int, size: int, op: str, name: str) -> None:
 
 # ---- raw (non-autograd) building blocks ------------------------------------------------------------------------
 
+# [Note: token-sharded sequence parallelism]
+# Sequence parallelism splits the activations between blocks over the tensor group. Split along the sequence dim of
+# a batch-first ``[B, T, C]`` tensor, each rank's piece is strided (B runs of T/t tokens), so every all-gather needs
+# a copy to put the rank blocks in place and every reduce-scatter a copy to take them out: a whole activation moved
+# twice per collective, four collectives per block. With ``flat`` the ranks hold consecutive blocks of the flattened
+# dims ``0..dim`` instead: rank r holds tokens ``[r*N/t, (r+1)*N/t)`` of the ``N = B*T`` tokens in memory order,
+# viewed in the shape the user's code expects (``[B, T/t, C]``). That is exactly how the fused collectives cut
+# memory, so no collective copies. Every op between the split and the gather (norms, dropout, residual adds, the
+# MLP) works token by token and does not care which tokens a rank holds; the ops that mix tokens (attention) run on
+# the gathered, whole sequence. Megatron gets the same for free from its sequence-first ``[T, B, C]`` layout, where
+# ``flat`` changes nothing (``dim`` 0).
+
 
 def _all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     out = _contiguous_copy(x)
@@ -108,9 +120,14 @@ def _all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return out
 
 
-def _own_chunk(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+def _own_chunk(x: torch.Tensor, dim: int, group: ProcessGroup | None, flat: bool = False) -> torch.Tensor:
     size = group_size(group)
     length = x.size(dim) // size
+    if flat:  # the r-th block of the flattened tokens, in ``x``'s shape with ``dim`` cut down
+        shape = list(x.shape)
+        shape[dim] = length
+        block = x.numel() // size
+        return _contiguous_copy(x.reshape(-1).narrow(0, group_rank(group) * block, block).view(shape))
     # A copy, not a view: a view of a custom Function's input would forbid in-place ops on the output.
     return _contiguous_copy(x.narrow(dim, group_rank(group) * length, length))
 
@@ -119,11 +136,12 @@ def _leading(x: torch.Tensor, dim: int) -> int:
     return math.prod(x.shape[:dim])
 
 
-def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None, async_op: bool = False):
+def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None, async_op: bool = False, flat: bool = False):
     """All-gather along ``dim`` into one preallocated buffer. The fused collective concatenates along dim 0, which
     is ``dim`` itself when every dim before it has size 1 (no copy at all); otherwise one copy puts the rank blocks
-    in place (``[B, t, T/t, C] -> [B, T, C]``). With ``async_op`` returns ``(finish, work)``: ``finish()`` gives the
-    result once ``work`` is done."""
+    in place (``[B, t, T/t, C] -> [B, T, C]``), unless ``flat`` (token blocks: see [Note: token-sharded sequence
+    parallelism]; never a copy). With ``async_op`` returns ``(finish, work)``: ``finish()`` gives the result once
+    ``work`` is done."""
     size = group_size(group)
     xc = x.contiguous()
     buf = xc.new_empty((size * xc.size(0),) + tuple(xc.shape[1:])) if xc.dim() else xc.new_empty((size,))
@@ -132,22 +150,23 @@ def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None, async_op:
     shape[dim] *= size
 
     def finish() -> torch.Tensor:
-        if dim == 0 or _leading(xc, dim) == 1:
+        if flat or dim == 0 or _leading(xc, dim) == 1:
             return buf.view(shape)
         return buf.view((size,) + tuple(xc.shape)).movedim(0, dim).reshape(shape)
 
     return (finish, work) if async_op else finish()
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None, async_op: bool = False):
-    """Reduce-scatter (sum) along ``dim``: no copy when every dim before ``dim`` has size 1 (or ``dim`` is 0) and
-    ``x`` is contiguous, else one copy of the input into rank-major order. With ``async_op`` returns
-    ``(out, work)``: ``out`` holds the result once ``work`` is done."""
+def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None, async_op: bool = False,
+                    flat: bool = False):
+    """Reduce-scatter (sum) along ``dim``: no copy when ``flat`` (token blocks), when every dim before ``dim`` has
+    size 1 (or ``dim`` is 0) and ``x`` is contiguous, else one copy of the input into rank-major order. With
+    ``async_op`` returns ``(out, work)``: ``out`` holds the result once ``work`` is done."""
     size = group_size(group)
     xc = x.contiguous()
     out_shape = list(xc.shape)
     out_shape[dim] //= size
-    if dim == 0 or _leading(xc, dim) == 1:
+    if flat or dim == 0 or _leading(xc, dim) == 1:
         inp = xc
     else:
         split = list(xc.shape[:dim]) + [size, out_shape[dim]] + list(xc.shape[dim + 1:])
@@ -185,48 +204,36 @@ class _ReduceFromGroup(torch.autograd.Function):
 
 class _SplitAlongDim(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _own_chunk(x, dim, group)
+    def forward(ctx, x, dim, group, flat):
+        ctx.dim, ctx.group, ctx.flat = dim, group, flat
+        return _own_chunk(x, dim, group, flat)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.group), None, None
+        return _all_gather(grad, ctx.dim, ctx.group, flat=ctx.flat), None, None, None
 
 
 class _GatherAlongDim(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
+    def forward(ctx, x, dim, group, flat):
+        ctx.dim, ctx.group, ctx.flat = dim, group, flat
+        return _all_gather(x, dim, group, flat=flat)
 
     @staticmethod
     def backward(ctx, grad):
         # The consumer is replicated: every rank holds the full gradient already, keep our slice.
-        return _own_chunk(grad, ctx.dim, ctx.group), None, None
+        return _own_chunk(grad, ctx.dim, ctx.group, ctx.flat), None, None, None
 
 
 class _ReduceScatterAlongDim(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _reduce_scatter(x, dim, group)
+    def forward(ctx, x, dim, group, flat):
+        ctx.dim, ctx.group, ctx.flat = dim, group, flat
+        return _reduce_scatter(x, dim, group, flat=flat)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.group), None, None
-
-
-class _AllGatherAlongDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # The consumer is sequence-parallel: each rank holds a partial gradient of the whole, so sum then keep ours.
-        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+        return _all_gather(grad, ctx.dim, ctx.group, flat=ctx.flat), None, None, None
 
 
 class _BroadcastFrom(torch.autograd.Function):
@@ -291,8 +298,8 @@ class InputGradReduction:
     under autocast: the layers compute in it).
     """
 
-    def __init__(self, group: ProcessGroup | None, dim: Optional[int]) -> None:
-        self.group, self.dim = group, dim
+    def __init__(self, group: ProcessGroup | None, dim: Optional[int], flat: bool = False) -> None:
+        self.group, self.dim, self.flat = group, dim, flat
         self.expected = 0
         self._reset()
 
@@ -324,7 +331,7 @@ class InputGradReduction:
             self.work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
             self.result = buf
         else:
-            self.result, self.work = _reduce_scatter(buf, self.dim, self.group, async_op=True)
+            self.result, self.work = _reduce_scatter(buf, self.dim, self.group, async_op=True, flat=self.flat)
         if not async_op:
             self._wait()
 
@@ -341,7 +348,8 @@ class InputGradReduction:
         out = self.result
         self._reset()  # a second backward through a retained graph starts over
         if grad is not None:
-            extra = _all_reduce(grad, self.group) if self.dim is None else _reduce_scatter(grad, self.dim, self.group)
+            extra = (_all_reduce(grad, self.group) if self.dim is None
+                     else _reduce_scatter(grad, self.dim, self.group, flat=self.flat))
             out = extra if out is None else out.to(extra.dtype) + extra
         return out.to(dtype) if out is not None else None
 
@@ -353,7 +361,7 @@ class _CollectInput(torch.autograd.Function):
     def forward(ctx, x, dim, group, reduction):
         ctx.set_materialize_grads(False)
         ctx.reduction, ctx.dtype = reduction, x.dtype
-        return x.view_as(x) if dim is None else _all_gather(x, dim, group)
+        return x.view_as(x) if dim is None else _all_gather(x, dim, group, flat=reduction.flat)
 
     @staticmethod
     def backward(ctx, grad):
@@ -395,42 +403,47 @@ def reduce_from_group(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tens
     return _ReduceFromGroup.apply(x, group)
 
 
-def split_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
-    """Keep this rank's contiguous chunk of ``dim``; backward all-gathers the gradient along ``dim``."""
+def split_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None, *, flat: bool = False) -> torch.Tensor:
+    """Keep this rank's contiguous chunk of ``dim`` (``flat``: its block of the flattened dims ``0..dim``, see
+    [Note: token-sharded sequence parallelism]); backward all-gathers the gradient the same way."""
     size = group_size(group)
     dim = _normalize_dim(x, dim, "split_along_dim")
     _check_divisible(x, dim, size, "split_along_dim")
     if size == 1:
         return x
-    return _SplitAlongDim.apply(x, dim, group)
+    return _SplitAlongDim.apply(x, dim, group, flat)
 
 
-def gather_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
-    """All-gather along ``dim`` for a replicated consumer; backward keeps this rank's chunk of the gradient."""
+def gather_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None, *, flat: bool = False) -> torch.Tensor:
+    """All-gather along ``dim`` (``flat``: token blocks) for a replicated consumer; backward keeps this rank's chunk
+    of the gradient."""
     dim = _normalize_dim(x, dim, "gather_along_dim")
     if group_size(group) == 1:
         return x
-    return _GatherAlongDim.apply(x, dim, group)
+    return _GatherAlongDim.apply(x, dim, group, flat)
 
 
-def reduce_scatter_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
-    """Reduce-scatter (sum) along ``dim``; backward all-gathers the gradient along ``dim``."""
+def reduce_scatter_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None, *,
+                             flat: bool = False) -> torch.Tensor:
+    """Reduce-scatter (sum) along ``dim`` (``flat``: token blocks); backward all-gathers the gradient."""
     size = group_size(group)
     dim = _normalize_dim(x, dim, "reduce_scatter_along_dim")
     _check_divisible(x, dim, size, "reduce_scatter_along_dim")
     if size == 1:
         return x
-    return _ReduceScatterAlongDim.apply(x, dim, group)
+    return _ReduceScatterAlongDim.apply(x, dim, group, flat)
 
 
-def all_gather_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
-    """All-gather along ``dim`` for a sequence-parallel consumer; backward reduce-scatters (sums) the gradient."""
+def all_gather_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None, *,
+                         flat: bool = False) -> torch.Tensor:
+    """All-gather along ``dim`` (``flat``: token blocks) for a sequence-parallel consumer; backward reduce-scatters
+    (sums) the gradient."""
     dim = _normalize_dim(x, dim, "all_gather_along_dim")
     if group_size(group) == 1:
         return x
     # The same collective as before; column-parallel layers reading the output may reduce their input gradients
     # themselves, early (see [Note: the deferred input-gradient reduction]); otherwise backward reduce-scatters.
-    return gather_input(x, group, dim)
+    return gather_input(x, group, dim, flat=flat)
 
 
 def broadcast_from(x: torch.Tensor, src: int, group: ProcessGroup | None) -> torch.Tensor:
@@ -466,7 +479,8 @@ def reduce_from_group_(x: torch.Tensor, group: ProcessGroup | None) -> torch.Ten
     return _ReduceFromGroupInPlace.apply(x, group)
 
 
-def gather_input(x: torch.Tensor, group: ProcessGroup | None, dim: Optional[int] = None) -> torch.Tensor:
+def gather_input(x: torch.Tensor, group: ProcessGroup | None, dim: Optional[int] = None, *,
+                 flat: bool = False) -> torch.Tensor:
     """Make a column-parallel layer's input whole: identity (``dim`` None; backward all-reduces the gradient) or
     all-gather along ``dim`` (backward reduce-scatters it), the output carrying an :class:`InputGradReduction`
     (``input_grad_reduction(out)``) through which the layers reading it reduce their summed input gradients
@@ -475,7 +489,7 @@ def gather_input(x: torch.Tensor, group: ProcessGroup | None, dim: Optional[int]
         return x
     if dim is not None:
         dim = _normalize_dim(x, dim, "gather_input")
-    reduction = InputGradReduction(group, dim)
+    reduction = InputGradReduction(group, dim, flat)
     out = _CollectInput.apply(x, dim, group, reduction)
     setattr(out, _REDUCTION_ATTR, reduction)
     return out

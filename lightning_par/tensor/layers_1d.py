@@ -167,7 +167,7 @@ def _as_tensor_group(group: Union[ProcessGroup, TensorGroup, None]) -> TensorGro
 
 class InputOp:
     """Makes a column layer's input whole on every rank: ``copy_to_group`` (``seq_dim=None``) or an all-gather along
-    ``seq_dim``. Several layers may share one: the collective then runs once per distinct input tensor, until
+    ``seq_dim`` of the ranks' token blocks (see [Note: token-sharded sequence parallelism] in ``collectives.py``). Several layers may share one: the collective then runs once per distinct input tensor, until
     ``clear()`` (called when the owning block's forward ends)."""
 
     def __init__(self, tg: TensorGroup, seq_dim: Optional[int] = None) -> None:
@@ -179,7 +179,7 @@ class InputOp:
         if x is self._key:
             return self._value  # type: ignore[return-value]
         # Cast first: the collectives then carry the autocast dtype (see [Note: collectives in the autocast dtype]).
-        y = gather_input(to_compute_dtype(x), self.tg.group, self.seq_dim)
+        y = gather_input(to_compute_dtype(x), self.tg.group, self.seq_dim, flat=True)
         self._key, self._value = x, y
         return y
 
@@ -344,7 +344,8 @@ class ColumnParallelLinear(_ParallelLinear):
 
 class RowParallelLinear(_ParallelLinear):
     """``y = x A^T + b`` with ``A`` split by columns (input features): each rank multiplies its slice of ``x`` and
-    the partial products are summed (all-reduce), or summed and scattered along ``seq_dim`` (sequence parallel).
+    the partial products are summed (all-reduce), or summed and scattered along ``seq_dim`` (sequence parallel, in
+    token blocks: [Note: token-sharded sequence parallelism] in ``collectives.py``).
     The bias is added once, after the reduction. ``in_features`` is the local width."""
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], group: Union[ProcessGroup, TensorGroup, None],
@@ -369,7 +370,7 @@ class RowParallelLinear(_ParallelLinear):
         if not self.input_is_parallel:
             x = split_along_dim(x, -1, g)
         y = F.linear(x, self._matrix())  # a fresh temporary (bf16 under autocast): reduced in place, no copy
-        y = reduce_from_group_(y, g) if self.seq_dim is None else reduce_scatter_along_dim(y, self.seq_dim, g)
+        y = reduce_from_group_(y, g) if self.seq_dim is None else reduce_scatter_along_dim(y, self.seq_dim, g, flat=True)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

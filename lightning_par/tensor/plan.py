@@ -114,7 +114,9 @@ class ParallelAttention(ParallelStyle):
 @dataclass(frozen=True)
 class SequenceParallelRegion(ParallelStyle):
     """An ``nn.ModuleList`` / ``nn.Sequential`` of blocks run one after the other: with sequence parallelism the
-    activations between its blocks are split along ``seq_dim`` (None: the strategy's ``sequence_dim``)."""
+    activations between its blocks are split along ``seq_dim`` (None: the strategy's ``sequence_dim``), each rank
+    holding a block of the tokens in memory order (see [Note: token-sharded sequence parallelism] in
+    ``comm/collectives.py``). The blocks must work token by token between their inputs and the attention."""
 
     seq_dim: Optional[int] = None
     name = "sequence_region"
@@ -336,7 +338,7 @@ def _split_sequence(x: Tensor, seq_dim: int, tg: TensorGroup, region: str) -> Te
         raise ValueError(f"Sequence parallelism splits the input of {region} along dim {seq_dim} over tensor size "
                          f"{tg.size}, but that dim has size {x.size(seq_dim)} (input shape {tuple(x.shape)}): use a "
                          f"sequence length divisible by {tg.size}, or sequence_parallel=False.")
-    return split_along_dim(x, seq_dim, tg.group)
+    return split_along_dim(x, seq_dim, tg.group, flat=True)
 
 
 def parallelize(root: nn.Module, plan: Plan, group: Union[ProcessGroup, TensorGroup, None], *,
@@ -540,7 +542,8 @@ def _install_block_hooks(module: nn.Module, tg: TensorGroup, op: Optional[InputO
             # The gathered input feeds only the block's column layers, which compute in the autocast dtype: gather
             # it in that dtype (half the bytes of an fp32 norm output under bf16-mixed).
             args, kwargs = _map_hidden(args, kwargs,
-                                       lambda x: all_gather_along_dim(to_compute_dtype(x), seq_dim, tg.group), first)
+                                       lambda x: all_gather_along_dim(to_compute_dtype(x), seq_dim, tg.group, flat=True),
+                                       first)
         return args, kwargs
 
     def post(mod: nn.Module, args: tuple, output: Any) -> None:
@@ -558,7 +561,7 @@ def _install_region_hooks(region: nn.Module, name: str, tg: TensorGroup, seq_dim
         return _map_hidden(args, kwargs, lambda x: _split_sequence(x, seq_dim, tg, name), first_param)
 
     def gather(mod: nn.Module, args: tuple, output: Any) -> Any:
-        return _first_output(output, lambda y: gather_along_dim(y, seq_dim, tg.group))
+        return _first_output(output, lambda y: gather_along_dim(y, seq_dim, tg.group, flat=True))
 
     return [first.register_forward_pre_hook(split, with_kwargs=True), last.register_forward_hook(gather)]
 
