@@ -11,6 +11,7 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh offload       # ~3-4 min: 1.3B at 2 GPUs: zero3, zero3_offload, FSDP2
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline      # ~4-6 min: torch.distributed.pipelining vs ours, 1.3B at 4 GPUs
 #   OUT=$OUT benchmarks/gpu_suite.sh profile       # ~3 min: torch.profiler summaries of tp1d, dp, zero3 (1.3B) per rank
+#   OUT=$OUT benchmarks/gpu_suite.sh two_gpu       # ~6 min on 2 GPUs: parity at 2, tp1d / zero2 / DTensor TP at 2, tp1d profile
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_equal # ~1-2 min: the same with a 2048-token vocabulary (stages of equal time)
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
 #
@@ -19,7 +20,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|two_gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -187,6 +188,15 @@ case $MODE in
     for v in tp1d dp zero3; do
       run_case "profile_$v" 150 4 benchmarks/profile_variant.py --variant $v --out "$OUT/profile_$v" $ACC $THR
     done
+    ;;
+  two_gpu)  # a 2-GPU machine (nvidia-h100-x2): every strategy's parity at 2 GPUs, then tp1d beside zero2 and the
+    # DTensor peer at tensor 2, and a profile of tp1d
+    run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR
+    run_case parity_2gpu_all 150 2 $MG parity --reference "$REF" --out "$WORK/parity_2gpu.json" $ACC $NVME
+    run_case throughput_2gpu 240 2 $MG throughput --out "$WORK/throughput_2gpu.json" $ACC $THR \
+      --variants tp1d,zero2,dtensor_tp
+    run_case profile_tp1d_2gpu 150 2 benchmarks/profile_variant.py --variant tp1d --out "$OUT/profile_tp1d_2gpu" \
+      $ACC $THR
     ;;
   pipeline_equal)  # stages of equal time for the bubble formulas: a 2048-token vocabulary makes the head negligible
     run_case pipeline_equal_4gpu 500 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_4gpu.json" $ACC $THR \
