@@ -12,6 +12,7 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline      # ~4-6 min: torch.distributed.pipelining vs ours, 1.3B at 4 GPUs
 #   OUT=$OUT benchmarks/gpu_suite.sh profile       # ~3 min: torch.profiler summaries of tp1d, dp, zero3 (1.3B) per rank
 #   OUT=$OUT benchmarks/gpu_suite.sh two_gpu       # ~6 min on 2 GPUs: parity at 2, tp1d / zero2 / DTensor TP at 2, tp1d profile
+#   OUT=$OUT benchmarks/gpu_suite.sh two_gpu_speed # ~4 min on 2 GPUs: dp 1 vs 2 GPUs, ddp, tp1d, zero2, DTensor TP, profile
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_equal # ~1-2 min: the same with a 2048-token vocabulary (stages of equal time)
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
 #
@@ -20,7 +21,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|two_gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|two_gpu|two_gpu_speed|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -195,6 +196,13 @@ case $MODE in
     run_case parity_2gpu_all 150 2 $MG parity --reference "$REF" --out "$WORK/parity_2gpu.json" $ACC $NVME
     run_case throughput_2gpu 240 2 $MG throughput --out "$WORK/throughput_2gpu.json" $ACC $THR \
       --variants tp1d,zero2,dtensor_tp
+    run_case profile_tp1d_2gpu 150 2 benchmarks/profile_variant.py --variant tp1d --out "$OUT/profile_tp1d_2gpu" \
+      $ACC $THR
+    ;;
+  two_gpu_speed)  # 2 GPUs: dp's scaling (1 GPU, then 2 beside Lightning ddp), tp1d beside zero2 and DTensor TP, profile
+    run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
+    run_case speed_2gpu 300 2 $MG throughput --out "$WORK/speed_2gpu.json" $ACC $THR \
+      --variants dp,lightning_ddp,tp1d,zero2,dtensor_tp
     run_case profile_tp1d_2gpu 150 2 benchmarks/profile_variant.py --variant tp1d --out "$OUT/profile_tp1d_2gpu" \
       $ACC $THR
     ;;

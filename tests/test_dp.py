@@ -10,9 +10,11 @@ goes through Lightning's spawn launcher end to end.
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
@@ -150,3 +152,39 @@ def test_wrong_world_size_fails_before_any_collective():
 def test_mesh_read_too_early_says_when_it_exists():
     with pytest.raises(RuntimeError, match="built when the processes start"):
         DataParallelStrategy().mesh
+
+
+class _StubEpochLoop:
+    """Stands in for Lightning's training-epoch loop: the method the check replaces, and the trainer it reads."""
+
+    def __init__(self, received_sigterm: bool) -> None:
+        self.trainer = types.SimpleNamespace(received_sigterm=received_sigterm)
+
+    def _broadcast_sigterm_tensor(self) -> None:
+        raise AssertionError("Lightning's device check ran instead of the host one")
+
+
+def _sigterm_on_ranks(rank: int, world_size: int) -> list[str]:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lightning_par.strategies.sigterm import host_sigterm_check
+
+    group = dist.new_group(backend="gloo")
+    seen = []
+    for rank0_flag in (False, True):
+        # Only rank 0's flag counts, as in Lightning: the other ranks say False.
+        loop = _StubEpochLoop(received_sigterm=rank0_flag and rank == 0)
+        trainer = types.SimpleNamespace(fit_loop=types.SimpleNamespace(epoch_loop=loop))
+        assert host_sigterm_check(trainer, group)
+        try:
+            loop._broadcast_sigterm_tensor()
+            seen.append("went on")
+        except SIGTERMException:
+            seen.append("stopped")
+    assert not host_sigterm_check(trainer, None)  # a CPU run keeps Lightning's own check
+    return seen
+
+
+def test_sigterm_check_runs_on_the_host_group_and_stops_every_rank():
+    # Lightning's per-step check syncs the GPU twice (a device tensor and .item()); ours asks over gloo.
+    assert run_on_ranks(_sigterm_on_ranks, 2) == [["went on", "stopped"]] * 2

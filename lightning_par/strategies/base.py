@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
+from lightning_par.strategies.sigterm import host_sigterm_check, new_host_group
 from lightning_par.topology import Topology
 from lightning_par.zero.materialize import meta_parameters
 
@@ -77,6 +78,7 @@ class LightningParStrategy(ParallelStrategy):
         self._timeout = timeout
         self._start_method = start_method
         self._mesh: Optional[Any] = None
+        self._host_group: Optional[dist.ProcessGroup] = None  # gloo, for host-side flags on GPU runs
         self._grad_sync_enabled = True
 
     # ----- what subclasses decide -------------------------------------------------------------------------------
@@ -193,6 +195,8 @@ class LightningParStrategy(ParallelStrategy):
             self.cluster_environment, self._process_group_backend, timeout=self._timeout, device_id=device_id
         )
         self._mesh = self.topology.build_mesh(self.root_device.type)
+        if self._host_group is None:
+            self._host_group = new_host_group(self.root_device)
 
     def _set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -215,6 +219,7 @@ class LightningParStrategy(ParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
+            host_sigterm_check(trainer, self._host_group)  # no host sync per step (see sigterm.py)
             _optimizers_to_device(self.optimizers, self.root_device)
             plugin = self.precision_plugin
             plugin.clip_grad_by_norm = types.MethodType(
