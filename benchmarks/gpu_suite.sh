@@ -202,7 +202,7 @@ case $MODE in
   two_gpu_speed)  # 2 GPUs: dp's scaling (1 GPU, then 2 beside Lightning ddp), tp1d beside zero2 and DTensor TP, profile
     run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
     run_case speed_2gpu 300 2 $MG throughput --out "$WORK/speed_2gpu.json" $ACC $THR \
-      --variants dp,lightning_ddp,tp1d,zero2,dtensor_tp
+      --variants dp,lightning_ddp,tp1d,tp1d_chunks1,tp1d_chunks4,zero2
     run_case profile_tp1d_2gpu 150 2 benchmarks/profile_variant.py --variant tp1d --out "$OUT/profile_tp1d_2gpu" \
       $ACC $THR
     ;;

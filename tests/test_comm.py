@@ -7,6 +7,7 @@ Every rank builds every rank's tensors from fixed seeds, so each can compute the
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -78,6 +79,10 @@ def X(g, shape=FULL):  # rank g's input
 
 def U(g, shape=FULL):  # rank g's upstream gradient
     return _val(shape, 2000 + g)
+
+
+def _numel_to(dim):  # the number of "tokens" of FULL for the token layout along dim: the dims up to dim flattened
+    return math.prod(FULL[: dim % len(FULL) + 1])
 
 
 def _chunk_shape(dim, n):
@@ -165,37 +170,38 @@ def _check_primitives(group, members, me, label, done):
     for name in ("split_along_dim", "gather_along_dim", "reduce_scatter_along_dim", "all_gather_along_dim"):
         done.append(f"{name}[{label}]")
 
-    # flat (token blocks): rank k's piece is the k-th block of the tensor's memory, in the chunk's shape; the
-    # wholes are the plain concatenation of the blocks (see [Note: token-sharded sequence parallelism]).
-    for dim in (1, -1):
+    # the token layout (chunks k): the memory cut into k chunks of n blocks, rank g holding block g of every chunk,
+    # in the chunk's shape; the wholes put the blocks back in place (see [Note: token-sharded sequence parallelism]).
+    for dim, chunks in ((1, 1), (-1, 1), (1, 2), (-1, 3)):
         cs = _chunk_shape(dim, n)
-        block = lambda t, k: t.reshape(-1).chunk(n)[k].view(cs)  # noqa: E731
-        whole = lambda parts: torch.cat([p.reshape(-1) for p in parts]).view(FULL)  # noqa: E731
+        k = chunks if _numel_to(dim) % (chunks * n) == 0 else 1
+        block = lambda t, g: t.reshape(k, n, -1)[:, g].reshape(cs)  # noqa: E731
+        whole = lambda parts: torch.stack([p.reshape(k, -1) for p in parts], 1).reshape(FULL)  # noqa: E731
 
         x = _leaf(X(me))
-        y = split_along_dim(x, dim, group, flat=True)
+        y = split_along_dim(x, dim, group, chunks=chunks)
         _close(y, block(X(me), gr))
         y.backward(U(me, cs))
         _close(x.grad, whole([U(m, cs) for m in members]))
 
         x = _leaf(X(me, cs))
-        y = gather_along_dim(x, dim, group, flat=True)
+        y = gather_along_dim(x, dim, group, chunks=chunks)
         _close(y, whole([X(m, cs) for m in members]))
         y.backward(U(me))
         _close(x.grad, block(U(me), gr))
 
         x = _leaf(X(me))
-        y = reduce_scatter_along_dim(x, dim, group, flat=True)
+        y = reduce_scatter_along_dim(x, dim, group, chunks=chunks)
         _close(y, block(sum(X(m) for m in members), gr))
         y.backward(U(me, cs))
         _close(x.grad, whole([U(m, cs) for m in members]))
 
         x = _leaf(X(me, cs))
-        y = all_gather_along_dim(x, dim, group, flat=True)
+        y = all_gather_along_dim(x, dim, group, chunks=chunks)
         _close(y, whole([X(m, cs) for m in members]))
         y.backward(U(me))
         _close(x.grad, block(sum(U(m) for m in members), gr))
-    done.append(f"flat[{label}]")
+    done.append(f"token_layout[{label}]")
 
     for root in range(n):
         x = _leaf(X(me))
@@ -431,7 +437,7 @@ def _rank_fn(rank, world_size):
 
 def _expected(world_size):
     labels = ["world"] + (["pair", "strided"] if world_size == 4 else [])
-    names = [f"{p}[{label}]" for label in labels for p in (*PRIMITIVES, "flat", "bf16", "tp_mlp")]
+    names = [f"{p}[{label}]" for label in labels for p in (*PRIMITIVES, "token_layout", "bf16", "tp_mlp")]
     names += ["errors[world]", "single", "p2p_ring_tuple", "p2p_ring_async", "p2p_pair_group"]
     return sorted(names)
 

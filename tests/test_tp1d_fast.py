@@ -26,6 +26,7 @@ from lightning_par.comm.collectives import (
     reduce_from_group,
     reduce_from_group_,
     reduce_scatter_along_dim,
+    token_chunks,
 )
 from lightning_par.tensor import ColumnParallelLinear, RowParallelLinear, TensorGroup, auto_plan, parallelize
 from lightning_par.tensor.full_state import _gather
@@ -101,10 +102,10 @@ class Qkv(nn.Module):
 
 
 def _token_block(x: torch.Tensor, tg: TensorGroup) -> torch.Tensor:
-    """This rank's sequence-parallel piece of a ``[B, T, C]`` tensor: its block of the B*T tokens in memory order,
-    viewed as ``[B, T/t, C]`` (see [Note: token-sharded sequence parallelism])."""
-    n = x.size(0) * x.size(1) // tg.size
-    return x.reshape(-1, x.size(-1))[tg.rank * n:(tg.rank + 1) * n].view(x.size(0), -1, x.size(-1))
+    """This rank's sequence-parallel piece of a ``[B, T, C]`` tensor: its block of every chunk of the B*T tokens in
+    memory order, viewed as ``[B, T/t, C]`` (see [Note: token-sharded sequence parallelism])."""
+    k = token_chunks(x.size(0) * x.size(1), tg.size, tg.token_chunks)
+    return x.reshape(k, tg.size, -1)[:, tg.rank].reshape(x.size(0), -1, x.size(-1))
 
 
 def _check_fused_column_gradients(tg: TensorGroup) -> None:
@@ -270,6 +271,7 @@ def _on_two_ranks(rank: int, world: int) -> bool:
     tg = TensorGroup(None)
     _check_collective_variants(tg)
     _check_fused_column_gradients(tg)
+    _check_fused_column_gradients(TensorGroup(None, token_chunks=2))  # row layers overlapping in 2 chunks
     _check_bf16_collectives(tg)
     _check_replicated_grad_sum(tg)
     return True

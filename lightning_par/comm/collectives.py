@@ -67,11 +67,11 @@ def _global_rank(group: ProcessGroup | None, rank: int) -> int:
 # torch 2.13 renamed the fused collectives to *_single and deprecated the *_tensor names (FutureWarning per call);
 # 2.11 only has the *_tensor names. Looked up per call so tests can intercept them. gloo implements both since
 # torch 2.2 (reduce-scatter internally as all-reduce + own chunk), so no gloo-specific fallback is needed.
-def _all_gather_fused():
+def all_gather_fused():
     return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _reduce_scatter_fused():
+def reduce_scatter_fused():
     return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
@@ -105,13 +105,32 @@ def _check_root(root: int, size: int, op: str, name: str) -> None:
 # Sequence parallelism splits the activations between blocks over the tensor group. Split along the sequence dim of
 # a batch-first ``[B, T, C]`` tensor, each rank's piece is strided (B runs of T/t tokens), so every all-gather needs
 # a copy to put the rank blocks in place and every reduce-scatter a copy to take them out: a whole activation moved
-# twice per collective, four collectives per block. With ``flat`` the ranks hold consecutive blocks of the flattened
-# dims ``0..dim`` instead: rank r holds tokens ``[r*N/t, (r+1)*N/t)`` of the ``N = B*T`` tokens in memory order,
-# viewed in the shape the user's code expects (``[B, T/t, C]``). That is exactly how the fused collectives cut
-# memory, so no collective copies. Every op between the split and the gather (norms, dropout, residual adds, the
-# MLP) works token by token and does not care which tokens a rank holds; the ops that mix tokens (attention) run on
-# the gathered, whole sequence. Megatron gets the same for free from its sequence-first ``[T, B, C]`` layout, where
-# ``flat`` changes nothing (``dim`` 0).
+# twice per collective, four collectives per block. In the token layout (``chunks`` >= 1) the ranks hold blocks of
+# the ``N = B*T`` tokens in memory order instead (the flattened dims ``0..dim``), viewed in the shape the user's code
+# expects (``[B, T/t, C]``): the N tokens are cut into ``k`` chunks of ``t`` blocks each, and rank r holds block r of
+# every chunk (``k = 1``: tokens ``[r*N/t, (r+1)*N/t)``). That is how the fused collectives cut memory, so a chunk
+# is one all-gather or reduce-scatter and nothing is copied. Chunks let a layer overlap the collective of one chunk
+# with the matmul of the next (see ``RowParallelLinear``). Every op between the split and the gather (norms,
+# dropout, residual adds, the MLP) works token by token and does not care which tokens a rank holds; the ops that
+# mix tokens (attention) run on the gathered, whole sequence. Megatron gets ``k = 1`` for free from its
+# sequence-first ``[T, B, C]`` layout. ``k`` is ``chunks`` when the tokens divide into ``chunks * t`` blocks, else 1:
+# every site computes it from the same N, so all agree.
+
+
+def token_chunks(tokens: int, size: int, chunks: int) -> int:
+    """How many chunks a token layout asking for ``chunks`` uses for ``tokens`` tokens over ``size`` ranks."""
+    return chunks if chunks > 1 and tokens % (chunks * size) == 0 else 1
+
+
+class _Works:
+    """Several async collectives waited as one."""
+
+    def __init__(self, works: list) -> None:
+        self.works = works
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
 
 
 def _all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
@@ -120,37 +139,48 @@ def _all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return out
 
 
-def _own_chunk(x: torch.Tensor, dim: int, group: ProcessGroup | None, flat: bool = False) -> torch.Tensor:
-    size = group_size(group)
-    length = x.size(dim) // size
-    if flat:  # the r-th block of the flattened tokens, in ``x``'s shape with ``dim`` cut down
-        shape = list(x.shape)
-        shape[dim] = length
-        block = x.numel() // size
-        return _contiguous_copy(x.reshape(-1).narrow(0, group_rank(group) * block, block).view(shape))
-    # A copy, not a view: a view of a custom Function's input would forbid in-place ops on the output.
-    return _contiguous_copy(x.narrow(dim, group_rank(group) * length, length))
-
-
 def _leading(x: torch.Tensor, dim: int) -> int:
     return math.prod(x.shape[:dim])
 
 
-def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None, async_op: bool = False, flat: bool = False):
+def _resized(x: torch.Tensor, dim: int, factor: float) -> list[int]:
+    shape = list(x.shape)
+    shape[dim] = int(shape[dim] * factor)
+    return shape
+
+
+def _own_chunk(x: torch.Tensor, dim: int, group: ProcessGroup | None, chunks: int = 0) -> torch.Tensor:
+    size, rank = group_size(group), group_rank(group)
+    length = x.size(dim) // size
+    if chunks:  # block ``rank`` of every chunk of the tokens, in ``x``'s shape with ``dim`` cut down
+        k = token_chunks(_leading(x, dim + 1), size, chunks)
+        blocks = x.reshape(k, size, -1)[:, rank]
+        return _contiguous_copy(blocks).view(_resized(x, dim, 1 / size))
+    # A copy, not a view: a view of a custom Function's input would forbid in-place ops on the output.
+    return _contiguous_copy(x.narrow(dim, rank * length, length))
+
+
+def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None, async_op: bool = False, chunks: int = 0):
     """All-gather along ``dim`` into one preallocated buffer. The fused collective concatenates along dim 0, which
     is ``dim`` itself when every dim before it has size 1 (no copy at all); otherwise one copy puts the rank blocks
-    in place (``[B, t, T/t, C] -> [B, T, C]``), unless ``flat`` (token blocks: see [Note: token-sharded sequence
-    parallelism]; never a copy). With ``async_op`` returns ``(finish, work)``: ``finish()`` gives the result once
-    ``work`` is done."""
+    in place (``[B, t, T/t, C] -> [B, T, C]``), unless ``chunks`` (the token layout: one collective per chunk, never
+    a copy; see [Note: token-sharded sequence parallelism]). With ``async_op`` returns ``(finish, work)``:
+    ``finish()`` gives the result once ``work`` is done."""
     size = group_size(group)
     xc = x.contiguous()
+    kwargs = {"async_op": True} if async_op else {}
+    shape = _resized(xc, dim, size)
+    if chunks:
+        k = token_chunks(_leading(xc, dim + 1) * size, size, chunks)
+        pieces = xc.view(k, -1)
+        buf = xc.new_empty((k, size * pieces.size(1)))
+        work = _Works([all_gather_fused()(buf[c], pieces[c], group=group, **kwargs) for c in range(k)])
+        return ((lambda: buf.view(shape)), work) if async_op else buf.view(shape)
     buf = xc.new_empty((size * xc.size(0),) + tuple(xc.shape[1:])) if xc.dim() else xc.new_empty((size,))
-    work = _all_gather_fused()(buf, xc, group=group, **({"async_op": True} if async_op else {}))
-    shape = list(xc.shape)
-    shape[dim] *= size
+    work = all_gather_fused()(buf, xc, group=group, **kwargs)
 
     def finish() -> torch.Tensor:
-        if flat or dim == 0 or _leading(xc, dim) == 1:
+        if dim == 0 or _leading(xc, dim) == 1:
             return buf.view(shape)
         return buf.view((size,) + tuple(xc.shape)).movedim(0, dim).reshape(shape)
 
@@ -158,23 +188,29 @@ def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None, async_op:
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None, async_op: bool = False,
-                    flat: bool = False):
-    """Reduce-scatter (sum) along ``dim``: no copy when ``flat`` (token blocks), when every dim before ``dim`` has
-    size 1 (or ``dim`` is 0) and ``x`` is contiguous, else one copy of the input into rank-major order. With
-    ``async_op`` returns ``(out, work)``: ``out`` holds the result once ``work`` is done."""
+                    chunks: int = 0):
+    """Reduce-scatter (sum) along ``dim``: no copy in the token layout (``chunks``: one collective per chunk), when
+    every dim before ``dim`` has size 1 (or ``dim`` is 0) and ``x`` is contiguous, else one copy of the input into
+    rank-major order. With ``async_op`` returns ``(out, work)``: ``out`` holds the result once ``work`` is done."""
     size = group_size(group)
     xc = x.contiguous()
-    out_shape = list(xc.shape)
-    out_shape[dim] //= size
-    if flat or dim == 0 or _leading(xc, dim) == 1:
+    kwargs = {"async_op": True} if async_op else {}
+    out_shape = _resized(xc, dim, 1 / size)
+    if chunks:
+        k = token_chunks(_leading(xc, dim + 1), size, chunks)
+        pieces = xc.view(k, -1)
+        out = xc.new_empty((k, pieces.size(1) // size))
+        work = _Works([reduce_scatter_fused()(out[c], pieces[c], op=dist.ReduceOp.SUM, group=group, **kwargs)
+                       for c in range(k)])
+        return (out.view(out_shape), work) if async_op else out.view(out_shape)
+    if dim == 0 or _leading(xc, dim) == 1:
         inp = xc
     else:
         split = list(xc.shape[:dim]) + [size, out_shape[dim]] + list(xc.shape[dim + 1:])
         inp = xc.view(split).movedim(dim, 0).contiguous()
     out = xc.new_empty(out_shape)
     inp = inp.reshape((size * out.size(0),) + tuple(out.shape[1:]))
-    work = _reduce_scatter_fused()(out, inp, op=dist.ReduceOp.SUM, group=group,
-                                  **({"async_op": True} if async_op else {}))
+    work = reduce_scatter_fused()(out, inp, op=dist.ReduceOp.SUM, group=group, **kwargs)
     return (out, work) if async_op else out
 
 
@@ -204,36 +240,36 @@ class _ReduceFromGroup(torch.autograd.Function):
 
 class _SplitAlongDim(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group, flat):
-        ctx.dim, ctx.group, ctx.flat = dim, group, flat
-        return _own_chunk(x, dim, group, flat)
+    def forward(ctx, x, dim, group, chunks):
+        ctx.dim, ctx.group, ctx.chunks = dim, group, chunks
+        return _own_chunk(x, dim, group, chunks)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.group, flat=ctx.flat), None, None, None
+        return _all_gather(grad, ctx.dim, ctx.group, chunks=ctx.chunks), None, None, None
 
 
 class _GatherAlongDim(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group, flat):
-        ctx.dim, ctx.group, ctx.flat = dim, group, flat
-        return _all_gather(x, dim, group, flat=flat)
+    def forward(ctx, x, dim, group, chunks):
+        ctx.dim, ctx.group, ctx.chunks = dim, group, chunks
+        return _all_gather(x, dim, group, chunks=chunks)
 
     @staticmethod
     def backward(ctx, grad):
         # The consumer is replicated: every rank holds the full gradient already, keep our slice.
-        return _own_chunk(grad, ctx.dim, ctx.group, ctx.flat), None, None, None
+        return _own_chunk(grad, ctx.dim, ctx.group, ctx.chunks), None, None, None
 
 
 class _ReduceScatterAlongDim(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group, flat):
-        ctx.dim, ctx.group, ctx.flat = dim, group, flat
-        return _reduce_scatter(x, dim, group, flat=flat)
+    def forward(ctx, x, dim, group, chunks):
+        ctx.dim, ctx.group, ctx.chunks = dim, group, chunks
+        return _reduce_scatter(x, dim, group, chunks=chunks)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.group, flat=ctx.flat), None, None, None
+        return _all_gather(grad, ctx.dim, ctx.group, chunks=ctx.chunks), None, None, None
 
 
 class _BroadcastFrom(torch.autograd.Function):
@@ -298,8 +334,8 @@ class InputGradReduction:
     under autocast: the layers compute in it).
     """
 
-    def __init__(self, group: ProcessGroup | None, dim: Optional[int], flat: bool = False) -> None:
-        self.group, self.dim, self.flat = group, dim, flat
+    def __init__(self, group: ProcessGroup | None, dim: Optional[int], chunks: int = 0) -> None:
+        self.group, self.dim, self.chunks = group, dim, chunks
         self.expected = 0
         self._reset()
 
@@ -331,7 +367,7 @@ class InputGradReduction:
             self.work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
             self.result = buf
         else:
-            self.result, self.work = _reduce_scatter(buf, self.dim, self.group, async_op=True, flat=self.flat)
+            self.result, self.work = _reduce_scatter(buf, self.dim, self.group, async_op=True, chunks=self.chunks)
         if not async_op:
             self._wait()
 
@@ -349,7 +385,7 @@ class InputGradReduction:
         self._reset()  # a second backward through a retained graph starts over
         if grad is not None:
             extra = (_all_reduce(grad, self.group) if self.dim is None
-                     else _reduce_scatter(grad, self.dim, self.group, flat=self.flat))
+                     else _reduce_scatter(grad, self.dim, self.group, chunks=self.chunks))
             out = extra if out is None else out.to(extra.dtype) + extra
         return out.to(dtype) if out is not None else None
 
@@ -361,7 +397,7 @@ class _CollectInput(torch.autograd.Function):
     def forward(ctx, x, dim, group, reduction):
         ctx.set_materialize_grads(False)
         ctx.reduction, ctx.dtype = reduction, x.dtype
-        return x.view_as(x) if dim is None else _all_gather(x, dim, group, flat=reduction.flat)
+        return x.view_as(x) if dim is None else _all_gather(x, dim, group, chunks=reduction.chunks)
 
     @staticmethod
     def backward(ctx, grad):
@@ -403,47 +439,47 @@ def reduce_from_group(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tens
     return _ReduceFromGroup.apply(x, group)
 
 
-def split_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None, *, flat: bool = False) -> torch.Tensor:
-    """Keep this rank's contiguous chunk of ``dim`` (``flat``: its block of the flattened dims ``0..dim``, see
+def split_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None, *, chunks: int = 0) -> torch.Tensor:
+    """Keep this rank's contiguous chunk of ``dim`` (``chunks`` >= 1: its blocks of the token layout, see
     [Note: token-sharded sequence parallelism]); backward all-gathers the gradient the same way."""
     size = group_size(group)
     dim = _normalize_dim(x, dim, "split_along_dim")
     _check_divisible(x, dim, size, "split_along_dim")
     if size == 1:
         return x
-    return _SplitAlongDim.apply(x, dim, group, flat)
+    return _SplitAlongDim.apply(x, dim, group, chunks)
 
 
-def gather_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None, *, flat: bool = False) -> torch.Tensor:
-    """All-gather along ``dim`` (``flat``: token blocks) for a replicated consumer; backward keeps this rank's chunk
-    of the gradient."""
+def gather_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None, *, chunks: int = 0) -> torch.Tensor:
+    """All-gather along ``dim`` (``chunks``: the token layout) for a replicated consumer; backward keeps this rank's
+    chunk of the gradient."""
     dim = _normalize_dim(x, dim, "gather_along_dim")
     if group_size(group) == 1:
         return x
-    return _GatherAlongDim.apply(x, dim, group, flat)
+    return _GatherAlongDim.apply(x, dim, group, chunks)
 
 
 def reduce_scatter_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None, *,
-                             flat: bool = False) -> torch.Tensor:
-    """Reduce-scatter (sum) along ``dim`` (``flat``: token blocks); backward all-gathers the gradient."""
+                             chunks: int = 0) -> torch.Tensor:
+    """Reduce-scatter (sum) along ``dim`` (``chunks``: the token layout); backward all-gathers the gradient."""
     size = group_size(group)
     dim = _normalize_dim(x, dim, "reduce_scatter_along_dim")
     _check_divisible(x, dim, size, "reduce_scatter_along_dim")
     if size == 1:
         return x
-    return _ReduceScatterAlongDim.apply(x, dim, group, flat)
+    return _ReduceScatterAlongDim.apply(x, dim, group, chunks)
 
 
 def all_gather_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None, *,
-                         flat: bool = False) -> torch.Tensor:
-    """All-gather along ``dim`` (``flat``: token blocks) for a sequence-parallel consumer; backward reduce-scatters
+                         chunks: int = 0) -> torch.Tensor:
+    """All-gather along ``dim`` (``chunks``: the token layout) for a sequence-parallel consumer; backward reduce-scatters
     (sums) the gradient."""
     dim = _normalize_dim(x, dim, "all_gather_along_dim")
     if group_size(group) == 1:
         return x
     # The same collective as before; column-parallel layers reading the output may reduce their input gradients
     # themselves, early (see [Note: the deferred input-gradient reduction]); otherwise backward reduce-scatters.
-    return gather_input(x, group, dim, flat=flat)
+    return gather_input(x, group, dim, chunks=chunks)
 
 
 def broadcast_from(x: torch.Tensor, src: int, group: ProcessGroup | None) -> torch.Tensor:
@@ -480,7 +516,7 @@ def reduce_from_group_(x: torch.Tensor, group: ProcessGroup | None) -> torch.Ten
 
 
 def gather_input(x: torch.Tensor, group: ProcessGroup | None, dim: Optional[int] = None, *,
-                 flat: bool = False) -> torch.Tensor:
+                 chunks: int = 0) -> torch.Tensor:
     """Make a column-parallel layer's input whole: identity (``dim`` None; backward all-reduces the gradient) or
     all-gather along ``dim`` (backward reduce-scatters it), the output carrying an :class:`InputGradReduction`
     (``input_grad_reduction(out)``) through which the layers reading it reduce their summed input gradients
@@ -489,7 +525,7 @@ def gather_input(x: torch.Tensor, group: ProcessGroup | None, dim: Optional[int]
         return x
     if dim is not None:
         dim = _normalize_dim(x, dim, "gather_input")
-    reduction = InputGradReduction(group, dim, flat)
+    reduction = InputGradReduction(group, dim, chunks)
     out = _CollectInput.apply(x, dim, group, reduction)
     setattr(out, _REDUCTION_ATTR, reduction)
     return out

@@ -59,6 +59,10 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         plan: ``{module name or glob: style}``; None for the automatic plan.
         sequence_dim: the sequence dim of the activations between the user's blocks (1 for ``[batch, seq, ...]``);
             ``nn.Transformer*`` layers use their own ``batch_first``.
+        sequence_chunks: under sequence parallelism, each row-parallel layer multiplies the tokens in this many
+            chunks and reduce-scatters one chunk while it multiplies the next (backward: all-gathers while it
+            multiplies), hiding the collectives behind the matmuls; 1: one matmul, then the collective. Used when
+            the batch's tokens divide into ``sequence_chunks * tensor_size`` blocks, else 1.
         vocab_parallel_loss: the output layer hands out its vocabulary shard, so ``F.cross_entropy`` on the logits
             never gathers them; False gathers the logits in the output layer.
         strict: with the automatic plan, refuse a model with a list of repeated blocks of which the plan shards
@@ -81,6 +85,7 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         sequence_parallel: Optional[bool] = None,
         plan: Optional[dict[str, Union[str, ParallelStyle]]] = None,
         sequence_dim: int = 1,
+        sequence_chunks: int = 2,
         vocab_parallel_loss: bool = True,
         strict: bool = True,
         param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
@@ -111,6 +116,9 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         self.sequence_parallel = sequence_parallel
         self.plan = dict(plan) if plan is not None else None
         self.sequence_dim = sequence_dim
+        if not isinstance(sequence_chunks, int) or sequence_chunks < 1:
+            raise ValueError(f"sequence_chunks must be a positive integer; got {sequence_chunks!r}.")
+        self.sequence_chunks = sequence_chunks
         self.vocab_parallel_loss = vocab_parallel_loss
         self.strict = strict
         self.param_init_fn = param_init_fn
@@ -176,7 +184,7 @@ class TensorParallel1DStrategy(DataParallelStrategy):
             sp = self._resolve_sequence_parallel(plan, tensor)
             applied = parallelize(module, plan, group, sequence_parallel=sp,
                                   sequence_dim=self.sequence_dim, vocab_parallel_loss=self.vocab_parallel_loss,
-                                  notes=notes, reasons=reasons)
+                                  token_chunks=self.sequence_chunks, notes=notes, reasons=reasons)
             self._sharded_here = True
             self._failed = False
             rank_zero_info(applied.describe())

@@ -34,6 +34,7 @@ gradient overlaps; with several (separate q/k/v, gate/up) the last one's does.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Union
@@ -45,14 +46,16 @@ from torch.distributed import ProcessGroup
 
 from lightning_par.comm.collectives import (
     InputGradReduction,
+    all_gather_fused,
     gather_along_dim,
     gather_input,
     group_rank,
     group_size,
     input_grad_reduction,
     reduce_from_group_,
-    reduce_scatter_along_dim,
+    reduce_scatter_fused,
     split_along_dim,
+    token_chunks,
 )
 
 _SPEC_ATTR = "_tensor_parallel_spec"
@@ -147,9 +150,14 @@ ShardFn = Callable[[nn.Parameter, ShardSpec], nn.Parameter]
 
 class TensorGroup:
     """The tensor-parallel group that all layers of one sharded model read; rebound when a new ``fit`` builds new
-    process groups (``bind``)."""
+    process groups (``bind``). ``token_chunks``: the chunks of the sequence-parallel token layout (see [Note:
+    token-sharded sequence parallelism] in ``collectives.py``), which every sequence-parallel site of the model
+    must share; more than 1 lets the row-parallel layers overlap their collectives with their matmuls."""
 
-    def __init__(self, group: Optional[ProcessGroup]) -> None:
+    def __init__(self, group: Optional[ProcessGroup], token_chunks: int = 1) -> None:
+        if token_chunks < 1:
+            raise ValueError(f"token_chunks must be at least 1, got {token_chunks}")
+        self.token_chunks = token_chunks
         self.bind(group)
 
     def bind(self, group: Optional[ProcessGroup]) -> None:
@@ -179,7 +187,7 @@ class InputOp:
         if x is self._key:
             return self._value  # type: ignore[return-value]
         # Cast first: the collectives then carry the autocast dtype (see [Note: collectives in the autocast dtype]).
-        y = gather_input(to_compute_dtype(x), self.tg.group, self.seq_dim, flat=True)
+        y = gather_input(to_compute_dtype(x), self.tg.group, self.seq_dim, chunks=self.tg.token_chunks)
         self._key, self._value = x, y
         return y
 
@@ -239,6 +247,77 @@ class _ColumnLinear(torch.autograd.Function):
             if need_b:
                 gb = g2.sum(0).to(b_dtype)
         return gx, gw, gb, None, None
+
+
+class _RowLinearScatter(torch.autograd.Function):
+    """``F.linear(x, weight)`` followed by the reduce-scatter into the sequence-parallel token layout, overlapped.
+
+    [Note: overlapping the row-parallel collectives]
+    The tokens come in ``k`` chunks (``TensorGroup.token_chunks``; see [Note: token-sharded sequence parallelism]):
+    forward multiplies chunk c's rows and launches their reduce-scatter asynchronously, so it runs while chunk c+1
+    is multiplied; backward launches the all-gathers of every chunk's output gradient at once and multiplies chunk c
+    (input gradient) as soon as its gather arrives, while the next ones travel. The weight gradient needs all of
+    them and comes last. With ``k = 1`` it is the plain matmul then collective. Computes in ``dtype`` (the autocast
+    dtype), as ``F.linear`` under autocast would; the collectives carry it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, transposed: bool, seq_dim: int, tg: TensorGroup,
+                dtype: torch.dtype) -> Tensor:
+        w = (weight.t() if transposed else weight).to(dtype)  # (out, in)
+        x2 = x.to(dtype).reshape(-1, x.size(-1))
+        n, t = x2.size(0), tg.size
+        k = token_chunks(_tokens(x, seq_dim), t, tg.token_chunks)
+        rows = n // k
+        full = x2.new_empty((n, w.size(0)))
+        local = x2.new_empty((n // t, w.size(0)))
+        works = []
+        with torch.autocast(x.device.type, enabled=False):
+            for c in range(k):
+                part = full[c * rows:(c + 1) * rows]
+                torch.mm(x2[c * rows:(c + 1) * rows], w.t(), out=part)
+                works.append(reduce_scatter_fused()(local[c * rows // t:(c + 1) * rows // t], part,
+                                                    group=tg.group, async_op=True))
+        for work in works:
+            work.wait()  # the compute stream waits; the host does not
+        ctx.save_for_backward(x2, w)
+        ctx.x_meta = (x.shape, x.dtype)
+        ctx.w_dtype, ctx.transposed, ctx.tg, ctx.k = weight.dtype, transposed, tg, k
+        shape = list(x.shape[:-1]) + [w.size(0)]
+        shape[seq_dim] //= t
+        return local.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x2, w = ctx.saved_tensors
+        tg, k = ctx.tg, ctx.k
+        g = grad.to(w.dtype).contiguous().view(-1, w.size(0))
+        n = x2.size(0)
+        rows, local_rows = n // k, g.size(0) // k
+        full = g.new_empty((n, w.size(0)))
+        works = [all_gather_fused()(full[c * rows:(c + 1) * rows], g[c * local_rows:(c + 1) * local_rows],
+                                    group=tg.group, async_op=True) for c in range(k)]
+        gx = gw = None
+        with torch.autocast(x2.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                gx = x2.new_empty(x2.shape)
+                for c, work in enumerate(works):
+                    work.wait()
+                    torch.mm(full[c * rows:(c + 1) * rows], w, out=gx[c * rows:(c + 1) * rows])
+                shape, dtype = ctx.x_meta
+                gx = gx.view(shape).to(dtype)
+            else:
+                for work in works:
+                    work.wait()
+            if ctx.needs_input_grad[1]:
+                gw = full.t().mm(x2)  # (out, in)
+                gw = (gw.t() if ctx.transposed else gw).to(ctx.w_dtype)
+        return gx, gw, None, None, None, None
+
+
+def _tokens(x: Tensor, seq_dim: int) -> int:
+    """The tokens of a whole (gathered) activation: its dims up to the sequence dim, flattened."""
+    return math.prod(x.shape[: seq_dim % x.dim() + 1])
 
 
 def column_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -369,8 +448,11 @@ class RowParallelLinear(_ParallelLinear):
             return F.linear(x, self._matrix(), self.bias)
         if not self.input_is_parallel:
             x = split_along_dim(x, -1, g)
-        y = F.linear(x, self._matrix())  # a fresh temporary (bf16 under autocast): reduced in place, no copy
-        y = reduce_from_group_(y, g) if self.seq_dim is None else reduce_scatter_along_dim(y, self.seq_dim, g, flat=True)
+        if self.seq_dim is None:
+            y = F.linear(x, self._matrix())  # a fresh temporary (bf16 under autocast): reduced in place, no copy
+            y = reduce_from_group_(y, g)
+        else:
+            y = _RowLinearScatter.apply(x, self.weight, self.transposed, self.seq_dim, self.tg, compute_dtype(x))
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

@@ -338,20 +338,22 @@ def _split_sequence(x: Tensor, seq_dim: int, tg: TensorGroup, region: str) -> Te
         raise ValueError(f"Sequence parallelism splits the input of {region} along dim {seq_dim} over tensor size "
                          f"{tg.size}, but that dim has size {x.size(seq_dim)} (input shape {tuple(x.shape)}): use a "
                          f"sequence length divisible by {tg.size}, or sequence_parallel=False.")
-    return split_along_dim(x, seq_dim, tg.group, flat=True)
+    return split_along_dim(x, seq_dim, tg.group, chunks=tg.token_chunks)
 
 
 def parallelize(root: nn.Module, plan: Plan, group: Union[ProcessGroup, TensorGroup, None], *,
                 sequence_parallel: bool = False, sequence_dim: int = 1, vocab_parallel_loss: bool = True,
-                notes: Optional[list[str]] = None, reasons: Optional[Mapping[str, str]] = None) -> AppliedPlan:
+                token_chunks: int = 1, notes: Optional[list[str]] = None,
+                reasons: Optional[Mapping[str, str]] = None) -> AppliedPlan:
     """Shard ``root`` in place as ``plan`` says, over ``group``; return (and keep on ``root``) what was done.
 
     Every rank of the group must hold the same full weights when this runs (the strategy broadcasts them first).
     Checks every entry before changing anything, so an error leaves the module as it was. With sequence
     parallelism, gradients of the replicated parameters in its regions are complete only after
-    :meth:`AppliedPlan.reduce_replicated_grads` (the strategy calls it after backward).
+    :meth:`AppliedPlan.reduce_replicated_grads` (the strategy calls it after backward). ``token_chunks``: the
+    chunks of the sequence-parallel token layout (see :class:`TensorGroup`), unless ``group`` is a TensorGroup.
     """
-    tg = group if isinstance(group, TensorGroup) else TensorGroup(group)
+    tg = group if isinstance(group, TensorGroup) else TensorGroup(group, token_chunks)
     t = tg.size
     if applied_plan(root) is not None:
         raise ValueError("This module is tensor-parallel already; `parallelize` runs once per module.")
@@ -542,8 +544,8 @@ def _install_block_hooks(module: nn.Module, tg: TensorGroup, op: Optional[InputO
             # The gathered input feeds only the block's column layers, which compute in the autocast dtype: gather
             # it in that dtype (half the bytes of an fp32 norm output under bf16-mixed).
             args, kwargs = _map_hidden(args, kwargs,
-                                       lambda x: all_gather_along_dim(to_compute_dtype(x), seq_dim, tg.group, flat=True),
-                                       first)
+                                       lambda x: all_gather_along_dim(to_compute_dtype(x), seq_dim, tg.group,
+                                                                      chunks=tg.token_chunks), first)
         return args, kwargs
 
     def post(mod: nn.Module, args: tuple, output: Any) -> None:
@@ -561,7 +563,7 @@ def _install_region_hooks(region: nn.Module, name: str, tg: TensorGroup, seq_dim
         return _map_hidden(args, kwargs, lambda x: _split_sequence(x, seq_dim, tg, name), first_param)
 
     def gather(mod: nn.Module, args: tuple, output: Any) -> Any:
-        return _first_output(output, lambda y: gather_along_dim(y, seq_dim, tg.group, flat=True))
+        return _first_output(output, lambda y: gather_along_dim(y, seq_dim, tg.group, chunks=tg.token_chunks))
 
     return [first.register_forward_pre_hook(split, with_kwargs=True), last.register_forward_hook(gather)]
 
