@@ -14,6 +14,7 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh two_gpu       # ~6 min on 2 GPUs: parity at 2, tp1d / zero2 / DTensor TP at 2, tp1d profile
 #   OUT=$OUT benchmarks/gpu_suite.sh two_gpu_speed # ~4 min on 2 GPUs: dp 1 vs 2 GPUs, ddp, tp1d, zero2, DTensor TP, profile
 #   OUT=$OUT benchmarks/gpu_suite.sh four_gpu      # ~6 min: tp1d chunks / zero2 / DTensor TP, dp 4 vs 1 GPU, pipeline_equal
+#   OUT=$OUT benchmarks/gpu_suite.sh tp1d_4gpu     # ~2 min: tp1d / zero2 / DTensor TP at 4 GPUs, batch 4 then 8 per GPU
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_equal # ~1-2 min: the same with a 2048-token vocabulary (stages of equal time)
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
 #
@@ -22,7 +23,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|two_gpu|two_gpu_speed|four_gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|two_gpu|two_gpu_speed|four_gpu|tp1d_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -203,17 +204,22 @@ case $MODE in
   two_gpu_speed)  # 2 GPUs: dp's scaling (1 GPU, then 2 beside Lightning ddp), tp1d beside zero2 and DTensor TP, profile
     run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
     run_case speed_2gpu 300 2 $MG throughput --out "$WORK/speed_2gpu.json" $ACC $THR \
-      --variants dp,lightning_ddp,tp1d,tp1d_chunks1,tp1d_chunks4,zero2
+      --variants dp,lightning_ddp,tp1d,tp1d_chunks2,tp1d_chunks4,zero2
     run_case profile_tp1d_2gpu 150 2 benchmarks/profile_variant.py --variant tp1d --out "$OUT/profile_tp1d_2gpu" \
       $ACC $THR
     ;;
   four_gpu)  # one 4-GPU call: tp1d's overlap chunks beside zero2 and DTensor TP, dp's scaling, pipelines on equal stages
     run_case tp1d_4gpu 200 4 $MG throughput --out "$WORK/tp1d_4gpu.json" $ACC $THR \
-      --variants tp1d,tp1d_chunks1,tp1d_chunks4,zero2,dtensor_tp
+      --variants tp1d,tp1d_chunks2,tp1d_chunks4,zero2,dtensor_tp
     run_case dp_4gpu 150 4 $MG throughput --out "$WORK/dp_4gpu.json" $ACC $THR --variants dp,lightning_ddp
     run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
     run_case pipeline_equal_4gpu 200 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_4gpu.json" $ACC $THR \
       --vocab 2048
+    ;;
+  tp1d_4gpu)  # tp1d beside zero2 and DTensor TP at 4 GPUs; then at batch 8/GPU (fixed per-step costs weigh half)
+    run_case tp1d_4gpu 150 4 $MG throughput --out "$WORK/tp1d_4gpu.json" $ACC $THR --variants tp1d,zero2,dtensor_tp
+    run_case tp1d_4gpu_batch8 150 4 $MG throughput --out "$WORK/tp1d_4gpu_batch8.json" $ACC $THR --batch 8 \
+      --variants tp1d,tp1d_chunks2,zero2
     ;;
   pipeline_equal)  # stages of equal time for the bubble formulas: a 2048-token vocabulary makes the head negligible
     run_case pipeline_equal_4gpu 500 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_4gpu.json" $ACC $THR \

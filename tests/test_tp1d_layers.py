@@ -150,6 +150,19 @@ def test_vocab_parallel_cross_entropy_equals_torch_on_one_rank():
         g1, = torch.autograd.grad(ours.sum(), logits)
         g2, = torch.autograd.grad(theirs.sum(), logits)
         assert torch.allclose(ours, theirs, atol=1e-6) and torch.allclose(g1, g2, atol=1e-6), kwargs
+    # A padding column (width 8 for 7 classes) gets zero gradient; the logits themselves are never written.
+    padded = torch.cat([logits.detach(), torch.randn(12, 1)], 1).requires_grad_()
+    before = padded.detach().clone()
+    ours = vocab_parallel_cross_entropy(padded, target, vocab_start=0, vocab_size=7, group=None)
+    ours.backward()
+    assert torch.equal(padded.detach(), before)
+    assert torch.allclose(padded.grad[:, :7], torch.autograd.grad(F.cross_entropy(logits, target), logits)[0],
+                          atol=1e-6) and not padded.grad[:, 7].any()
+    # The backward reuses the saved probabilities in place: a second backward is refused, not wrong.
+    ours = vocab_parallel_cross_entropy(logits, target, vocab_start=0, vocab_size=7, group=None)
+    ours.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="Backward ran twice"):
+        ours.backward()
 
 
 def test_a_plan_in_yaml_through_lightning_cli(monkeypatch):

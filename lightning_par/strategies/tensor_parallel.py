@@ -61,8 +61,10 @@ class TensorParallel1DStrategy(DataParallelStrategy):
             ``nn.Transformer*`` layers use their own ``batch_first``.
         sequence_chunks: under sequence parallelism, each row-parallel layer multiplies the tokens in this many
             chunks and reduce-scatters one chunk while it multiplies the next (backward: all-gathers while it
-            multiplies), hiding the collectives behind the matmuls; 1: one matmul, then the collective. Used when
-            the batch's tokens divide into ``sequence_chunks * tensor_size`` blocks, else 1.
+            multiplies), hiding the collectives behind the matmuls; 1 (default): one matmul, then the collective.
+            Used when the batch's tokens divide into ``sequence_chunks * tensor_size`` blocks, else 1. On 2 and 4
+            H100s on NVLink (1.3B GPT, 2026-11-26) 2 and 4 chunks were 2-6% slower than 1: the overlap there costs
+            more than it hides (see docs/benchmarks.md); try it where links are slower.
         vocab_parallel_loss: the output layer hands out its vocabulary shard, so ``F.cross_entropy`` on the logits
             never gathers them; False gathers the logits in the output layer.
         strict: with the automatic plan, refuse a model with a list of repeated blocks of which the plan shards
@@ -85,7 +87,7 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         sequence_parallel: Optional[bool] = None,
         plan: Optional[dict[str, Union[str, ParallelStyle]]] = None,
         sequence_dim: int = 1,
-        sequence_chunks: int = 2,
+        sequence_chunks: int = 1,
         vocab_parallel_loss: bool = True,
         strict: bool = True,
         param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,

@@ -48,35 +48,42 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         row_max = x.max(dim=-1).values if valid else x.new_full((n,), -math.inf)
         _all_reduce(row_max, dist.ReduceOp.MAX, group)
         x = x - row_max.unsqueeze(-1)
-        exp = x.exp()
         mine = (target >= start) & (target < start + valid)
         index = (target - start).clamp(0, max(valid - 1, 0))
         picked = x.gather(1, index.unsqueeze(-1)).squeeze(-1) if valid else x.new_zeros(n)
-        stats = [exp.sum(dim=-1), picked.masked_fill(~mine, 0.0)]
+        stats = [picked.masked_fill(~mine, 0.0)]
         if smoothing:
             stats.append(x.sum(dim=-1))
-        stats = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, group)
+        exp = x.exp_()  # x is our own temporary: the exponentials take its place (one [N, V/t] fp32 buffer, not two)
+        stats = _all_reduce(torch.stack([exp.sum(dim=-1), *stats]), dist.ReduceOp.SUM, group)
         log_z = stats[0].log()
         loss = log_z - stats[1]
         if smoothing:  # torch: (1 - e) * nll + e * mean over classes of -log p
             loss = (1.0 - smoothing) * loss + smoothing * (log_z - stats[2] / vocab)
         keep = target != ignore_index
         loss = loss.masked_fill(~keep, 0.0)
-        probs = exp / stats[0].unsqueeze(-1)
+        probs = exp.div_(stats[0].unsqueeze(-1))
         ctx.save_for_backward(probs, index, mine, keep)
+        ctx.used = False
         ctx.width, ctx.vocab, ctx.smoothing, ctx.dtype = width, vocab, smoothing, logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if ctx.used:
+            raise RuntimeError("Backward ran twice through the vocabulary-parallel cross-entropy (retain_graph=True): "
+                               "its first backward turned the saved probabilities into the gradient, in place. "
+                               "Compute the loss again for a second backward.")
+        ctx.used = True
         probs, index, mine, keep = ctx.saved_tensors
-        g = probs.clone()
+        g = probs  # in place, as Megatron does: no copy of the [N, V/t] fp32 probabilities
         if g.size(-1):
             g.scatter_add_(1, index.unsqueeze(-1), -(1.0 - ctx.smoothing) * mine.to(g.dtype).unsqueeze(-1))
         if ctx.smoothing:
             g -= ctx.smoothing / ctx.vocab
         g *= (grad * keep).unsqueeze(-1)
-        g = F.pad(g, (0, ctx.width - g.size(-1)))  # padding columns get zero gradient
+        if ctx.width > g.size(-1):
+            g = F.pad(g, (0, ctx.width - g.size(-1)))  # padding columns get zero gradient
         return g.to(ctx.dtype), None, None, None, None, None, None
 
 
