@@ -221,6 +221,12 @@ case $MODE in
     run_case tp1d_4gpu_batch8 150 4 $MG throughput --out "$WORK/tp1d_4gpu_batch8.json" $ACC $THR --batch 8 \
       --variants tp1d,tp1d_chunks2,zero2
     ;;
+  nccl_ctas)  # tp1d's collectives are exposed: does NCCL with more CTAs (channels) move them faster? 2 GPUs
+    run_case ctas_default 120 2 $MG throughput --out "$WORK/ctas_default.json" $ACC $THR --variants tp1d
+    NCCL_MIN_CTAS=32 run_case ctas_min32 120 2 $MG throughput --out "$WORK/ctas_min32.json" $ACC $THR --variants tp1d
+    NCCL_MIN_CTAS=32 NCCL_MAX_CTAS=32 NCCL_PROTO=Simple run_case ctas_32_simple 120 2 $MG throughput \
+      --out "$WORK/ctas_32_simple.json" $ACC $THR --variants tp1d
+    ;;
   pipeline_equal)  # stages of equal time for the bubble formulas: a 2048-token vocabulary makes the head negligible
     run_case pipeline_equal_4gpu 500 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_4gpu.json" $ACC $THR \
       --vocab 2048
