@@ -23,7 +23,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|two_gpu|two_gpu_speed|four_gpu|tp1d_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|two_gpu|two_gpu_speed|four_gpu|tp1d_4gpu|tp1d_2gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -217,9 +217,14 @@ case $MODE in
       --vocab 2048
     ;;
   tp1d_4gpu)  # tp1d beside zero2 and DTensor TP at 4 GPUs; then at batch 8/GPU (fixed per-step costs weigh half)
-    run_case tp1d_4gpu 150 4 $MG throughput --out "$WORK/tp1d_4gpu.json" $ACC $THR --variants tp1d,zero2,dtensor_tp
+    run_case tp1d_4gpu 200 4 $MG throughput --out "$WORK/tp1d_4gpu.json" $ACC $THR \
+      --variants tp1d,tp1d_nodefer,zero2,dtensor_tp,tp1d
     run_case tp1d_4gpu_batch8 150 4 $MG throughput --out "$WORK/tp1d_4gpu_batch8.json" $ACC $THR --batch 8 \
       --variants tp1d,tp1d_chunks2,zero2
+    ;;
+  tp1d_2gpu)  # tp1d with and without deferred weight gradients beside zero2, 2 GPUs
+    run_case tp1d_2gpu 200 2 $MG throughput --out "$WORK/tp1d_2gpu.json" $ACC $THR \
+      --variants tp1d,tp1d_nodefer,zero2,tp1d,tp1d_nodefer
     ;;
   nccl_ctas)  # tp1d's collectives are exposed: does NCCL with more CTAs (channels) move them faster? 2 GPUs
     run_case ctas_default 120 2 $MG throughput --out "$WORK/ctas_default.json" $ACC $THR --variants tp1d

@@ -97,6 +97,16 @@ def build_split_gpt(args: argparse.Namespace, device: torch.device) -> torch.nn.
         return tp_peer.SplitGPT(bench_dp.config(args))
 
 
+class TensorParallelNoDeferral(TensorParallel1DStrategy):
+    """tp1d computing every weight gradient at once (no [Note: deferred weight gradients]): the A/B baseline."""
+
+    def pre_backward(self, closure_loss: torch.Tensor) -> None:
+        super().pre_backward(closure_loss)
+        plan = self.applied_plan
+        if plan is not None:
+            plan.tg.weight_grads.active = False
+
+
 def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple[Callable[[], Any], type, Callable]]:
     """name -> (strategy factory, module class, model builder)."""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -124,6 +134,7 @@ def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple
         "tp1d": (lambda: TensorParallel1DStrategy(), bench_dp.BenchModule, gpt),
         "tp1d_sp": (lambda: TensorParallel1DStrategy(sequence_parallel=True), bench_dp.BenchModule, gpt),
         "tp1d_nosp": (lambda: TensorParallel1DStrategy(sequence_parallel=False), bench_dp.BenchModule, gpt),
+        "tp1d_nodefer": (lambda: TensorParallelNoDeferral(), bench_dp.BenchModule, gpt),
         # The row-parallel layers' overlap: the tokens in this many chunks (the default, 1, overlaps nothing).
         **{f"tp1d_chunks{k}": (lambda k=k: TensorParallel1DStrategy(sequence_chunks=k), bench_dp.BenchModule, gpt)
            for k in (2, 4)},

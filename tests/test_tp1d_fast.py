@@ -84,6 +84,35 @@ def _check_bf16_collectives(tg: TensorGroup) -> None:
             assert (g - gr).abs().max() <= HALF_TOL * gr.abs().max() + 1e-6, (sp, name)
 
 
+def _check_deferred_weight_grads() -> None:
+    """With deferral on (the strategy's backward), each weight gradient is computed one layer late, beside the next
+    collective; after flush() every gradient equals the unsharded model's (fp32). A weight with a post-accumulate
+    hook (tp x dp buckets) is never deferred: its hook sees the gradient arrive once, through autograd."""
+    torch.manual_seed(0)
+    ref = Stack(2)
+    stack = copy.deepcopy(ref)
+    tg = TensorGroup(None)
+    applied = parallelize(stack, auto_plan(stack, tg.size).plan, tg, sequence_parallel=True)
+    # The last row layer's weight: backward reaches it first.
+    hooked = [p for n, p in stack.named_parameters() if shard_spec(p) is not None and n.endswith("weight")][-1]
+    calls = []
+    hooked.register_post_accumulate_grad_hook(lambda p: calls.append(p.grad is not None))
+    x = torch.randn(B, T, E)
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    tg.weight_grads.active = True
+    stack(xs).square().sum().backward()
+    waiting = [p for p, _ in tg.weight_grads._pending]
+    assert waiting == [stack.blocks[0].attn.c_attn.weight] and waiting[0].grad is None  # left for the flush
+    assert calls == [True] and hooked.grad is not None  # the hooked weight went through autograd
+    tg.weight_grads.flush()
+    assert not tg.weight_grads.active and not tg.weight_grads._pending
+    applied.reduce_replicated_grads()
+    ref(xr).square().sum().backward()
+    assert torch.allclose(xs.grad, xr.grad, atol=1e-5)
+    for name, p in stack.named_parameters():
+        assert torch.allclose(_full_grad(p, tg), dict(ref.named_parameters())[name].grad, atol=1e-5), name
+
+
 class Qkv(nn.Module):
     """Three column layers read one input (separate q/k/v), plus a non-column use of the gathered input."""
 
@@ -273,6 +302,7 @@ def _on_two_ranks(rank: int, world: int) -> bool:
     _check_fused_column_gradients(tg)
     _check_fused_column_gradients(TensorGroup(None, token_chunks=2))  # row layers overlapping in 2 chunks
     _check_bf16_collectives(tg)
+    _check_deferred_weight_grads()
     _check_replicated_grad_sum(tg)
     return True
 

@@ -238,12 +238,21 @@ class TensorParallel1DStrategy(DataParallelStrategy):
     # ----- gradients ------------------------------------------------------------------------------------------------
 
     @override
+    def pre_backward(self, closure_loss: torch.Tensor) -> None:
+        super().pre_backward(closure_loss)
+        plan = self.applied_plan
+        if plan is not None:
+            plan.tg.weight_grads.active = True  # see [Note: deferred weight gradients] in tensor/deferred_grads.py
+
+    @override
     def post_backward(self, closure_loss: torch.Tensor) -> None:
+        plan = self.applied_plan
+        if plan is not None:
+            plan.tg.weight_grads.flush()  # the last deferred weight gradients, before anything reads a gradient
         super().post_backward(closure_loss)  # the data axis: bucketed average
         # Every backward goes through here (`manual_backward` too); accumulation steps skip the sum, the backward
         # that ends them sums the accumulated gradients once. Right also after several backward calls per step:
         # see [Note: one coalesced sum of the replicated gradients] in tensor/replicated_grads.py.
-        plan = self.applied_plan
         if plan is not None and self._grad_sync_enabled:
             plan.reduce_replicated_grads()
 
@@ -363,6 +372,9 @@ class TensorParallel1DStrategy(DataParallelStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True  # another rank may be gone: no collective in teardown
+        plan = self.applied_plan
+        if plan is not None:
+            plan.tg.weight_grads.clear()
         super().on_exception(exception)
 
     @override

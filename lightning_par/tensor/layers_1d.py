@@ -57,6 +57,7 @@ from lightning_par.comm.collectives import (
     split_along_dim,
     token_chunks,
 )
+from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 
 _SPEC_ATTR = "_tensor_parallel_spec"
 
@@ -158,6 +159,7 @@ class TensorGroup:
         if token_chunks < 1:
             raise ValueError(f"token_chunks must be at least 1, got {token_chunks}")
         self.token_chunks = token_chunks
+        self.weight_grads = DeferredWeightGrads()  # see [Note: deferred weight gradients]
         self.bind(group)
 
     def bind(self, group: Optional[ProcessGroup]) -> None:
@@ -214,13 +216,13 @@ class _ColumnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], reduction: Optional[InputGradReduction],
-                dtype: torch.dtype) -> Tensor:
+                dtype: torch.dtype, deferred: Optional[DeferredWeightGrads]) -> Tensor:
         xc, wc = x.to(dtype), weight.to(dtype)
         bc = bias.to(dtype) if bias is not None else None
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(xc, wc, bc)
         ctx.save_for_backward(xc, wc)
-        ctx.reduction = reduction
+        ctx.reduction, ctx.deferred, ctx.weight = reduction, deferred, weight
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
         if reduction is not None and ctx.needs_input_grad[0]:
             reduction.register()
@@ -240,13 +242,18 @@ class _ColumnLinear(torch.autograd.Function):
                 gx = None
             else:
                 gx = gx.to(x_dtype)
-        if need_w or need_b:
-            g2 = gy.reshape(-1, gy.size(-1))
-            if need_w:  # overlaps the reduction launched above
-                gw = g2.t().mm(xc.reshape(-1, xc.size(-1))).to(w_dtype)
-            if need_b:
-                gb = g2.sum(0).to(b_dtype)
-        return gx, gw, gb, None, None
+        g2 = gy.reshape(-1, gy.size(-1))
+        # What overlaps the reduction launched above: the weight gradient another layer deferred, or our own.
+        deferred = ctx.deferred
+        if deferred is not None:
+            deferred.run()
+        if need_w:
+            x2 = xc.reshape(-1, xc.size(-1))
+            if deferred is None or not deferred.defer(ctx.weight, lambda: g2.t().mm(x2)):
+                gw = g2.t().mm(x2).to(w_dtype)
+        if need_b:
+            gb = g2.sum(0).to(b_dtype)
+        return gx, gw, gb, None, None, None
 
 
 class _RowLinearScatter(torch.autograd.Function):
@@ -282,7 +289,7 @@ class _RowLinearScatter(torch.autograd.Function):
             work.wait()  # the compute stream waits; the host does not
         ctx.save_for_backward(x2, w)
         ctx.x_meta = (x.shape, x.dtype)
-        ctx.w_dtype, ctx.transposed, ctx.tg, ctx.k = weight.dtype, transposed, tg, k
+        ctx.w_dtype, ctx.transposed, ctx.tg, ctx.k, ctx.weight = weight.dtype, transposed, tg, k, weight
         shape = list(x.shape[:-1]) + [w.size(0)]
         shape[seq_dim] //= t
         return local.view(shape)
@@ -298,7 +305,9 @@ class _RowLinearScatter(torch.autograd.Function):
         works = [all_gather_fused()(full[c * rows:(c + 1) * rows], g[c * local_rows:(c + 1) * local_rows],
                                     group=tg.group, async_op=True) for c in range(k)]
         gx = gw = None
+        deferred = tg.weight_grads
         with torch.autocast(x2.device.type, enabled=False):
+            deferred.run()  # the weight gradient the previous layer left, while the gathers travel
             if ctx.needs_input_grad[0]:
                 gx = x2.new_empty(x2.shape)
                 for c, work in enumerate(works):
@@ -310,8 +319,14 @@ class _RowLinearScatter(torch.autograd.Function):
                 for work in works:
                     work.wait()
             if ctx.needs_input_grad[1]:
-                gw = full.t().mm(x2)  # (out, in)
-                gw = (gw.t() if ctx.transposed else gw).to(ctx.w_dtype)
+                transposed = ctx.transposed
+
+                def weight_grad() -> Tensor:
+                    gw = full.t().mm(x2)  # (out, in)
+                    return gw.t() if transposed else gw
+
+                if not deferred.defer(ctx.weight, weight_grad):  # left for the next layer's collective
+                    gw = weight_grad().to(ctx.w_dtype)
         return gx, gw, None, None, None, None
 
 
@@ -320,10 +335,12 @@ def _tokens(x: Tensor, seq_dim: int) -> int:
     return math.prod(x.shape[: seq_dim % x.dim() + 1])
 
 
-def column_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def column_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                  deferred: Optional[DeferredWeightGrads] = None) -> Tensor:
     """``F.linear(x, weight, bias)`` for a column-parallel layer (any autocast applied): when ``x`` is the output
-    of an input collective, its input gradient is reduced early, overlapping the weight-gradient matmul."""
-    return _ColumnLinear.apply(x, weight, bias, input_grad_reduction(x), compute_dtype(x))
+    of an input collective, its input gradient is reduced early, overlapping a weight-gradient matmul (its own,
+    or with ``deferred`` active the one the previous layer left, its own then waiting for the next layer)."""
+    return _ColumnLinear.apply(x, weight, bias, input_grad_reduction(x), compute_dtype(x), deferred)
 
 
 def _prepare_input(tg: TensorGroup, input_op: Optional[InputOp], x: Tensor) -> Tensor:
@@ -409,7 +426,7 @@ class ColumnParallelLinear(_ParallelLinear):
         x = _prepare_input(self.tg, self.input_op, x)
         if self._owns_input_op:
             self.input_op.clear()
-        y = column_linear(x, self._matrix(), self.bias)
+        y = column_linear(x, self._matrix(), self.bias, self.tg.weight_grads)
         if self.gather_output and self.tg.size > 1:
             spec = shard_spec(self.weight)
             y = gather_along_dim(y, -1, self.tg.group)
@@ -535,7 +552,8 @@ class VocabParallelOutput(_ParallelLinear):
             return F.linear(x, self.weight, self.bias)
         x = self.input_op(x)
         self.input_op.clear()  # nothing else shares it; do not keep the activation alive
-        local = column_linear(x, self.weight, self.bias)  # its input gradient's all-reduce overlaps the weight's
+        # Its input gradient's all-reduce overlaps a weight-gradient matmul (see column_linear).
+        local = column_linear(x, self.weight, self.bias, self.tg.weight_grads)
         start = self.tg.rank * self.weight.size(0)
         if self.vocab_parallel_loss:
             return VocabParallelLogits.wrap(local, self.tg.group, self.out_features, start)
