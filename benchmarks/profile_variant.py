@@ -36,7 +36,7 @@ import multi_gpu  # noqa: E402
 
 CATEGORIES = (  # first match wins; kernel names of cuBLAS/CUTLASS GEMMs, flash/cuDNN attention, NCCL
     ("communication", re.compile(r"nccl", re.I)),
-    ("matmul", re.compile(r"gemm|cutlass|sm90_xmma|sm80_xmma|cublas|matmul", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|sm90_xmma|sm80_xmma|cublas|matmul|nvjet", re.I)),  # nvjet: cuBLAS 12.9+
     ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
 )
 
@@ -66,12 +66,43 @@ class StepProfiler(pl.Callback):
             self.profiler.stop()
 
 
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def timeline(profiler: torch.profiler.profile) -> dict[str, float]:
+    """Seconds of the profiled window in which some non-NCCL kernel ran (compute), only NCCL ran (communication
+    nobody overlapped: exposed), or nothing ran (idle: the host was behind, or waiting)."""
+    compute, comm = [], []
+    for event in profiler.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA or _is_annotation(event):
+            continue
+        span = (event.time_range.start / 1e6, event.time_range.end / 1e6)
+        (comm if "nccl" in event.name.lower() else compute).append(span)
+    if not compute:
+        return {}
+    everything = compute + comm
+    busy, window = _union(everything), max(e for _, e in everything) - min(s for s, _ in everything)
+    return {"compute": _union(compute), "exposed communication": busy - _union(compute), "idle": window - busy}
+
+
+def _is_annotation(event: Any) -> bool:
+    # Ranges on the GPU timeline (record_function, Optimizer.step#..., nccl:...) are not kernels: counting them
+    # counted the optimizer's whole step and every collective twice.
+    return getattr(event, "is_user_annotation", False) or "#" in event.name or event.name.startswith("nccl:")
+
+
 def kernel_times(profiler: torch.profiler.profile) -> tuple[dict[str, float], dict[int, float]]:
     """Device seconds per kernel name, and per stream (device events only)."""
     by_name: dict[str, float] = defaultdict(float)
     by_stream: dict[int, float] = defaultdict(float)
     for event in profiler.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
+        if event.device_type != torch.autograd.DeviceType.CUDA or _is_annotation(event):
             continue
         seconds = event.device_time_total / 1e6  # microseconds -> seconds (the kernel's own time)
         by_name[event.name] += seconds
@@ -79,7 +110,8 @@ def kernel_times(profiler: torch.profiler.profile) -> tuple[dict[str, float], di
     return by_name, by_stream
 
 
-def summarize(by_name: dict[str, float], by_stream: dict[int, float], wall: float, steps: int) -> list[str]:
+def summarize(by_name: dict[str, float], by_stream: dict[int, float], wall: float, steps: int,
+              spans: dict[str, float]) -> list[str]:
     split: dict[str, float] = defaultdict(float)
     for name, seconds in by_name.items():
         category = next((c for c, pattern in CATEGORIES if pattern.search(name)), "other")
@@ -91,6 +123,7 @@ def summarize(by_name: dict[str, float], by_stream: dict[int, float], wall: floa
         lines.append(f"  {category:<14} {ms(split[category])} of device time")
     lines.append(f"  busiest stream {ms(busiest)} busy, idle {ms(max(wall - busiest, 0.0))} "
                  f"(streams: {', '.join(ms(s).strip() for s in sorted(by_stream.values(), reverse=True))})")
+    lines.append("  timeline: " + ", ".join(f"{k} {ms(v).strip()}" for k, v in spans.items()))
     lines.append("top kernels (device time per step):")
     for name, seconds in sorted(by_name.items(), key=lambda kv: -kv[1])[:40]:
         lines.append(f"  {ms(seconds)}  {name[:150]}")
@@ -115,10 +148,10 @@ def main() -> None:
     by_name, by_stream = kernel_times(profiler.profiler)
     header = (f"{args.variant}: world {world}, rank {rank}, {args.layers}x{args.width}, batch {args.batch}/GPU x seq "
               f"{args.seq}, {args.steps} profiled steps after {args.warmup}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
-    lines = [header, *summarize(by_name, by_stream, profiler.seconds, args.steps)]
+    lines = [header, *summarize(by_name, by_stream, profiler.seconds, args.steps, timeline(profiler.profiler))]
     (out / f"rank{rank}.txt").write_text("\n".join(lines) + "\n")
     if rank == 0:
-        print("\n".join(lines[:8]), flush=True)
+        print("\n".join(lines[:9]), flush=True)
         trace = out / "trace_rank0.json"
         profiler.profiler.export_chrome_trace(str(trace))
         with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
