@@ -136,3 +136,47 @@ def test_split_backward_of_a_parameter_used_twice_and_of_a_first_stage():
     (none,), weights = backward_input([out], [torch.ones_like(out)], [x.detach()], list(lin.parameters()))
     assert none is None and lin.weight.grad is not None
     weights.run()
+
+
+def _share_steps(rank: int, world_size: int) -> list:
+    """Five steps of a 2-stage pipeline's output sharing: rank 1 (the last stage) finished both microbatches."""
+    from lightning_par.pipeline.steps import OutputExchange, StepRecorder
+
+    group = dist.group.WORLD
+    exchange = OutputExchange()
+    calls = []
+    saved = dist.all_gather_object
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return saved(*args, **kwargs)
+
+    dist.all_gather_object = spy
+    seen = []
+    try:
+        for step in range(5):
+            recorder = StepRecorder(module=None)
+            results = {}
+            if rank == 1:
+                results = {m: {"loss": torch.tensor(step + m / 2), "n": torch.tensor([m, step])} for m in (0, 1)}
+                value = 0.5 * step if step == 2 else torch.tensor(float(step))  # step 2 logs a Python float
+                recorder.logs = {m: [("train_loss", value, (), {"prog_bar": True})] for m in (0, 1)}
+            before = len(calls)
+            outputs = recorder.share(results, group, 2, torch.device("cpu"), exchange, group)
+            assert sorted(outputs) == [0, 1]
+            assert float(outputs[1]["loss"]) == step + 0.5 and outputs[1]["n"].tolist() == [1, step]
+            assert outputs[1]["n"].dtype == torch.int64
+            name, value, args, kwargs = recorder.logs[0][0]
+            assert (name, float(value), kwargs) == ("train_loss", 0.5 * step if step == 2 else float(step),
+                                                    {"prog_bar": True})
+            seen.append("objects" if len(calls) > before else "device")
+    finally:
+        dist.all_gather_object = saved
+    return seen
+
+
+def test_step_outputs_are_shared_on_the_device_once_their_shapes_repeat():
+    # Step 0 records the skeletons; 1 uses the device path; 2 logs a Python number (object path, re-recorded, and
+    # no rank hangs waiting for the other's path); 3 records again; 4 is back on the device path.
+    expected = ["objects", "device", "objects", "objects", "device"]
+    assert run_on_ranks(_share_steps, 2) == [expected, expected]

@@ -22,6 +22,7 @@ recorded: it prints where it runs.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from lightning_par.comm.collectives import group_size
 
-__all__ = ["batch_size_of", "split_batch", "eval_microbatches", "merge_outputs", "StepRecorder"]
+__all__ = ["batch_size_of", "split_batch", "eval_microbatches", "merge_outputs", "StepRecorder", "OutputExchange"]
 
 
 def batch_size_of(batch: Any) -> int:
@@ -123,20 +124,30 @@ class StepRecorder:
                 self.prints[index] = record.prints
 
     def share(self, results: dict[int, Any], group: Optional[ProcessGroup], microbatches: int,
-              device: torch.device) -> dict[int, Any]:
+              device: torch.device, exchange: Optional["OutputExchange"] = None,
+              host_group: Optional[ProcessGroup] = None) -> dict[int, Any]:
         """Exchange outputs and log records with the other ranks of the pipeline; returns every microbatch's output
-        (on ``device``). Collective over ``group``."""
+        (on ``device``). Collective over ``group``; with ``exchange`` and ``host_group`` (gloo) it runs without a
+        host sync once the step's outputs repeat their shapes (see [Note: sharing outputs without a host sync])."""
         numeric = {m: [c for c in calls if _is_number(c[1])] for m, calls in self.logs.items()}
         self.kept = {m: [c for c in calls if not _is_number(c[1])] for m, calls in self.logs.items()}
-        payload = (_portable(results), {m: [(n, _portable(v), a, k) for n, v, a, k in calls]
-                                        for m, calls in numeric.items()}, self.prints)
-        everyone = [payload]
-        if group_size(group) > 1:
-            everyone = [None] * group_size(group)
-            dist.all_gather_object(everyone, payload, group=group)
+        everyone = None
+        skeleton = None
+        if exchange is not None and group_size(group) > 1:
+            skeleton, tensors = _skeleton(results, numeric, self.kept, self.prints, device)
+            everyone = exchange.fast(skeleton, tensors, group, host_group, device)
+        if everyone is None:
+            payload = (_portable(results), {m: [(n, _portable(v), a, k) for n, v, a, k in calls]
+                                            for m, calls in numeric.items()}, self.prints, skeleton)
+            everyone = [payload]
+            if group_size(group) > 1:
+                everyone = [None] * group_size(group)
+                dist.all_gather_object(everyone, payload, group=group)
+            if exchange is not None:
+                exchange.record([entry[3] for entry in everyone])
         outputs: dict[int, Any] = {}
         self.logs, self.prints = {}, {}
-        for rank_results, rank_logs, rank_prints in everyone:
+        for rank_results, rank_logs, rank_prints, _ in everyone:
             outputs.update(rank_results)
             self.logs.update(rank_logs)
             self.prints.update(rank_prints)
@@ -165,6 +176,83 @@ class StepRecorder:
                     kwargs["file"] = sys.stderr
                 self.module.print(*args, **kwargs)  # LightningModule.print: global rank 0 only
         self.logs, self.kept, self.prints = {}, {}, {}
+
+
+# [Note: sharing outputs without a host sync]
+# Every rank of the pipeline needs the step's outputs (Lightning's loop and callbacks read the loss) and the logged
+# numbers, which only the last stage computed. Sending them as Python objects (``all_gather_object``) copies every
+# tensor to the host: a host sync every step, after which the host cannot queue the next step's work while the
+# device finishes this one. So the first step records each rank's *skeleton* (which microbatches it finished, the
+# structure of their outputs, the names and arguments of their log calls, the shapes and dtypes of every tensor);
+# from then on, when every rank's outputs are tensors on the device with the skeleton it recorded (the ranks agree
+# on that over the gloo side group: a host-only exchange of one flag), the tensors travel in one float64 all-reduce
+# on the device (each rank fills its own segment; float64 holds every float type and integers up to 2^53 exactly)
+# and are cut back into place with the recorded skeletons. Anything else (a Python number or a metric logged, a
+# print, changed shapes) takes the object path for that step, which records the skeletons again.
+
+
+class OutputExchange:
+    """The recorded skeletons of every rank of one pipeline group (see the note above)."""
+
+    def __init__(self) -> None:
+        self.skeletons: Optional[list[Any]] = None
+
+    def record(self, skeletons: list[Any]) -> None:
+        self.skeletons = skeletons if all(s is not None for s in skeletons) else None
+
+    def fast(self, skeleton: Any, tensors: list[Tensor], group: Optional[ProcessGroup],
+             host_group: Optional[ProcessGroup], device: torch.device) -> Optional[list[tuple]]:
+        """Every rank's ``(results, logs, prints, skeleton)`` from device tensors alone, or None when some rank must
+        take the object path. Collective over ``host_group`` (and then ``group``) on every rank."""
+        if host_group is None:
+            return None
+        rank = dist.get_rank(group)
+        mine = self.skeletons is not None and skeleton is not None and _same(skeleton, self.skeletons[rank])
+        agreed = torch.tensor([1 if mine else 0], dtype=torch.int32)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=host_group)
+        if not int(agreed[0]):
+            return None
+        sizes = [sum(math.prod(shape) for shape, _ in sk[2]) for sk in self.skeletons]
+        buffer = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
+        if tensors:
+            start = sum(sizes[:rank])
+            torch.cat([t.reshape(-1).to(torch.float64) for t in tensors], out=buffer[start:start + sizes[rank]])
+        dist.all_reduce(buffer, group=group)
+        everyone, offset = [], 0
+        for (spec, log_entries, metas), size in zip(self.skeletons, sizes):
+            values = []
+            for shape, dtype in metas:
+                n = math.prod(shape)
+                values.append(buffer[offset:offset + n].view(shape).to(dtype))
+                offset += n
+            count = spec.num_leaves
+            results = tree_unflatten(values[:count], spec)
+            logs, rest = {}, iter(values[count:])
+            for m, calls in log_entries:
+                logs[m] = [(name, next(rest), args, dict(kwargs)) for name, args, kwargs in calls]
+            everyone.append((results, logs, {}, None))
+        return everyone
+
+
+def _skeleton(results: dict[int, Any], numeric: dict[int, list], kept: dict[int, list], prints: dict[int, list],
+              device: torch.device) -> tuple[Any, list[Tensor]]:
+    """This rank's skeleton and tensors in order, or ``(None, [])`` when they cannot take the device path."""
+    if any(kept.values()) or prints:
+        return None, []
+    leaves, spec = tree_flatten(results)
+    log_entries = tuple((m, tuple((name, args, tuple(sorted(kwargs.items()))) for name, _, args, kwargs in calls))
+                        for m, calls in sorted(numeric.items()))
+    tensors = leaves + [value for m, _ in log_entries for _, value, _, _ in numeric[m]]
+    if not all(isinstance(t, Tensor) and t.device == device for t in tensors):
+        return None, []
+    return (spec, log_entries, tuple((tuple(t.shape), t.dtype) for t in tensors)), [t.detach() for t in tensors]
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # an argument of self.log that does not compare: take the object path
+        return False
 
 
 class _Microbatch:

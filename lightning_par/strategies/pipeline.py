@@ -50,7 +50,7 @@ from lightning_par.pipeline.partition import (
 from lightning_par.pipeline.trace_split import TracePartition
 from lightning_par.pipeline.schedules import Schedule, build_schedule, forward_only
 from lightning_par.pipeline.shared import SharedGradients, canonical_names, parameter_holders
-from lightning_par.pipeline.steps import StepRecorder, eval_microbatches, merge_outputs, split_batch
+from lightning_par.pipeline.steps import OutputExchange, StepRecorder, eval_microbatches, merge_outputs, split_batch
 from lightning_par.strategies.base import StartMethod
 from lightning_par.strategies.data_parallel import DataParallelStrategy
 from lightning_par.topology import Topology
@@ -139,6 +139,7 @@ class PipelineStrategy(DataParallelStrategy):
         self.stall_timeout = float(stall_timeout)
         self._side_group: Optional[dist.ProcessGroup] = None
         self._side_group_of: Optional[dist.ProcessGroup] = None  # the pipeline group `_side_group` belongs to
+        self._exchanges: dict[Any, OutputExchange] = {}  # per executor: see [Note: sharing outputs without a host sync]
         self._partition: Optional[Union[Partition, TracePartition]] = None
         self._schedule: Optional[Schedule] = None
         self._train_executor: Optional[PipelineExecutor] = None
@@ -227,6 +228,7 @@ class PipelineStrategy(DataParallelStrategy):
         self._side_group_for(pipeline_group)
         self._train_executor = None
         self._eval_executors = {}
+        self._exchanges = {}  # their skeletons belong to the old executors
         self._optimizer_layouts = {}
 
     def _side_group_for(self, pipeline_group: dist.ProcessGroup) -> None:
@@ -361,7 +363,9 @@ class PipelineStrategy(DataParallelStrategy):
                      tuple((tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t).__name__
                            for t in tree_flatten(micro[0])[0]))
         results = executor.run(forward, loss, signature=signature, **run_kwargs)
-        return recorder.share(results, self._pipeline_group, schedule.microbatches, self.root_device)
+        exchange = self._exchanges.setdefault(executor, OutputExchange())  # train and eval steps differ
+        return recorder.share(results, self._pipeline_group, schedule.microbatches, self.root_device, exchange,
+                              self._side_group)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
