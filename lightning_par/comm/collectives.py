@@ -472,8 +472,8 @@ def reduce_scatter_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | No
 
 def all_gather_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup | None, *,
                          chunks: int = 0) -> torch.Tensor:
-    """All-gather along ``dim`` (``chunks``: the token layout) for a sequence-parallel consumer; backward reduce-scatters
-    (sums) the gradient."""
+    """All-gather along ``dim`` (``chunks``: the token layout) for a sequence-parallel consumer; backward
+    reduce-scatters (sums) the gradient."""
     dim = _normalize_dim(x, dim, "all_gather_along_dim")
     if group_size(group) == 1:
         return x

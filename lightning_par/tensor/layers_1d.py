@@ -177,8 +177,9 @@ def _as_tensor_group(group: Union[ProcessGroup, TensorGroup, None]) -> TensorGro
 
 class InputOp:
     """Makes a column layer's input whole on every rank: ``copy_to_group`` (``seq_dim=None``) or an all-gather along
-    ``seq_dim`` of the ranks' token blocks (see [Note: token-sharded sequence parallelism] in ``collectives.py``). Several layers may share one: the collective then runs once per distinct input tensor, until
-    ``clear()`` (called when the owning block's forward ends)."""
+    ``seq_dim`` of the ranks' token blocks (see [Note: token-sharded sequence parallelism] in ``collectives.py``).
+    Several layers may share one: the collective then runs once per distinct input tensor, until ``clear()``
+    (called when the owning block's forward ends)."""
 
     def __init__(self, tg: TensorGroup, seq_dim: Optional[int] = None) -> None:
         self.tg, self.seq_dim = tg, seq_dim
