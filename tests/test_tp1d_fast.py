@@ -325,7 +325,7 @@ def test_sequence_parallel_default_is_on_where_the_plan_allows_it(caplog):
 
 
 def test_fused_column_linear_equals_linear_in_one_process():
-    from lightning_par.tensor.layers_1d import column_linear
+    from lightning_par.tensor.linear_fns import column_linear
 
     torch.manual_seed(0)
     lin = nn.Linear(8, 6)

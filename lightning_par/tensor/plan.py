@@ -41,10 +41,10 @@ from lightning_par.tensor.layers_1d import (
     VocabParallelOutput,
     linear_dims,
     make_shard,
-    to_compute_dtype,
     output_segments,
     shard_spec,
 )
+from lightning_par.tensor.linear_fns import to_compute_dtype
 from lightning_par.tensor.mha import ParallelMultiheadAttention
 from lightning_par.tensor.replicated_grads import ReplicatedGradSum
 
