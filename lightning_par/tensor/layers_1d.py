@@ -21,9 +21,10 @@ output already, reduced in place (it is a temporary: no copy). The gradient flow
 is cast up after the reduction, as autocast's own cast would do. Without autocast nothing changes (fp32 parity).
 
 [Note: overlapping the input-gradient reduction]
-Column layers run ``column_linear`` (``linear_fns.py``), which computes in the autocast dtype and, when its input comes from an
-input collective (:func:`~lightning_par.comm.collectives.gather_input`, or the all-gather a block's hook runs under
-sequence parallelism), hands its input gradient to that collective's deferred reduction instead of to autograd.
+Column layers run ``column_linear`` (``linear_fns.py``), which computes in the autocast dtype and, when its input
+comes from an input collective (:func:`~lightning_par.comm.collectives.gather_input`, or the all-gather a block's
+hook runs under sequence parallelism), hands its input gradient to that collective's deferred reduction instead of
+to autograd.
 Its backward computes the input gradient first; the last layer reading the collective's output launches the one
 all-reduce (reduce-scatter) of the summed input gradients asynchronously, then computes its weight and bias
 gradients while it runs (Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``); the collective's own
