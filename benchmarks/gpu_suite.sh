@@ -226,6 +226,8 @@ case $MODE in
       --vocab 2048
     run_case profile_pipeline_4gpu 120 4 benchmarks/profile_variant.py --variant pipeline --out "$OUT/profile_pipeline" \
       $ACC $THR --vocab 2048
+    run_case profile_torch_1f1b_4gpu 120 4 benchmarks/pipeline_peer.py --torch-schedules 1f1b --variants none \
+      --profile "$OUT/profile_torch" $ACC $THR --vocab 2048
     ;;
   tp1d_4gpu)  # tp1d beside zero2 and DTensor TP at 4 GPUs; then at batch 8/GPU (fixed per-step costs weigh half)
     run_case tp1d_4gpu 200 4 $MG throughput --out "$WORK/tp1d_4gpu.json" $ACC $THR \

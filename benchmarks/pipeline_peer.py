@@ -44,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_dp  # noqa: E402
 import multi_gpu  # noqa: E402
+import profile_variant  # noqa: E402
 
 
 class Stage(nn.Module):
@@ -146,12 +147,16 @@ def run_torch(args: argparse.Namespace, kind: str, device: torch.device, rank: i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = 0.0
+    profiled = min(args.steps, 3) if args.profile else 0  # a diagnosis: its steps are timed with the profiler on
     for i in range(args.warmup + args.steps):
         x, y = (t.to(device) for t in ds[i])
         if i == args.warmup:
             bench_dp.sync(device)
             dist.barrier()
             t0 = time.perf_counter()
+            if profiled:
+                profiler = profile_variant.StepProfiler(0, profiled, device)
+                profiler.profiler.start()
         with autocast(device):
             if has_first:
                 schedule.step(x, target=y if has_last else None, **step_kwargs)
@@ -161,6 +166,13 @@ def run_torch(args: argparse.Namespace, kind: str, device: torch.device, rank: i
                 schedule.step(**step_kwargs)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if profiled and i == args.warmup + profiled - 1:
+            bench_dp.sync(device)
+            profiler.profiler.stop()
+            profile_variant.write_summary(profiler.profiler, time.perf_counter() - t0, profiled,
+                                          Path(args.profile) / f"torch_{kind}", rank,
+                                          f"torch_{kind}: world {world}, rank {rank}, {args.layers}x{args.width}, "
+                                          f"vocab {args.vocab}, {m} microbatches, {profiled} profiled steps")
     bench_dp.sync(device)
     dist.barrier()
     seconds = time.perf_counter() - t0
@@ -185,6 +197,8 @@ def main() -> None:
     multi_gpu.add_throughput_args(p)
     p.add_argument("--zb-chunks", type=int, default=1, help="stages per rank for ScheduleInterleavedZeroBubble")
     p.add_argument("--torch-schedules", default="1f1b,interleaved,zero_bubble")
+    p.add_argument("--profile", default="", help="folder: profile torch's first timed steps (profile_variant.py's "
+                   "summary per rank; their timings then include the profiler)")
     args = p.parse_args()
     args.variants = args.variants or "pipeline,pipeline_interleaved,pipeline_zero_bubble"
     multi_gpu.apply_model_preset(args)
@@ -225,7 +239,7 @@ def main() -> None:
         bench_dp.free(device)
         if rank == 0:
             print_row(row, world)
-    for name in [v for v in args.variants.split(",") if v]:
+    for name in [v for v in args.variants.split(",") if v and v != "none"]:
         row = {"variant": name}
         t = time.perf_counter()
         try:

@@ -145,19 +145,27 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     profiler = StepProfiler(args.warmup, args.steps, device)
     multi_gpu.run_variant(args, args.variant, world, device, extra_callbacks=[profiler])
-    by_name, by_stream = kernel_times(profiler.profiler)
     header = (f"{args.variant}: world {world}, rank {rank}, {args.layers}x{args.width}, batch {args.batch}/GPU x seq "
-              f"{args.seq}, {args.steps} profiled steps after {args.warmup}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
-    lines = [header, *summarize(by_name, by_stream, profiler.seconds, args.steps, timeline(profiler.profiler))]
+              f"{args.seq}, {args.steps} profiled steps after {args.warmup}, "
+              f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
+    write_summary(profiler.profiler, profiler.seconds, args.steps, out, rank, header)
+    multi_gpu.exit_now()
+
+
+def write_summary(profiler: torch.profiler.profile, wall: float, steps: int, out: Path, rank: int,
+                  header: str) -> None:
+    """``out/rank<r>.txt`` (and rank 0's trace, gzipped) for ``steps`` profiled steps that took ``wall`` seconds."""
+    out.mkdir(parents=True, exist_ok=True)
+    by_name, by_stream = kernel_times(profiler)
+    lines = [header, *summarize(by_name, by_stream, wall, steps, timeline(profiler))]
     (out / f"rank{rank}.txt").write_text("\n".join(lines) + "\n")
     if rank == 0:
         print("\n".join(lines[:9]), flush=True)
         trace = out / "trace_rank0.json"
-        profiler.profiler.export_chrome_trace(str(trace))
+        profiler.export_chrome_trace(str(trace))
         with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
         trace.unlink()
-    multi_gpu.exit_now()
 
 
 if __name__ == "__main__":
