@@ -95,6 +95,17 @@ def _close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 
+def _round_trip(op, value, expected, upstream, expected_grad, contiguous=False):
+    """``op`` on a leaf holding ``value`` gives ``expected``; backward of ``upstream`` gives ``expected_grad``."""
+    x = _leaf(value)
+    y = op(x)
+    _close(y, expected)
+    if contiguous:
+        assert y.is_contiguous()
+    y.backward(upstream)
+    _close(x.grad, expected_grad)
+
+
 @contextlib.contextmanager
 def _no_comm():
     """Any torch.distributed communication inside the block fails the check."""
@@ -140,33 +151,16 @@ def _check_primitives(group, members, me, label, done):
 
     for dim in DIMS:
         cs = _chunk_shape(dim, n)
-
-        x = _leaf(X(me))
-        y = split_along_dim(x, dim, group)
-        _close(y, X(me).chunk(n, dim)[gr])
-        assert y.is_contiguous()
-        y.backward(U(me, cs))
-        _close(x.grad, torch.cat([U(m, cs) for m in members], dim))
-
-        x = _leaf(X(me, cs))
-        y = gather_along_dim(x, dim, group)
-        _close(y, torch.cat([X(m, cs) for m in members], dim))
-        assert y.is_contiguous()
-        y.backward(U(me))
-        _close(x.grad, U(me).chunk(n, dim)[gr])
-
-        x = _leaf(X(me))
-        y = reduce_scatter_along_dim(x, dim, group)
-        _close(y, sum(X(m) for m in members).chunk(n, dim)[gr])
-        assert y.is_contiguous()
-        y.backward(U(me, cs))
-        _close(x.grad, torch.cat([U(m, cs) for m in members], dim))
-
-        x = _leaf(X(me, cs))
-        y = all_gather_along_dim(x, dim, group)
-        _close(y, torch.cat([X(m, cs) for m in members], dim))
-        y.backward(U(me))
-        _close(x.grad, sum(U(m) for m in members).chunk(n, dim)[gr])
+        cat = lambda parts: torch.cat(parts, dim)  # noqa: E731
+        _round_trip(lambda x: split_along_dim(x, dim, group), X(me), X(me).chunk(n, dim)[gr],
+                    U(me, cs), cat([U(m, cs) for m in members]), contiguous=True)
+        _round_trip(lambda x: gather_along_dim(x, dim, group), X(me, cs), cat([X(m, cs) for m in members]),
+                    U(me), U(me).chunk(n, dim)[gr], contiguous=True)
+        _round_trip(lambda x: reduce_scatter_along_dim(x, dim, group), X(me),
+                    sum(X(m) for m in members).chunk(n, dim)[gr], U(me, cs), cat([U(m, cs) for m in members]),
+                    contiguous=True)
+        _round_trip(lambda x: all_gather_along_dim(x, dim, group), X(me, cs), cat([X(m, cs) for m in members]),
+                    U(me), sum(U(m) for m in members).chunk(n, dim)[gr])
     for name in ("split_along_dim", "gather_along_dim", "reduce_scatter_along_dim", "all_gather_along_dim"):
         done.append(f"{name}[{label}]")
 
@@ -178,29 +172,14 @@ def _check_primitives(group, members, me, label, done):
         block = lambda t, g: t.reshape(k, n, -1)[:, g].reshape(cs)  # noqa: E731
         whole = lambda parts: torch.stack([p.reshape(k, -1) for p in parts], 1).reshape(FULL)  # noqa: E731
 
-        x = _leaf(X(me))
-        y = split_along_dim(x, dim, group, chunks=chunks)
-        _close(y, block(X(me), gr))
-        y.backward(U(me, cs))
-        _close(x.grad, whole([U(m, cs) for m in members]))
-
-        x = _leaf(X(me, cs))
-        y = gather_along_dim(x, dim, group, chunks=chunks)
-        _close(y, whole([X(m, cs) for m in members]))
-        y.backward(U(me))
-        _close(x.grad, block(U(me), gr))
-
-        x = _leaf(X(me))
-        y = reduce_scatter_along_dim(x, dim, group, chunks=chunks)
-        _close(y, block(sum(X(m) for m in members), gr))
-        y.backward(U(me, cs))
-        _close(x.grad, whole([U(m, cs) for m in members]))
-
-        x = _leaf(X(me, cs))
-        y = all_gather_along_dim(x, dim, group, chunks=chunks)
-        _close(y, whole([X(m, cs) for m in members]))
-        y.backward(U(me))
-        _close(x.grad, block(sum(U(m) for m in members), gr))
+        _round_trip(lambda x: split_along_dim(x, dim, group, chunks=chunks), X(me), block(X(me), gr),
+                    U(me, cs), whole([U(m, cs) for m in members]))
+        _round_trip(lambda x: gather_along_dim(x, dim, group, chunks=chunks), X(me, cs),
+                    whole([X(m, cs) for m in members]), U(me), block(U(me), gr))
+        _round_trip(lambda x: reduce_scatter_along_dim(x, dim, group, chunks=chunks), X(me),
+                    block(sum(X(m) for m in members), gr), U(me, cs), whole([U(m, cs) for m in members]))
+        _round_trip(lambda x: all_gather_along_dim(x, dim, group, chunks=chunks), X(me, cs),
+                    whole([X(m, cs) for m in members]), U(me), block(sum(U(m) for m in members), gr))
     done.append(f"token_layout[{label}]")
 
     for root in range(n):

@@ -143,9 +143,10 @@ def _leading(x: torch.Tensor, dim: int) -> int:
     return math.prod(x.shape[:dim])
 
 
-def _resized(x: torch.Tensor, dim: int, factor: float) -> list[int]:
+def _resized(x: torch.Tensor, dim: int, *, times: int = 1, over: int = 1) -> list[int]:
+    """``x``'s shape with ``dim`` multiplied by ``times`` and divided by ``over`` (integers: no float rounding)."""
     shape = list(x.shape)
-    shape[dim] = int(shape[dim] * factor)
+    shape[dim] = shape[dim] * times // over
     return shape
 
 
@@ -155,7 +156,7 @@ def _own_chunk(x: torch.Tensor, dim: int, group: ProcessGroup | None, chunks: in
     if chunks:  # block ``rank`` of every chunk of the tokens, in ``x``'s shape with ``dim`` cut down
         k = token_chunks(_leading(x, dim + 1), size, chunks)
         blocks = x.reshape(k, size, -1)[:, rank]
-        return _contiguous_copy(blocks).view(_resized(x, dim, 1 / size))
+        return _contiguous_copy(blocks).view(_resized(x, dim, over=size))
     # A copy, not a view: a view of a custom Function's input would forbid in-place ops on the output.
     return _contiguous_copy(x.narrow(dim, rank * length, length))
 
@@ -169,7 +170,7 @@ def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None, async_op:
     size = group_size(group)
     xc = x.contiguous()
     kwargs = {"async_op": True} if async_op else {}
-    shape = _resized(xc, dim, size)
+    shape = _resized(xc, dim, times=size)
     if chunks:
         k = token_chunks(_leading(xc, dim + 1) * size, size, chunks)
         pieces = xc.view(k, -1)
@@ -195,7 +196,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None, async
     size = group_size(group)
     xc = x.contiguous()
     kwargs = {"async_op": True} if async_op else {}
-    out_shape = _resized(xc, dim, 1 / size)
+    out_shape = _resized(xc, dim, over=size)
     if chunks:
         k = token_chunks(_leading(xc, dim + 1), size, chunks)
         pieces = xc.view(k, -1)
