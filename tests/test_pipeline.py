@@ -74,6 +74,9 @@ def _configs(world_size):
     if world_size == 4:
         configs["data2_x_pipeline2"] = (PipelineStrategy(schedule="interleaved", stages=2, microbatches=2),
                                         Run(steps=3, accumulate=2, clip_val=0.05, module_kwargs=kwargs))
+        # Zero bubble under data parallelism: parameters with bucket hooks get their gradients in I, the rest in W.
+        configs["data2_x_zero_bubble2"] = (PipelineStrategy(schedule="zero_bubble", stages=2, microbatches=2),
+                                           Run(steps=3, accumulate=2, module_kwargs=kwargs))
     return configs
 
 

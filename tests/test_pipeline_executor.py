@@ -1,5 +1,6 @@
 """The executor on gloo ranks: every schedule's gradients (after summing shared parameters) and outputs equal one
-process's backward over the same batch; the I/W split equals a full backward in one process."""
+process's backward over the same batch; the I/W split (W: the deferred weight matmuls) equals a full
+backward in one process."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from lightning_par.pipeline import build_schedule
 from lightning_par.pipeline.executor import PipelineExecutor
 from lightning_par.pipeline.partition import Partition, StageExit, choose_split_points, find_blocks
 from lightning_par.pipeline.shared import SharedGradients, canonical_names, parameter_holders
-from lightning_par.pipeline.split_backward import backward_input
+from lightning_par.pipeline.split_backward import DeferMatmulWeights
+from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 
 BATCH, SEQ, VOCAB = 8, 8, 32
 
@@ -97,6 +99,17 @@ def test_every_schedule_gives_the_single_process_gradients(world_size):
         torch.testing.assert_close(torch.cat([outputs[i] for i in range(m)]), logits.detach(), rtol=1e-5, atol=1e-6)
 
 
+def _split(stage, params, inputs, grad_fn):
+    """Forward under DeferMatmulWeights, then I (backward with the store taking weight gradients); returns W."""
+    weights = DeferredWeightGrads()
+    with DeferMatmulWeights(params, weights):
+        out = stage(*inputs)
+    weights.active = True
+    out.backward(grad_fn(out))
+    weights.active = False
+    return weights
+
+
 def test_split_backward_equals_a_full_backward():
     torch.manual_seed(0)
     stage = torch.nn.Sequential(Block(GPTConfig(n_embd=16, n_head=2)), torch.nn.LayerNorm(16))
@@ -104,38 +117,69 @@ def test_split_backward_equals_a_full_backward():
     x = torch.randn(2, 5, 16, requires_grad=True)
     grad = torch.randn(2, 5, 16)
     reference(x).backward(grad)
+    hooked = stage[0].attn.c_proj.weight  # a gradient bucket's hook: its gradient must come through autograd, in I
     fired = []
-    for p in stage.parameters():
-        p.register_post_accumulate_grad_hook(lambda p: fired.append(p))
+    hooked.register_post_accumulate_grad_hook(lambda p: fired.append(p))
     x2 = x.detach().requires_grad_()
-    (input_grad,), weights = backward_input([stage(x2)], [grad], [x2], list(stage.parameters()))
-    torch.testing.assert_close(input_grad, x.grad)
-    assert all(p.grad is None for p in stage.parameters()) and not fired  # I computed no weight gradient
+    weights = _split(stage, stage.parameters(), [x2], lambda out: grad)
+    torch.testing.assert_close(x2.grad, x.grad)
+    linear_weights = {m.weight for m in stage.modules() if isinstance(m, torch.nn.Linear)} - {hooked}
+    assert len(linear_weights) == 3
+    for name, p in stage.named_parameters():  # I: all but the linear weights (W's matmuls)
+        assert (p.grad is None) == (p in linear_weights), name
+    assert fired == [hooked]
     weights.run()
-    assert len(fired) == len(list(stage.parameters()))  # W accumulates like any backward (bucket hooks fire)
     for (name, p), q in zip(stage.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
-def test_split_backward_of_a_parameter_used_twice_and_of_a_first_stage():
-    lin = torch.nn.Linear(4, 4)
+class _Conv1D(torch.nn.Module):
+    """Hugging Face GPT-2's layer: weight stored (in, out), computed with torch.addmm."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n_in, n_out))
+        self.bias = torch.nn.Parameter(torch.randn(n_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
+
+
+def test_split_backward_of_a_parameter_used_twice_a_conv1d_a_tied_head_and_autocast():
+    torch.manual_seed(0)
+    lin, conv = torch.nn.Linear(4, 4), _Conv1D(4, 4)
+    params = [*lin.parameters(), *conv.parameters()]
+
+    def stage(x):  # lin used twice; the head reuses lin's weight through F.linear with keywords
+        h = conv(torch.tanh(lin(torch.tanh(lin(x)))))
+        return F.linear(input=h, weight=lin.weight) * 2
+
     x = torch.randn(3, 4, requires_grad=True)
-    (lin(torch.tanh(lin(x))) * 2).sum().backward()
-    expected = [p.grad.clone() for p in lin.parameters()]
-    lin.zero_grad(set_to_none=True)
+    stage(x).sum().backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
     x2 = x.detach().requires_grad_()
-    out = lin(torch.tanh(lin(x2))) * 2
-    (input_grad,), weights = backward_input([out], [torch.ones_like(out)], [x2], list(lin.parameters()))
+    weights = _split(stage, params, [x2], torch.ones_like)
+    assert lin.weight.grad is None and conv.weight.grad is None and conv.bias.grad is not None
     weights.run()
-    torch.testing.assert_close(input_grad, x.grad)
-    for p, g in zip(lin.parameters(), expected):
+    torch.testing.assert_close(x2.grad, x.grad)
+    for p, g in zip(params, expected):
         torch.testing.assert_close(p.grad, g)
-    # No input needs a gradient (first stage): all of backward happens in I.
-    lin.zero_grad(set_to_none=True)
-    out = lin(x.detach())
-    (none,), weights = backward_input([out], [torch.ones_like(out)], [x.detach()], list(lin.parameters()))
-    assert none is None and lin.weight.grad is not None
+    # Under autocast the deferred matmuls compute in bf16 as F.linear / addmm would; the gradients keep fp32.
+    for p in params:
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stage(x).float().sum().backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights = _split(stage, params, [x.detach()], lambda out: torch.ones_like(out))
     weights.run()
+    for p, g in zip(params, expected):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, g, rtol=2e-2, atol=2e-2)
 
 
 def _share_steps(rank: int, world_size: int) -> list:

@@ -75,6 +75,10 @@ def _configs():
             configs[f"{arch}_{schedule}"] = (PipelineStrategy(schedule=schedule, microbatches=4),
                                              Run(steps=3, module_kwargs={"arch": arch,
                                                                          "printing": schedule == "1f1b"}))
+    # Zero bubble's W takes the weight matmuls of nn.Linear (Llama) and of Conv1D's torch.addmm (GPT-2).
+    for arch in ("gpt2", "llama"):
+        configs[f"{arch}_zero_bubble"] = (PipelineStrategy(schedule="zero_bubble", microbatches=4),
+                                          Run(steps=3, module_kwargs={"arch": arch, "printing": False}))
     return configs
 
 

@@ -58,7 +58,8 @@ from lightning_par.comm.p2p import (
 )
 from lightning_par.pipeline.schedules import Action, Kind, Schedule, slots
 from lightning_par.pipeline.simulate import simulate
-from lightning_par.pipeline.split_backward import WeightGradients, backward_input
+from lightning_par.pipeline.split_backward import DeferMatmulWeights
+from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 
 __all__ = ["PipelineExecutor"]
 
@@ -155,9 +156,10 @@ class PipelineExecutor:
         self.actions = schedule.actions[rank]
         self.stall_timeout = float(stall_timeout)
         self.training = any(a.kind in (Kind.B, Kind.I) for a in self.actions)
-        # Index of the last action that produces weight gradients of each local stage (see `before_last_backward`).
-        grad_kind = (Kind.W,) if schedule.split_backward else (Kind.B,)
-        self.last_grad_action = {a.stage: i for i, a in enumerate(self.actions) if a.kind in grad_kind}
+        # Index of the last action that produces gradients of parameters with hooks, per local stage (see
+        # `before_last_backward`): the last B, or the last I (W holds only parameters without hooks: see
+        # [Note: W as the deferred weight-gradient matmuls] in split_backward.py).
+        self.last_grad_action = {a.stage: i for i, a in enumerate(self.actions) if a.kind in (Kind.B, Kind.I)}
         self._index = {a: i for i, a in enumerate(self.actions)}
         self._items = slots(self.actions)
         # Peer of every transfer, and its position on its channel: the slow path's tags, the same on both ends.
@@ -198,12 +200,16 @@ class PipelineExecutor:
         self._local: dict[tuple[Kind, int, int], Any] = {}  # values passed between stages of this rank
         self._inputs: dict[tuple[int, int], Any] = {}
         self._outputs: dict[tuple[int, int], Any] = {}
-        self._weights: dict[tuple[int, int], WeightGradients] = {}
+        self._weights: dict[tuple[int, int], DeferredWeightGrads] = {}  # W of each (stage, microbatch)
 
     # ----- the compute: overridden by the synthetic benchmark --------------------------------------------------------
 
     def _forward(self, stage: int, microbatch: int, received: Any) -> Any:
-        return self._forward_fn(stage, microbatch, received)
+        if not (self.training and self.schedule.split_backward):
+            return self._forward_fn(stage, microbatch, received)
+        weights = self._weights[(stage, microbatch)] = DeferredWeightGrads()
+        with DeferMatmulWeights(self._params_fn(stage), weights):
+            return self._forward_fn(stage, microbatch, received)
 
     def _backward(self, stage: int, microbatch: int, roots: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
                   inputs: Sequence[Tensor]) -> list[Optional[Tensor]]:
@@ -214,9 +220,12 @@ class PipelineExecutor:
 
     def _backward_input(self, stage: int, microbatch: int, roots: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
                         inputs: Sequence[Tensor]) -> list[Optional[Tensor]]:
-        input_grads, weights = backward_input(roots, grads, inputs, self._params_fn(stage))
-        self._weights[(stage, microbatch)] = weights
-        return list(input_grads)
+        weights = self._weights[(stage, microbatch)]
+        weights.active = True  # the linear layers hand their weight gradients to W
+        try:
+            return self._backward(stage, microbatch, roots, grads, inputs)
+        finally:
+            weights.active = False
 
     def _backward_weight(self, stage: int, microbatch: int) -> None:
         self._weights.pop((stage, microbatch)).run()
