@@ -247,14 +247,14 @@ case $MODE in
         --vocab 2048
     done
     ;;
-  parity_pipeline_2gpu)  # 2 GPUs: every strategy's parity, then the pipelines on equal stages beside torch and our 1F1B
-    # profiled (a 2-GPU machine's whole check of the pipeline's changes)
+  parity_pipeline_2gpu)  # 2 GPUs: every strategy's parity, then the pipelines on equal stages beside torch and our zero
+    # bubble profiled (a 2-GPU machine's whole check of the pipeline's changes)
     run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR
     run_case parity_2gpu_all 150 2 $MG parity --reference "$REF" --out "$WORK/parity_2gpu.json" $ACC $NVME
-    run_case pipeline_equal_2gpu 200 2 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_2gpu.json" $ACC $THR \
-      --vocab 2048 --torch-schedules 1f1b,zero_bubble --variants pipeline,pipeline_zero_bubble
-    run_case profile_pipeline 120 2 benchmarks/profile_variant.py --variant pipeline --out "$OUT/profile_pipeline" \
-      $ACC $THR --vocab 2048
+    run_case pipeline_equal_2gpu 240 2 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_2gpu.json" $ACC $THR \
+      --vocab 2048
+    run_case profile_pipeline_zero_bubble 120 2 benchmarks/profile_variant.py --variant pipeline_zero_bubble \
+      --out "$OUT/profile_pipeline_zero_bubble" $ACC $THR --vocab 2048
     ;;
   nccl_ctas)  # tp1d's collectives are exposed: does NCCL with more CTAs (channels) move them faster? 2 GPUs
     run_case ctas_default 120 2 $MG throughput --out "$WORK/ctas_default.json" $ACC $THR --variants tp1d
