@@ -201,6 +201,7 @@ class PipelineExecutor:
         self._inputs: dict[tuple[int, int], Any] = {}
         self._outputs: dict[tuple[int, int], Any] = {}
         self._weights: dict[tuple[int, int], DeferredWeightGrads] = {}  # W of each (stage, microbatch)
+        self._casts: dict[int, tuple[int, Tensor]] = {}  # weights in the autocast dtype, for this step (W's layers)
 
     # ----- the compute: overridden by the synthetic benchmark --------------------------------------------------------
 
@@ -208,7 +209,7 @@ class PipelineExecutor:
         if not (self.training and self.schedule.split_backward):
             return self._forward_fn(stage, microbatch, received)
         weights = self._weights[(stage, microbatch)] = DeferredWeightGrads()
-        with DeferMatmulWeights(self._params_fn(stage), weights):
+        with DeferMatmulWeights(self._params_fn(stage), weights, self._casts):
             return self._forward_fn(stage, microbatch, received)
 
     def _backward(self, stage: int, microbatch: int, roots: Sequence[Tensor], grads: Sequence[Optional[Tensor]],

@@ -4,10 +4,10 @@
 Zero bubble splits a stage's backward into I, which the previous stage waits for, and W, which can fill a bubble.
 Here W is what the zero-bubble papers and Megatron's ``WeightGradStore`` make it: the weight-gradient matmuls of
 the linear layers (``grad_out^T @ input``), about half of the backward's FLOPs. While a zero-bubble stage runs its
-forward, :class:`DeferMatmulWeights` routes every ``F.linear`` (``nn.Linear``, a tied head) and every
+forward, :class:`DeferMatmulWeights` takes every ``F.linear`` (``nn.Linear``, a tied head) and every
 ``torch.addmm(bias, x, weight)`` (Hugging Face ``Conv1D``, weight stored ``(in, out)``) whose weight is a
-parameter of this rank through :class:`_DeferredLinear`. I is then one ordinary backward: input gradients,
-biases, norms and embeddings as usual, and each linear layer hands ``(grad_out, input)`` to the microbatch's
+parameter of this rank and runs it on a detached weight. I is then one ordinary backward: input gradients,
+biases, norms and embeddings as usual, and each such layer hands ``(grad_out, input)`` to the microbatch's
 :class:`~lightning_par.tensor.deferred_grads.DeferredWeightGrads` instead of multiplying; W multiplies them and
 accumulates into ``.grad`` as autograd would.
 
@@ -36,65 +36,73 @@ from lightning_par.tensor.linear_fns import compute_dtype
 __all__ = ["DeferMatmulWeights"]
 
 
-class _DeferredLinear(torch.autograd.Function):
-    """``F.linear(x, weight, bias)`` (``transposed``: ``bias + x @ weight``) in the compute dtype, whose backward
-    leaves the weight gradient to ``store`` when it takes it."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool, dtype: torch.dtype,
-                store: DeferredWeightGrads) -> Tensor:
-        xc, wc = x.to(dtype), weight.to(dtype)
-        w = wc.t() if transposed else wc  # (out, in)
-        with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(xc, w, bias.to(dtype) if bias is not None else None)
-        ctx.save_for_backward(xc, w)
-        ctx.transposed, ctx.store, ctx.weight = transposed, store, weight
-        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy: Tensor):
-        xc, w = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        gy = gy.to(w.dtype)
-        g2 = gy.reshape(-1, gy.size(-1))
-        gx = gw = gb = None
-        if need_x:
-            gx = gy.matmul(w).to(x_dtype)
-        if need_w:
-            x2, transposed = xc.reshape(-1, xc.size(-1)), ctx.transposed
-
-            def weight_grad() -> Tensor:
-                return x2.t().mm(g2) if transposed else g2.t().mm(x2)
-
-            if not ctx.store.defer(ctx.weight, weight_grad):
-                gw = weight_grad().to(w_dtype)
-        if need_b:
-            gb = g2.sum(0).to(b_dtype)
-        return gx, gw, gb, None, None, None
-
-
 class DeferMatmulWeights(TorchFunctionMode):
-    """Around a stage's forward: linear layers whose weight is one of ``params`` compute through
-    :class:`_DeferredLinear` bound to ``store`` (see [Note: W as the deferred weight-gradient matmuls])."""
+    """Around a stage's forward: linear layers whose weight is one of ``params`` leave their weight gradient to
+    ``store`` (see [Note: W as the deferred weight-gradient matmuls]).
 
-    def __init__(self, params: Iterable[nn.Parameter], store: DeferredWeightGrads) -> None:
+    Such a layer runs the native op on a detached copy of the weight in the compute dtype, so autograd computes
+    only its input gradient (and the bias's); a hook on the output hands ``grad_out`` with the saved input to
+    ``store``. Native ops and a hook cost the host less than a Python autograd Function (the host, not the GPU,
+    sets the pace of 1.3B-model stages on H100). A weight with hooks (the data-parallel buckets) keeps the plain op:
+    its gradient must arrive through autograd.
+
+    ``casts`` keeps each weight's copy in the autocast dtype for the step's microbatches (the same dict for every
+    microbatch of a step, a new one each step), as autocast's own cache does within one autocast region: the
+    weights are not cast again for each of m microbatches. A copy is made again if the weight changed in place.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], store: DeferredWeightGrads,
+                 casts: dict[int, tuple[int, Tensor]]) -> None:
         super().__init__()
-        self._ids = {id(p) for p in params if p.requires_grad}
+        self._ids = {id(p) for p in params
+                     if p.requires_grad and not (p._post_accumulate_grad_hooks or p._backward_hooks)}
         self._store = store
+        self._casts = casts
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         if func is F.linear and torch.is_grad_enabled():
             x, weight, bias = _linear_args(args, kwargs)
-            if id(weight) in self._ids:
-                return _DeferredLinear.apply(x, weight, bias, False, compute_dtype(x), self._store)
+            if self._takes(x, weight, bias):
+                xc, wc = self._compute_copies(x, weight)
+                return self._defer(F.linear(xc, wc, bias), weight, xc, False)
         elif func is torch.addmm and len(args) == 3 and not kwargs and torch.is_grad_enabled():
             bias, x, weight = args  # Conv1D: bias + x @ weight, weight (in, out); beta = alpha = 1
-            if id(weight) in self._ids and bias.dim() == 1:
-                return _DeferredLinear.apply(x, weight, bias, True, compute_dtype(x), self._store)
+            if self._takes(x, weight, bias):
+                xc, wc = self._compute_copies(x, weight)
+                return self._defer(torch.addmm(bias, xc, wc), weight, xc, True)
         return func(*args, **kwargs)
+
+    def _takes(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+        # The output must need a gradient without the weight (else no hook would see grad_out).
+        return id(weight) in self._ids and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+    def _defer(self, y: Tensor, weight: nn.Parameter, xc: Tensor, transposed: bool) -> Tensor:
+        store = self._store
+
+        def hand_over(grad: Tensor) -> None:
+            g2, x2 = grad.reshape(-1, grad.size(-1)), xc.reshape(-1, xc.size(-1))
+
+            def weight_grad() -> Tensor:
+                return x2.t().mm(g2) if transposed else g2.t().mm(x2)
+
+            if not store.defer(weight, weight_grad):  # backward outside the executor's I: accumulate now
+                store.accumulate(weight, weight_grad())
+
+        y.register_hook(hand_over)
+        return y
+
+    def _compute_copies(self, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` and a detached ``weight`` in the dtype the op computes in (the autocast dtype under autocast)."""
+        dtype = compute_dtype(x)
+        if weight.dtype == dtype:
+            return x, weight.detach()
+        version, cast = self._casts.get(id(weight), (None, None))
+        if cast is None or version != weight._version or cast.dtype != dtype:
+            with torch.no_grad():
+                cast = weight.to(dtype)
+            self._casts[id(weight)] = (weight._version, cast)
+        return x.to(dtype), cast
 
 
 def _linear_args(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Optional[Tensor]]:

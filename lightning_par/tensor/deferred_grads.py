@@ -45,11 +45,16 @@ class DeferredWeightGrads:
         """Compute and accumulate every waiting gradient (while a collective is on the wire)."""
         pending, self._pending = self._pending, []
         for param, compute in pending:
-            grad = compute().to(param.dtype, memory_format=torch.contiguous_format)
-            if param.grad is None:
-                param.grad = grad
-            else:
-                param.grad += grad
+            self.accumulate(param, compute())
+
+    @staticmethod
+    @torch.no_grad()
+    def accumulate(param: nn.Parameter, grad: Tensor) -> None:
+        """Add ``grad`` (any float dtype) into ``param.grad`` as autograd's accumulation would."""
+        if param.grad is None:
+            param.grad = grad.to(param.dtype, memory_format=torch.contiguous_format)
+        else:
+            param.grad.add_(grad)  # one kernel: the add promotes a bf16 gradient exactly, as a cast would
 
     def flush(self) -> None:
         """Run what is left and stop deferring: called when the backward is over."""
