@@ -24,7 +24,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -263,6 +263,12 @@ case $MODE in
       $ACC $NVME
     run_case pipeline_equal_2gpu 200 2 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_2gpu.json" $ACC $THR \
       --vocab 2048 --torch-schedules 1f1b,zero_bubble --variants pipeline,pipeline_zero_bubble
+    ;;
+  collective_matmul)  # tp1d's forward collectives beside torch's symmetric-memory collective matmul, 2 (and 4) GPUs
+    run_case collective_matmul_2gpu 120 2 benchmarks/collective_matmul_probe.py --out "$OUT/collective_matmul_2gpu.json"
+    if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 4 ]; then
+      run_case collective_matmul_4gpu 120 4 benchmarks/collective_matmul_probe.py --out "$OUT/collective_matmul_4gpu.json"
+    fi
     ;;
   nccl_ctas)  # tp1d's collectives are exposed: does NCCL with more CTAs (channels) move them faster? 2 GPUs
     run_case ctas_default 120 2 $MG throughput --out "$WORK/ctas_default.json" $ACC $THR --variants tp1d
