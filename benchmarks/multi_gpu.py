@@ -139,7 +139,11 @@ def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple
         **{f"tp1d_chunks{k}": (lambda k=k: TensorParallel1DStrategy(sequence_chunks=k), bench_dp.BenchModule, gpt)
            for k in (2, 4)},
         "pipeline": (lambda: PipelineStrategy(schedule="1f1b", microbatches=m), PipelineBench, gpt),
+        "pipeline_deferred": (lambda: PipelineStrategy(schedule="1f1b", microbatches=m, defer_weight_grads=True),
+                              PipelineBench, gpt),
         "pipeline_interleaved": (lambda: PipelineStrategy(schedule="interleaved", microbatches=m), PipelineBench, gpt),
+        "pipeline_interleaved_deferred": (lambda: PipelineStrategy(schedule="interleaved", microbatches=m,
+                                                                   defer_weight_grads=True), PipelineBench, gpt),
         "pipeline_zero_bubble": (lambda: PipelineStrategy(schedule="zero_bubble", microbatches=m), PipelineBench, gpt),
         "lightning_ddp": (lambda: "ddp", bench_dp.BenchModule, gpt),
         "lightning_fsdp": (lambda: FSDPStrategy(auto_wrap_policy={Block}), bench_dp.BenchModule, gpt),

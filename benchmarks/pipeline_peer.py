@@ -252,7 +252,8 @@ def main() -> None:
         gathered = [None] * world
         dist.all_gather_object(gathered, row.get("peak_gib"))
         row["peak_gib"] = max((g for g in gathered if g is not None), default=None)
-        kind = {"pipeline": "1f1b", "pipeline_interleaved": "interleaved", "pipeline_zero_bubble": "zero_bubble"}.get(name)
+        kind = {"pipeline": "1f1b", "pipeline_interleaved": "interleaved", "pipeline_zero_bubble": "zero_bubble"}.get(
+            name.removesuffix("_deferred"))
         peer = next((r for r in rows if r["variant"] == f"torch_{kind}" and "t_rank" in r), None)
         if row["status"] == "ok" and peer is not None:
             v = 2 if kind == "interleaved" else 1  # ours: interleaved runs 2 chunks, the others 1

@@ -34,19 +34,21 @@ def _data():
 
 
 def _configs(p):
-    yield "1f1b", 4, 1
-    yield "gpipe", 4, 1
-    yield "interleaved", 2 * p, 2
-    yield "zero_bubble", 2 * p, 1
+    """(name, schedule, microbatches, chunks, defer_weights)"""
+    yield "1f1b", "1f1b", 4, 1, False
+    yield "1f1b_deferred", "1f1b", 4, 1, True  # weight gradients after the send, outside autograd
+    yield "gpipe", "gpipe", 4, 1, False
+    yield "interleaved", "interleaved", 2 * p, 2, False
+    yield "zero_bubble", "zero_bubble", 2 * p, 1, False
     if p % 2 == 0:
-        yield "chimera", 2 * p if 2 * p <= BATCH else p, 1
+        yield "chimera_deferred", "chimera", 2 * p if 2 * p <= BATCH else p, 1, True
 
 
 def _train_every_schedule(rank, world_size):
     out = {}
     idx, target = _data()
-    for name, m, chunks in _configs(world_size):
-        schedule = build_schedule(name, world_size, m, chunks)
+    for name, kind, m, chunks, defer in _configs(world_size):
+        schedule = build_schedule(kind, world_size, m, chunks)
         model = _model()
         layout = find_blocks(model)
         canonical = canonical_names(model)
@@ -66,7 +68,7 @@ def _train_every_schedule(rank, world_size):
         def loss(stage, mb, logits):
             return F.cross_entropy(logits.reshape(-1, VOCAB), ys[mb].reshape(-1)) / m
 
-        results = PipelineExecutor(schedule, rank, dist.group.WORLD).run(
+        results = PipelineExecutor(schedule, rank, dist.group.WORLD, defer_weights=defer).run(
             forward, loss, params=lambda stage: list(model.parameters()))
         shared.sum_()
         grads = {}
@@ -84,7 +86,7 @@ def test_every_schedule_gives_the_single_process_gradients(world_size):
     logits = reference(idx)
     F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1)).backward()
     expected = {n: p.grad for n, p in reference.named_parameters()}
-    for name, m, _ in _configs(world_size):
+    for name, _, m, _, _ in _configs(world_size):
         seen = set()
         outputs = {}
         for rank in range(world_size):

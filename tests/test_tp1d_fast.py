@@ -101,7 +101,7 @@ def _check_deferred_weight_grads() -> None:
     xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     tg.weight_grads.active = True
     stack(xs).square().sum().backward()
-    waiting = [p for p, _ in tg.weight_grads._pending]
+    waiting = [entry[0] for entry in tg.weight_grads._pending]
     assert waiting == [stack.blocks[0].attn.c_attn.weight] and waiting[0].grad is None  # left for the flush
     assert calls == [True] and hooked.grad is not None  # the hooked weight went through autograd
     tg.weight_grads.flush()

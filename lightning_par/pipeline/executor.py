@@ -140,11 +140,14 @@ class PipelineExecutor:
     ``side_group``: a gloo group over the same ranks for the first step of each input signature (required when
     ``group`` is not gloo; by default ``group`` itself). ``stall_timeout``: seconds before a transfer that does not
     complete raises (see [Note: stalls]). Raises ScheduleError for a schedule that could deadlock.
+    ``defer_weights``: schedules without a W action also take the linear layers' weight gradients out of autograd
+    (as zero bubble does: [Note: W as the deferred weight-gradient matmuls]) and compute them after the input
+    gradient is sent, accumulating them inside the matmul.
     """
 
     def __init__(self, schedule: Schedule, rank: int, group: Optional[ProcessGroup],
                  device: Optional[torch.device] = None, side_group: Optional[ProcessGroup] = None,
-                 stall_timeout: float = 600.0) -> None:
+                 stall_timeout: float = 600.0, defer_weights: bool = False) -> None:
         if not 0 <= rank < schedule.ranks:
             raise ValueError(f"rank {rank} is not in a {schedule.ranks}-rank schedule")
         if stall_timeout <= 0:
@@ -156,6 +159,7 @@ class PipelineExecutor:
         self.actions = schedule.actions[rank]
         self.stall_timeout = float(stall_timeout)
         self.training = any(a.kind in (Kind.B, Kind.I) for a in self.actions)
+        self.defer_weights = self.training and (schedule.split_backward or defer_weights)
         # Index of the last action that produces gradients of parameters with hooks, per local stage (see
         # `before_last_backward`): the last B, or the last I (W holds only parameters without hooks: see
         # [Note: W as the deferred weight-gradient matmuls] in split_backward.py).
@@ -202,11 +206,12 @@ class PipelineExecutor:
         self._outputs: dict[tuple[int, int], Any] = {}
         self._weights: dict[tuple[int, int], DeferredWeightGrads] = {}  # W of each (stage, microbatch)
         self._casts: dict[int, tuple[int, Tensor]] = {}  # weights in the autocast dtype, for this step (W's layers)
+        self._after_send: list[tuple[int, int]] = []  # the W of a B action, run once its input gradient is posted
 
     # ----- the compute: overridden by the synthetic benchmark --------------------------------------------------------
 
     def _forward(self, stage: int, microbatch: int, received: Any) -> Any:
-        if not (self.training and self.schedule.split_backward):
+        if not self.defer_weights:
             return self._forward_fn(stage, microbatch, received)
         weights = self._weights[(stage, microbatch)] = DeferredWeightGrads()
         with DeferMatmulWeights(self._params_fn(stage), weights, self._casts):
@@ -230,6 +235,11 @@ class PipelineExecutor:
 
     def _backward_weight(self, stage: int, microbatch: int) -> None:
         self._weights.pop((stage, microbatch)).run()
+
+    def _run_after_send(self) -> None:
+        # The slot after a B posts its input gradient first: the previous stage waits for I only, not for W.
+        while self._after_send:
+            self._backward_weight(*self._after_send.pop(0))
 
     # ----- running a schedule --------------------------------------------------------------------------------------
 
@@ -266,7 +276,9 @@ class PipelineExecutor:
                     continue
                 if before_last_backward is not None and self.last_grad_action.get(action.stage) == self._index[action]:
                     before_last_backward(action.stage)
+                self._run_after_send()
                 self._do(action, results)
+            self._run_after_send()
             for action, peer, work, _ in self._sends:
                 self._wait(work, action, peer, self._known is None)
         finally:
@@ -408,8 +420,10 @@ class PipelineExecutor:
                 if len(grads) != len(roots):
                     raise RuntimeError(f"{action}: {len(grads)} gradients for {len(roots)} outputs that need one")
             inputs = [x for x in _tensors(self._inputs.pop((s, m), None)) if x.requires_grad]
-            compute = self._backward if kind is Kind.B else self._backward_input
-            input_grads = compute(s, m, roots, grads, inputs)
+            deferred = kind is Kind.I or self.defer_weights
+            input_grads = (self._backward_input if deferred else self._backward)(s, m, roots, grads, inputs)
+            if kind is Kind.B and deferred:
+                self._after_send.append((s, m))
             prev = schedule.prev_stage(s, m)
             if prev is None:
                 return

@@ -82,12 +82,9 @@ class DeferMatmulWeights(TorchFunctionMode):
 
         def hand_over(grad: Tensor) -> None:
             g2, x2 = grad.reshape(-1, grad.size(-1)), xc.reshape(-1, xc.size(-1))
-
-            def weight_grad() -> Tensor:
-                return x2.t().mm(g2) if transposed else g2.t().mm(x2)
-
-            if not store.defer(weight, weight_grad):  # backward outside the executor's I: accumulate now
-                store.accumulate(weight, weight_grad())
+            a, b = (x2.t(), g2) if transposed else (g2.t(), x2)
+            if not store.defer(weight, a, b):  # backward outside the executor's I: accumulate now
+                store.accumulate(weight, a, b)
 
         y.register_hook(hand_over)
         return y

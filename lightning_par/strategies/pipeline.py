@@ -81,6 +81,9 @@ class PipelineStrategy(DataParallelStrategy):
         bucket_size_mb: gradient bucket size of the data-parallel all-reduce.
         stall_timeout: seconds a pipeline transfer may wait before the step fails with an error naming the rank,
             the action and the peer (on NCCL the message is printed and the process group's ``timeout`` aborts).
+        defer_weight_grads: also for schedules without a W action, compute the linear layers' weight gradients
+            outside autograd, after each backward's input gradient is sent, accumulating them inside the matmul
+            (zero bubble always does; see ``lightning_par/pipeline/split_backward.py``).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class PipelineStrategy(DataParallelStrategy):
         blocks: Optional[str] = None,
         bucket_size_mb: float = 25.0,
         stall_timeout: float = 600.0,
+        defer_weight_grads: bool = False,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -129,6 +133,7 @@ class PipelineStrategy(DataParallelStrategy):
         if split not in ("auto", "blocks", "trace"):
             raise ValueError(f"split must be 'auto', 'blocks' or 'trace'; got {split!r}.")
         self.schedule_name = schedule
+        self.defer_weight_grads = bool(defer_weight_grads)
         self.stages = stages
         self.microbatches = microbatches
         self.chunks = chunks if chunks is not None else (2 if schedule == "interleaved" else 1)
@@ -329,7 +334,8 @@ class PipelineStrategy(DataParallelStrategy):
         if microbatches is None:
             if self._train_executor is None:
                 self._train_executor = PipelineExecutor(self.schedule, self.pipeline_rank, self._pipeline_group,
-                                                        self.root_device, self._side_group, self.stall_timeout)
+                                                        self.root_device, self._side_group, self.stall_timeout,
+                                                        self.defer_weight_grads)
             return self._train_executor
         if microbatches not in self._eval_executors:
             self._eval_executors[microbatches] = PipelineExecutor(

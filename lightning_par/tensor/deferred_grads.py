@@ -26,35 +26,43 @@ from torch import Tensor, nn
 
 
 class DeferredWeightGrads:
-    """The weight gradients waiting for the next layer's collective (see the note above)."""
+    """The weight gradients waiting for the next layer's collective (see the note above), each as the two factors
+    of its matmul, so that :meth:`accumulate` can add it to ``.grad`` inside the matmul."""
 
     def __init__(self) -> None:
         self.active = False
-        self._pending: list[tuple[nn.Parameter, Callable[[], Tensor]]] = []
+        self._pending: list[tuple[nn.Parameter, Tensor, Tensor]] = []
 
-    def defer(self, param: nn.Parameter, compute: Callable[[], Tensor]) -> bool:
-        """Keep ``compute`` (which returns ``param``'s gradient) for later; False when ``param`` cannot wait."""
+    def defer(self, param: nn.Parameter, a: Tensor, b: Tensor) -> bool:
+        """Keep ``param``'s gradient ``a @ b`` for later; False when ``param`` cannot wait."""
         if (not self.active or not param.is_leaf or param._post_accumulate_grad_hooks
                 or param._backward_hooks):
             return False  # a view (a transposed weight): autograd takes its gradient back to the parameter
-        self._pending.append((param, compute))
+        self._pending.append((param, a, b))
         return True
 
-    @torch.no_grad()
     def run(self) -> None:
         """Compute and accumulate every waiting gradient (while a collective is on the wire)."""
         pending, self._pending = self._pending, []
-        for param, compute in pending:
-            self.accumulate(param, compute())
+        for param, a, b in pending:
+            self.accumulate(param, a, b)
 
     @staticmethod
     @torch.no_grad()
-    def accumulate(param: nn.Parameter, grad: Tensor) -> None:
-        """Add ``grad`` (any float dtype) into ``param.grad`` as autograd's accumulation would."""
-        if param.grad is None:
-            param.grad = grad.to(param.dtype, memory_format=torch.contiguous_format)
+    def accumulate(param: nn.Parameter, a: Tensor, b: Tensor) -> None:
+        """``param.grad += a @ b`` as autograd's accumulation would, but in one matmul where the dtypes allow:
+        a bf16 product accumulates into an fp32 ``.grad`` in the matmul's fp32 epilogue (Megatron's gradient
+        accumulation fusion), instead of a bf16 result, a cast and an add (18 bytes of memory traffic per element
+        against 8)."""
+        grad = param.grad
+        if grad is None:
+            param.grad = _mm_as(a, b, param.dtype)
+        elif grad.dtype == a.dtype and grad.is_contiguous():
+            grad.addmm_(a, b)
+        elif a.is_cuda and grad.dtype == torch.float32 and grad.is_contiguous():
+            torch.addmm(grad, a, b, out_dtype=torch.float32, out=grad)
         else:
-            param.grad.add_(grad)  # one kernel: the add promotes a bf16 gradient exactly, as a cast would
+            grad.add_(a.mm(b))  # the add promotes a bf16 product exactly, as a cast would
 
     def flush(self) -> None:
         """Run what is left and stop deferring: called when the backward is over."""
@@ -65,3 +73,10 @@ class DeferredWeightGrads:
         """Drop what is waiting (after an exception in backward)."""
         self._pending = []
         self.active = False
+
+
+def _mm_as(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` as a new contiguous tensor of ``dtype`` (bf16 inputs straight to fp32 on CUDA)."""
+    if a.dtype != dtype and a.is_cuda and dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.mm(b).to(dtype, memory_format=torch.contiguous_format)

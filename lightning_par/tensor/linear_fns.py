@@ -82,7 +82,7 @@ class _ColumnLinear(torch.autograd.Function):
             deferred.run()
         if need_w:
             x2 = xc.reshape(-1, xc.size(-1))
-            if deferred is None or not deferred.defer(ctx.weight, lambda: g2.t().mm(x2)):
+            if deferred is None or not deferred.defer(ctx.weight, g2.t(), x2):
                 gw = g2.t().mm(x2).to(w_dtype)
         if need_b:
             gb = g2.sum(0).to(b_dtype)
@@ -152,14 +152,9 @@ class _RowLinearScatter(torch.autograd.Function):
                 for work in works:
                     work.wait()
             if ctx.needs_input_grad[1]:
-                transposed = ctx.transposed
-
-                def weight_grad() -> Tensor:
-                    gw = full.t().mm(x2)  # (out, in)
-                    return gw.t() if transposed else gw
-
-                if not deferred.defer(ctx.weight, weight_grad):  # left for the next layer's collective
-                    gw = weight_grad().to(ctx.w_dtype)
+                a, b = (x2.t(), full) if ctx.transposed else (full.t(), x2)  # weight (in, out) or (out, in)
+                if not deferred.defer(ctx.weight, a, b):  # left for the next layer's collective
+                    gw = a.mm(b).to(ctx.w_dtype)
         return gx, gw, None, None, None, None
 
 
