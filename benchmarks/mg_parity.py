@@ -137,6 +137,7 @@ def parity_strategies(nvme_dir: str, world: int, cfg: dict) -> dict[str, Callabl
         "tp1d_sp": lambda: TensorParallel1DStrategy(sequence_parallel=True),
         **{f"pipeline_{s}": (lambda s=s: PipelineStrategy(schedule=s, microbatches=m))
            for s in ("1f1b", "gpipe", "interleaved", "zero_bubble", "chimera")},
+        "pipeline_1f1b_deferred": lambda: PipelineStrategy(schedule="1f1b", microbatches=m, defer_weight_grads=True),
     }
 
 
