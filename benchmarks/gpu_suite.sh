@@ -24,7 +24,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -97,7 +97,7 @@ run_case() {  # run_case NAME LIMIT_S NPROC ARGS... (ARGS: the script and its ar
     echo "  (killed leftover processes of $name; $(left_over "$tag") remain)"
   fi
   { echo "=================== $name (rc $rc, $((SECONDS - t0)) s): $*"; cat "$clog"; } >> "$LOG"
-  grep -E '^(parity|throughput|pipeline peer|reference)[: ]|^  [A-Za-z0-9_]+ +(PASS|FAIL|ok|oom|error) ' "$clog"
+  grep -E '^(parity|throughput|pipeline peer|reference|fused)[: ]|^  [A-Za-z0-9_]+ +(PASS|FAIL|ok|oom|error) ' "$clog"
   if [ "$rc" != 0 ]; then
     echo "  !! rc $rc$([ "$rc" = 124 ] && echo ' (timeout)'); last errors:"
     grep -E 'Error|error:|Timeout|timed out' "$clog" | grep -v Warning | tail -4 | cut -c1-300
@@ -269,6 +269,16 @@ case $MODE in
     if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 4 ]; then
       run_case collective_matmul_4gpu 120 4 benchmarks/collective_matmul_probe.py --out "$OUT/collective_matmul_4gpu.json"
     fi
+    ;;
+  deferred_2gpu)  # 2 GPUs: the fused accumulation, parity (fp32, bf16), pipelines with deferred weight gradients
+    run_case fused_accumulate 60 0 benchmarks/fused_accumulate_check.py
+    run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR
+    run_case parity_2gpu_all 150 2 $MG parity --reference "$REF" --out "$WORK/parity_2gpu.json" $ACC $NVME
+    run_case parity_bf16_2gpu 200 2 $MG parity --precision bf16 --reference "$REF" --out "$WORK/parity_bf16_2gpu.json" \
+      $ACC $NVME
+    run_case pipeline_equal_2gpu 240 2 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_2gpu.json" $ACC $THR \
+      --vocab 2048 --torch-schedules 1f1b,interleaved \
+      --variants pipeline,pipeline_deferred,pipeline_interleaved,pipeline_interleaved_deferred,pipeline_zero_bubble
     ;;
   nccl_ctas)  # tp1d's collectives are exposed: does NCCL with more CTAs (channels) move them faster? 2 GPUs
     run_case ctas_default 120 2 $MG throughput --out "$WORK/ctas_default.json" $ACC $THR --variants tp1d
