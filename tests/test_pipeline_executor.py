@@ -18,6 +18,7 @@ from lightning_par.pipeline.executor import PipelineExecutor
 from lightning_par.pipeline.partition import Partition, StageExit, choose_split_points, find_blocks
 from lightning_par.pipeline.shared import SharedGradients, canonical_names, parameter_holders
 from lightning_par.pipeline.split_backward import DeferMatmulWeights
+from lightning_par.pipeline.weight_casts import CastWeightsOnce, StepCasts
 from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 
 BATCH, SEQ, VOCAB = 8, 8, 32
@@ -104,7 +105,7 @@ def test_every_schedule_gives_the_single_process_gradients(world_size):
 def _split(stage, params, inputs, grad_fn):
     """Forward under DeferMatmulWeights, then I (backward with the store taking weight gradients); returns W."""
     weights = DeferredWeightGrads()
-    with DeferMatmulWeights(params, weights, {}):
+    with DeferMatmulWeights(params, weights, StepCasts()):
         out = stage(*inputs)
     weights.active = True
     out.backward(grad_fn(out))
@@ -182,6 +183,32 @@ def test_split_backward_of_a_parameter_used_twice_a_conv1d_a_tied_head_and_autoc
     for p, g in zip(params, expected):
         assert p.grad.dtype == torch.float32
         torch.testing.assert_close(p.grad, g, rtol=2e-2, atol=2e-2)
+
+
+def test_weights_are_cast_once_per_step_and_only_under_grad_mode():
+    torch.manual_seed(0)
+    stage = torch.nn.Sequential(Block(GPTConfig(n_embd=16, n_head=2)), torch.nn.LayerNorm(16))
+    reference = copy.deepcopy(stage)
+    xs = [torch.randn(2, 5, 16) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):  # as Lightning's bf16-mixed
+        for x in xs:  # two microbatches, a backward each
+            reference(x).float().sum().backward()
+        casts = StepCasts()
+        with torch.no_grad(), CastWeightsOnce(stage.parameters(), casts):
+            stage(xs[0])  # no_grad: nothing cached (a cast without a graph would lose the weight's gradient)
+        assert not casts._casts
+        for x in xs:
+            with CastWeightsOnce(stage.parameters(), casts):
+                out = stage(x)
+            out.float().sum().backward()
+    linear_weights = [m.weight for m in stage.modules() if isinstance(m, torch.nn.Linear)]
+    assert set(casts._casts) == {id(w) for w in linear_weights}  # one cast each, shared by both microbatches
+    for (name, p), q in zip(stage.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    with torch.no_grad():
+        linear_weights[0].mul_(2)  # changed in place: cast again
+    stale = casts._casts[id(linear_weights[0])][1]
+    assert casts.get(linear_weights[0], torch.bfloat16) is not stale
 
 
 def _share_steps(rank: int, world_size: int) -> list:

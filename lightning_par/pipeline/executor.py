@@ -59,6 +59,7 @@ from lightning_par.comm.p2p import (
 from lightning_par.pipeline.schedules import Action, Kind, Schedule, slots
 from lightning_par.pipeline.simulate import simulate
 from lightning_par.pipeline.split_backward import DeferMatmulWeights
+from lightning_par.pipeline.weight_casts import CastWeightsOnce, StepCasts
 from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 
 __all__ = ["PipelineExecutor"]
@@ -205,14 +206,17 @@ class PipelineExecutor:
         self._inputs: dict[tuple[int, int], Any] = {}
         self._outputs: dict[tuple[int, int], Any] = {}
         self._weights: dict[tuple[int, int], DeferredWeightGrads] = {}  # W of each (stage, microbatch)
-        self._casts: dict[int, tuple[int, Tensor]] = {}  # weights in the autocast dtype, for this step (W's layers)
+        self._casts = StepCasts()  # the weights in the autocast dtype, for this step
         self._after_send: list[tuple[int, int]] = []  # the W of a B action, run once its input gradient is posted
 
     # ----- the compute: overridden by the synthetic benchmark --------------------------------------------------------
 
     def _forward(self, stage: int, microbatch: int, received: Any) -> Any:
         if not self.defer_weights:
-            return self._forward_fn(stage, microbatch, received)
+            if not self.training:
+                return self._forward_fn(stage, microbatch, received)
+            with CastWeightsOnce(self._params_fn(stage), self._casts):
+                return self._forward_fn(stage, microbatch, received)
         weights = self._weights[(stage, microbatch)] = DeferredWeightGrads()
         with DeferMatmulWeights(self._params_fn(stage), weights, self._casts):
             return self._forward_fn(stage, microbatch, received)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_par.pipeline.weight_casts import StepCasts, linear_args
 from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 from lightning_par.tensor.linear_fns import compute_dtype
 
@@ -46,13 +47,11 @@ class DeferMatmulWeights(TorchFunctionMode):
     sets the pace of 1.3B-model stages on H100). A weight with hooks (the data-parallel buckets) keeps the plain op:
     its gradient must arrive through autograd.
 
-    ``casts`` keeps each weight's copy in the autocast dtype for the step's microbatches (the same dict for every
-    microbatch of a step, a new one each step), as autocast's own cache does within one autocast region: the
-    weights are not cast again for each of m microbatches. A copy is made again if the weight changed in place.
+    ``casts``: the step's weights in the autocast dtype ([Note: one weight cast per step] in ``weight_casts.py``).
     """
 
     def __init__(self, params: Iterable[nn.Parameter], store: DeferredWeightGrads,
-                 casts: dict[int, tuple[int, Tensor]]) -> None:
+                 casts: StepCasts) -> None:
         super().__init__()
         self._ids = {id(p) for p in params
                      if p.requires_grad and not (p._post_accumulate_grad_hooks or p._backward_hooks)}
@@ -62,7 +61,7 @@ class DeferMatmulWeights(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         if func is F.linear and torch.is_grad_enabled():
-            x, weight, bias = _linear_args(args, kwargs)
+            x, weight, bias = linear_args(args, kwargs)
             if self._takes(x, weight, bias):
                 xc, wc = self._compute_copies(x, weight)
                 return self._defer(F.linear(xc, wc, bias), weight, xc, False)
@@ -94,16 +93,4 @@ class DeferMatmulWeights(TorchFunctionMode):
         dtype = compute_dtype(x)
         if weight.dtype == dtype:
             return x, weight.detach()
-        version, cast = self._casts.get(id(weight), (None, None))
-        if cast is None or version != weight._version or cast.dtype != dtype:
-            with torch.no_grad():
-                cast = weight.to(dtype)
-            self._casts[id(weight)] = (weight._version, cast)
-        return x.to(dtype), cast
-
-
-def _linear_args(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    x = args[0] if args else kwargs["input"]
-    weight = args[1] if len(args) > 1 else kwargs["weight"]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return x, weight, bias
+        return x.to(dtype), self._casts.get(weight, dtype).detach()
