@@ -24,7 +24,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -293,6 +293,22 @@ case $MODE in
       $ACC $NVME
     run_case pipeline_equal_2gpu 240 2 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_2gpu.json" $ACC $THR \
       --vocab 2048 --variants pipeline,pipeline_interleaved,pipeline_zero_bubble,pipeline_deferred,pipeline
+    ;;
+  pipeline_fair)  # ours and torch's three schedules on equal stages, one variant per process, two rounds in
+    # alternating order (a process's later variants run slower, so a shared process biases the ratios): ~6 min at 4 GPUs
+    n=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$CPU" = 1 ] && n=2; [ "$n" -ge 4 ] && n=4
+    for round in 1 2; do
+      for kind in 1f1b interleaved zero_bubble; do
+        ours=pipeline; [ $kind != 1f1b ] && ours=pipeline_$kind
+        pair="torch ours"; [ $round = 2 ] && pair="ours torch"
+        for side in $pair; do
+          if [ $side = torch ]; then args="--torch-schedules $kind --variants none"; else args="--torch-schedules= --variants $ours"; fi
+          run_case "fair_${round}_${side}_$kind" 100 "$n" benchmarks/pipeline_peer.py --out "$OUT/fair_${round}_${side}_$kind.json" \
+            $ACC $THR --vocab 2048 $args
+        done
+      done
+    done
+    $PY benchmarks/pipeline_fair_summary.py "$OUT"/fair_*.json | tee -a "$LOG"
     ;;
   nccl_ctas)  # tp1d's collectives are exposed: does NCCL with more CTAs (channels) move them faster? 2 GPUs
     run_case ctas_default 120 2 $MG throughput --out "$WORK/ctas_default.json" $ACC $THR --variants tp1d
