@@ -29,12 +29,14 @@ from lightning_par.tensor.layers_1d import VocabParallelOutput, shard_spec
 from lightning_par.tensor.loss import materialize_logits
 from lightning_par.tensor.plan import (
     AppliedPlan,
-    ParallelStyle,
-    SequenceParallelRegion,
     applied_plan,
-    divisors,
     parallelize,
     unparallelize,
+)
+from lightning_par.tensor.styles import (
+    ParallelStyle,
+    SequenceParallelRegion,
+    divisors,
 )
 from lightning_par.topology import Topology
 from lightning_par.zero.materialize import Materializer

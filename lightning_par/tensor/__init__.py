@@ -14,6 +14,12 @@ from lightning_par.tensor.loss import VocabParallelLogits, vocab_parallel_cross_
 from lightning_par.tensor.mha import ParallelMultiheadAttention
 from lightning_par.tensor.plan import (
     AppliedPlan,
+    applied_plan,
+    parallelize,
+    sharded_parameter_bytes,
+    unparallelize,
+)
+from lightning_par.tensor.styles import (
     ColwiseParallel,
     ParallelAttention,
     ParallelBlock,
@@ -22,10 +28,6 @@ from lightning_par.tensor.plan import (
     RowwiseParallel,
     SequenceParallelRegion,
     VocabParallel,
-    applied_plan,
-    parallelize,
-    sharded_parameter_bytes,
-    unparallelize,
 )
 
 __all__ = [

@@ -31,7 +31,7 @@ from typing import Optional
 from torch import nn
 
 from lightning_par.tensor.layers_1d import linear_dims
-from lightning_par.tensor.plan import (
+from lightning_par.tensor.styles import (
     ColwiseParallel,
     ParallelAttention,
     ParallelBlock,

@@ -19,8 +19,6 @@ deferred: those hooks must see its gradient arrive through autograd.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
