@@ -39,14 +39,8 @@ import lightning.pytorch as pl
 from lightning_par.comm.buckets import broadcast_module
 from lightning_par.pipeline import full_state
 from lightning_par.pipeline.executor import PipelineExecutor
-from lightning_par.pipeline.partition import (
-    Partition,
-    PartitionError,
-    StageExit,
-    choose_split_points,
-    find_blocks,
-    measure_block_times,
-)
+from lightning_par.pipeline.partition import Partition, PartitionError, StageExit, choose_split_points, find_blocks
+from lightning_par.pipeline.split_choice import agreed_block_times, choose_split_mode
 from lightning_par.pipeline.trace_split import TracePartition
 from lightning_par.pipeline.schedules import Schedule, build_schedule, forward_only
 from lightning_par.pipeline.shared import SharedGradients, canonical_names, parameter_holders
@@ -221,7 +215,7 @@ class PipelineStrategy(DataParallelStrategy):
         schedule = self.schedule_for(self.topology.pipeline)
         self._canonical = canonical_names(module)
         rank = self.pipeline_rank
-        if self._split_mode(module) == "trace":
+        if choose_split_mode(module, self.split, self.blocks, self.balance, self.split_points) == "trace":
             self._partition = TracePartition(module, schedule.parts, schedule.parts_of(rank), self.split_points)
         else:
             self._partition = self._split_by_blocks(module, schedule, data_group, pipeline_group)
@@ -249,30 +243,6 @@ class PipelineStrategy(DataParallelStrategy):
                         self._side_group = group
             self._side_group_of = pipeline_group
 
-    def _split_mode(self, module: "pl.LightningModule") -> str:
-        """'blocks' or 'trace', with the arguments checked against it."""
-        mode = self.split
-        if mode == "auto":
-            try:
-                find_blocks(module, self.blocks)
-                mode = "blocks"
-            except PartitionError:
-                if self.blocks is not None:
-                    raise
-                mode = "trace"
-        points = self.split_points or []
-        if mode == "trace":
-            if self.balance == "time":
-                raise PartitionError("balance='time' measures the blocks of a blocks container; a split by tracing "
-                                     "the forward is balanced by parameter count (balance='params').")
-            if not all(isinstance(x, str) for x in points):
-                raise PartitionError(f"split_points={self.split_points}: when the model is split by tracing its forward "
-                                     "they are names of the modules where parts 1, 2, ... start, e.g. ['l3', 'l5'].")
-        elif not all(isinstance(x, int) for x in points):
-            raise PartitionError(f"split_points={self.split_points}: when the model is split by its blocks they are "
-                                 "block indices, e.g. [3, 6, 9]; module names need split='trace'.")
-        return mode
-
     def _split_by_blocks(self, module: "pl.LightningModule", schedule: Schedule, data_group: Any,
                          pipeline_group: Any) -> Partition:
         layout = find_blocks(module, self.blocks)
@@ -282,13 +252,8 @@ class PipelineStrategy(DataParallelStrategy):
             if example is None:
                 raise PartitionError("balance='time' measures the blocks on the module's `example_input_array`; set it "
                                      "(e.g. `self.example_input_array = torch.zeros(2, 64, dtype=torch.long)`).")
-            example = self.batch_to_device(example)
-            run = lambda: module(*example) if isinstance(example, tuple) else module(example)  # noqa: E731
-            # Every rank must cut alike: global rank 0 measures; data groups, then pipeline groups pass it on.
-            box = [measure_block_times(module, layout, run) if self.global_rank == 0 else None]
-            for group in (data_group, pipeline_group):
-                dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-            times = box[0]
+            times = agreed_block_times(module, layout, self.batch_to_device(example), self.global_rank == 0,
+                                       (data_group, pipeline_group))
         starts = choose_split_points(module, layout, schedule.parts, self.split_points, times)
         return Partition(module, layout, starts, schedule.parts_of(self.pipeline_rank))
 
