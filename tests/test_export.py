@@ -30,7 +30,8 @@ pytest.importorskip("safetensors")
 import lightning_par  # noqa: E402,F401
 from helpers import free_port, run_on_ranks  # noqa: E402
 from lightning_par import TensorParallel1DStrategy  # noqa: E402
-from lightning_par.checkpoint import export_safetensors, main  # noqa: E402
+from lightning_par.checkpoint import main  # noqa: E402
+from lightning_par.export import export_safetensors  # noqa: E402
 from lightning_par.demo.hf import HFCausalLM  # noqa: E402
 from parity import token_dataset  # noqa: E402
 
