@@ -14,7 +14,8 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh two_gpu       # ~6 min on 2 GPUs: parity at 2, tp1d / zero2 / DTensor TP at 2, tp1d profile
 #   OUT=$OUT benchmarks/gpu_suite.sh two_gpu_speed # ~4 min on 2 GPUs: dp 1 vs 2 GPUs, ddp, tp1d, zero2, DTensor TP, profile
 #   OUT=$OUT benchmarks/gpu_suite.sh four_gpu      # ~6 min: tp1d chunks / zero2 / DTensor TP, dp 4 vs 1 GPU, pipeline_equal
-#   OUT=$OUT benchmarks/gpu_suite.sh final_speed   # ~7 min: tp1d (deferral on/off), zero2, DTensor TP, dp 4 vs 1, pipelines
+#   OUT=$OUT benchmarks/gpu_suite.sh final_speed   # ~5 min: tp1d (deferral on/off), zero2, DTensor TP, dp 4 vs 1
+#   OUT=$OUT benchmarks/gpu_suite.sh pipeline_fair # ~6 min: our 3 schedules and torch's, one variant per process, 2 rounds
 #   OUT=$OUT benchmarks/gpu_suite.sh tp1d_4gpu     # ~2 min: tp1d / zero2 / DTensor TP at 4 GPUs, batch 4 then 8 per GPU
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_equal # ~1-2 min: the same with a 2048-token vocabulary (stages of equal time)
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
@@ -217,17 +218,12 @@ case $MODE in
     run_case pipeline_equal_4gpu 200 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_4gpu.json" $ACC $THR \
       --vocab 2048
     ;;
-  final_speed)  # the issue's speed figures in one 4-GPU call (run `parity` first, in its own call): ~7 min
+  final_speed)  # the issue's tp1d and dp figures in one 4-GPU call (run `parity` first, and `pipeline_fair` for the
+    # pipelines, each in its own call): ~5 min
     run_case tp1d_4gpu 200 4 $MG throughput --out "$WORK/tp1d_4gpu.json" $ACC $THR \
       --variants tp1d,tp1d_nodefer,zero2,dtensor_tp
     run_case dp_4gpu 150 4 $MG throughput --out "$WORK/dp_4gpu.json" $ACC $THR --variants dp,lightning_ddp
     run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
-    run_case pipeline_equal_4gpu 200 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_4gpu.json" $ACC $THR \
-      --vocab 2048
-    run_case profile_pipeline_4gpu 120 4 benchmarks/profile_variant.py --variant pipeline --out "$OUT/profile_pipeline" \
-      $ACC $THR --vocab 2048
-    run_case profile_torch_1f1b_4gpu 120 4 benchmarks/pipeline_peer.py --torch-schedules 1f1b --variants none \
-      --profile "$OUT/profile_torch" $ACC $THR --vocab 2048
     ;;
   tp1d_4gpu)  # tp1d beside zero2 and DTensor TP at 4 GPUs; then at batch 8/GPU (fixed per-step costs weigh half)
     run_case tp1d_4gpu 200 4 $MG throughput --out "$WORK/tp1d_4gpu.json" $ACC $THR \
