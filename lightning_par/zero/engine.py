@@ -44,8 +44,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_par.comm.collectives import mean_op
+from lightning_par.zero.chunk import Chunk
 from lightning_par.zero.host import PinnedHost
-from lightning_par.zero.layout import ChunkLayout, Piece, build_layout
+from lightning_par.zero.layout import Piece, build_layout
 from lightning_par.zero.nvme import NvmeStore
 from lightning_par.zero.materialize import Materializer
 from lightning_par.zero.offload import OffloadMixin
@@ -53,63 +54,6 @@ from lightning_par.zero.params import ParamsMixin
 from lightning_par.zero.spill import SpilledState
 from lightning_par.zero.policy import ZeroPolicy, check_optimizer
 from lightning_par.zero.released import mark_released
-
-
-class _Chunk:
-    def __init__(self, index: int, params: list[nn.Parameter], full: Tensor, layout: ChunkLayout, rank: int,
-                 separate_master: bool, compute_dtype: torch.dtype, device: torch.device, host: bool,
-                 pinned: PinnedHost, host_grad_dtype: torch.dtype) -> None:
-        """``full``: the chunk's initial values in fp32 (so that masters keep their full precision)."""
-        self.index = index
-        self.params = params
-        self.slots = layout.slots_in(index)
-        self.padded = layout.padded_numel(index)
-        self.shard_numel = layout.shard_numel(index)
-        self.shard_start = rank * self.shard_numel
-        self.compute = full if compute_dtype == torch.float32 else full.to(compute_dtype)
-        shard = slice(self.shard_start, self.shard_start + self.shard_numel)
-        self.host = host  # the optimizer side (master, gradient shard, optimizer state) lives in host memory
-        if host:  # pinned, so that copies to and from the device run asynchronously
-            self.master = pinned.empty(self.shard_numel).copy_(full[shard])
-            self.grad_shard = pinned.zeros(self.shard_numel, host_grad_dtype)
-        else:
-            self.master = full[shard].clone() if separate_master else self.compute[shard]
-            self.grad_shard = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
-        self.grad_full: Optional[Tensor] = None  # stage 1: persistent; stages 2-3: only while backward fills it
-        self.trainable = [p.requires_grad for p in params]
-        self.ready = [False] * len(params)
-        self.touched = [False] * len(params)  # got a gradient in this accumulation window
-        self.pending = sum(self.trainable)
-        self.reduce_work: Any = None
-        self.reduce_input: Optional[Tensor] = None
-        self.reduced: Optional[Tensor] = None
-        self.grad_sent = False  # offloaded: the reduced gradient is already on its way to the host
-        self.gathered = True
-        self.gather_work: Any = None
-        self.gather_input: Optional[Tensor] = None
-        self.copied: Any = None  # offloaded, on CUDA: event after the host-to-device copy of a gather
-        self.nvme = False  # offloaded, and its optimizer state lives in files between steps
-        # A host gradient shard kept in 16 bits is not held by the pieces (a parameter's .grad has its dtype): it
-        # steps in a window of its own, and `window_open[k]` says piece k has a gradient of the current window.
-        self.window_open: list[bool] = []
-        self.forward_remaining = 0
-        self.pieces: list[tuple[Piece, nn.Parameter]] = []
-        self.piece_slots: list[int] = []  # the slot (parameter) each piece belongs to
-
-    @property
-    def half_grads(self) -> bool:
-        return self.host and self.grad_shard.dtype != torch.float32
-
-    def view(self, buffer: Tensor, i: int) -> Tensor:
-        s = self.slots[i]
-        return buffer[s.offset : s.offset + s.numel].view_as(self.params[i])
-
-    def reset_round(self) -> None:
-        # Re-read: layers may be frozen or unfrozen between steps (fine-tuning, `toggle_optimizer`).
-        self.trainable = [p.requires_grad for p in self.params]
-        self.ready = [False] * len(self.params)
-        self.touched = [False] * len(self.params)
-        self.pending = sum(self.trainable)
 
 
 class ZeroEngine(OffloadMixin, ParamsMixin):
@@ -168,7 +112,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
         for m in module.modules():
             for q in m.parameters(recurse=False):
                 owners.setdefault(q, []).append(m)
-        self.chunks: list[_Chunk] = []
+        self.chunks: list[Chunk] = []
         materializer = Materializer(module, device, param_init_fn)
         with torch.no_grad():
             # One chunk at a time: gather its initial values (materialising meta parameters), agree on them across
@@ -184,7 +128,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
                     full[slot.offset : slot.offset + slot.numel].copy_(p.detach().reshape(-1))
                 if self.world_size > 1:  # ranks may have initialised differently: rank 0's values win
                     dist.broadcast(full, src=dist.get_global_rank(group, 0), group=group)
-                chunk = _Chunk(c, chunk_params, full, self.layout, self.rank, separate_master, compute_dtype, device,
+                chunk = Chunk(c, chunk_params, full, self.layout, self.rank, separate_master, compute_dtype, device,
                                host=self.plan.on_host[c], pinned=self.pinned, host_grad_dtype=self.host_grad_dtype)
                 chunk.nvme = self.plan.nvme(c)
                 for i, p in enumerate(chunk.params):
@@ -203,14 +147,14 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
         self._handles: list[Any] = []
         self._guarded: list[nn.Module] = []  # modules whose parameters are read-guarded (stage 3)
         self._hooked: set[nn.Parameter] = set()
-        self._in_flight: list[_Chunk] = []  # reductions launched and not yet waited for (stages 2-3)
+        self._in_flight: list[Chunk] = []  # reductions launched and not yet waited for (stages 2-3)
         self._backward_started = False
         self._hook_trainable()
         self._module_chunks: dict[nn.Module, list[int]] = {}
         # Names of each optimizer's parameters by group, as the user built it: checkpoints map state by name.
         self.optimizer_param_names: dict[torch.optim.Optimizer, list[list[str]]] = {}
         self.piece_group: dict[int, dict[str, Any]] = {}  # id(piece) -> its optimizer's parameter group
-        self._pending_gathers: list[_Chunk] = []  # stages 1-2: refresh gathers not yet waited for
+        self._pending_gathers: list[Chunk] = []  # stages 1-2: refresh gathers not yet waited for
         if policy.stage == 3:
             self._install_stage3_hooks(module)
         # Stage 3: reads of released parameters raise; stages 1-2: reads wait for the refresh after the step.
@@ -311,7 +255,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
             self._launch_reduce(self.chunks[self._next_reduce])
             self._next_reduce -= 1
 
-    def _launch_reduce(self, chunk: _Chunk) -> None:
+    def _launch_reduce(self, chunk: Chunk) -> None:
         if not any(chunk.trainable):
             return
         if chunk.grad_full is None:  # nothing arrived: every parameter unused in this backward
@@ -345,13 +289,13 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
             while len(self._in_flight) > 2:
                 self._wait_reduce(self._in_flight.pop(0))
 
-    def _wait_reduce(self, chunk: _Chunk) -> None:
+    def _wait_reduce(self, chunk: Chunk) -> None:
         if chunk.reduce_work is not None:
             chunk.reduce_work.wait()
         chunk.reduce_work = chunk.reduce_input = None
         self._to_host_early(chunk)
 
-    def _to_host_early(self, chunk: _Chunk) -> None:
+    def _to_host_early(self, chunk: Chunk) -> None:
         """ZeRO-Offload: start copying a reduced shard gradient to the host at once, so that the copy overlaps the
         rest of backward (only when it overwrites: a new accumulation window, or stage 1)."""
         if not chunk.host or chunk.reduced is None or chunk.grad_sent:
@@ -395,13 +339,13 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
         if self._measuring:
             self._replan()
 
-    def _fresh(self, chunk: _Chunk) -> list[bool]:
+    def _fresh(self, chunk: Chunk) -> list[bool]:
         """Per piece: the optimizer's zero_grad ran since its last gradient (a new accumulation window)."""
         if chunk.half_grads:
             return [not open_ for open_ in chunk.window_open]
         return [q.grad is None for _, q in chunk.pieces]
 
-    def _take_reduced(self, chunk: _Chunk) -> None:
+    def _take_reduced(self, chunk: Chunk) -> None:
         self._wait_reduce(chunk)
         fresh = self._fresh(chunk)
         if chunk.host:

@@ -21,7 +21,7 @@ from lightning_par.zero.placement import (
 )
 
 if TYPE_CHECKING:
-    from lightning_par.zero.engine import _Chunk
+    from lightning_par.zero.chunk import Chunk
 
 
 class OffloadMixin:
@@ -122,7 +122,7 @@ class OffloadMixin:
         self.log(f"ZeRO placement ('auto', measured: working memory {working / GiB:.2f} GiB of {limit / GiB:.2f} GiB): "
                  f"{plan.describe(str(self.device))}")
 
-    def _move(self, chunk: _Chunk, to_host: bool) -> None:
+    def _move(self, chunk: Chunk, to_host: bool) -> None:
         """Move a chunk's optimizer side between host and device; the optimizer's pieces keep their identity."""
         had_grad = [chunk.window_open[k] if chunk.half_grads else q.grad is not None
                     for k, (_, q) in enumerate(chunk.pieces)]
@@ -183,7 +183,7 @@ class OffloadMixin:
 
         optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
 
-    def _window_grads(self, chunk: _Chunk, pieces: list) -> dict[nn.Parameter, Tensor]:
+    def _window_grads(self, chunk: Chunk, pieces: list) -> dict[nn.Parameter, Tensor]:
         """fp32 gradients for the pieces of a chunk whose host gradient shard is 16-bit (cast for its window)."""
         if not chunk.half_grads:
             return {}

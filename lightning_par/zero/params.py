@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 from lightning_par.zero.released import mark_gathered, mark_released
 
 if TYPE_CHECKING:
-    from lightning_par.zero.engine import _Chunk
+    from lightning_par.zero.chunk import Chunk
 
 
 class ParameterNotGathered(RuntimeError):
@@ -121,7 +121,7 @@ class ParamsMixin:
         if not async_op:
             self._wait_gather(chunk)
 
-    def _gather_from_host(self, chunk: _Chunk, async_op: bool) -> None:
+    def _gather_from_host(self, chunk: Chunk, async_op: bool) -> None:
         """Copy a host master shard to the device (and all-gather it) on the host-to-device stream, so that a
         prefetch overlaps the compute of the modules before."""
         assert self._h2d is not None
@@ -137,7 +137,7 @@ class ParamsMixin:
         if not async_op:
             self._wait_gather(chunk)
 
-    def _wait_gather(self, chunk: _Chunk) -> None:
+    def _wait_gather(self, chunk: Chunk) -> None:
         if chunk.gather_work is not None:
             chunk.gather_work.wait()
         if chunk.copied is not None:
@@ -281,7 +281,7 @@ class ParamsMixin:
             for index in gathered:
                 self.release(index)
 
-    def _compute_shard(self, chunk: _Chunk) -> Tensor:
+    def _compute_shard(self, chunk: Chunk) -> Tensor:
         return chunk.compute[chunk.shard_start : chunk.shard_start + chunk.shard_numel]
 
     @torch.no_grad()
