@@ -19,15 +19,13 @@ import lightning_par  # noqa: F401
 from helpers import run_on_ranks
 from lightning_par import TensorParallel1DStrategy
 from lightning_par.comm.collectives import (
-    _all_gather,
-    _reduce_scatter,
     all_gather_along_dim,
     gather_input,
     reduce_from_group,
     reduce_from_group_,
     reduce_scatter_along_dim,
-    token_chunks,
 )
+from lightning_par.comm.raw_collectives import _all_gather, _reduce_scatter, token_chunks
 from lightning_par.tensor import ColumnParallelLinear, RowParallelLinear, TensorGroup, auto_plan, parallelize
 from lightning_par.tensor.full_state import _gather
 from lightning_par.tensor.layers_1d import InputOp, shard_spec

@@ -148,7 +148,7 @@ ShardFn = Callable[[nn.Parameter, ShardSpec], nn.Parameter]
 class TensorGroup:
     """The tensor-parallel group that all layers of one sharded model read; rebound when a new ``fit`` builds new
     process groups (``bind``). ``token_chunks``: the chunks of the sequence-parallel token layout (see [Note:
-    token-sharded sequence parallelism] in ``collectives.py``), which every sequence-parallel site of the model
+    token-sharded sequence parallelism] in ``raw_collectives.py``), which every sequence-parallel site of the model
     must share; more than 1 lets the row-parallel layers overlap their collectives with their matmuls."""
 
     def __init__(self, group: Optional[ProcessGroup], token_chunks: int = 1) -> None:
@@ -173,7 +173,7 @@ def _as_tensor_group(group: Union[ProcessGroup, TensorGroup, None]) -> TensorGro
 
 class InputOp:
     """Makes a column layer's input whole on every rank: ``copy_to_group`` (``seq_dim=None``) or an all-gather along
-    ``seq_dim`` of the ranks' token blocks (see [Note: token-sharded sequence parallelism] in ``collectives.py``).
+    ``seq_dim`` of the ranks' token blocks (see [Note: token-sharded sequence parallelism] in ``raw_collectives.py``).
     Several layers may share one: the collective then runs once per distinct input tensor, until ``clear()``
     (called when the owning block's forward ends)."""
 
@@ -292,7 +292,7 @@ class ColumnParallelLinear(_ParallelLinear):
 class RowParallelLinear(_ParallelLinear):
     """``y = x A^T + b`` with ``A`` split by columns (input features): each rank multiplies its slice of ``x`` and
     the partial products are summed (all-reduce), or summed and scattered along ``seq_dim`` (sequence parallel, in
-    token blocks: [Note: token-sharded sequence parallelism] in ``collectives.py``).
+    token blocks: [Note: token-sharded sequence parallelism] in ``raw_collectives.py``).
     The bias is added once, after the reduction. ``in_features`` is the local width."""
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], group: Union[ProcessGroup, TensorGroup, None],

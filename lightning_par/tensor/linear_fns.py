@@ -17,13 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_par.comm.collectives import (
-    InputGradReduction,
-    all_gather_fused,
-    input_grad_reduction,
-    reduce_scatter_fused,
-    token_chunks,
-)
+from lightning_par.comm.collectives import InputGradReduction, input_grad_reduction
+from lightning_par.comm.raw_collectives import all_gather_fused, reduce_scatter_fused, token_chunks
 from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 
 if TYPE_CHECKING:

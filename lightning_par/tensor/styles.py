@@ -79,7 +79,7 @@ class SequenceParallelRegion(ParallelStyle):
     """An ``nn.ModuleList`` / ``nn.Sequential`` of blocks run one after the other: with sequence parallelism the
     activations between its blocks are split along ``seq_dim`` (None: the strategy's ``sequence_dim``), each rank
     holding a block of the tokens in memory order (see [Note: token-sharded sequence parallelism] in
-    ``comm/collectives.py``). The blocks must work token by token between their inputs and the attention."""
+    ``comm/raw_collectives.py``). The blocks must work token by token between their inputs and the attention."""
 
     seq_dim: Optional[int] = None
     name = "sequence_region"
