@@ -17,7 +17,7 @@ from lightning_par.pipeline import build_schedule
 from lightning_par.pipeline.executor import PipelineExecutor
 from lightning_par.pipeline.partition import Partition, StageExit, choose_split_points, find_blocks
 from lightning_par.pipeline.shared import SharedGradients, canonical_names, parameter_holders
-from lightning_par.pipeline.split_backward import DeferMatmulWeights
+from lightning_par.pipeline.split_backward import DeferMatmulWeights, explain_checkpoint_errors
 from lightning_par.pipeline.weight_casts import CastWeightsOnce, StepCasts
 from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 
@@ -183,6 +183,24 @@ def test_split_backward_of_a_parameter_used_twice_a_conv1d_a_tied_head_and_autoc
     for p, g in zip(params, expected):
         assert p.grad.dtype == torch.float32
         torch.testing.assert_close(p.grad, g, rtol=2e-2, atol=2e-2)
+
+
+def test_split_backward_under_activation_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = Block(GPTConfig(n_embd=16, n_head=2))
+    reference = copy.deepcopy(block)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    reference(x).sum().backward()
+    # Reentrant: the forward runs without grad (nothing deferred), backward recomputes with the plain ops.
+    weights = _split(lambda x: checkpoint(block, x, use_reentrant=True), block.parameters(), [x], torch.ones_like)
+    weights.run()
+    for (name, p), q in zip(block.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    # Non-reentrant: the recomputation cannot match a forward whose weights were detached; the error says so.
+    with pytest.raises(RuntimeError, match="use_reentrant=True"), explain_checkpoint_errors("zero_bubble"):
+        _split(lambda x: checkpoint(block, x, use_reentrant=False), block.parameters(), [x], torch.ones_like)
 
 
 def test_weights_are_cast_once_per_step_and_only_under_grad_mode():

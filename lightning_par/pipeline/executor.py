@@ -58,7 +58,7 @@ from lightning_par.comm.p2p import (
 )
 from lightning_par.pipeline.schedules import Action, Kind, Schedule, slots
 from lightning_par.pipeline.simulate import simulate
-from lightning_par.pipeline.split_backward import DeferMatmulWeights
+from lightning_par.pipeline.split_backward import DeferMatmulWeights, explain_checkpoint_errors
 from lightning_par.pipeline.weight_casts import CastWeightsOnce, StepCasts
 from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 
@@ -233,7 +233,8 @@ class PipelineExecutor:
         weights = self._weights[(stage, microbatch)]
         weights.active = True  # the linear layers hand their weight gradients to W
         try:
-            return self._backward(stage, microbatch, roots, grads, inputs)
+            with explain_checkpoint_errors(self.schedule.name):
+                return self._backward(stage, microbatch, roots, grads, inputs)
         finally:
             weights.active = False
 

@@ -19,11 +19,18 @@ grew with the square of the layers per stage: on 2 x H100 (12 GPT layers of widt
 A parameter with hooks (the data-parallel gradient buckets of pipeline x data) is not deferred: its gradient must
 arrive through autograd, once per sync. Its whole gradient is computed in I, so with data parallelism W holds only
 the parameters without hooks; ``PipelineExecutor`` opens the gradient sync before a stage's last I.
+
+Activation checkpointing with ``use_reentrant=False`` cannot be combined with it: the recomputation runs inside
+backward, outside :class:`DeferMatmulWeights`, so it saves other tensors than the forward did, and
+``torch.utils.checkpoint`` refuses. :func:`explain_checkpoint_errors` turns that refusal into an error that says so
+and what works instead (reentrant checkpointing recomputes under grad mode in backward with the plain ops and works,
+those layers' weight gradients then being computed in I).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +41,7 @@ from lightning_par.pipeline.weight_casts import StepCasts, linear_args
 from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 from lightning_par.tensor.linear_fns import compute_dtype
 
-__all__ = ["DeferMatmulWeights"]
+__all__ = ["DeferMatmulWeights", "explain_checkpoint_errors"]
 
 
 class DeferMatmulWeights(TorchFunctionMode):
@@ -94,3 +101,20 @@ class DeferMatmulWeights(TorchFunctionMode):
         if weight.dtype == dtype:
             return x, weight.detach()
         return x.to(dtype), self._casts.get(weight, dtype).detach()
+
+
+@contextmanager
+def explain_checkpoint_errors(schedule: str) -> Iterator[None]:
+    """Around I: ``torch.utils.checkpoint``'s refusal to recompute a layer whose weight gradient is deferred,
+    raised again with what to do (see [Note: W as the deferred weight-gradient matmuls])."""
+    from torch.utils.checkpoint import CheckpointError
+
+    try:
+        yield
+    except CheckpointError as error:
+        raise RuntimeError(
+            f"The {schedule} schedule computes the linear layers' weight gradients outside autograd, which "
+            "activation checkpointing with use_reentrant=False cannot recompute. Use schedule='1f1b' or "
+            "'interleaved' (without defer_weight_grads), or torch.utils.checkpoint.checkpoint(..., "
+            "use_reentrant=True), or no activation checkpointing inside the pipelined model."
+        ) from error
