@@ -199,7 +199,7 @@ def test_split_backward_under_activation_checkpointing():
     for (name, p), q in zip(block.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     # Non-reentrant: the recomputation cannot match a forward whose weights were detached; the error says so.
-    with pytest.raises(RuntimeError, match="use_reentrant=True"), explain_checkpoint_errors("zero_bubble"):
+    with pytest.raises(RuntimeError, match="use_reentrant=True"), explain_checkpoint_errors("schedule='zero_bubble'"):
         _split(lambda x: checkpoint(block, x, use_reentrant=False), block.parameters(), [x], torch.ones_like)
 
 

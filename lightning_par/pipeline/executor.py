@@ -233,7 +233,8 @@ class PipelineExecutor:
         weights = self._weights[(stage, microbatch)]
         weights.active = True  # the linear layers hand their weight gradients to W
         try:
-            with explain_checkpoint_errors(self.schedule.name):
+            with explain_checkpoint_errors(f"schedule={self.schedule.name!r}" if self.schedule.split_backward
+                                           else "defer_weight_grads=True"):
                 return self._backward(stage, microbatch, roots, grads, inputs)
         finally:
             weights.active = False

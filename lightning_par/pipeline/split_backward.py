@@ -104,17 +104,18 @@ class DeferMatmulWeights(TorchFunctionMode):
 
 
 @contextmanager
-def explain_checkpoint_errors(schedule: str) -> Iterator[None]:
+def explain_checkpoint_errors(what: str) -> Iterator[None]:
     """Around I: ``torch.utils.checkpoint``'s refusal to recompute a layer whose weight gradient is deferred,
-    raised again with what to do (see [Note: W as the deferred weight-gradient matmuls])."""
+    raised again with what to do (see [Note: W as the deferred weight-gradient matmuls]). ``what`` names the
+    setting that defers them (``"schedule='zero_bubble'"``, ``"defer_weight_grads=True"``)."""
     from torch.utils.checkpoint import CheckpointError
 
     try:
         yield
     except CheckpointError as error:
         raise RuntimeError(
-            f"The {schedule} schedule computes the linear layers' weight gradients outside autograd, which "
-            "activation checkpointing with use_reentrant=False cannot recompute. Use schedule='1f1b' or "
-            "'interleaved' (without defer_weight_grads), or torch.utils.checkpoint.checkpoint(..., "
+            f"With {what} the linear layers' weight gradients are computed outside autograd, which activation "
+            "checkpointing with use_reentrant=False cannot recompute. Use another schedule (1f1b, gpipe, "
+            "interleaved, chimera) without defer_weight_grads, or torch.utils.checkpoint.checkpoint(..., "
             "use_reentrant=True), or no activation checkpointing inside the pipelined model."
         ) from error
