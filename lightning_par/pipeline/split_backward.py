@@ -35,35 +35,32 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
-
-from lightning_par.pipeline.weight_casts import StepCasts, linear_args
+from lightning_par.pipeline.weight_casts import CastWeightsOnce, StepCasts, linear_args
 from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 from lightning_par.tensor.linear_fns import compute_dtype
 
 __all__ = ["DeferMatmulWeights", "explain_checkpoint_errors"]
 
 
-class DeferMatmulWeights(TorchFunctionMode):
+class DeferMatmulWeights(CastWeightsOnce):
     """Around a stage's forward: linear layers whose weight is one of ``params`` leave their weight gradient to
     ``store`` (see [Note: W as the deferred weight-gradient matmuls]).
 
     Such a layer runs the native op on a detached copy of the weight in the compute dtype, so autograd computes
     only its input gradient (and the bias's); a hook on the output hands ``grad_out`` with the saved input to
     ``store``. Native ops and a hook cost the host less than a Python autograd Function (the host, not the GPU,
-    sets the pace of 1.3B-model stages on H100). A weight with hooks (the data-parallel buckets) keeps the plain op:
-    its gradient must arrive through autograd.
-
-    ``casts``: the step's weights in the autocast dtype ([Note: one weight cast per step] in ``weight_casts.py``).
+    sets the pace of 1.3B-model stages on H100). A weight with hooks (the data-parallel buckets) keeps autograd:
+    its gradient must arrive through it. Either way the weight is cast to the autocast dtype once per step
+    (``casts``: [Note: one weight cast per step] in ``weight_casts.py``).
     """
 
     def __init__(self, params: Iterable[nn.Parameter], store: DeferredWeightGrads,
                  casts: StepCasts) -> None:
-        super().__init__()
-        self._ids = {id(p) for p in params
-                     if p.requires_grad and not (p._post_accumulate_grad_hooks or p._backward_hooks)}
+        params = list(params)
+        super().__init__(params, casts)
+        self._deferred_ids = {id(p) for p in params
+                              if p.requires_grad and not (p._post_accumulate_grad_hooks or p._backward_hooks)}
         self._store = store
-        self._casts = casts
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
@@ -77,11 +74,11 @@ class DeferMatmulWeights(TorchFunctionMode):
             if self._takes(x, weight, bias):
                 xc, wc = self._compute_copies(x, weight)
                 return self._defer(torch.addmm(bias, xc, wc), weight, xc, True)
-        return func(*args, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)  # not deferred: cast once, autograd
 
     def _takes(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         # The output must need a gradient without the weight (else no hook would see grad_out).
-        return id(weight) in self._ids and (x.requires_grad or (bias is not None and bias.requires_grad))
+        return id(weight) in self._deferred_ids and (x.requires_grad or (bias is not None and bias.requires_grad))
 
     def _defer(self, y: Tensor, weight: nn.Parameter, xc: Tensor, transposed: bool) -> Tensor:
         store = self._store
