@@ -119,8 +119,8 @@ case $MODE in
     run_case parity_4gpu_offload 75 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_offload.json" $ACC $NVME \
       --only zero2_offload,zero3_offload,zero3_half_host,zero3_nvme
     run_case parity_4gpu_tp 60 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_tp.json" $ACC --only tp1d,tp1d_sp
-    run_case parity_4gpu_pipeline 75 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_pipeline.json" $ACC \
-      --only pipeline_1f1b,pipeline_gpipe,pipeline_interleaved,pipeline_zero_bubble,pipeline_chimera
+    run_case parity_4gpu_pipeline 90 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_pipeline.json" $ACC \
+      --only pipeline_1f1b,pipeline_gpipe,pipeline_interleaved,pipeline_zero_bubble,pipeline_chimera,pipeline_1f1b_deferred
     ;;
   parity_bf16)
     run_case reference 60 0 $MG reference --out "$REF" $ACC $PAR
