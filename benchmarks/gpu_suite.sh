@@ -14,7 +14,7 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh two_gpu       # ~6 min on 2 GPUs: parity at 2, tp1d / zero2 / DTensor TP at 2, tp1d profile
 #   OUT=$OUT benchmarks/gpu_suite.sh two_gpu_speed # ~4 min on 2 GPUs: dp 1 vs 2 GPUs, ddp, tp1d, zero2, DTensor TP, profile
 #   OUT=$OUT benchmarks/gpu_suite.sh four_gpu      # ~6 min: tp1d chunks / zero2 / DTensor TP, dp 4 vs 1 GPU, pipeline_equal
-#   OUT=$OUT benchmarks/gpu_suite.sh final_speed   # ~5 min: tp1d (deferral on/off), zero2, DTensor TP, dp 4 vs 1
+#   OUT=$OUT benchmarks/gpu_suite.sh final_speed   # ~5 min: tp1d (deferral on/off), zero2, DTensor TP, dp (and bf16 reduce) 4 vs 1
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_fair # ~6 min: our 3 schedules and torch's, one variant per process, 2 rounds
 #   OUT=$OUT benchmarks/gpu_suite.sh tp1d_4gpu     # ~2 min: tp1d / zero2 / DTensor TP at 4 GPUs, batch 4 then 8 per GPU
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_equal # ~1-2 min: the same with a 2048-token vocabulary (stages of equal time)
@@ -222,7 +222,7 @@ case $MODE in
     # pipelines, each in its own call): ~5 min
     run_case tp1d_4gpu 200 4 $MG throughput --out "$WORK/tp1d_4gpu.json" $ACC $THR \
       --variants tp1d,tp1d_nodefer,zero2,dtensor_tp
-    run_case dp_4gpu 150 4 $MG throughput --out "$WORK/dp_4gpu.json" $ACC $THR --variants dp,lightning_ddp
+    run_case dp_4gpu 180 4 $MG throughput --out "$WORK/dp_4gpu.json" $ACC $THR --variants dp,lightning_ddp,dp_bf16_reduce
     run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
     ;;
   tp1d_4gpu)  # tp1d beside zero2 and DTensor TP at 4 GPUs; then at batch 8/GPU (fixed per-step costs weigh half)

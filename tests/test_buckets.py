@@ -120,6 +120,29 @@ def _checks(rank: int, world_size: int) -> list[str]:
         done.append("reentrant_refused")
     bucketer.reset()
     bucketer.remove()
+
+    # reduce_dtype: the all-reduce carries a bf16 copy; the fp32 gradients receive the average (rounded to bf16).
+    net.zero_grad(set_to_none=True)
+    reference.zero_grad(set_to_none=True)
+    bucketer = GradientBucketer(net.named_parameters(), dist.group.WORLD, bucket_bytes=300,
+                                reduce_dtype=torch.bfloat16)
+    sent = []
+    original = dist.all_reduce
+    dist.all_reduce = lambda tensor, *args, **kwargs: (sent.append(tensor.dtype), original(tensor, *args, **kwargs))[1]
+    try:
+        net(xs[rank]).sum().backward()
+        bucketer.finish()
+    finally:
+        dist.all_reduce = original
+    assert sent == [torch.bfloat16] * len(bucketer.buckets)
+    for x in xs[:world_size]:
+        (reference(x).sum() / world_size).backward()
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        if not name.startswith("unused_everywhere"):
+            assert p.grad.dtype == torch.float32
+            torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-3)
+    bucketer.remove()
+    done.append("bf16_wire")
     return done
 
 
@@ -127,7 +150,7 @@ def test_bucketer_on_two_ranks():
     results = run_on_ranks(_checks, 2)
     for done in results:
         assert done == ["broadcast", "accumulation_and_overlap", "averaged_gradients", "unused_on_some_ranks", "views",
-                        "reentrant_refused"]
+                        "reentrant_refused", "bf16_wire"]
 
 
 # Tensor methods that read a device value on the host (a synchronisation on CUDA), or write a Python value into a

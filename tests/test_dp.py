@@ -42,7 +42,9 @@ CONFIGS = {
 HALF = {
     "bf16_mixed": Run(precision="bf16-mixed"),
     "bf16_true": Run(precision="bf16-true", accumulate=2),
+    "bf16_mixed_reduce_in_bf16": Run(precision="bf16-mixed"),
 }
+STRATEGIES = {"bf16_mixed_reduce_in_bf16": lambda: DataParallelStrategy(reduce_dtype="compute")}
 HALF_TOL = 2e-2
 
 
@@ -56,7 +58,8 @@ def _train_all(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
     _as_external_rank(rank, world_size, port)
     out = {}
     for name, run in {**CONFIGS, **HALF}.items():
-        out[name] = fit(run, "dp", devices=world_size, data_parallel=world_size)
+        strategy = STRATEGIES.get(name, lambda: "dp")()
+        out[name] = fit(run, strategy, devices=world_size, data_parallel=world_size)
     # Save after one epoch, resume for the second: must continue exactly like "two_epochs".
     ckpt = os.path.join(tmpdir, "one_epoch.ckpt")
     resume_run = CONFIGS["two_epochs"]
@@ -111,7 +114,9 @@ def test_strategy_is_constructible_without_arguments_and_registered():
     from lightning.pytorch.strategies import StrategyRegistry
 
     strategy = DataParallelStrategy()
-    assert strategy.bucket_size_mb > 0
+    assert strategy.bucket_size_mb > 0 and strategy.reduce_dtype == "fp32"
+    with pytest.raises(ValueError, match="reduce_dtype must be 'fp32' or 'compute'"):
+        DataParallelStrategy(reduce_dtype="bf16")
     assert {"dp", "dp_spawn", "dp_fork"} <= set(StrategyRegistry)
     # Import twice: registration is idempotent.
     import importlib

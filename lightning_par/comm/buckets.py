@@ -69,6 +69,7 @@ class _Bucket:
         self.ready = [False] * len(params)  # which parameters got their gradient in this sync round
         self.missing: list[int] = []  # parameters this rank had no gradient for when the bucket was launched
         self.work: dist.Work | None = None
+        self.wire: Tensor | None = None  # the copy in the reduce dtype while it is on the wire
 
     def reset_round(self) -> None:
         self.pending = len(self.params)
@@ -87,8 +88,10 @@ class GradientBucketer:
     """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], group: dist.ProcessGroup,
-                 bucket_bytes: int = 25 * 2**20, first_bucket_bytes: int | None = None):
+                 bucket_bytes: int = 25 * 2**20, first_bucket_bytes: int | None = None,
+                 reduce_dtype: torch.dtype | None = None):
         self.group = group
+        self.reduce_dtype = reduce_dtype  # all-reduce a copy in this dtype (None: the gradients' own)
         self.world_size = dist.get_world_size(group)
         self.sync = True
         self._names = {n: p for n, p in named_params if p.requires_grad}
@@ -168,9 +171,12 @@ class GradientBucketer:
         # host, non-empty only when finish() launches the bucket) become 0, one small kernel each.
         for i in bucket.missing:
             bucket.flag_views[i].zero_()
+        wire = bucket.buffer
+        if self.reduce_dtype is not None and self.reduce_dtype != wire.dtype:
+            wire = bucket.wire = wire.to(self.reduce_dtype)  # copied back into the buffer by finish()
         if self._divide_first:
-            bucket.buffer.div_(self.world_size)
-        bucket.work = dist.all_reduce(bucket.buffer, op=self._op, group=self.group, async_op=True)
+            wire.div_(self.world_size)
+        bucket.work = dist.all_reduce(wire, op=self._op, group=self.group, async_op=True)
 
     def _launch_ready(self) -> None:
         while self._next_to_launch < len(self.buckets) and self.buckets[self._next_to_launch].pending == 0:
@@ -199,6 +205,9 @@ class GradientBucketer:
             assert bucket.work is not None
             bucket.work.wait()
             bucket.work = None
+            if bucket.wire is not None:
+                bucket.buffer.copy_(bucket.wire)
+                bucket.wire = None
         if affected:
             # The only synchronisation, and only when this rank lacked a gradient: one read of the flags of the
             # buckets concerned. A parameter keeps grad = None only if no rank had a gradient for it.
@@ -219,6 +228,7 @@ class GradientBucketer:
             if bucket.work is not None:
                 bucket.work.wait()
                 bucket.work = None
+            bucket.wire = None
             bucket.reset_round()
         self._reset_flags()
         self._next_to_launch = 0

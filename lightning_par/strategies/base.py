@@ -43,6 +43,9 @@ from lightning_par.zero.materialize import meta_parameters
 log = logging.getLogger(__name__)
 
 SUPPORTED_PRECISION = ("32-true", "16-mixed", "bf16-mixed", "bf16-true")
+# The dtype each precision setting computes in (the autocast dtype under mixed precision).
+COMPUTE_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
+                  "16-mixed": torch.float16}
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 
 

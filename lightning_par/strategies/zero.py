@@ -24,15 +24,12 @@ from typing_extensions import override
 import lightning.pytorch as pl
 from lightning_par import checkpoint as sharded_checkpoint
 from lightning_par.comm.buckets import broadcast_tensors
-from lightning_par.strategies.base import LightningParStrategy, StartMethod
+from lightning_par.strategies.base import COMPUTE_DTYPES, LightningParStrategy, StartMethod
 from lightning_par.topology import Topology
 from lightning_par.zero.engine import ZeroEngine
 from lightning_par.zero.materialize import meta_parameters
 from lightning_par.zero.placement import HostMemoryError, host_memory_available
 from lightning_par.zero.policy import ZeroPolicy
-
-COMPUTE_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
-                  "16-mixed": torch.float16}
 
 
 class ZeroStrategy(LightningParStrategy):
