@@ -104,8 +104,9 @@ def test_every_schedule_gives_the_single_process_gradients(world_size):
 
 def _split(stage, params, inputs, grad_fn):
     """Forward under DeferMatmulWeights, then I (backward with the store taking weight gradients); returns W."""
-    weights = DeferredWeightGrads()
-    with DeferMatmulWeights(params, weights, StepCasts()):
+    mode = DeferMatmulWeights(params, StepCasts())
+    weights = mode.store = DeferredWeightGrads()
+    with mode:
         out = stage(*inputs)
     weights.active = True
     out.backward(grad_fn(out))

@@ -207,18 +207,21 @@ class PipelineExecutor:
         self._outputs: dict[tuple[int, int], Any] = {}
         self._weights: dict[tuple[int, int], DeferredWeightGrads] = {}  # W of each (stage, microbatch)
         self._casts = StepCasts()  # the weights in the autocast dtype, for this step
+        self._modes: dict[int, CastWeightsOnce] = {}  # the forward's mode of each local stage, for this step
         self._after_send: list[tuple[int, int]] = []  # the W of a B action, run once its input gradient is posted
 
     # ----- the compute: overridden by the synthetic benchmark --------------------------------------------------------
 
     def _forward(self, stage: int, microbatch: int, received: Any) -> Any:
-        if not self.defer_weights:
-            if not self.training:
-                return self._forward_fn(stage, microbatch, received)
-            with CastWeightsOnce(self._params_fn(stage), self._casts):
-                return self._forward_fn(stage, microbatch, received)
-        weights = self._weights[(stage, microbatch)] = DeferredWeightGrads()
-        with DeferMatmulWeights(self._params_fn(stage), weights, self._casts):
+        if not self.training:
+            return self._forward_fn(stage, microbatch, received)
+        mode = self._modes.get(stage)
+        if mode is None:  # one per stage and step: the parameter sets are built once, not per microbatch
+            kind = DeferMatmulWeights if self.defer_weights else CastWeightsOnce
+            mode = self._modes[stage] = kind(self._params_fn(stage), self._casts)
+        if isinstance(mode, DeferMatmulWeights):
+            mode.store = self._weights[(stage, microbatch)] = DeferredWeightGrads()
+        with mode:
             return self._forward_fn(stage, microbatch, received)
 
     def _backward(self, stage: int, microbatch: int, roots: Sequence[Tensor], grads: Sequence[Optional[Tensor]],

@@ -30,12 +30,11 @@ those layers' weight gradients then being computed in I).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from lightning_par.pipeline.weight_casts import CastWeightsOnce, StepCasts, linear_args
+from torch.utils.checkpoint import CheckpointError
+from lightning_par.pipeline.weight_casts import CastWeightsOnce, StepCasts, apply_matmul
 from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 from lightning_par.tensor.linear_fns import compute_dtype
 
@@ -44,7 +43,7 @@ __all__ = ["DeferMatmulWeights", "explain_checkpoint_errors"]
 
 class DeferMatmulWeights(CastWeightsOnce):
     """Around a stage's forward: linear layers whose weight is one of ``params`` leave their weight gradient to
-    ``store`` (see [Note: W as the deferred weight-gradient matmuls]).
+    ``store``, the microbatch's (see [Note: W as the deferred weight-gradient matmuls]).
 
     Such a layer runs the native op on a detached copy of the weight in the compute dtype, so autograd computes
     only its input gradient (and the bias's); a hook on the output hands ``grad_out`` with the saved input to
@@ -54,34 +53,22 @@ class DeferMatmulWeights(CastWeightsOnce):
     (``casts``: [Note: one weight cast per step] in ``weight_casts.py``).
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], store: DeferredWeightGrads,
-                 casts: StepCasts) -> None:
+    def __init__(self, params: Iterable[nn.Parameter], casts: StepCasts) -> None:
         params = list(params)
         super().__init__(params, casts)
         self._deferred_ids = {id(p) for p in params
                               if p.requires_grad and not (p._post_accumulate_grad_hooks or p._backward_hooks)}
-        self._store = store
+        self.store = DeferredWeightGrads()  # set to the microbatch's own before each forward
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.linear and torch.is_grad_enabled():
-            x, weight, bias = linear_args(args, kwargs)
-            if self._takes(x, weight, bias):
-                xc, wc = self._compute_copies(x, weight)
-                return self._defer(F.linear(xc, wc, bias), weight, xc, False)
-        elif func is torch.addmm and len(args) == 3 and not kwargs and torch.is_grad_enabled():
-            bias, x, weight = args  # Conv1D: bias + x @ weight, weight (in, out); beta = alpha = 1
-            if self._takes(x, weight, bias):
-                xc, wc = self._compute_copies(x, weight)
-                return self._defer(torch.addmm(bias, xc, wc), weight, xc, True)
-        return super().__torch_function__(func, types, args, kwargs)  # not deferred: cast once, autograd
-
-    def _takes(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    def _run(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool) -> Optional[Tensor]:
         # The output must need a gradient without the weight (else no hook would see grad_out).
-        return id(weight) in self._deferred_ids and (x.requires_grad or (bias is not None and bias.requires_grad))
+        if id(weight) in self._deferred_ids and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            xc, wc = self._compute_copies(x, weight)
+            return self._defer(apply_matmul(xc, wc, bias, transposed), weight, xc, transposed)
+        return super()._run(x, weight, bias, transposed)  # not deferred: cast once, autograd
 
     def _defer(self, y: Tensor, weight: nn.Parameter, xc: Tensor, transposed: bool) -> Tensor:
-        store = self._store
+        store = self.store
 
         def hand_over(grad: Tensor) -> None:
             g2, x2 = grad.reshape(-1, grad.size(-1)), xc.reshape(-1, xc.size(-1))
@@ -105,8 +92,6 @@ def explain_checkpoint_errors(what: str) -> Iterator[None]:
     """Around I: ``torch.utils.checkpoint``'s refusal to recompute a layer whose weight gradient is deferred,
     raised again with what to do (see [Note: W as the deferred weight-gradient matmuls]). ``what`` names the
     setting that defers them (``"schedule='zero_bubble'"``, ``"defer_weight_grads=True"``)."""
-    from torch.utils.checkpoint import CheckpointError
-
     try:
         yield
     except CheckpointError as error:

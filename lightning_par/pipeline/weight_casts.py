@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_par.tensor.linear_fns import compute_dtype
 
-__all__ = ["CastWeightsOnce", "StepCasts", "linear_args"]
+__all__ = ["CastWeightsOnce", "StepCasts", "apply_matmul", "matmul_call"]
 
 
 class StepCasts:
@@ -44,7 +44,7 @@ class StepCasts:
 
 class CastWeightsOnce(TorchFunctionMode):
     """Around a stage's forward under autocast: linear layers whose weight is one of ``params`` use ``casts``
-    (see [Note: one weight cast per step])."""
+    (see [Note: one weight cast per step]). One instance serves every microbatch of a stage in a step."""
 
     def __init__(self, params: Iterable[nn.Parameter], casts: StepCasts) -> None:
         super().__init__()
@@ -53,22 +53,35 @@ class CastWeightsOnce(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.linear and torch.is_grad_enabled():
-            x, weight, bias = linear_args(args, kwargs)
-            dtype = compute_dtype(x)
-            if id(weight) in self._ids and weight.dtype != dtype:
-                return F.linear(x, self._casts.get(weight, dtype), bias)
-        elif func is torch.addmm and len(args) == 3 and not kwargs and torch.is_grad_enabled():
-            bias, x, weight = args
-            dtype = compute_dtype(x)
-            if id(weight) in self._ids and weight.dtype != dtype:
-                return torch.addmm(bias, x, self._casts.get(weight, dtype))
+        call = matmul_call(func, args, kwargs) if torch.is_grad_enabled() else None
+        if call is not None and id(call[1]) in self._ids:
+            out = self._run(*call)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
 
+    def _run(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool) -> Optional[Tensor]:
+        """The layer's output computed here, or None to run the call as it was made."""
+        dtype = compute_dtype(x)
+        if weight.dtype == dtype:
+            return None
+        return apply_matmul(x, self._casts.get(weight, dtype), bias, transposed)
 
-def linear_args(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``(input, weight, bias)`` of an ``F.linear`` call."""
-    x = args[0] if args else kwargs["input"]
-    weight = args[1] if len(args) > 1 else kwargs["weight"]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return x, weight, bias
+
+def matmul_call(func: Any, args: tuple, kwargs: dict) -> Optional[tuple[Tensor, Tensor, Optional[Tensor], bool]]:
+    """``(input, weight, bias, transposed)`` of an ``F.linear`` call, or of ``torch.addmm(bias, x, weight)`` (Hugging
+    Face ``Conv1D``: weight stored ``(in, out)``, beta = alpha = 1); None for any other call."""
+    if func is F.linear:
+        x = args[0] if args else kwargs["input"]
+        weight = args[1] if len(args) > 1 else kwargs["weight"]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        return x, weight, bias, False
+    if func is torch.addmm and len(args) == 3 and not kwargs:
+        bias, x, weight = args
+        return x, weight, bias, True
+    return None
+
+
+def apply_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool) -> Tensor:
+    """The call :func:`matmul_call` took apart, made again with these tensors."""
+    return torch.addmm(bias, x, weight) if transposed else F.linear(x, weight, bias)
