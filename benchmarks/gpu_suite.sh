@@ -16,6 +16,7 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh four_gpu      # ~6 min: tp1d chunks / zero2 / DTensor TP, dp 4 vs 1 GPU, pipeline_equal
 #   OUT=$OUT benchmarks/gpu_suite.sh final_speed   # ~5 min: tp1d (deferral on/off), zero2, DTensor TP, dp (and bf16 reduce) 4 vs 1
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_fair # ~6 min: our 3 schedules and torch's, one variant per process, 2 rounds
+#   OUT=$OUT benchmarks/gpu_suite.sh check_2gpu    # ~6 min on 2 GPUs: parity (fp32, bf16), dp / bf16 reduce / ddp at 2 vs 1 GPU
 #   OUT=$OUT benchmarks/gpu_suite.sh tp1d_4gpu     # ~2 min: tp1d / zero2 / DTensor TP at 4 GPUs, batch 4 then 8 per GPU
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_equal # ~1-2 min: the same with a 2048-token vocabulary (stages of equal time)
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
@@ -25,7 +26,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|check_2gpu|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -223,6 +224,15 @@ case $MODE in
     run_case tp1d_4gpu 200 4 $MG throughput --out "$WORK/tp1d_4gpu.json" $ACC $THR \
       --variants tp1d,tp1d_nodefer,zero2,dtensor_tp
     run_case dp_4gpu 180 4 $MG throughput --out "$WORK/dp_4gpu.json" $ACC $THR --variants dp,lightning_ddp,dp_bf16_reduce
+    run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
+    ;;
+  check_2gpu)  # 2 GPUs: every strategy's parity (fp32, bf16-mixed), then dp's scaling with and without bf16 reduction
+    run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR
+    run_case parity_2gpu_all 150 2 $MG parity --reference "$REF" --out "$WORK/parity_2gpu.json" $ACC $NVME
+    run_case parity_bf16_2gpu 200 2 $MG parity --precision bf16 --reference "$REF" --out "$WORK/parity_bf16_2gpu.json" \
+      $ACC $NVME
+    run_case dp_2gpu 200 2 $MG throughput --out "$WORK/dp_2gpu.json" $ACC $THR \
+      --variants dp,lightning_ddp,dp_bf16_reduce,dp_bf16_reduce,dp
     run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
     ;;
   tp1d_4gpu)  # tp1d beside zero2 and DTensor TP at 4 GPUs; then at batch 8/GPU (fixed per-step costs weigh half)
