@@ -91,6 +91,41 @@ def timeline(profiler: torch.profiler.profile) -> dict[str, float]:
     return {"compute": _union(compute), "exposed communication": busy - _union(compute), "idle": window - busy}
 
 
+def idle_causes(profiler: torch.profiler.profile, steps: int, min_gap_s: float = 50e-6) -> list[str]:
+    """What the host was doing while the GPU had nothing to run: every gap of at least ``min_gap_s`` between kernels
+    (all streams together) is charged to the outermost CPU ranges (ops, annotations) that overlap it. A gap under an
+    op that waits (a synchronisation) is the host waiting; a gap under ordinary ops is the host being slower than
+    the GPU there."""
+    kernels, outer = [], []
+    for event in profiler.events():
+        span = (event.time_range.start / 1e6, event.time_range.end / 1e6)
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            if not _is_annotation(event):
+                kernels.append(span)
+        elif getattr(event, "cpu_parent", None) is None:
+            outer.append((span[0], span[1], event.name))
+    gaps, end = [], None
+    for start, stop in sorted(kernels):
+        if end is not None and start - end >= min_gap_s:
+            gaps.append((end, start))
+        end = stop if end is None else max(end, stop)
+    charged: dict[str, float] = defaultdict(float)
+    for g0, g1 in gaps:
+        covered = 0.0
+        for o0, o1, name in outer:
+            overlap = min(g1, o1) - max(g0, o0)
+            if overlap > 0:
+                charged[name] += overlap
+                covered += overlap
+        charged["(no CPU op recorded)"] += max(g1 - g0 - covered, 0.0)
+    total = sum(g1 - g0 for g0, g1 in gaps)
+    lines = [f"GPU idle gaps >= {min_gap_s * 1e6:.0f} us: {len(gaps) / steps:.0f} per step, {total / steps * 1e3:.1f} ms "
+             "per step; charged to the outermost CPU ranges overlapping them:"]
+    for name, seconds in sorted(charged.items(), key=lambda kv: -kv[1])[:15]:
+        lines.append(f"  {seconds / steps * 1e3:8.2f} ms  {name[:120]}")
+    return lines
+
+
 def _is_annotation(event: Any) -> bool:
     # Ranges on the GPU timeline (record_function, Optimizer.step#..., nccl:...) are not kernels: counting them
     # counted the optimizer's whole step and every collective twice.
@@ -157,7 +192,7 @@ def write_summary(profiler: torch.profiler.profile, wall: float, steps: int, out
     """``out/rank<r>.txt`` (and rank 0's trace, gzipped) for ``steps`` profiled steps that took ``wall`` seconds."""
     out.mkdir(parents=True, exist_ok=True)
     by_name, by_stream = kernel_times(profiler)
-    lines = [header, *summarize(by_name, by_stream, wall, steps, timeline(profiler))]
+    lines = [header, *summarize(by_name, by_stream, wall, steps, timeline(profiler)), *idle_causes(profiler, steps)]
     (out / f"rank{rank}.txt").write_text("\n".join(lines) + "\n")
     if rank == 0:
         print("\n".join(lines[:9]), flush=True)
