@@ -26,7 +26,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|check_2gpu|profile_dp_2gpu|idle_2gpu|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|check_2gpu|profile_dp_2gpu|idle_2gpu|idle_dp|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -240,6 +240,10 @@ case $MODE in
     run_case profile_dp_2gpu 120 2 benchmarks/profile_variant.py --variant dp --out "$OUT/profile_dp_2gpu" $ACC $THR
     run_case profile_ddp_2gpu 120 2 benchmarks/profile_variant.py --variant lightning_ddp --out "$OUT/profile_ddp_2gpu" \
       $ACC $THR
+    ;;
+  idle_dp)  # what the host does while the GPU idles: dp at 1 GPU and at 2 (profiler)
+    run_case profile_dp_1gpu 120 0 benchmarks/profile_variant.py --variant dp --out "$OUT/profile_dp_1gpu" $ACC $THR
+    run_case profile_dp_2gpu 120 2 benchmarks/profile_variant.py --variant dp --out "$OUT/profile_dp_2gpu" $ACC $THR
     ;;
   idle_2gpu)  # what the host does while the GPU idles: dp at 1 and 2 GPUs, our 1F1B on equal stages (profiler)
     run_case profile_dp_1gpu 120 0 benchmarks/profile_variant.py --variant dp --out "$OUT/profile_dp_1gpu" $ACC $THR

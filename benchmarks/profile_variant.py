@@ -92,37 +92,49 @@ def timeline(profiler: torch.profiler.profile) -> dict[str, float]:
 
 
 def idle_causes(profiler: torch.profiler.profile, steps: int, min_gap_s: float = 50e-6) -> list[str]:
-    """What the host was doing while the GPU had nothing to run: every gap of at least ``min_gap_s`` between kernels
-    (all streams together) is charged to the outermost CPU ranges (ops, annotations) that overlap it. A gap under an
-    op that waits (a synchronisation) is the host waiting; a gap under ordinary ops is the host being slower than
-    the GPU there."""
-    kernels, outer = [], []
+    """What the host was doing while the GPU had nothing to run. Every gap of at least ``min_gap_s`` between kernels
+    (all streams together) is charged, per CPU thread, to the innermost CPU range (op or annotation) open at the
+    gap's middle; the largest gaps are listed with each thread's stack of open ranges. A gap under an op that waits
+    (a synchronisation) is the host waiting; a gap under ordinary ops is the host being slower than the GPU there."""
+    kernels, ranges = [], []
     for event in profiler.events():
         span = (event.time_range.start / 1e6, event.time_range.end / 1e6)
         if event.device_type == torch.autograd.DeviceType.CUDA:
             if not _is_annotation(event):
                 kernels.append(span)
-        elif getattr(event, "cpu_parent", None) is None:
-            outer.append((span[0], span[1], event.name))
+        else:
+            ranges.append((span[0], span[1], getattr(event, "thread", 0), event.name))
     gaps, end = [], None
     for start, stop in sorted(kernels):
         if end is not None and start - end >= min_gap_s:
             gaps.append((end, start))
         end = stop if end is None else max(end, stop)
+    first = min((s for s, _ in kernels), default=0.0)
+
+    starts = torch.tensor([r[0] for r in ranges], dtype=torch.float64)
+    stops = torch.tensor([r[1] for r in ranges], dtype=torch.float64)
+
+    def stacks(at: float) -> dict[int, list[str]]:  # per thread, the ranges open at `at`, outermost first
+        open_ranges: dict[int, list[tuple[float, str]]] = defaultdict(list)
+        for i in ((starts <= at) & (stops > at)).nonzero().flatten().tolist():
+            r0, _, thread, name = ranges[i]
+            open_ranges[thread].append((r0, name))
+        return {t: [name for _, name in sorted(v)] for t, v in open_ranges.items()}
+
     charged: dict[str, float] = defaultdict(float)
     for g0, g1 in gaps:
-        covered = 0.0
-        for o0, o1, name in outer:
-            overlap = min(g1, o1) - max(g0, o0)
-            if overlap > 0:
-                charged[name] += overlap
-                covered += overlap
-        charged["(no CPU op recorded)"] += max(g1 - g0 - covered, 0.0)
+        for thread, stack in stacks((g0 + g1) / 2).items():
+            charged[f"thread {thread}: {stack[-1]}"] += g1 - g0
     total = sum(g1 - g0 for g0, g1 in gaps)
     lines = [f"GPU idle gaps >= {min_gap_s * 1e6:.0f} us: {len(gaps) / steps:.0f} per step, {total / steps * 1e3:.1f} ms "
-             "per step; charged to the outermost CPU ranges overlapping them:"]
+             "per step; charged per thread to the innermost CPU range open at the gap's middle:"]
     for name, seconds in sorted(charged.items(), key=lambda kv: -kv[1])[:15]:
-        lines.append(f"  {seconds / steps * 1e3:8.2f} ms  {name[:120]}")
+        lines.append(f"  {seconds / steps * 1e3:8.2f} ms  {name[:140]}")
+    lines.append("largest gaps (ms after the first kernel; each thread's open ranges, outermost first):")
+    for g0, g1 in sorted(gaps, key=lambda g: g[0] - g[1])[:12]:
+        lines.append(f"  {(g1 - g0) * 1e3:6.2f} ms at {(g0 - first) * 1e3:8.1f} ms")
+        for thread, stack in stacks((g0 + g1) / 2).items():
+            lines.append(f"      thread {thread}: {' > '.join(n[:60] for n in stack[-6:])}")
     return lines
 
 
