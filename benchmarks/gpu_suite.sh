@@ -26,7 +26,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|check_2gpu|profile_dp_2gpu|idle_2gpu|idle_dp|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|check_2gpu|profile_dp_2gpu|idle_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -331,6 +331,38 @@ case $MODE in
       done
     done
     $PY benchmarks/pipeline_fair_summary.py "$OUT"/fair_*.json | tee -a "$LOG"
+    ;;
+  pipeline_ab)  # 2 GPUs: pipeline parity (fp32, bf16), then our 1F1B at this checkout and at BASE (another checkout of
+    # the repo) beside torch's, one variant per process, two rounds in alternating order; interleaved beside torch
+    run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR
+    pipes=pipeline_1f1b,pipeline_gpipe,pipeline_interleaved,pipeline_zero_bubble,pipeline_chimera,pipeline_1f1b_deferred
+    run_case parity_pipeline 100 2 $MG parity --reference "$REF" --out "$WORK/parity_pipeline.json" $ACC --only $pipes
+    run_case parity_pipeline_bf16 100 2 $MG parity --precision bf16 --reference "$REF" \
+      --out "$WORK/parity_pipeline_bf16.json" $ACC --only dp,$pipes
+    for round in 1 2; do
+      order="torch ours base"; [ $round = 2 ] && order="base ours torch"
+      for side in $order; do
+        case $side in
+          torch) run_case "ab_${round}_torch_1f1b" 100 2 benchmarks/pipeline_peer.py --out "$OUT/fair_${round}_torch_1f1b.json" \
+                   $ACC $THR --vocab 2048 --torch-schedules 1f1b --variants none ;;
+          ours) run_case "ab_${round}_ours_1f1b" 100 2 benchmarks/pipeline_peer.py --out "$OUT/fair_${round}_ours_1f1b.json" \
+                  $ACC $THR --vocab 2048 --torch-schedules= --variants pipeline ;;
+          base) (cd "${BASE:?set BASE to another checkout}" && PYTHONPATH=$PWD run_case "ab_${round}_base_1f1b" 100 2 \
+                  benchmarks/pipeline_peer.py --out "$OUT/base_${round}_ours_1f1b.json" $ACC $THR --vocab 2048 \
+                  --torch-schedules= --variants pipeline) ;;
+        esac
+      done
+      pair="torch ours"; [ $round = 2 ] && pair="ours torch"
+      for side in $pair; do
+        if [ $side = torch ]; then args="--torch-schedules interleaved --variants none"; else args="--torch-schedules= --variants pipeline_interleaved"; fi
+        run_case "ab_${round}_${side}_interleaved" 100 2 benchmarks/pipeline_peer.py \
+          --out "$OUT/fair_${round}_${side}_interleaved.json" $ACC $THR --vocab 2048 $args
+      done
+    done
+    echo "--- this checkout" | tee -a "$LOG"
+    $PY benchmarks/pipeline_fair_summary.py "$OUT"/fair_*.json | tee -a "$LOG"
+    echo "--- BASE (1F1B)" | tee -a "$LOG"
+    $PY benchmarks/pipeline_fair_summary.py "$OUT"/fair_*_torch_1f1b.json "$OUT"/base_*.json | tee -a "$LOG"
     ;;
   nccl_ctas)  # tp1d's collectives are exposed: does NCCL with more CTAs (channels) move them faster? 2 GPUs
     run_case ctas_default 120 2 $MG throughput --out "$WORK/ctas_default.json" $ACC $THR --variants tp1d

@@ -18,7 +18,7 @@ from lightning_par.pipeline.executor import PipelineExecutor
 from lightning_par.pipeline.partition import Partition, StageExit, choose_split_points, find_blocks
 from lightning_par.pipeline.shared import SharedGradients, canonical_names, parameter_holders
 from lightning_par.pipeline.split_backward import DeferMatmulWeights, explain_checkpoint_errors
-from lightning_par.pipeline.weight_casts import CastWeightsOnce, StepCasts
+from lightning_par.pipeline.weight_casts import CastLinearWeights, CastWeightsOnce, StepCasts
 from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 
 BATCH, SEQ, VOCAB = 8, 8, 32
@@ -204,22 +204,32 @@ def test_split_backward_under_activation_checkpointing():
         _split(lambda x: checkpoint(block, x, use_reentrant=False), block.parameters(), [x], torch.ones_like)
 
 
-def test_weights_are_cast_once_per_step_and_only_under_grad_mode():
+@pytest.mark.parametrize("kind", ["module_hooks", "function_mode"])
+def test_weights_are_cast_once_per_step_and_only_under_grad_mode(kind):
     torch.manual_seed(0)
     stage = torch.nn.Sequential(Block(GPTConfig(n_embd=16, n_head=2)), torch.nn.LayerNorm(16))
     reference = copy.deepcopy(stage)
     xs = [torch.randn(2, 5, 16) for _ in range(2)]
+    casts = StepCasts()
+    if kind == "module_hooks":  # the executor's: one per stage and step, closed at the step's end
+        mode = CastLinearWeights(list(stage.modules()), stage.parameters(), casts)
+    else:  # the base of zero bubble's DeferMatmulWeights
+        mode = CastWeightsOnce(stage.parameters(), casts)
     with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):  # as Lightning's bf16-mixed
         for x in xs:  # two microbatches, a backward each
             reference(x).float().sum().backward()
-        casts = StepCasts()
-        with torch.no_grad(), CastWeightsOnce(stage.parameters(), casts):
+        with torch.no_grad(), mode:
             stage(xs[0])  # no_grad: nothing cached (a cast without a graph would lose the weight's gradient)
         assert not casts._casts
         for x in xs:
-            with CastWeightsOnce(stage.parameters(), casts):
+            with mode:
                 out = stage(x)
             out.float().sum().backward()
+    if kind == "module_hooks":
+        mode.close()
+        linears = [m for m in stage.modules() if isinstance(m, torch.nn.Linear)]
+        assert all(not m._forward_pre_hooks and not m._forward_hooks and "weight" not in m.__dict__ for m in linears)
+        assert all(m.weight is m._parameters["weight"] for m in linears)  # the parameter again, not its cast
     linear_weights = [m.weight for m in stage.modules() if isinstance(m, torch.nn.Linear)]
     assert set(casts._casts) == {id(w) for w in linear_weights}  # one cast each, shared by both microbatches
     for (name, p), q in zip(stage.named_parameters(), reference.parameters()):

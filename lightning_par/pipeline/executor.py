@@ -59,7 +59,7 @@ from lightning_par.comm.p2p import (
 from lightning_par.pipeline.schedules import Action, Kind, Schedule, slots
 from lightning_par.pipeline.simulate import simulate
 from lightning_par.pipeline.split_backward import DeferMatmulWeights, explain_checkpoint_errors
-from lightning_par.pipeline.weight_casts import CastWeightsOnce, StepCasts
+from lightning_par.pipeline.weight_casts import CastLinearWeights, StepCasts
 from lightning_par.tensor.deferred_grads import DeferredWeightGrads
 
 __all__ = ["PipelineExecutor"]
@@ -206,8 +206,11 @@ class PipelineExecutor:
         self._inputs: dict[tuple[int, int], Any] = {}
         self._outputs: dict[tuple[int, int], Any] = {}
         self._weights: dict[tuple[int, int], DeferredWeightGrads] = {}  # W of each (stage, microbatch)
+        for mode in getattr(self, "_modes", {}).values():
+            if isinstance(mode, CastLinearWeights):
+                mode.close()  # its hooks live for one step
         self._casts = StepCasts()  # the weights in the autocast dtype, for this step
-        self._modes: dict[int, CastWeightsOnce] = {}  # the forward's mode of each local stage, for this step
+        self._modes: dict[int, Any] = {}  # each local stage's weight mode for the forward, for this step
         self._after_send: list[tuple[int, int]] = []  # the W of a B action, run once its input gradient is posted
 
     # ----- the compute: overridden by the synthetic benchmark --------------------------------------------------------
@@ -217,8 +220,11 @@ class PipelineExecutor:
             return self._forward_fn(stage, microbatch, received)
         mode = self._modes.get(stage)
         if mode is None:  # one per stage and step: the parameter sets are built once, not per microbatch
-            kind = DeferMatmulWeights if self.defer_weights else CastWeightsOnce
-            mode = self._modes[stage] = kind(self._params_fn(stage), self._casts)
+            if self.defer_weights:
+                mode = DeferMatmulWeights(self._params_fn(stage), self._casts)
+            else:
+                mode = CastLinearWeights(self._modules_fn(stage), self._params_fn(stage), self._casts)
+            self._modes[stage] = mode
         if isinstance(mode, DeferMatmulWeights):
             mode.store = self._weights[(stage, microbatch)] = DeferredWeightGrads()
         with mode:
@@ -254,12 +260,15 @@ class PipelineExecutor:
 
     def run(self, forward: ForwardFn, loss: Optional[LossFn] = None,
             params: Optional[Callable[[int], Sequence[torch.nn.Parameter]]] = None,
+            modules: Optional[Callable[[int], Sequence[torch.nn.Module]]] = None,
             before_last_backward: Optional[Callable[[int], None]] = None,
             signature: Hashable = None) -> dict[int, Any]:
         """Run this rank's actions; returns ``{microbatch: output}`` of the last stages this rank runs (detached).
 
         ``loss`` turns a last stage's output into the scalar to backpropagate (training schedules);
-        ``params(stage)`` are the parameters whose gradients the W of a zero-bubble schedule computes;
+        ``params(stage)`` are the parameters whose gradients the W of a zero-bubble schedule computes, and whose
+        casts to the autocast dtype are made once per step; ``modules(stage)`` the modules that use them (their
+        linear layers read that cast: [Note: one weight cast per step]);
         ``before_last_backward(stage)`` is called right before the last action that adds weight gradients of
         ``stage`` (for gradient communication that must only start after it); ``signature`` identifies the shapes
         of the step's input, the same on every rank of the pipeline (see [Note: overlap and ordering]).
@@ -271,6 +280,7 @@ class PipelineExecutor:
             self._first_use()
         self._forward_fn, self._loss_fn = forward, loss
         self._params_fn = params or (lambda stage: [])
+        self._modules_fn = modules or (lambda stage: [])
         self._known = self._shapes.get(signature)
         if self._known is not None:
             self._shapes.move_to_end(signature)

@@ -348,6 +348,7 @@ class PipelineStrategy(DataParallelStrategy):
         # A layer unfrozen during fit needs a bucket before its gradients arrive (see DataParallelStrategy).
         super().pre_backward(torch.empty(0))
         local_params = [p for p in module.parameters() if p.requires_grad]
+        local_modules = list(module.modules())
         executor = self._executor()
         last_stage = max(executor.last_grad_action.items(), key=lambda kv: kv[1], default=(None, 0))[0]
 
@@ -376,7 +377,8 @@ class PipelineStrategy(DataParallelStrategy):
             self._bucketer.sync = False
         with self.precision_plugin.train_step_context():
             outputs = self._run(module.training_step, executor, batch, rest, kwargs, loss,
-                                params=lambda stage: local_params, before_last_backward=before_last_backward)
+                                params=lambda stage: local_params, modules=lambda stage: local_modules,
+                                before_last_backward=before_last_backward)
         self._set_aside = {}
         if window_start:
             self._set_aside = {p: p.grad for p in trained}
