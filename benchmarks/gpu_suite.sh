@@ -16,7 +16,9 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh four_gpu      # ~6 min: tp1d chunks / zero2 / DTensor TP, dp 4 vs 1 GPU, pipeline_equal
 #   OUT=$OUT benchmarks/gpu_suite.sh final_speed   # ~5 min: tp1d (deferral on/off), zero2, DTensor TP, dp (and bf16 reduce) 4 vs 1
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_fair # ~6 min: our 3 schedules and torch's, one variant per process, 2 rounds
-#   OUT=$OUT benchmarks/gpu_suite.sh check_2gpu    # ~6 min on 2 GPUs: parity (fp32, bf16), dp / bf16 reduce / ddp at 2 vs 1 GPU
+#   OUT=$OUT benchmarks/gpu_suite.sh check_2gpu    # ~3 min on 2 GPUs: parity (fp32, bf16), dp / bf16 reduce / ddp at 2 vs 1 GPU
+#   OUT=$OUT benchmarks/gpu_suite.sh idle_dp       # ~2 min on 2 GPUs: dp profiled at 1 and 2 GPUs, ddp at 2 (idle gaps explained)
+#   BASE=DIR OUT=$OUT benchmarks/gpu_suite.sh pipeline_ab # ~5 min on 2 GPUs: pipeline parity; 1F1B here vs at BASE vs torch
 #   OUT=$OUT benchmarks/gpu_suite.sh tp1d_4gpu     # ~2 min: tp1d / zero2 / DTensor TP at 4 GPUs, batch 4 then 8 per GPU
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_equal # ~1-2 min: the same with a 2048-token vocabulary (stages of equal time)
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
@@ -26,7 +28,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|check_2gpu|profile_dp_2gpu|idle_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -235,21 +237,12 @@ case $MODE in
       --variants dp,lightning_ddp,dp_bf16_reduce,dp_bf16_reduce,dp
     run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
     ;;
-  profile_dp_2gpu)  # where dp's scaling goes: dp under the profiler at 1 GPU and at 2, Lightning ddp at 2
+  idle_dp)  # where dp's scaling goes: dp under the profiler at 1 GPU and at 2, Lightning ddp at 2 (with what the
+    # host was doing in each GPU idle gap)
     run_case profile_dp_1gpu 120 0 benchmarks/profile_variant.py --variant dp --out "$OUT/profile_dp_1gpu" $ACC $THR
     run_case profile_dp_2gpu 120 2 benchmarks/profile_variant.py --variant dp --out "$OUT/profile_dp_2gpu" $ACC $THR
     run_case profile_ddp_2gpu 120 2 benchmarks/profile_variant.py --variant lightning_ddp --out "$OUT/profile_ddp_2gpu" \
       $ACC $THR
-    ;;
-  idle_dp)  # what the host does while the GPU idles: dp at 1 GPU and at 2 (profiler)
-    run_case profile_dp_1gpu 120 0 benchmarks/profile_variant.py --variant dp --out "$OUT/profile_dp_1gpu" $ACC $THR
-    run_case profile_dp_2gpu 120 2 benchmarks/profile_variant.py --variant dp --out "$OUT/profile_dp_2gpu" $ACC $THR
-    ;;
-  idle_2gpu)  # what the host does while the GPU idles: dp at 1 and 2 GPUs, our 1F1B on equal stages (profiler)
-    run_case profile_dp_1gpu 120 0 benchmarks/profile_variant.py --variant dp --out "$OUT/profile_dp_1gpu" $ACC $THR
-    run_case profile_dp_2gpu 120 2 benchmarks/profile_variant.py --variant dp --out "$OUT/profile_dp_2gpu" $ACC $THR
-    run_case profile_pipeline 120 2 benchmarks/profile_variant.py --variant pipeline --out "$OUT/profile_pipeline" \
-      $ACC $THR --vocab 2048
     ;;
   tp1d_4gpu)  # tp1d beside zero2 and DTensor TP at 4 GPUs; then at batch 8/GPU (fixed per-step costs weigh half)
     run_case tp1d_4gpu 200 4 $MG throughput --out "$WORK/tp1d_4gpu.json" $ACC $THR \
