@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -165,20 +166,28 @@ class SyncTimer(bench_dp.WindowTimer):
         super().__init__(warmup, steps)
         self.count_syncs = count_syncs
         self.host_syncs: int | None = None
-        self._catcher = self._records = None
+        self.sync_sites: list[str] = []  # where the first synchronizing calls were made (Python stacks)
+        self._catcher = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if batch_idx == self.first and self.count_syncs and pl_module.device.type == "cuda":
-            self._catcher = warnings.catch_warnings(record=True)
-            self._records = self._catcher.__enter__()
+            self._catcher = warnings.catch_warnings()
+            self._catcher.__enter__()
             warnings.simplefilter("always")
+            warnings.showwarning = self._on_warning  # restored by the catcher
+            self.host_syncs = 0
             torch.cuda.set_sync_debug_mode("warn")
+
+    def _on_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" in str(message).lower():
+            self.host_syncs += 1
+            if len(self.sync_sites) < 3:
+                self.sync_sites.append("".join(traceback.format_stack(limit=14)[:-1]))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == self.last and self._catcher is not None:
             torch.cuda.set_sync_debug_mode("default")
-            self.host_syncs = sum("synchroniz" in str(w.message).lower() for w in self._records)
             self._catcher.__exit__(None, None, None)
             self._catcher = None
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -222,7 +231,7 @@ def run_variant(args: argparse.Namespace, name: str, world: int, device: torch.d
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     tokens = args.steps * args.batch * world * args.seq  # the global batch is batch x world in every variant
     return {"tokens_per_s": tokens / seconds, "step_s": seconds / args.steps, "peak_gib": peak,
-            "host_syncs": timer.host_syncs}
+            "host_syncs": timer.host_syncs, "sync_sites": timer.sync_sites}
 
 
 def apply_model_preset(args: argparse.Namespace) -> None:
@@ -285,6 +294,8 @@ def cmd_throughput(args: argparse.Namespace) -> None:
             print(f"  {name:<22} {row['status']:<5} {tps:>10,.0f} tok/s  per GPU {tps / world:>9,.0f}  "
                   f"peak {row.get('peak_gib') or 0:6.1f} GiB  host_syncs {'-' if syncs is None else syncs:>4}  "
                   f"({row['seconds']:.0f} s) {row.get('error', '')}", flush=True)
+            for site in row.get("sync_sites") or []:  # rank 0's; the count above is the largest of any rank
+                print("    host sync at:\n" + "\n".join("      " + line for line in site.splitlines()), flush=True)
         if rank == 0 and args.out:  # after every variant: a later hang (an OOM on one rank only) keeps these rows
             config = {k: v for k, v in vars(args).items() if k != "func"}
             dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
