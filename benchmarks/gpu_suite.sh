@@ -101,7 +101,7 @@ run_case() {  # run_case NAME LIMIT_S NPROC ARGS... (ARGS: the script and its ar
     echo "  (killed leftover processes of $name; $(left_over "$tag") remain)"
   fi
   { echo "=================== $name (rc $rc, $((SECONDS - t0)) s): $*"; cat "$clog"; } >> "$LOG"
-  grep -E '^(parity|throughput|pipeline peer|reference|fused)[: ]|^  [A-Za-z0-9_]+ +(PASS|FAIL|ok|oom|error) ' "$clog"
+  grep -E '^(parity|throughput|pipeline peer|reference|fused|sync check|FAIL)[: ]|^  [A-Za-z0-9_]+ +(PASS|FAIL|ok|oom|error) ' "$clog"
   if [ "$rc" != 0 ]; then
     echo "  !! rc $rc$([ "$rc" = 124 ] && echo ' (timeout)'); last errors:"
     grep -E 'Error|error:|Timeout|timed out' "$clog" | grep -v Warning | tail -4 | cut -c1-300
@@ -223,12 +223,14 @@ case $MODE in
     ;;
   final_speed)  # the issue's tp1d and dp figures in one 4-GPU call (run `parity` first, and `pipeline_fair` for the
     # pipelines, each in its own call): ~5 min
+    [ "$CPU" = 1 ] || run_case sync_check 60 0 $MG sync_check
     run_case tp1d_4gpu 200 4 $MG throughput --out "$WORK/tp1d_4gpu.json" $ACC $THR \
       --variants tp1d,tp1d_nodefer,zero2,dtensor_tp
     run_case dp_4gpu 180 4 $MG throughput --out "$WORK/dp_4gpu.json" $ACC $THR --variants dp,lightning_ddp,dp_bf16_reduce
     run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
     ;;
   check_2gpu)  # 2 GPUs: every strategy's parity (fp32, bf16-mixed), then dp's scaling with and without bf16 reduction
+    [ "$CPU" = 1 ] || run_case sync_check 60 0 $MG sync_check
     run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR
     run_case parity_2gpu_all 150 2 $MG parity --reference "$REF" --out "$WORK/parity_2gpu.json" $ACC $NVME
     run_case parity_bf16_2gpu 200 2 $MG parity --precision bf16 --reference "$REF" --out "$WORK/parity_bf16_2gpu.json" \

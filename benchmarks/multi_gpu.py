@@ -15,7 +15,9 @@ each strategy under bf16-mixed against ``dp`` under bf16-mixed, tolerance 2e-2. 
 throughput: a GPT (``--model 1.3b``: 24 x 2048, 16 heads, batch 4 per GPU; ``--model 7b``: 32 x 4096, 32 heads,
 batch 2 per GPU), vocab 50304, sequence 2048, bf16-mixed, fused AdamW, random tokens; each variant timed over
 ``--steps`` after ``--warmup``; tokens/s over all GPUs, the largest per-GPU peak, and ``host_syncs``: the number
-of synchronizing CUDA calls (``torch.cuda.set_sync_debug_mode("warn")``) during the timed steps.
+of synchronizing CUDA calls (``torch.cuda.set_sync_debug_mode("warn")``) during the timed steps, the first ones
+Python stacks printed. ``dp``, ``zero1``-``zero3`` and ``tp1d`` variants must make none: the command then exits with
+status 3 (the offloading variants wait for their host step by design and are exempt; peers are only counted).
 """
 
 from __future__ import annotations
@@ -172,12 +174,14 @@ class SyncTimer(bench_dp.WindowTimer):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if batch_idx == self.first and self.count_syncs and pl_module.device.type == "cuda":
+            with warnings.catch_warnings():  # switching the mode on warns once; that is no sync: not counted
+                warnings.simplefilter("ignore")
+                torch.cuda.set_sync_debug_mode("warn")
             self._catcher = warnings.catch_warnings()
             self._catcher.__enter__()
             warnings.simplefilter("always")
             warnings.showwarning = self._on_warning  # restored by the catcher
             self.host_syncs = 0
-            torch.cuda.set_sync_debug_mode("warn")
 
     def _on_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
         if "synchroniz" in str(message).lower():
@@ -302,6 +306,35 @@ def cmd_throughput(args: argparse.Namespace) -> None:
             Path(args.out).write_text(json.dumps({"config": config, "world": world, "n_params": n_params,
                                                   "rows": rows, "device": dev_name, "torch": torch.__version__,
                                                   "lightning": pl.__version__}, indent=1))
+    synced = [r["variant"] for r in rows if must_not_sync(r["variant"]) and (r.get("host_syncs") or 0) > 0]
+    if synced:  # every rank: the counts were gathered
+        if rank == 0:
+            print(f"FAIL: host syncs in the timed steps of {', '.join(synced)}, which must make none", flush=True)
+        args.exit_code = 3
+
+
+def cmd_sync_check(args: argparse.Namespace) -> None:
+    """The host-sync counter's own control: one window with a deliberate ``.item()`` must count 1, one without 0."""
+    device = torch.device("cuda", 0)
+    module = type("Fake", (), {"device": device})()
+    counts = []
+    for deliberate in (True, False):
+        timer = SyncTimer(0, 1, count_syncs=True)
+        timer.on_train_batch_start(None, module, None, 0)
+        x = torch.ones(4, device=device).mul(2)
+        if deliberate:
+            x.sum().item()
+        timer.on_train_batch_end(None, module, None, None, 0)
+        counts.append(timer.host_syncs)
+    ok = counts == [1, 0]
+    print(f"sync check: {'PASS' if ok else 'FAIL'} (counted {counts[0]} with one deliberate sync, {counts[1]} without)",
+          flush=True)
+    args.exit_code = 0 if ok else 3
+
+
+def must_not_sync(variant: str) -> bool:
+    """Our variants whose timed steps must make no host sync (the offloading ones wait for their host step)."""
+    return variant.startswith(("dp", "zero", "tp1d")) and not any(k in variant for k in ("offload", "nvme", "host"))
 
 
 def add_throughput_args(thr: argparse.ArgumentParser) -> None:
@@ -333,6 +366,8 @@ def main() -> None:
     par.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     par.add_argument("--nvme-dir", default="/tmp/lightning_par_multi_gpu_nvme")
     par.set_defaults(func=mg_parity.cmd_parity)
+    sub.add_parser("sync_check", help="the host-sync counter's control (CUDA)").set_defaults(
+        func=cmd_sync_check, accelerator="gpu")
     thr = sub.add_parser("throughput")
     add_throughput_args(thr)
     thr.set_defaults(func=cmd_throughput)
@@ -342,10 +377,10 @@ def main() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
         local_device(args.accelerator)
     args.func(args)
-    exit_now()
+    exit_now(getattr(args, "exit_code", 0))
 
 
-def exit_now() -> None:
+def exit_now(code: int = 0) -> None:
     """Results are written: leave without interpreter teardown, where a rank could abort or hang on a background
     communication thread ("terminate called without an active exception" seen at exit on gloo)."""
     if dist.is_initialized():
@@ -355,7 +390,7 @@ def exit_now() -> None:
             pass
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":
