@@ -91,6 +91,34 @@ def timeline(profiler: torch.profiler.profile) -> dict[str, float]:
     return {"compute": _union(compute), "exposed communication": busy - _union(compute), "idle": window - busy}
 
 
+def exposed_spans(profiler: torch.profiler.profile, top: int = 10) -> list[str]:
+    """The longest stretches in which only NCCL ran (exposed communication), with where they fall: ms after the
+    window's first kernel, and the compute kernels just before and after (a tail after backward ends in the
+    optimizer's kernels; a stretch between two backward kernels is the compute stream waiting for a collective)."""
+    compute, comm = [], []
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and not _is_annotation(event):
+            span = (event.time_range.start / 1e6, event.time_range.end / 1e6, event.name)
+            (comm if "nccl" in event.name.lower() else compute).append(span)
+    if not compute or not comm:
+        return []
+    compute.sort()
+    first = min(compute[0][0], min(c[0] for c in comm))
+    spans, end = [], None  # the gaps between compute kernels (all streams together) that NCCL covers
+    before = None
+    for start, stop, name in compute:
+        if end is not None and start > end:
+            covered = _union([(max(c0, end), min(c1, start)) for c0, c1, _ in comm if c0 < start and c1 > end])
+            if covered > 0:
+                spans.append((covered, end, before, name))
+        if end is None or stop > end:
+            end, before = stop, name
+    lines = ["longest exposed communication (ms after the first kernel; compute kernel before -> after):"]
+    for covered, at, prev, nxt in sorted(spans, reverse=True)[:top]:
+        lines.append(f"  {covered * 1e3:6.2f} ms at {(at - first) * 1e3:8.1f} ms  {prev[:50]} -> {nxt[:50]}")
+    return lines
+
+
 def idle_causes(profiler: torch.profiler.profile, steps: int, min_gap_s: float = 50e-6) -> list[str]:
     """What the host was doing while the GPU had nothing to run. Every gap of at least ``min_gap_s`` between kernels
     (all streams together) is charged, per CPU thread, to the innermost CPU range (op or annotation) open at the
@@ -204,7 +232,8 @@ def write_summary(profiler: torch.profiler.profile, wall: float, steps: int, out
     """``out/rank<r>.txt`` (and rank 0's trace, gzipped) for ``steps`` profiled steps that took ``wall`` seconds."""
     out.mkdir(parents=True, exist_ok=True)
     by_name, by_stream = kernel_times(profiler)
-    lines = [header, *summarize(by_name, by_stream, wall, steps, timeline(profiler)), *idle_causes(profiler, steps)]
+    lines = [header, *summarize(by_name, by_stream, wall, steps, timeline(profiler)), *exposed_spans(profiler),
+             *idle_causes(profiler, steps)]
     (out / f"rank{rank}.txt").write_text("\n".join(lines) + "\n")
     if rank == 0:
         print("\n".join(lines[:9]), flush=True)
