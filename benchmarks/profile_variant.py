@@ -75,15 +75,21 @@ def _union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _kernel_spans(profiler: torch.profiler.profile) -> tuple[list, list]:
+    """``(start_s, stop_s, name)`` of every kernel (annotations left out): compute ones, then NCCL ones."""
+    compute, comm = [], []
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and not _is_annotation(event):
+            span = (event.time_range.start / 1e6, event.time_range.end / 1e6, event.name)
+            (comm if "nccl" in event.name.lower() else compute).append(span)
+    return compute, comm
+
+
 def timeline(profiler: torch.profiler.profile) -> dict[str, float]:
     """Seconds of the profiled window in which some non-NCCL kernel ran (compute), only NCCL ran (communication
     nobody overlapped: exposed), or nothing ran (idle: the host was behind, or waiting)."""
-    compute, comm = [], []
-    for event in profiler.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA or _is_annotation(event):
-            continue
-        span = (event.time_range.start / 1e6, event.time_range.end / 1e6)
-        (comm if "nccl" in event.name.lower() else compute).append(span)
+    compute, comm = _kernel_spans(profiler)
+    compute, comm = [(a, b) for a, b, _ in compute], [(a, b) for a, b, _ in comm]
     if not compute:
         return {}
     everything = compute + comm
@@ -93,13 +99,10 @@ def timeline(profiler: torch.profiler.profile) -> dict[str, float]:
 
 def exposed_spans(profiler: torch.profiler.profile, top: int = 10) -> list[str]:
     """The longest stretches in which only NCCL ran (exposed communication), with where they fall: ms after the
-    window's first kernel, and the compute kernels just before and after (a tail after backward ends in the
-    optimizer's kernels; a stretch between two backward kernels is the compute stream waiting for a collective)."""
-    compute, comm = [], []
-    for event in profiler.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and not _is_annotation(event):
-            span = (event.time_range.start / 1e6, event.time_range.end / 1e6, event.name)
-            (comm if "nccl" in event.name.lower() else compute).append(span)
+    window's first kernel, and the compute kernels just before and after. A tail after backward ends in the
+    optimizer's kernels; a stretch between two backward kernels is either the compute stream waiting for a
+    collective or an ordinary idle gap (the host behind) in which NCCL happened to run."""
+    compute, comm = _kernel_spans(profiler)
     if not compute or not comm:
         return []
     compute.sort()
@@ -124,14 +127,10 @@ def idle_causes(profiler: torch.profiler.profile, steps: int, min_gap_s: float =
     (all streams together) is charged, per CPU thread, to the innermost CPU range (op or annotation) open at the
     gap's middle; the largest gaps are listed with each thread's stack of open ranges. A gap under an op that waits
     (a synchronisation) is the host waiting; a gap under ordinary ops is the host being slower than the GPU there."""
-    kernels, ranges = [], []
-    for event in profiler.events():
-        span = (event.time_range.start / 1e6, event.time_range.end / 1e6)
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            if not _is_annotation(event):
-                kernels.append(span)
-        else:
-            ranges.append((span[0], span[1], getattr(event, "thread", 0), event.name))
+    compute, comm = _kernel_spans(profiler)
+    kernels = [(a, b) for a, b, _ in compute + comm]
+    ranges = [(e.time_range.start / 1e6, e.time_range.end / 1e6, getattr(e, "thread", 0), e.name)
+              for e in profiler.events() if e.device_type != torch.autograd.DeviceType.CUDA]
     gaps, end = [], None
     for start, stop in sorted(kernels):
         if end is not None and start - end >= min_gap_s:

@@ -71,6 +71,9 @@ def _configs(world_size):
                                     Run(steps=3, module_kwargs=kwargs))
         configs["bf16_mixed"] = (PipelineStrategy(schedule="zero_bubble", microbatches=m),
                                  Run(steps=3, precision="bf16-mixed", module_kwargs=kwargs))
+        # The other schedules' weight casts (hooks on the linear layers, not zero bubble's function mode).
+        configs["bf16_mixed_1f1b"] = (PipelineStrategy(schedule="1f1b", microbatches=m),
+                                      Run(steps=3, precision="bf16-mixed", module_kwargs=kwargs))
         configs["deferred_weight_grads"] = (PipelineStrategy(schedule="1f1b", microbatches=m, defer_weight_grads=True),
                                             Run(steps=3, clip_val=0.05, module_kwargs=kwargs))
     if world_size == 4:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from helpers import run_on_ranks
 from lightning_par.demo.model import GPT, Block, GPTConfig
@@ -187,7 +188,6 @@ def test_split_backward_of_a_parameter_used_twice_a_conv1d_a_tied_head_and_autoc
 
 
 def test_split_backward_under_activation_checkpointing():
-    from torch.utils.checkpoint import checkpoint
 
     torch.manual_seed(0)
     block = Block(GPTConfig(n_embd=16, n_head=2))
@@ -238,6 +238,26 @@ def test_weights_are_cast_once_per_step_and_only_under_grad_mode(kind):
         linear_weights[0].mul_(2)  # changed in place: cast again
     stale = casts._casts[id(linear_weights[0])][1]
     assert casts.get(linear_weights[0], torch.bfloat16) is not stale
+
+
+def test_weight_casts_of_linear_layers_under_non_reentrant_checkpointing():
+    # The recomputation in backward runs outside the hooks (autocast casts the weight itself there): same dtype and
+    # shape as the step's cast, so checkpointing accepts it, and the gradients are those of a plain run.
+    torch.manual_seed(0)
+    block = Block(GPTConfig(n_embd=16, n_head=2))
+    reference = copy.deepcopy(block)
+    x = torch.randn(2, 5, 16)
+    casts = StepCasts()
+    mode = CastLinearWeights(list(block.modules()), block.parameters(), casts)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        reference(x).float().sum().backward()
+        with mode:
+            out = checkpoint(block, x, use_reentrant=False)
+        out.float().sum().backward()
+    mode.close()
+    assert casts._casts  # the forward did use the step's casts
+    for (name, p), q in zip(block.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
 def _share_steps(rank: int, world_size: int) -> list:
