@@ -22,6 +22,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch import nn
+from torch.multiprocessing.spawn import ProcessExitedException
 from torch.utils.data import DataLoader
 
 import lightning_par  # noqa: F401  (registers the strategy names)
@@ -64,9 +65,22 @@ def averaged_weights(tmp_path, strategy: str) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 
+def lightning_ddp_weights(tmp_path) -> dict[str, torch.Tensor]:
+    """The peer's averaged weights. Lightning's ``ddp_spawn`` workers can abort at interpreter exit on gloo after
+    their work is done ("terminate called without an active exception": the process group's thread destroyed while
+    joinable; seen once in CI, 2026-11-26). Our strategies' launcher leaves with ``os._exit`` and never does. One
+    retry on that abort keeps the peer's teardown from failing the comparison."""
+    try:
+        return averaged_weights(tmp_path / "ddp", "ddp_spawn")
+    except ProcessExitedException as error:
+        if error.signal_name != "SIGABRT":
+            raise
+        return averaged_weights(tmp_path / "ddp_retry", "ddp_spawn")
+
+
 def test_swa_under_dp_matches_lightning_ddp(tmp_path):
     ours = averaged_weights(tmp_path / "dp", "dp_spawn")
-    lightning = averaged_weights(tmp_path / "ddp", "ddp_spawn")
+    lightning = lightning_ddp_weights(tmp_path)
     torch.manual_seed(0)
     untrained = BatchNormNet().state_dict()
     assert not torch.equal(ours["layer.0.weight"], untrained["layer.0.weight"])  # trained weights came back
