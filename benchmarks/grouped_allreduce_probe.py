@@ -7,7 +7,7 @@
 new tensor every step) and all-reduces the buffer: 8 bytes moved per fp32 element before the wire, about 4 ms a step
 for 1.3B on an H100. The alternative all-reduces the gradients where autograd left them, one NCCL group of
 per-tensor all-reduces per bucket (``torch.distributed._coalescing_manager``), with no copy. Here both run alone (no
-backward beside them), bucket by bucket as ``comm/buckets.py`` forms them (25 MiB, reverse registration order):
+backward beside them), over the buckets ``comm/buckets.py``'s ``GradientBucketer`` forms (25 MiB by default):
 the time of each per step, and whether the results agree.
 """
 
@@ -20,18 +20,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from lightning_par.comm.buckets import GradientBucketer
+from lightning_par.comm.collectives import mean_op
 from lightning_par.demo.model import GPT, GPTConfig
-
-
-def buckets_of(tensors: list[torch.Tensor], cap_bytes: int) -> list[list[torch.Tensor]]:
-    out, current, size = [], [], 0
-    for t in reversed(tensors):
-        if current and size >= (cap_bytes if out else 2**20):
-            out.append(current)
-            current, size = [], 0
-        current.append(t)
-        size += t.numel() * t.element_size()
-    return out + [current] if current else out
 
 
 def main() -> None:
@@ -51,19 +42,23 @@ def main() -> None:
     with torch.device("meta"):
         shapes = [q.shape for q in GPT(cfg).parameters()]
     gen = torch.Generator(device=device).manual_seed(rank)
-    grads = [torch.randn(s, device=device, generator=gen) for s in shapes]  # this rank's fresh gradients
-    buckets = buckets_of(grads, 25 * 2**20)
-    flats = [torch.empty(sum(t.numel() for t in b), device=device) for b in buckets]
-    op = dist.ReduceOp.AVG if not args.cpu else dist.ReduceOp.SUM
+    params = [torch.nn.Parameter(torch.empty(shape, device=device)) for shape in shapes]
+    grads = {p: torch.randn(p.shape, device=device, generator=gen) for p in params}  # this rank's fresh gradients
+    group = dist.group.WORLD
+    bucketer = GradientBucketer([(str(i), p) for i, p in enumerate(params)], group)  # dp's buckets, as dp forms them
+    bucketer.remove()  # only its buckets are used here, not its hooks
+    buckets = [[grads[p] for p in bucket.params] for bucket in bucketer.buckets]
+    op, _ = mean_op(group)
 
     def flat_step() -> list[torch.Tensor]:
         works = []
-        for bucket, flat in zip(buckets, flats):
-            torch.cat([t.reshape(-1) for t in bucket], out=flat)  # the copy dp makes (one kernel per bucket here)
-            works.append(dist.all_reduce(flat, op=op, async_op=True))
+        for bucket in bucketer.buckets:
+            for p, view in zip(bucket.params, bucket.views):
+                view.copy_(grads[p])  # the copy dp makes for a fresh gradient, one per parameter
+            works.append(dist.all_reduce(bucket.buffer, op=op, async_op=True))  # with dp's flag elements
         for w in works:
             w.wait()
-        return flats
+        return [bucket.buffer[:bucket.numel] for bucket in bucketer.buckets]
 
     def grouped_step(tensors: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
         works = []
@@ -98,9 +93,9 @@ def main() -> None:
     fresh = [[t.clone() for t in b] for b in buckets]
     got = torch.cat([t.reshape(-1) for b in grouped_step(fresh) for t in b])
     ref = torch.cat([f.reshape(-1) for f in flat_step()])
-    n_bytes = sum(t.numel() * t.element_size() for t in grads)
+    n_bytes = sum(t.numel() * t.element_size() for t in grads.values())
     if rank == 0:
-        print(f"grouped all-reduce probe: {len(grads)} gradients, {n_bytes / 2**30:.2f} GiB, {len(buckets)} buckets, "
+        print(f"grouped all-reduce probe: {len(params)} gradients, {n_bytes / 2**30:.2f} GiB, {len(buckets)} buckets, "
               f"world {dist.get_world_size()}, {device.type}")
         print(f"  copy + flat all-reduce   {flat_ms:8.2f} ms per step")
         print(f"  grouped, no copy         {grouped_ms:8.2f} ms per step   ({flat_ms / grouped_ms:.2f}x)")

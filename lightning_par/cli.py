@@ -14,6 +14,7 @@ import lightning_par  # noqa: F401  (registers this package's strategy names wit
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_par.demo import CharDataModule
+from lightning_par.strategies.base import leave_without_teardown
 
 
 class ParCLI(LightningCLI):
@@ -33,7 +34,9 @@ def main(args: list[str] | dict[str, Any] | None = None) -> None:
     # Returns None on purpose: the console script passes main()'s result to sys.exit.
     build_cli(args)
     if _close_process_group():
-        _exit_without_teardown()
+        # One rank of several, its run finished: see [Note: workers skip interpreter teardown]. Loggers and
+        # checkpoints are written by now; a run that failed raised before this point.
+        leave_without_teardown()
 
 
 def _close_process_group() -> bool:
@@ -46,20 +49,6 @@ def _close_process_group() -> bool:
     dist.barrier()
     dist.destroy_process_group()
     return True
-
-
-def _exit_without_teardown() -> None:
-    """A rank whose run finished leaves without the interpreter's teardown. On torch 2.13 (CPU, gloo) that teardown
-    sometimes aborts ("terminate called without an active exception", SIGABRT) even with the process group destroyed
-    first: the tp1d HF recipe's test failed so in CI on 2026-11-26, and spawned workers do the same (see [Note:
-    workers skip interpreter teardown] in strategies/base.py). Loggers and checkpoints are finished by then; a run
-    that failed raised before this point and exits through Python's usual path."""
-    import os
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

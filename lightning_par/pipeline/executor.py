@@ -35,7 +35,7 @@ import time
 import weakref
 from collections import OrderedDict
 from datetime import timedelta
-from typing import Any, Callable, Hashable, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -196,6 +196,7 @@ class PipelineExecutor:
         self._shapes: OrderedDict[Hashable, dict[Action, Any]] = OrderedDict()
         self._first_run = True
         self._watchdog: Optional[_Watchdog] = None
+        self._modes: dict[int, Union[CastLinearWeights, DeferMatmulWeights]] = {}  # see `_forward`
         self._reset()
 
     def _reset(self) -> None:
@@ -206,11 +207,10 @@ class PipelineExecutor:
         self._inputs: dict[tuple[int, int], Any] = {}
         self._outputs: dict[tuple[int, int], Any] = {}
         self._weights: dict[tuple[int, int], DeferredWeightGrads] = {}  # W of each (stage, microbatch)
-        for mode in getattr(self, "_modes", {}).values():
-            if isinstance(mode, CastLinearWeights):
-                mode.close()  # its hooks live for one step
+        for mode in self._modes.values():
+            mode.close()  # a stage's weight mode lives for one step
         self._casts = StepCasts()  # the weights in the autocast dtype, for this step
-        self._modes: dict[int, Any] = {}  # each local stage's weight mode for the forward, for this step
+        self._modes = {}  # each local stage's weight mode for the forward, for this step
         self._after_send: list[tuple[int, int]] = []  # the W of a B action, run once its input gradient is posted
 
     # ----- the compute: overridden by the synthetic benchmark --------------------------------------------------------

@@ -115,6 +115,9 @@ class CastWeightsOnce(TorchFunctionMode):
         self._ids = {id(p) for p in params if p.requires_grad}
         self._casts = casts
 
+    def close(self) -> None:
+        """Nothing to undo: a mode holds no hooks (the executor closes every stage's weight mode after a step)."""
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         call = matmul_call(func, args, kwargs) if torch.is_grad_enabled() else None

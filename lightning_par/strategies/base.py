@@ -357,20 +357,27 @@ class LightningParStrategy(ParallelStrategy):
         # The mesh stays: `trainer.save_checkpoint` after `fit` still needs the groups.
 
 
-class _ExitingLauncher(_MultiProcessingLauncher):
-    """Lightning's spawn / fork launcher whose workers leave with ``os._exit(0)`` once their work is done and rank 0's
-    results are in the queue (``SimpleQueue.put`` writes them to the pipe before it returns).
+def leave_without_teardown() -> None:
+    """End a rank whose work is done with ``os._exit(0)``, after flushing its output.
 
-    [Note: workers skip interpreter teardown] On torch 2.13 (CPU, gloo) a spawned worker that finished cleanly
-    sometimes aborted in the interpreter's own teardown ("terminate called without an active exception", SIGABRT),
-    which fails the parent's ``fit``: 2 and 4 runs in 16 of a 2-rank zero3 test at two commits of
-    2026-11-26 (one before any of that day's changes), also with the process groups destroyed first; 0 in 16 with
-    this launcher. Nothing is left to do in the worker at that point; errors still leave
-    through Lightning's and torch's usual path (an exception never reaches ``os._exit``)."""
+    [Note: workers skip interpreter teardown] On torch 2.13 (CPU, gloo) a process that finished cleanly sometimes
+    aborted in the interpreter's own teardown ("terminate called without an active exception", SIGABRT): spawned
+    workers of a 2-rank zero3 test in 2 and 4 of 16 runs at two commits of 2026-11-26 (one before any of that day's
+    changes), also with the process groups destroyed first, and 0 in 16 leaving this way; both ranks of
+    ``lightning-par fit`` (the tp1d HF recipe test) in CI the same day, after a barrier and destroying the group.
+    Callers reach this only once their work is done; errors still leave through Python's usual path (an exception
+    never reaches ``os._exit``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+class _ExitingLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn / fork launcher whose workers leave without interpreter teardown once their work is done and
+    rank 0's results are in the queue (``SimpleQueue.put`` writes them to the pipe before it returns): see [Note:
+    workers skip interpreter teardown]."""
 
     @override
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
         super()._wrapping_function(*args, **kwargs)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        leave_without_teardown()
