@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lightning.pytorch as pl
 from lightning_par.demo.model import DemoGPT
-from lightning_par.strategies import PipelineStrategy, TensorParallel1DStrategy, ZeroStrategy
+from lightning_par.strategies import DataParallelStrategy, PipelineStrategy, TensorParallel1DStrategy, ZeroStrategy
 
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
 
@@ -125,6 +125,7 @@ def parity_strategies(nvme_dir: str, world: int, cfg: dict) -> dict[str, Callabl
     return {
         "ddp": lambda: "ddp",
         "dp": lambda: "dp",
+        "dp_grouped": lambda: DataParallelStrategy(bucket_mode="grouped"),
         "zero1": lambda: "zero1",
         "zero2": lambda: "zero2",
         "zero3": lambda: "zero3",

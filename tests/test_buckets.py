@@ -143,6 +143,65 @@ def _checks(rank: int, world_size: int) -> list[str]:
             torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-3)
     bucketer.remove()
     done.append("bf16_wire")
+    return done + _grouped_checks(rank, world_size, net, reference, xs)
+
+
+def _grouped_checks(rank: int, world_size: int, net: Net, reference: Net, xs: list) -> list[str]:
+    """grouped=True: the same averages, reduced where autograd left the gradients (no flat buffer, no copy)."""
+    done = []
+    net.zero_grad(set_to_none=True)
+    reference.zero_grad(set_to_none=True)
+    bucketer = GradientBucketer(net.named_parameters(), dist.group.WORLD, bucket_bytes=300, grouped=True)
+    assert all(b.buffer is None and b.views is None for b in bucketer.buckets)
+    calls: list[int] = []
+    original = _count_all_reduce(calls)
+    try:
+        bucketer.sync = False
+        net(xs[rank]).sum().backward()
+        assert calls == [], "no collective during an accumulation step"
+        bucketer.sync = True
+        net(xs[world_size + rank]).sum().backward()
+        launched_during_backward = len(calls)
+        grads_before = {p: p.grad.data_ptr() for p in net.parameters() if p.grad is not None}
+        bucketer.finish()
+    finally:
+        dist.all_reduce = original
+    # One all-reduce per gradient plus one for the flags, per bucket; launched in backward up to the first bucket
+    # holding a parameter no rank uses.
+    unused = {id(p) for p in net.unused_everywhere.parameters()}
+    first_blocked = next(i for i, b in enumerate(bucketer.buckets) if any(id(p) in unused for p in b.params))
+    assert launched_during_backward == sum(len(b.params) + 1 for b in bucketer.buckets[:first_blocked])
+    assert len(calls) == sum(len(b.params) + 1 for b in bucketer.buckets)
+    assert all(p.grad.data_ptr() == ptr for p, ptr in grads_before.items()), "reduced in place, not copied"
+    for x in xs:
+        (reference(x).sum() / world_size).backward()
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        if name.startswith("unused_everywhere"):
+            assert p.grad is None and q.grad is None
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    done.append("grouped_averaged_in_place")
+
+    # Unused on one rank only, with no read-back or element write on the rank that used everything.
+    net.zero_grad(set_to_none=True)
+    reference.zero_grad(set_to_none=True)
+    counts = Counter()
+    with _spy_tensor_methods(counts):
+        net(xs[rank], use_b=(rank == 1)).sum().backward()
+        bucketer.finish()
+    reads = sum(counts[name] for name in _READS)
+    assert reads == 1 and counts["__setitem__"] == 0, counts  # both ranks read: unused_everywhere is unused here
+    reference(xs[1]).sum().backward()
+    torch.testing.assert_close(net.b.weight.grad, reference.b.weight.grad / world_size, rtol=1e-6, atol=1e-7)
+    assert net.unused_everywhere.weight.grad is None
+    bucketer.remove()
+    done.append("grouped_unused_on_some_ranks")
+
+    try:
+        GradientBucketer(net.named_parameters(), dist.group.WORLD, grouped=True, reduce_dtype=torch.bfloat16)
+    except ValueError as error:
+        assert "grouped=False with reduce_dtype" in str(error)
+        done.append("grouped_refuses_reduce_dtype")
     return done
 
 
@@ -150,7 +209,8 @@ def test_bucketer_on_two_ranks():
     results = run_on_ranks(_checks, 2)
     for done in results:
         assert done == ["broadcast", "accumulation_and_overlap", "averaged_gradients", "unused_on_some_ranks", "views",
-                        "reentrant_refused", "bf16_wire"]
+                        "reentrant_refused", "bf16_wire", "grouped_averaged_in_place",
+                        "grouped_unused_on_some_ranks", "grouped_refuses_reduce_dtype"]
 
 
 # Tensor methods that read a device value on the host (a synchronisation on CUDA), or write a Python value into a

@@ -37,11 +37,22 @@ device tensor, which is a copy from pageable host memory and synchronises). When
 is > 0 on every rank and nothing is read back. Only when this rank lacks some gradient does ``finish`` read the
 flags of the buckets concerned: one device-to-host read, the only synchronisation, and only with unused
 parameters. ``Work.wait()`` on NCCL makes the current stream wait for the all-reduce; it does not block the host.
+
+[Note: grouped all-reduce]
+``grouped=True`` drops the flat buffers: each bucket's gradients are all-reduced where autograd left them, as one
+coalesced group (``torch.distributed._coalescing_manager``: on NCCL one ``ncclGroupStart/End`` of per-tensor
+all-reduces, on gloo one ``allreduce_coalesced``), the flags as one more tensor of the group. No copy on the
+compute stream (the 8 bytes per element of [Note: gradients as bucket views]) and no second copy of the gradients
+in memory (4.9 GiB per GPU for a 1.3 B model in fp32). Measured alone on 4 × H100 at the 1.3 B model's gradient
+shapes, the grouped all-reduces took 25.7 ms a step against 28.3 for copy + flat
+(``benchmarks/grouped_allreduce_probe.py``). Bucket boundaries and launch order are the same as with flat buffers.
+Not combinable with ``reduce_dtype`` (the cast is a copy anyway).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,7 +62,7 @@ from lightning_par.comm.collectives import mean_op
 
 
 class _Bucket:
-    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, device: torch.device, flat: bool) -> None:
         self.params = params
         self.offsets: list[int] = []
         numel = 0
@@ -59,16 +70,21 @@ class _Bucket:
             self.offsets.append(numel)
             numel += p.numel()
         self.numel = numel
-        # Gradients first, then one "has a gradient" flag per parameter (see [Note: unused parameters]).
-        self.buffer = torch.zeros(numel + len(params), dtype=dtype, device=device)
-        self.views = [self.buffer[o : o + p.numel()].view_as(p) for o, p in zip(self.offsets, params)]
-        self.flags = self.buffer[numel:]
+        if flat:
+            # Gradients first, then one "has a gradient" flag per parameter (see [Note: unused parameters]).
+            self.buffer: Tensor | None = torch.zeros(numel + len(params), dtype=dtype, device=device)
+            self.views: list[Tensor] | None = [self.buffer[o : o + p.numel()].view_as(p)
+                                               for o, p in zip(self.offsets, params)]
+            self.flags = self.buffer[numel:]
+        else:  # grouped (see [Note: grouped all-reduce]): only the flags have a buffer, all-reduced with the grads
+            self.buffer, self.views = None, None
+            self.flags = torch.empty(len(params), dtype=dtype, device=device)
         self.flags.fill_(1)  # reset to 1 after every sync (see GradientBucketer._reset_flags)
         self.flag_views = [self.flags[i : i + 1] for i in range(len(params))]  # built once, not per step
         self.pending = len(params)
         self.ready = [False] * len(params)  # which parameters got their gradient in this sync round
         self.missing: list[int] = []  # parameters this rank had no gradient for when the bucket was launched
-        self.work: dist.Work | None = None
+        self.work: dist.Work | Any | None = None  # Any: the coalescing manager of a grouped launch (has wait())
         self.wire: Tensor | None = None  # the copy in the reduce dtype while it is on the wire
 
     def reset_round(self) -> None:
@@ -84,13 +100,18 @@ class GradientBucketer:
     gradients. Set ``sync = False`` for accumulation steps: gradients then accumulate locally in the buffers.
     The first bucket holds about ``first_bucket_bytes`` (default ``min(1 MiB, bucket_bytes)``, as in DDP) so that
     communication starts early in backward. No host synchronisation unless some parameter has no gradient on this
-    rank (see [Note: no host synchronisation]).
+    rank (see [Note: no host synchronisation]). ``grouped=True`` all-reduces the gradients in place, one coalesced
+    group per bucket, instead of copying them into flat buffers (see [Note: grouped all-reduce]).
     """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], group: dist.ProcessGroup,
                  bucket_bytes: int = 25 * 2**20, first_bucket_bytes: int | None = None,
-                 reduce_dtype: torch.dtype | None = None):
+                 reduce_dtype: torch.dtype | None = None, grouped: bool = False):
+        if grouped and reduce_dtype is not None:
+            raise ValueError("grouped all-reduce works on the gradients in place; it cannot reduce in another dtype "
+                             "(use grouped=False with reduce_dtype).")
         self.group = group
+        self.grouped = grouped
         self.reduce_dtype = reduce_dtype  # all-reduce a copy in this dtype (None: the gradients' own)
         self.world_size = dist.get_world_size(group)
         self.sync = True
@@ -119,7 +140,7 @@ class GradientBucketer:
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in trainable]
 
     def _add_bucket(self, params: list[nn.Parameter]) -> None:
-        bucket = _Bucket(params, params[0].dtype, params[0].device)
+        bucket = _Bucket(params, params[0].dtype, params[0].device, flat=not self.grouped)
         for i, p in enumerate(params):
             self._where[p] = (bucket, i)
         self.buckets.append(bucket)
@@ -128,10 +149,15 @@ class GradientBucketer:
         """Make ``param.grad`` the bucket view (see [Note: gradients as bucket views]); False if it has none.
 
         Host-side only: no device flag is written here (see [Note: no host synchronisation])."""
-        p, view = bucket.params[i], bucket.views[i]
+        p = bucket.params[i]
         grad = p.grad
         if grad is None:
             return False
+        if bucket.views is None:  # grouped: the gradient stays where autograd left it
+            if not grad.is_contiguous():  # collectives need dense memory (rare: autograd matches the param's layout)
+                p.grad = grad.contiguous()
+            return True
+        view = bucket.views[i]
         if grad.data_ptr() != view.data_ptr():
             view.copy_(grad)
             p.grad = view
@@ -171,6 +197,15 @@ class GradientBucketer:
         # host, non-empty only when finish() launches the bucket) become 0, one small kernel each.
         for i in bucket.missing:
             bucket.flag_views[i].zero_()
+        if bucket.buffer is None:  # grouped (see [Note: grouped all-reduce])
+            tensors = [p.grad for p in bucket.params] + [bucket.flags]
+            if self._divide_first:
+                torch._foreach_div_(tensors, self.world_size)
+            with dist._coalescing_manager(group=self.group, async_ops=True) as group_work:
+                for tensor in tensors:
+                    dist.all_reduce(tensor, op=self._op, group=self.group)
+            bucket.work = group_work  # its wait() orders the current stream after the group, as Work.wait() does
+            return
         wire = bucket.buffer
         if self.reduce_dtype is not None and self.reduce_dtype != wire.dtype:
             wire = bucket.wire = wire.to(self.reduce_dtype)  # copied back into the buffer by finish()
@@ -195,7 +230,10 @@ class GradientBucketer:
                 # (non-synchronising) backward passes: bind those; the rest have none on this rank.
                 for i in range(len(bucket.params)):
                     if not bucket.ready[i] and not self._bind_grad(bucket, i):
-                        bucket.views[i].zero_()
+                        if bucket.views is None:
+                            bucket.params[i].grad = torch.zeros_like(bucket.params[i])
+                        else:
+                            bucket.views[i].zero_()
                         bucket.missing.append(i)
                 bucket.pending = 0
             self._launch(bucket)
@@ -215,8 +253,12 @@ class GradientBucketer:
             for bucket in affected:
                 flags = [next(has_grad) for _ in bucket.params]
                 for i in bucket.missing:
-                    bucket.params[i].grad = bucket.views[i] if flags[i] else None
-        # Every other parameter's .grad is already its view (bound by the hook or above).
+                    if not flags[i]:
+                        bucket.params[i].grad = None
+                    elif bucket.views is not None:
+                        bucket.params[i].grad = bucket.views[i]
+        # Every other parameter's .grad is already its view (bound by the hook or above), or, grouped, reduced in
+        # place.
         self._reset_flags()
         for bucket in self.buckets:
             bucket.reset_round()

@@ -34,6 +34,9 @@ class DataParallelStrategy(LightningParStrategy):
             copy in the compute dtype (bf16 under ``bf16-mixed``): half the bytes on the wire, as DDP's bf16
             compression hook and FSDP's ``reduce_dtype`` do, at the cost of rounding the average. The gradients the
             optimizer reads stay fp32.
+        bucket_mode: ``"flat"`` (default) copies each fresh gradient into its bucket's flat buffer and all-reduces
+            the buffer; ``"grouped"`` all-reduces the gradients where autograd left them, one coalesced group per
+            bucket: no copy and no second copy of the gradients in memory. Only with ``reduce_dtype="fp32"``.
         process_group_backend: ``"nccl"`` / ``"gloo"``; by default the one that suits the device.
         timeout: how long a collective may wait before the process group gives up.
         start_method: ``"popen"`` re-runs the script per rank (default, works everywhere), ``"spawn"`` / ``"fork"``
@@ -44,6 +47,7 @@ class DataParallelStrategy(LightningParStrategy):
         self,
         bucket_size_mb: float = 25.0,
         reduce_dtype: Literal["fp32", "compute"] = "fp32",
+        bucket_mode: Literal["flat", "grouped"] = "flat",
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -69,6 +73,12 @@ class DataParallelStrategy(LightningParStrategy):
         if reduce_dtype not in ("fp32", "compute"):
             raise ValueError(f"reduce_dtype must be 'fp32' or 'compute'; got {reduce_dtype!r}.")
         self.reduce_dtype = reduce_dtype
+        if bucket_mode not in ("flat", "grouped"):
+            raise ValueError(f"bucket_mode must be 'flat' or 'grouped'; got {bucket_mode!r}.")
+        if bucket_mode == "grouped" and reduce_dtype != "fp32":
+            raise ValueError("bucket_mode='grouped' reduces the gradients in place, in their own dtype; it cannot be "
+                             "combined with reduce_dtype='compute'. Use bucket_mode='flat' for a bf16 reduction.")
+        self.bucket_mode = bucket_mode
         self._bucketer: Optional[GradientBucketer] = None
 
     @override
@@ -90,7 +100,7 @@ class DataParallelStrategy(LightningParStrategy):
         wire = COMPUTE_DTYPES[self.precision_plugin.precision] if self.reduce_dtype == "compute" else None
         self._bucketer = GradientBucketer(
             self.model.named_parameters(), self.group("data"), bucket_bytes=int(self.bucket_size_mb * 2**20),
-            reduce_dtype=wire,
+            reduce_dtype=wire, grouped=self.bucket_mode == "grouped",
         )
         self._bucketer.sync = self._grad_sync_enabled
 
