@@ -327,15 +327,15 @@ case $MODE in
     done
     $PY benchmarks/pipeline_fair_summary.py "$WORK"/fair_*.json | tee -a "$LOG"
     ;;
-  dp_grouped)  # 4 GPUs (or 2): dp's grouped in-place all-reduce against its flat buckets: parity, then throughput in
-    # alternating order beside Lightning ddp, and dp at one GPU: ~5 min
+  dp_grouped)  # 4 GPUs (or 2): dp's grouped in-place all-reduce (its default) against its flat buckets: parity, then
+    # throughput in alternating order beside Lightning ddp, and dp at one GPU: ~5 min
     n=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$CPU" = 1 ] && n=2; [ "$n" -ge 4 ] && n=4
     [ "$CPU" = 1 ] || run_case sync_check 60 0 $MG sync_check
     run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR
     run_case parity_dp_grouped 90 "$n" $MG parity --reference "$REF" --out "$WORK/parity_dp_grouped.json" $ACC \
-      --only dp,dp_grouped
+      --only dp,dp_flat
     run_case dp_grouped_speed 240 "$n" $MG throughput --out "$WORK/dp_grouped_speed.json" $ACC $THR \
-      --variants dp,dp_grouped,lightning_ddp,dp_grouped,dp
+      --variants dp_flat,dp,lightning_ddp,dp,dp_flat
     run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
     ;;
   pipeline_ab)  # 2 GPUs: pipeline parity (fp32, bf16), then our 1F1B at this checkout and at BASE (another checkout of

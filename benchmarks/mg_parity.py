@@ -125,7 +125,7 @@ def parity_strategies(nvme_dir: str, world: int, cfg: dict) -> dict[str, Callabl
     return {
         "ddp": lambda: "ddp",
         "dp": lambda: "dp",
-        "dp_grouped": lambda: DataParallelStrategy(bucket_mode="grouped"),
+        "dp_flat": lambda: DataParallelStrategy(bucket_mode="flat"),
         "zero1": lambda: "zero1",
         "zero2": lambda: "zero2",
         "zero3": lambda: "zero3",

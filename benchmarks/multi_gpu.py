@@ -121,8 +121,9 @@ def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple
         "dp": (lambda: "dp", bench_dp.BenchModule, gpt),
         # Larger buckets: fewer, longer all-reduces (DDP's default is 25 MB, as ours).
         "dp_bf16_reduce": (lambda: DataParallelStrategy(reduce_dtype="compute"), bench_dp.BenchModule, gpt),
-        # Gradients all-reduced in place, one coalesced group per bucket (no copy into flat buffers).
+        # dp's default is "grouped" (gradients all-reduced in place); "flat" copies them into flat buckets.
         "dp_grouped": (lambda: DataParallelStrategy(bucket_mode="grouped"), bench_dp.BenchModule, gpt),
+        "dp_flat": (lambda: DataParallelStrategy(bucket_mode="flat"), bench_dp.BenchModule, gpt),
         "dp_bucket100": (lambda: DataParallelStrategy(bucket_size_mb=100), bench_dp.BenchModule, gpt),
         "dp_bucket250": (lambda: DataParallelStrategy(bucket_size_mb=250), bench_dp.BenchModule, gpt),
         "zero1": (lambda: "zero1", bench_dp.BenchModule, gpt),

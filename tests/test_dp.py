@@ -36,7 +36,7 @@ CONFIGS = {
     "manual_two_optimizers": Run(module_kwargs={"manual": True, "two_optimizers": True}),
     "unfreeze_during_fit": Run(module_kwargs={"unfreeze_at": 4}),
     "two_epochs": Run(steps=5, epochs=2),
-    "grouped_accumulate_clip_norm": Run(accumulate=2, clip_val=0.05),
+    "flat_accumulate_clip_norm": Run(accumulate=2, clip_val=0.05),
 }
 # Half precision: the same oracle with a tolerance for bf16 rounding (8 mantissa bits; the reduction order of the
 # all-reduce differs from one process's sum).
@@ -47,7 +47,7 @@ HALF = {
 }
 STRATEGIES = {
     "bf16_mixed_reduce_in_bf16": lambda: DataParallelStrategy(reduce_dtype="compute"),
-    "grouped_accumulate_clip_norm": lambda: DataParallelStrategy(bucket_mode="grouped"),
+    "flat_accumulate_clip_norm": lambda: DataParallelStrategy(bucket_mode="flat"),
 }
 HALF_TOL = 2e-2
 
@@ -121,10 +121,11 @@ def test_strategy_is_constructible_without_arguments_and_registered():
     assert strategy.bucket_size_mb > 0 and strategy.reduce_dtype == "fp32"
     with pytest.raises(ValueError, match="reduce_dtype must be 'fp32' or 'compute'"):
         DataParallelStrategy(reduce_dtype="bf16")
-    with pytest.raises(ValueError, match="bucket_mode must be 'flat' or 'grouped'"):
+    with pytest.raises(ValueError, match="bucket_mode must be 'auto', 'flat' or 'grouped'"):
         DataParallelStrategy(bucket_mode="inplace")
     with pytest.raises(ValueError, match="cannot be combined with reduce_dtype='compute'"):
         DataParallelStrategy(bucket_mode="grouped", reduce_dtype="compute")
+    assert strategy.bucket_mode == "grouped" and DataParallelStrategy(reduce_dtype="compute").bucket_mode == "flat"
     assert {"dp", "dp_spawn", "dp_fork"} <= set(StrategyRegistry)
     # Import twice: registration is idempotent.
     import importlib

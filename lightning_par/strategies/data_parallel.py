@@ -23,10 +23,10 @@ from lightning_par.topology import Topology
 class DataParallelStrategy(LightningParStrategy):
     """Data parallel training on the lightning_par communication core (``strategy="dp"``).
 
-    Unlike Lightning's DDP strategy it does not wrap the model in ``DistributedDataParallel``: gradients become
-    views into flat buckets whose all-reduce starts as soon as backward has filled them
-    (:class:`~lightning_par.comm.buckets.GradientBucketer`). On one rank nothing is communicated and nothing is
-    copied.
+    Unlike Lightning's DDP strategy it does not wrap the model in ``DistributedDataParallel``: gradients are
+    grouped in buckets whose all-reduce starts as soon as backward has filled them
+    (:class:`~lightning_par.comm.buckets.GradientBucketer`), in place by default. On one rank nothing is
+    communicated and nothing is copied.
 
     Args:
         bucket_size_mb: target size of one gradient bucket; larger buckets mean fewer, longer all-reduces.
@@ -34,9 +34,11 @@ class DataParallelStrategy(LightningParStrategy):
             copy in the compute dtype (bf16 under ``bf16-mixed``): half the bytes on the wire, as DDP's bf16
             compression hook and FSDP's ``reduce_dtype`` do, at the cost of rounding the average. The gradients the
             optimizer reads stay fp32.
-        bucket_mode: ``"flat"`` (default) copies each fresh gradient into its bucket's flat buffer and all-reduces
-            the buffer; ``"grouped"`` all-reduces the gradients where autograd left them, one coalesced group per
-            bucket: no copy and no second copy of the gradients in memory. Only with ``reduce_dtype="fp32"``.
+        bucket_mode: ``"grouped"`` all-reduces the gradients where autograd left them, one coalesced group per
+            bucket: no copy and no second copy of the gradients in memory (2% faster than ``"flat"`` for a 1.3 B GPT
+            on 2 and 4 H100s, docs/benchmarks.md). ``"flat"`` copies each fresh gradient into its bucket's flat
+            buffer and all-reduces the buffer (needed to reduce in another dtype). ``"auto"`` (default):
+            ``"grouped"``, or ``"flat"`` with ``reduce_dtype="compute"``.
         process_group_backend: ``"nccl"`` / ``"gloo"``; by default the one that suits the device.
         timeout: how long a collective may wait before the process group gives up.
         start_method: ``"popen"`` re-runs the script per rank (default, works everywhere), ``"spawn"`` / ``"fork"``
@@ -47,7 +49,7 @@ class DataParallelStrategy(LightningParStrategy):
         self,
         bucket_size_mb: float = 25.0,
         reduce_dtype: Literal["fp32", "compute"] = "fp32",
-        bucket_mode: Literal["flat", "grouped"] = "flat",
+        bucket_mode: Literal["auto", "flat", "grouped"] = "auto",
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -73,11 +75,14 @@ class DataParallelStrategy(LightningParStrategy):
         if reduce_dtype not in ("fp32", "compute"):
             raise ValueError(f"reduce_dtype must be 'fp32' or 'compute'; got {reduce_dtype!r}.")
         self.reduce_dtype = reduce_dtype
-        if bucket_mode not in ("flat", "grouped"):
-            raise ValueError(f"bucket_mode must be 'flat' or 'grouped'; got {bucket_mode!r}.")
+        if bucket_mode not in ("auto", "flat", "grouped"):
+            raise ValueError(f"bucket_mode must be 'auto', 'flat' or 'grouped'; got {bucket_mode!r}.")
         if bucket_mode == "grouped" and reduce_dtype != "fp32":
             raise ValueError("bucket_mode='grouped' reduces the gradients in place, in their own dtype; it cannot be "
-                             "combined with reduce_dtype='compute'. Use bucket_mode='flat' for a bf16 reduction.")
+                             "combined with reduce_dtype='compute'. Use bucket_mode='flat' (or 'auto') for a bf16 "
+                             "reduction.")
+        if bucket_mode == "auto":
+            bucket_mode = "flat" if reduce_dtype == "compute" else "grouped"
         self.bucket_mode = bucket_mode
         self._bucketer: Optional[GradientBucketer] = None
 
