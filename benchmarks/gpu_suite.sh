@@ -189,6 +189,18 @@ case $MODE in
     run_case offload_2gpu 480 2 $MG throughput --out "$WORK/offload_2gpu.json" $ACC $THR \
       --variants zero3,zero3_offload,lightning_fsdp2
     ;;
+  offload_2gpu)  # 2 GPUs: ZeRO-3 with every chunk on the host, and with part of its optimizer state spilled to NVMe,
+    # beside FSDP2 + CPUOffloadPolicy (1.3 B; the plan of zero3_offload keeps everything on the GPU at this size)
+    run_case offload_host_2gpu 480 2 $MG throughput --out "$WORK/offload_host_2gpu.json" $ACC $THR \
+      --variants zero3,zero3_host,zero3_nvme_spill,lightning_fsdp2_offload
+    ;;
+  zero7b_tp1d_profile)  # 4 GPUs: ZeRO at ~6.7 B beside both peers again (last run at 1728d87), then tp1d under the
+    # profiler at 1.3 B (where its last ~2% to 0.75x zero2 goes): ~8 min
+    run_case zero7b_ours 300 4 $MG throughput --out "$WORK/zero7b_ours.json" $ACC $THR7 --variants zero2,zero3
+    run_case zero7b_peers 200 4 $MG throughput --out "$WORK/zero7b_peers.json" $ACC $THR7 \
+      --variants lightning_fsdp,lightning_fsdp2
+    run_case profile_tp1d 150 4 benchmarks/profile_variant.py --variant tp1d --out "$OUT/profile_tp1d" $ACC $THR
+    ;;
   pipeline)
     run_case pipeline_peer_4gpu 500 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_4gpu.json" $ACC $THR
     ;;

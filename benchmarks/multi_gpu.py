@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -80,6 +81,36 @@ class FSDP2Module(bench_dp.BenchModule):
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(self.model, mesh=mesh, mp_policy=policy)
         self._sharded = True
+
+
+class FSDP2OffloadModule(bench_dp.BenchModule):
+    """FSDP2 with ``CPUOffloadPolicy``: parameters, gradients and optimizer state on the host, the step there too
+    (the peer of ``zero3_host``, as in ``benchmarks/bench_offload.py`` on one GPU)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        if getattr(self, "_sharded", False):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        offload = CPUOffloadPolicy(pin_memory=True)
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload)
+        fully_shard(self.model, mesh=mesh, mp_policy=policy, offload_policy=offload)
+        self._sharded = True
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # The parameters live on the host: torch's fused CPU AdamW (the fused CUDA kernel cannot step them).
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, fused=True)
+
+
+def host_spill_limit(args: argparse.Namespace, world: int) -> int:
+    """Host bytes per rank that hold ~60% of what zero3_host keeps there (fp32 master, gradient, Adam's two
+    moments: 16 bytes a parameter, sharded over ``world``), so ~40% of the optimizer state spills to NVMe."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in GPT(bench_dp.config(args)).parameters())
+    return int(0.6 * 16 * n_params / world)
 
 
 class PipelineBench(bench_dp.BenchModule):
@@ -138,6 +169,14 @@ def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple
         **{f"zero2_bf16_chunk{mi}m": (lambda mi=mi: ZeroStrategy(stage=2, reduce_dtype="compute", chunk_size=mi * 2**20),
                                       bench_dp.BenchModule, gpt) for mi in (64, 128)},
         "zero3_offload": (lambda: "zero3_offload", bench_dp.BenchModule, gpt),
+        # Every chunk on the host (ZeRO-Offload's placement at stage 3), and the same with part of the optimizer
+        # state spilled to NVMe (ZeRO-Infinity); their peer is FSDP2 with CPUOffloadPolicy.
+        "zero3_host": (lambda: ZeroStrategy(stage=3, offload=1.0), bench_dp.BenchModule, gpt),
+        "zero3_nvme_spill": (lambda: ZeroStrategy(stage=3, offload=1.0, nvme_dir=tempfile.gettempdir(),
+                                                  host_memory_limit=host_spill_limit(args, world)),
+                             bench_dp.BenchModule, gpt),
+        "lightning_fsdp2_offload": (lambda: ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+                                    FSDP2OffloadModule, gpt),
         "tp1d": (lambda: TensorParallel1DStrategy(), bench_dp.BenchModule, gpt),
         "tp1d_sp": (lambda: TensorParallel1DStrategy(sequence_parallel=True), bench_dp.BenchModule, gpt),
         "tp1d_nosp": (lambda: TensorParallel1DStrategy(sequence_parallel=False), bench_dp.BenchModule, gpt),
