@@ -105,6 +105,19 @@ class FSDP2OffloadModule(bench_dp.BenchModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, fused=True)
 
 
+def fsdp2_offload_strategy(world: int) -> Any:
+    """ModelParallelStrategy that leaves FSDP2's host shards on the host: Lightning's ``model_to_device`` after
+    ``configure_model`` would move every parameter to the GPU, which CPU offload forbids (buffers, built on the
+    GPU with the model, stay there)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class KeepShardsOnHost(ModelParallelStrategy):
+        def model_to_device(self) -> None:
+            pass
+
+    return KeepShardsOnHost(data_parallel_size=world, tensor_parallel_size=1)
+
+
 def host_spill_limit(args: argparse.Namespace, world: int) -> int:
     """Host bytes per rank that hold ~60% of what zero3_host keeps there (fp32 master, gradient, Adam's two
     moments: 16 bytes a parameter, sharded over ``world``), so ~40% of the optimizer state spills to NVMe."""
@@ -175,8 +188,7 @@ def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple
         "zero3_nvme_spill": (lambda: ZeroStrategy(stage=3, offload=1.0, nvme_dir=tempfile.gettempdir(),
                                                   host_memory_limit=host_spill_limit(args, world)),
                              bench_dp.BenchModule, gpt),
-        "lightning_fsdp2_offload": (lambda: ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
-                                    FSDP2OffloadModule, gpt),
+        "lightning_fsdp2_offload": (lambda: fsdp2_offload_strategy(world), FSDP2OffloadModule, gpt),
         "tp1d": (lambda: TensorParallel1DStrategy(), bench_dp.BenchModule, gpt),
         "tp1d_sp": (lambda: TensorParallel1DStrategy(sequence_parallel=True), bench_dp.BenchModule, gpt),
         "tp1d_nosp": (lambda: TensorParallel1DStrategy(sequence_parallel=False), bench_dp.BenchModule, gpt),
