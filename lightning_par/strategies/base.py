@@ -243,6 +243,24 @@ class LightningParStrategy(ParallelStrategy):
     def setup_module(self, trainer: "pl.Trainer") -> None:
         """Shard or wrap ``self.model`` after it is on its device and before optimizers are built."""
 
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        """Lightning's ``Strategy.backward`` with ``post_backward`` moved before ``on_after_backward``.
+
+        [Note: gradients are final in on_after_backward] Our strategies finish their gradient communication in
+        ``post_backward`` (buckets still on the wire, deferred weight gradients, tied-weight sums); Lightning's
+        order runs the precision plugin's ``post_backward``, which calls the ``on_after_backward`` hooks, first. A
+        hook reading ``.grad`` there (NaN checks, gradient norms) would then see partial gradients, where under
+        Lightning's ``ddp`` (whose reducer finishes inside backward) it sees the averaged ones.
+        """
+        self.pre_backward(closure_loss)
+        module = self.lightning_module
+        assert module is not None
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+        self.post_backward(closure_loss)
+        return self.precision_plugin.post_backward(closure_loss, module)
+
     @torch.no_grad()
     def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> None:
         """Clip ``optimizer``'s gradients by their norm over the whole model.

@@ -428,9 +428,9 @@ class PipelineStrategy(DataParallelStrategy):
         self._set_aside = {}
         module = self.lightning_module
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        # Before on_after_backward: see [Note: gradients are final in on_after_backward] in base.py.
         self.post_backward(closure_loss)
-        return closure_loss
+        return self.precision_plugin.post_backward(closure_loss, module)
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
