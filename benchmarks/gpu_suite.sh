@@ -21,6 +21,9 @@
 #   BASE=DIR OUT=$OUT benchmarks/gpu_suite.sh pipeline_ab # ~5 min on 2 GPUs: pipeline parity; 1F1B here vs at BASE vs torch
 #   OUT=$OUT benchmarks/gpu_suite.sh tp1d_4gpu     # ~2 min: tp1d / zero2 / DTensor TP at 4 GPUs, batch 4 then 8 per GPU
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_equal # ~1-2 min: the same with a 2048-token vocabulary (stages of equal time)
+#   OUT=$OUT benchmarks/gpu_suite.sh dp_grouped    # ~3 min on 4 GPUs: dp (grouped) vs flat buckets vs ddp, parity first
+#   OUT=$OUT benchmarks/gpu_suite.sh zero7b_tp1d_profile # ~8 min on 4 GPUs: ZeRO at 6.7 B beside fsdp/FSDP2; tp1d profiled
+#   OUT=$OUT benchmarks/gpu_suite.sh offload_2gpu  # 2 GPUs: zero3 on the host, with NVMe spill, FSDP2 + CPUOffloadPolicy
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
 #
 # Every case runs under `timeout`; afterwards every process it left behind (torchrun starts workers in new sessions,
@@ -28,7 +31,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|dp_grouped|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -121,9 +124,11 @@ case $MODE in
       --only dp,zero1,zero2,zero3
     run_case parity_4gpu_offload 75 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_offload.json" $ACC $NVME \
       --only zero2_offload,zero3_offload,zero3_half_host,zero3_nvme
-    run_case parity_4gpu_tp 60 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_tp.json" $ACC --only tp1d,tp1d_sp
+    run_case parity_4gpu_tp 60 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_tp.json" $ACC \
+      --only tp1d,tp1d_sp,tp1d_2way
     run_case parity_4gpu_pipeline 90 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_pipeline.json" $ACC \
-      --only pipeline_1f1b,pipeline_gpipe,pipeline_interleaved,pipeline_zero_bubble,pipeline_chimera,pipeline_1f1b_deferred
+      --only pipeline_1f1b,pipeline_gpipe,pipeline_interleaved,pipeline_zero_bubble,pipeline_chimera,pipeline_1f1b_deferred,\
+pipeline_1f1b_2stages
     ;;
   parity_bf16)
     run_case reference 60 0 $MG reference --out "$REF" $ACC $PAR

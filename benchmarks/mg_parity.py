@@ -139,6 +139,10 @@ def parity_strategies(nvme_dir: str, world: int, cfg: dict) -> dict[str, Callabl
         **{f"pipeline_{s}": (lambda s=s: PipelineStrategy(schedule=s, microbatches=m))
            for s in ("1f1b", "gpipe", "interleaved", "zero_bubble", "chimera")},
         "pipeline_1f1b_deferred": lambda: PipelineStrategy(schedule="1f1b", microbatches=m, defer_weight_grads=True),
+        # Composed with a data axis at 4 GPUs (2 x 2; at 2 GPUs the same as above): dp's gradient buckets on a
+        # subgroup, beside the pipeline's transfers or tp1d's collectives.
+        "pipeline_1f1b_2stages": lambda: PipelineStrategy(schedule="1f1b", stages=2, microbatches=m),
+        "tp1d_2way": lambda: TensorParallel1DStrategy(tensor_size=2),
     }
 
 
