@@ -197,6 +197,20 @@ def _grouped_checks(rank: int, world_size: int, net: Net, reference: Net, xs: li
     bucketer.remove()
     done.append("grouped_unused_on_some_ranks")
 
+    # A sparse gradient (nn.Embedding(sparse=True)) is averaged dense, flat or grouped.
+    for grouped in (False, True):
+        torch.manual_seed(0)
+        embedding = nn.Embedding(10, 4, sparse=True)
+        bucketer = GradientBucketer(embedding.named_parameters(), dist.group.WORLD, grouped=grouped)
+        embedding(torch.tensor([rank, 3])).sum().backward()
+        bucketer.finish()
+        expected = torch.zeros(10, 4)
+        expected[[0, 1]] = 1 / world_size
+        expected[3] = 1.0
+        torch.testing.assert_close(embedding.weight.grad, expected)
+        bucketer.remove()
+    done.append("sparse_gradients_averaged_dense")
+
     try:
         GradientBucketer(net.named_parameters(), dist.group.WORLD, grouped=True, reduce_dtype=torch.bfloat16)
     except ValueError as error:
@@ -210,7 +224,8 @@ def test_bucketer_on_two_ranks():
     for done in results:
         assert done == ["broadcast", "accumulation_and_overlap", "averaged_gradients", "unused_on_some_ranks", "views",
                         "reentrant_refused", "bf16_wire", "grouped_averaged_in_place",
-                        "grouped_unused_on_some_ranks", "grouped_refuses_reduce_dtype"]
+                        "grouped_unused_on_some_ranks", "sparse_gradients_averaged_dense",
+                        "grouped_refuses_reduce_dtype"]
 
 
 # Tensor methods that read a device value on the host (a synchronisation on CUDA), or write a Python value into a

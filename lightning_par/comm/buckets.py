@@ -153,6 +153,8 @@ class GradientBucketer:
         grad = p.grad
         if grad is None:
             return False
+        if grad.is_sparse:  # nn.Embedding(sparse=True): averaged dense, as a bucket holds it (the optimizer sees it so)
+            grad = p.grad = grad.to_dense()
         if bucket.views is None:  # grouped: the gradient stays where autograd left it
             if not grad.is_contiguous():  # collectives need dense memory (rare: autograd matches the param's layout)
                 p.grad = grad.contiguous()
