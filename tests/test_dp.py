@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 import lightning_par  # noqa: F401  (registers the strategy names)
 from helpers import free_port, run_on_ranks
 from lightning_par import DataParallelStrategy
+from lightning_par.strategies.data_parallel import grouped_buckets
 from parity import RecordingGPT, Run, fit, global_losses, relative_gap
 
 TOL = 1e-5
@@ -125,7 +126,12 @@ def test_strategy_is_constructible_without_arguments_and_registered():
         DataParallelStrategy(bucket_mode="inplace")
     with pytest.raises(ValueError, match="cannot be combined with reduce_dtype='compute'"):
         DataParallelStrategy(bucket_mode="grouped", reduce_dtype="compute")
-    assert strategy.bucket_mode == "grouped" and DataParallelStrategy(reduce_dtype="compute").bucket_mode == "flat"
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert strategy.bucket_mode == "auto"
+    assert grouped_buckets("auto", "fp32", "nccl", gpu) and grouped_buckets("auto", "fp32", "gloo", cpu)
+    assert not grouped_buckets("auto", "compute", "nccl", gpu)  # a bf16 copy on the wire: flat
+    assert not grouped_buckets("auto", "fp32", "gloo", gpu)  # gloo coalesces CPU tensors only
+    assert grouped_buckets("grouped", "fp32", "gloo", cpu) and not grouped_buckets("flat", "fp32", "nccl", gpu)
     assert {"dp", "dp_spawn", "dp_fork"} <= set(StrategyRegistry)
     # Import twice: registration is idempotent.
     import importlib

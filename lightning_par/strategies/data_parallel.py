@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
@@ -18,6 +19,14 @@ import lightning.pytorch as pl
 from lightning_par.comm.buckets import GradientBucketer, broadcast_module
 from lightning_par.strategies.base import COMPUTE_DTYPES, LightningParStrategy, StartMethod
 from lightning_par.topology import Topology
+
+
+def grouped_buckets(bucket_mode: str, reduce_dtype: str, backend: str, device: torch.device) -> bool:
+    """Whether ``bucket_mode`` means grouped (in-place) buckets here; ``"auto"`` picks grouped unless the gradients
+    are reduced in another dtype (a copy anyway) or gloo would have to coalesce GPU tensors (CPU only)."""
+    if bucket_mode != "auto":
+        return bucket_mode == "grouped"
+    return reduce_dtype == "fp32" and not (backend == "gloo" and device.type != "cpu")
 
 
 class DataParallelStrategy(LightningParStrategy):
@@ -38,7 +47,8 @@ class DataParallelStrategy(LightningParStrategy):
             bucket: no copy and no second copy of the gradients in memory (2% faster than ``"flat"`` for a 1.3 B GPT
             on 2 and 4 H100s, docs/benchmarks.md). ``"flat"`` copies each fresh gradient into its bucket's flat
             buffer and all-reduces the buffer (needed to reduce in another dtype). ``"auto"`` (default):
-            ``"grouped"``, or ``"flat"`` with ``reduce_dtype="compute"``.
+            ``"grouped"``, or ``"flat"`` with ``reduce_dtype="compute"`` or with gloo on GPUs (gloo coalesces CPU
+            tensors only).
         process_group_backend: ``"nccl"`` / ``"gloo"``; by default the one that suits the device.
         timeout: how long a collective may wait before the process group gives up.
         start_method: ``"popen"`` re-runs the script per rank (default, works everywhere), ``"spawn"`` / ``"fork"``
@@ -81,8 +91,6 @@ class DataParallelStrategy(LightningParStrategy):
             raise ValueError("bucket_mode='grouped' reduces the gradients in place, in their own dtype; it cannot be "
                              "combined with reduce_dtype='compute'. Use bucket_mode='flat' (or 'auto') for a bf16 "
                              "reduction.")
-        if bucket_mode == "auto":
-            bucket_mode = "flat" if reduce_dtype == "compute" else "grouped"
         self.bucket_mode = bucket_mode
         self._bucketer: Optional[GradientBucketer] = None
 
@@ -105,7 +113,8 @@ class DataParallelStrategy(LightningParStrategy):
         wire = COMPUTE_DTYPES[self.precision_plugin.precision] if self.reduce_dtype == "compute" else None
         self._bucketer = GradientBucketer(
             self.model.named_parameters(), self.group("data"), bucket_bytes=int(self.bucket_size_mb * 2**20),
-            reduce_dtype=wire, grouped=self.bucket_mode == "grouped",
+            reduce_dtype=wire, grouped=grouped_buckets(self.bucket_mode, self.reduce_dtype,
+                                                       dist.get_backend(self.group("data")), self.root_device),
         )
         self._bucketer.sync = self._grad_sync_enabled
 
