@@ -288,8 +288,11 @@ def run_variant(args: argparse.Namespace, name: str, world: int, device: torch.d
     seconds = timer.t1 - timer.t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     tokens = args.steps * args.batch * world * args.seq  # the global batch is batch x world in every variant
+    # Where ZeRO put its chunks (GPU, host, NVMe): an offload figure means little without it.
+    engine = getattr(trainer.strategy, "_engine", None)
+    placement = engine.plan.describe(str(device)) if engine is not None else None
     return {"tokens_per_s": tokens / seconds, "step_s": seconds / args.steps, "peak_gib": peak,
-            "host_syncs": timer.host_syncs, "sync_sites": timer.sync_sites}
+            "host_syncs": timer.host_syncs, "sync_sites": timer.sync_sites, "placement": placement}
 
 
 def apply_model_preset(args: argparse.Namespace) -> None:
@@ -352,6 +355,8 @@ def cmd_throughput(args: argparse.Namespace) -> None:
             print(f"  {name:<22} {row['status']:<5} {tps:>10,.0f} tok/s  per GPU {tps / world:>9,.0f}  "
                   f"peak {row.get('peak_gib') or 0:6.1f} GiB  host_syncs {'-' if syncs is None else syncs:>4}  "
                   f"({row['seconds']:.0f} s) {row.get('error', '')}", flush=True)
+            if row.get("placement"):
+                print(f"    placement (rank 0): {row['placement']}", flush=True)
             for site in row.get("sync_sites") or []:  # rank 0's; the count above is the largest of any rank
                 print("    host sync at:\n" + "\n".join("      " + line for line in site.splitlines()), flush=True)
         if rank == 0 and args.out:  # after every variant: a later hang (an OOM on one rank only) keeps these rows
