@@ -1,7 +1,10 @@
-"""Gradient buckets: flat buffers whose all-reduce starts while backward is still running.
+"""Gradient buckets: groups of gradients whose all-reduce starts while backward is still running.
+
+A bucket is either flat (a buffer holding its gradients, below) or grouped (the gradients all-reduced in place, see
+[Note: grouped all-reduce]).
 
 [Note: gradients as bucket views]
-Each parameter's ``.grad`` is made a view into its bucket's flat buffer, so the all-reduce needs no copy in and
+With flat buckets each parameter's ``.grad`` is made a view into its bucket's flat buffer, so the all-reduce needs no copy in and
 no copy out, and autograd accumulates (gradient accumulation) straight into the buffer. ``zero_grad(set_to_none=
 True)`` — Lightning's default — drops the view; the next backward then hands us a fresh tensor, which the hook
 copies into the buffer and replaces by the view again (one copy per parameter per step, only in that case).
@@ -146,7 +149,8 @@ class GradientBucketer:
         self.buckets.append(bucket)
 
     def _bind_grad(self, bucket: _Bucket, i: int) -> bool:
-        """Make ``param.grad`` the bucket view (see [Note: gradients as bucket views]); False if it has none.
+        """Make ``param.grad`` the bucket view (see [Note: gradients as bucket views]), or, grouped, leave it in
+        place (dense and contiguous); False if it has none.
 
         Host-side only: no device flag is written here (see [Note: no host synchronisation])."""
         p = bucket.params[i]
