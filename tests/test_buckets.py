@@ -41,6 +41,25 @@ def _count_all_reduce(counter: list[int]):
     return original
 
 
+def _assert_averaged(net: Net, reference: Net, xs: list, world_size: int) -> None:
+    """``net``'s gradients are the average over the ranks of backward on all of ``xs``: compare with ``reference``
+    run on them in one process (layer ``unused_everywhere`` keeps no gradient in either)."""
+    for x in xs:
+        (reference(x).sum() / world_size).backward()
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        if name.startswith("unused_everywhere"):
+            assert p.grad is None and q.grad is None
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+def _assert_b_used_on_rank1_only(net: Net, reference: Net, xs: list, world_size: int) -> None:
+    """After a step where only rank 1 used layer b: b gets the mean of rank 1's gradient and the others' zero."""
+    reference(xs[1]).sum().backward()
+    torch.testing.assert_close(net.b.weight.grad, reference.b.weight.grad / world_size, rtol=1e-6, atol=1e-7)
+    assert net.unused_everywhere.weight.grad is None
+
+
 def _checks(rank: int, world_size: int) -> list[str]:
     done = []
     torch.manual_seed(rank)  # different weights per rank on purpose: broadcast_module must fix that
@@ -80,13 +99,7 @@ def _checks(rank: int, world_size: int) -> list[str]:
     finally:
         dist.all_reduce = original
 
-    for x in xs:
-        (reference(x).sum() / world_size).backward()
-    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
-        if name.startswith("unused_everywhere"):
-            assert p.grad is None and q.grad is None
-        else:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    _assert_averaged(net, reference, xs, world_size)
     done.append("averaged_gradients")
 
     # Unused on one rank only: layer b gets the mean of rank 1's gradient and rank 0's zero.
@@ -94,9 +107,7 @@ def _checks(rank: int, world_size: int) -> list[str]:
     reference.zero_grad(set_to_none=True)
     net(xs[rank], use_b=(rank == 1)).sum().backward()
     bucketer.finish()
-    reference(xs[1]).sum().backward()
-    torch.testing.assert_close(net.b.weight.grad, reference.b.weight.grad / world_size, rtol=1e-6, atol=1e-7)
-    assert net.unused_everywhere.weight.grad is None
+    _assert_b_used_on_rank1_only(net, reference, xs, world_size)
     done.append("unused_on_some_ranks")
 
     # Gradients are views into the bucket buffers after a sync: no copy for the next accumulation.
@@ -173,13 +184,7 @@ def _grouped_checks(rank: int, world_size: int, net: Net, reference: Net, xs: li
     assert launched_during_backward == sum(len(b.params) + 1 for b in bucketer.buckets[:first_blocked])
     assert len(calls) == sum(len(b.params) + 1 for b in bucketer.buckets)
     assert all(p.grad.data_ptr() == ptr for p, ptr in grads_before.items()), "reduced in place, not copied"
-    for x in xs:
-        (reference(x).sum() / world_size).backward()
-    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
-        if name.startswith("unused_everywhere"):
-            assert p.grad is None and q.grad is None
-        else:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    _assert_averaged(net, reference, xs, world_size)
     done.append("grouped_averaged_in_place")
 
     # Unused on one rank only, with no read-back or element write on the rank that used everything.
@@ -191,9 +196,7 @@ def _grouped_checks(rank: int, world_size: int, net: Net, reference: Net, xs: li
         bucketer.finish()
     reads = sum(counts[name] for name in _READS)
     assert reads == 1 and counts["__setitem__"] == 0, counts  # both ranks read: unused_everywhere is unused here
-    reference(xs[1]).sum().backward()
-    torch.testing.assert_close(net.b.weight.grad, reference.b.weight.grad / world_size, rtol=1e-6, atol=1e-7)
-    assert net.unused_everywhere.weight.grad is None
+    _assert_b_used_on_rank1_only(net, reference, xs, world_size)
     bucketer.remove()
     done.append("grouped_unused_on_some_ranks")
 
