@@ -70,22 +70,7 @@ def local_device(accelerator: str) -> torch.device:
 class FSDP2Module(bench_dp.BenchModule):
     """Lightning's ModelParallelStrategy wants the module to shard itself: fully_shard per block, then the root."""
 
-    def configure_model(self) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if getattr(self, "_sharded", False):
-            return
-        mesh = self.device_mesh["data_parallel"]
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in self.model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(self.model, mesh=mesh, mp_policy=policy)
-        self._sharded = True
-
-
-class FSDP2OffloadModule(bench_dp.BenchModule):
-    """FSDP2 with ``CPUOffloadPolicy``: parameters, gradients and optimizer state on the host, the step there too
-    (the peer of ``zero3_host``, as in ``benchmarks/bench_offload.py`` on one GPU)."""
+    cpu_offload = False  # FSDP2's CPUOffloadPolicy: parameters, gradients and optimizer state on the host
 
     def configure_model(self) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -94,11 +79,18 @@ class FSDP2OffloadModule(bench_dp.BenchModule):
             return
         mesh = self.device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        offload = CPUOffloadPolicy(pin_memory=True)
+        offload = {"offload_policy": CPUOffloadPolicy(pin_memory=True)} if self.cpu_offload else {}
         for block in self.model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload)
-        fully_shard(self.model, mesh=mesh, mp_policy=policy, offload_policy=offload)
+            fully_shard(block, mesh=mesh, mp_policy=policy, **offload)
+        fully_shard(self.model, mesh=mesh, mp_policy=policy, **offload)
         self._sharded = True
+
+
+class FSDP2OffloadModule(FSDP2Module):
+    """FSDP2 with ``CPUOffloadPolicy``, the step on the host too (the peer of ``zero3_host``, as in
+    ``benchmarks/bench_offload.py`` on one GPU)."""
+
+    cpu_offload = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # The parameters live on the host: torch's fused CPU AdamW (the fused CUDA kernel cannot step them).
@@ -289,8 +281,8 @@ def run_variant(args: argparse.Namespace, name: str, world: int, device: torch.d
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     tokens = args.steps * args.batch * world * args.seq  # the global batch is batch x world in every variant
     # Where ZeRO put its chunks (GPU, host, NVMe): an offload figure means little without it.
-    engine = getattr(trainer.strategy, "_engine", None)
-    placement = engine.plan.describe(str(device)) if engine is not None else None
+    zero = trainer.strategy if isinstance(trainer.strategy, ZeroStrategy) else None
+    placement = zero.engine.plan.describe(str(device)) if zero is not None else None
     return {"tokens_per_s": tokens / seconds, "step_s": seconds / args.steps, "peak_gib": peak,
             "host_syncs": timer.host_syncs, "sync_sites": timer.sync_sites, "placement": placement}
 
