@@ -23,6 +23,7 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh pipeline_equal # ~1-2 min: the same with a 2048-token vocabulary (stages of equal time)
 #   OUT=$OUT benchmarks/gpu_suite.sh dp_grouped    # ~3 min on 4 GPUs: dp (grouped) vs flat buckets vs ddp, parity first
 #   OUT=$OUT benchmarks/gpu_suite.sh zero7b_tp1d_profile # ~8 min on 4 GPUs: ZeRO at 6.7 B beside fsdp/FSDP2; tp1d profiled
+#   OUT=$OUT benchmarks/gpu_suite.sh zero_vs_fsdp  # ~5 min on 4 GPUs: ZeRO beside fsdp/FSDP2 at 6.7 B (peers first), 1.3 B
 #   OUT=$OUT benchmarks/gpu_suite.sh offload_2gpu  # 2 GPUs: zero3 on the host, with NVMe spill, FSDP2 + CPUOffloadPolicy
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
 #
@@ -31,7 +32,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|dp_grouped|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -205,6 +206,15 @@ pipeline_1f1b_2stages
     run_case zero7b_peers 200 4 $MG throughput --out "$WORK/zero7b_peers.json" $ACC $THR7 \
       --variants lightning_fsdp,lightning_fsdp2
     run_case profile_tp1d 150 4 benchmarks/profile_variant.py --variant tp1d --out "$OUT/profile_tp1d" $ACC $THR
+    ;;
+  zero_vs_fsdp)  # 4 GPUs: zero2/zero3 (fp32 and bf16 gradient reduction) beside Lightning fsdp and FSDP2 at ~6.7 B
+    # (peers first this time, the reverse of zero7b_tp1d_profile's order) and at 1.3 B: ~5 min
+    run_case zero7b_peers 200 4 $MG throughput --out "$WORK/zero7b_peers.json" $ACC $THR7 \
+      --variants lightning_fsdp2,lightning_fsdp
+    run_case zero7b_ours 300 4 $MG throughput --out "$WORK/zero7b_ours.json" $ACC $THR7 \
+      --variants zero3,zero2,zero3_bf16_reduce,zero2_bf16_reduce
+    run_case zero1b3_all 240 4 $MG throughput --out "$WORK/zero1b3_all.json" $ACC $THR \
+      --variants lightning_fsdp,zero2,zero3,lightning_fsdp2,zero3_bf16_reduce
     ;;
   pipeline)
     run_case pipeline_peer_4gpu 500 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_4gpu.json" $ACC $THR
