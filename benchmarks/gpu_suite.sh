@@ -32,7 +32,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -402,6 +402,15 @@ pipeline_1f1b_2stages
     NCCL_MIN_CTAS=32 run_case ctas_min32 120 2 $MG throughput --out "$WORK/ctas_min32.json" $ACC $THR --variants tp1d
     NCCL_MIN_CTAS=32 NCCL_MAX_CTAS=32 NCCL_PROTO=Simple run_case ctas_32_simple 120 2 $MG throughput \
       --out "$WORK/ctas_32_simple.json" $ACC $THR --variants tp1d
+    ;;
+  nccl_proto_4gpu)  # 4 GPUs: the profile shows tp1d's all-gathers and reduce-scatters on NCCL's LL protocol; do
+    # Simple or LL128 move them faster? (2 GPUs: no, see nccl_ctas.) zero2 alongside as the control: ~4 min
+    run_case proto_default 120 4 $MG throughput --out "$WORK/proto_default.json" $ACC $THR --variants tp1d,zero2
+    NCCL_PROTO=Simple run_case proto_simple 120 4 $MG throughput --out "$WORK/proto_simple.json" $ACC $THR \
+      --variants tp1d,zero2
+    NCCL_PROTO=LL128 run_case proto_ll128 120 4 $MG throughput --out "$WORK/proto_ll128.json" $ACC $THR \
+      --variants tp1d,zero2
+    run_case proto_default2 120 4 $MG throughput --out "$WORK/proto_default2.json" $ACC $THR --variants tp1d,zero2
     ;;
   pipeline_equal)  # stages of equal time for the bubble formulas: a 2048-token vocabulary makes the head negligible
     run_case pipeline_equal_4gpu 500 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_4gpu.json" $ACC $THR \
