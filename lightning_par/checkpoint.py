@@ -16,20 +16,32 @@ Lightning checkpoint file, and ``load_full`` does the same in memory for strateg
 [Note: atomic writes]
 Shards are written to ``<path>.tmp``; only when every rank is done does rank 0 move the previous checkpoint aside,
 move the new one in and delete the old one. A crash before that leaves the previous checkpoint untouched; a crash
-between the two moves leaves it at ``<path>.old``, which ``load`` falls back to.
+between the two moves leaves it at ``<path>.old``, which ``load`` falls back to and the next ``save`` moves back
+before it replaces anything.
+
+[Note: safe loading]
+Opening a checkpoint must not run code from it. Everything written here is tensors, plain containers and numbers,
+so every read uses ``weights_only=True`` unless the caller passes ``weights_only=False`` (as torch >= 2.6 and
+Lightning do): ``meta.pt`` through ``torch.load``, and DCP's own ``.metadata``, which torch unpickles without
+restriction, through ``_SafeReader``, whose unpickler admits only DCP's metadata classes, torch dtypes and sizes.
+A refused file raises ``pickle.UnpicklingError`` naming the file and the way out; nothing in it has run.
+``save`` checks that ``meta.pt`` reads back under ``weights_only=True`` and warns if it does not (a
+hyper-parameter of a custom class, say), so the problem shows at save time, not at resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import pickle
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -64,6 +76,77 @@ def overlaps(saved: list[tuple[int, int]], start: int, stop: int) -> list[tuple[
 
 def is_sharded_checkpoint(path: Any) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, META_FILE))
+
+
+# ----- safe reading (see [Note: safe loading]) ---------------------------------------------------------------------
+
+_REFUSED_HINT = ("Its content is not only tensors and plain containers, so it was not read (nothing in it has run). "
+                 "If you trust where it comes from, load it with weights_only=False: ZeroStrategy(weights_only=False) "
+                 "for the ZeRO strategies, Trainer.fit(..., weights_only=False) for the others, "
+                 "lightning-par-consolidate --no-weights-only.")
+
+
+def load_file(path: Any, weights_only: Optional[bool] = None, **kwargs: Any) -> Any:
+    """``torch.load`` with ``weights_only=True`` unless the caller passes False; a refusal names the file."""
+    try:
+        return torch.load(path, weights_only=weights_only is not False, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(f"Refused to load {path} with weights_only=True. {_REFUSED_HINT}\n"
+                                     f"torch said: {str(e).splitlines()[0]}") from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata``: its own dataclasses, torch dtypes, sizes and layouts, paths; nothing else."""
+
+    _ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {
+            "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+            "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "torch": {"Size"},
+        "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+        "collections": {"OrderedDict"},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in self._ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's metadata")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """A DCP reader whose ``.metadata`` goes through ``_MetadataUnpickler`` instead of a bare ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"Refused to load {path}. {_REFUSED_HINT}\n{e}") from None
+        storage_meta = getattr(metadata, "storage_meta", None)
+        if storage_meta is not None and hasattr(self, "load_id"):
+            storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
+        return metadata
+
+
+def _reader(path: Path, weights_only: Optional[bool]) -> dcp.FileSystemReader:
+    return dcp.FileSystemReader(str(path)) if weights_only is False else _SafeReader(str(path))
+
+
+def _warn_if_unsafe(meta: dict[str, Any], filepath: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(meta, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except pickle.UnpicklingError as e:
+        rank_zero_warn(f"The checkpoint at {filepath} holds metadata that weights_only=True loading refuses "
+                       f"({str(e).splitlines()[0]}); it will load only with weights_only=False. Keep "
+                       f"hyper-parameters and callback states to numbers, strings, tensors and plain containers.")
 
 
 # ----- what a ZeRO engine contributes ---------------------------------------------------------------------------
@@ -107,8 +190,11 @@ def save(checkpoint: dict[str, Any], filepath: Any, *, is_global_zero: bool, bar
     """Write ``checkpoint`` (Lightning's dict, with piece tensors from the functions above) atomically."""
     path = Path(filepath)
     tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
     if is_global_zero:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed save
+        if not path.exists() and is_sharded_checkpoint(old):
+            os.replace(old, path)  # a save crashed between its two moves: put the previous checkpoint back first
         tmp.mkdir(parents=True)
     barrier()
     tensors: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
@@ -124,8 +210,8 @@ def save(checkpoint: dict[str, Any], filepath: Any, *, is_global_zero: bool, bar
             "model": _model_meta(module),
             "optimizers": [{"param_groups": s["param_groups"], "param_names": s["param_names"]} for s in optimizer_states],
         }
+        _warn_if_unsafe(meta, path)
         torch.save(meta, tmp / META_FILE)
-        old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old) if path.is_dir() else path.rename(old)
@@ -151,14 +237,21 @@ def remove(filepath: Any) -> None:
 class _Index:
     """What a sharded checkpoint holds, read from its DCP metadata: saved ranges per parameter and state shapes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, weights_only: Optional[bool] = None) -> None:
         self.path = path
-        self.meta = torch.load(path / META_FILE, weights_only=False)
+        self.weights_only = weights_only
+        self.meta = load_file(path / META_FILE, weights_only)
         self.params: dict[str, list[tuple[int, int]]] = {}
         self.states: dict[int, dict[str, dict[tuple[int, int], dict[str, tuple[int, ...]]]]] = {}
-        for key, info in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items():
+        self.buffers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}  # by DCP key ("state_dict.<piece>", "optimizer_states.<i>...")
+        for key, info in _reader(path, weights_only).read_metadata().state_dict_metadata.items():
             size = tuple(getattr(info, "size", ()))
-            if key.startswith("state_dict."):
+            properties = getattr(info, "properties", None)
+            self.dtypes[key] = getattr(properties, "dtype", torch.float32)
+            if key.startswith("buffers."):
+                self.buffers[key[len("buffers."):]] = (size, self.dtypes[key])
+            elif key.startswith("state_dict."):
                 name, a, b = parse_piece_key(key[len("state_dict."):])
                 self.params.setdefault(name, []).append((a, b))
             elif key.startswith("optimizer_states."):
@@ -194,21 +287,25 @@ class _Index:
         raise ValueError(f"The checkpoint at {self.path} was written for a different model; {'; '.join(details)}.")
 
     def read(self, param_ranges: dict[str, list[tuple[int, int]]], state_ranges: dict[int, dict[str, list]],
-             buffers: dict[str, Tensor]) -> dict[str, Any]:
-        """Load the saved pieces that overlap the requested flat ranges (all ranks call this together)."""
+             buffers: dict[str, Tensor], *, collective: bool = True) -> dict[str, Any]:
+        """Load the saved pieces that overlap the requested flat ranges: all ranks together (``collective``), or
+        this process alone."""
         request: dict[str, Any] = {"state_dict": {}, "optimizer_states": {}, "buffers": dict(buffers)}
         for name, spans in param_ranges.items():
             for start, stop in spans:
                 for a, b in overlaps(self.params[name], start, stop):
-                    request["state_dict"][piece_key(name, a, b)] = torch.empty(b - a)
+                    key = piece_key(name, a, b)
+                    request["state_dict"][key] = torch.empty(b - a, dtype=self.dtypes["state_dict." + key])
         for i, by_name in state_ranges.items():
             out = request["optimizer_states"].setdefault(str(i), {})
             for name, spans in by_name.items():
                 saved = self.states.get(i, {}).get(name, {})
                 for start, stop in spans:
                     for a, b in overlaps(list(saved), start, stop) if saved else []:
-                        out[piece_key(name, a, b)] = {s: torch.empty(size) for s, size in saved[(a, b)].items()}
-        dcp.load(request, checkpoint_id=str(self.path))
+                        key = piece_key(name, a, b)
+                        out[key] = {s: torch.empty(size, dtype=self.dtypes[f"optimizer_states.{i}.{key}.{s}"])
+                                    for s, size in saved[(a, b)].items()}
+        dcp.load(request, storage_reader=_reader(self.path, self.weights_only), no_dist=not collective)
         return request
 
 
@@ -239,14 +336,14 @@ def _resolve(path: Any) -> Path:
 
 
 def load_into_engine(path: Any, engine: "ZeroEngine", module: torch.nn.Module,
-                     optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+                     optimizers: list[torch.optim.Optimizer], weights_only: Optional[bool] = None) -> dict[str, Any]:
     """Load a sharded checkpoint of any world size, or a plain Lightning file, into ``engine``'s shards."""
     path = _resolve(path)
     shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
     if not is_sharded_checkpoint(path):
-        full = torch.load(path, map_location="cpu", weights_only=False)
+        full = load_file(path, weights_only, map_location="cpu")
         return _load_full_into_engine(full, engine, module, optimizers)
-    index = _Index(path)
+    index = _Index(path, weights_only)
     index.check_model(shapes)
     if optimizers and len(index.optimizers) != len(optimizers):
         raise ValueError(f"The checkpoint at {path} has {len(index.optimizers)} optimizer(s); the module "
@@ -336,28 +433,26 @@ def _load_full_into_engine(full: dict[str, Any], engine: "ZeroEngine", module: t
     return {k: v for k, v in full.items() if k not in ("state_dict", "optimizer_states")}
 
 
-def load_full(path: Any) -> dict[str, Any]:
+def load_full(path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
     """A sharded checkpoint as a plain Lightning checkpoint dict: whole tensors, optimizer state by index.
 
     Reads every piece in this one process (no process group needed): for strategies that hold whole parameters
     (``dp``) and for ``consolidate``.
     """
     path = _resolve(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        flat_file = os.path.join(tmp, "flat.pt")
-        dcp_to_torch_save(str(path), flat_file)
-        saved = torch.load(flat_file, weights_only=False)
-    meta = torch.load(path / META_FILE, weights_only=False)
+    index = _Index(path, weights_only)
+    everything = {name: [(0, _numel(shape))] for name, shape in index.model["shapes"].items()}
+    states = {i: {name: [(0, _numel(index.model["shapes"][name]))] for name in by_name}
+              for i, by_name in index.states.items()}
+    buffers = {n: torch.empty(size, dtype=dtype) for n, (size, dtype) in index.buffers.items()}
+    saved = index.read(everything, states, buffers, collective=False)
+    meta = dict(index.meta)
     info = meta.pop("lightning_par")
     shapes, aliases = info["model"]["shapes"], info["model"]["aliases"]
     state_dict: dict[str, Tensor] = {}
     params_saved = _index_pieces(saved["state_dict"])
     for name, shape in shapes.items():
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = _numel(shape)
         full = torch.empty(numel)
         _copy_range(full, 0, numel, params_saved[name])
         state_dict[name] = full.reshape(shape)
@@ -372,10 +467,7 @@ def load_full(path: Any) -> dict[str, Any]:
         for index, name in enumerate(names):
             mine = pieces.get(name)
             if mine:
-                numel = 1
-                for d in shapes[name]:
-                    numel *= d
-                flat = _state_for_range(mine, 0, numel, torch.device("cpu"))
+                flat = _state_for_range(mine, 0, _numel(shapes[name]), torch.device("cpu"))
                 state[index] = {k: (v if v.dim() == 0 else v.reshape(shapes[name])) for k, v in flat.items()}
         groups, start = [], 0
         for group, group_names in zip(opt["param_groups"], opt["param_names"]):
@@ -385,19 +477,26 @@ def load_full(path: Any) -> dict[str, Any]:
     return {**meta, "state_dict": state_dict, "optimizer_states": optimizer_states}
 
 
-def consolidate(path: Any, out: Any) -> None:
+def _numel(shape: Any) -> int:
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel
+
+
+def consolidate(path: Any, out: Any, weights_only: Optional[bool] = None) -> None:
     """Write a sharded checkpoint as one plain Lightning checkpoint file (loads without lightning_par)."""
-    torch.save(load_full(path), out)
+    torch.save(load_full(path, weights_only), out)
 
 
-def load_any(path: Any) -> dict[str, Any]:
+def load_any(path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
     """Any strategy's checkpoint as a plain Lightning checkpoint dict on the CPU: a sharded directory (ZeRO) through
     :func:`load_full`, a single file (``dp``, pipeline, ``tp1d``, one process) through ``torch.load``."""
     if is_sharded_checkpoint(path):
-        return load_full(path)
+        return load_full(path, weights_only)
     if Path(path).is_dir():
         raise FileNotFoundError(f"{path} is a directory but not a lightning_par sharded checkpoint (no {META_FILE}).")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_file(path, weights_only, map_location="cpu")
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -423,20 +522,20 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "default written from the hyper-parameters of lightning_par.demo.hf.HFCausalLM")
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
                         help="safetensors: cast floating-point weights (default: as saved, fp32)")
+    parser.add_argument("--no-weights-only", dest="weights_only", action="store_false",
+                        help="read a checkpoint that weights_only=True refuses (objects beyond tensors and plain "
+                             "containers in its metadata); only for checkpoints from a source you trust")
     args = parser.parse_args(argv)
     if args.format == "lightning":
         if args.prefix != "model." or args.hf_config is not None or args.dtype is not None:
             parser.error("--prefix, --hf-config and --dtype apply to --format safetensors")
-        if is_sharded_checkpoint(args.checkpoint):
-            consolidate(args.checkpoint, args.output)
-        else:
-            torch.save(load_any(args.checkpoint), args.output)
+        torch.save(load_any(args.checkpoint, args.weights_only), args.output)
         print(f"wrote {args.output}")
         return
     from lightning_par.export import export_safetensors
 
     target = export_safetensors(args.checkpoint, args.output, args.prefix, args.hf_config,
-                                _DTYPES[args.dtype] if args.dtype else None)
+                                _DTYPES[args.dtype] if args.dtype else None, args.weights_only)
     config = Path(args.output) / "config.json"
     print(f"wrote {target}" + (f" and {config}" if config.exists() else
                                "; put the model's config.json beside it (or pass --hf-config) to load it with "

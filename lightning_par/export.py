@@ -69,7 +69,7 @@ def _hf_config_from_hyper_parameters(hparams: Any) -> Any:
 
 
 def export_safetensors(checkpoint: Any, out_dir: Any, prefix: str = "model.", hf_config: Optional[Any] = None,
-                       dtype: Optional[torch.dtype] = None) -> Path:
+                       dtype: Optional[torch.dtype] = None, weights_only: Optional[bool] = None) -> Path:
     """Write ``out_dir/model.safetensors`` (and ``config.json`` when known) from any strategy's checkpoint so that
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it. See [Note: export to safetensors]. Returns the
     safetensors file's path."""
@@ -78,7 +78,7 @@ def export_safetensors(checkpoint: Any, out_dir: Any, prefix: str = "model.", hf
     except ImportError as error:
         raise ImportError("--format safetensors needs the safetensors package: pip install lightning-par[hf] "
                           "(or pip install safetensors).") from error
-    full = load_any(checkpoint)
+    full = load_any(checkpoint, weights_only)
     tensors = _single_copies(_strip_prefix(full["state_dict"], prefix))
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}

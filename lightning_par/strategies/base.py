@@ -357,7 +357,7 @@ class LightningParStrategy(ParallelStrategy):
         from lightning_par import checkpoint
 
         if checkpoint.is_sharded_checkpoint(checkpoint_path):
-            return checkpoint.load_full(checkpoint_path)
+            return checkpoint.load_full(checkpoint_path, weights_only)
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     # ----- teardown -------------------------------------------------------------------------------------------------

@@ -73,6 +73,11 @@ class ZeroStrategy(LightningParStrategy):
             reduce-scatter, as Lightning's ``fsdp`` does under ``bf16-mixed``, at the cost of rounding the sum.
         allow_untested_optimizer: accept an optimizer that is not one of torch's element-wise optimizers nor a
             subclass of one, declaring it element-wise (as DeepSpeed's ``zero_allow_untested_optimizer``).
+        weights_only: how a checkpoint is opened when ``fit`` resumes from it. ``None`` (default): with
+            ``weights_only=True`` (tensors and plain containers only, nothing in the file can run), unless the
+            ``weights_only`` that Lightning passes says otherwise. Lightning 2.6 does not pass ``Trainer.fit(...,
+            weights_only=False)`` on to a strategy that restores after setup, as ZeRO does, so to open a checkpoint
+            you trust that holds other objects, pass ``weights_only=False`` here.
 
     Reading parameters: at stage 3 a parameter's values exist only inside the forward and backward of the module
     that owns it; read them elsewhere inside ``with strategy.full_params():`` (see ``full_params``). The gradient
@@ -94,6 +99,7 @@ class ZeroStrategy(LightningParStrategy):
         param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
         allow_untested_optimizer: bool = False,
         reduce_dtype: Literal["fp32", "compute"] = "fp32",
+        weights_only: Optional[bool] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -124,6 +130,7 @@ class ZeroStrategy(LightningParStrategy):
             raise ValueError(f"reduce_dtype must be 'fp32' or 'compute'; got {reduce_dtype!r}.")
         self.reduce_dtype = reduce_dtype
         self.param_init_fn = param_init_fn
+        self.weights_only = weights_only
         self._engine: Optional[ZeroEngine] = None
 
     @property
@@ -298,7 +305,10 @@ class ZeroStrategy(LightningParStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
         optimizers = self.optimizers if self.lightning_module.trainer.state.fn == TrainerFn.FITTING else []
-        return sharded_checkpoint.load_into_engine(checkpoint_path, self.engine, self.lightning_module, optimizers)
+        if weights_only is None:
+            weights_only = self.weights_only
+        return sharded_checkpoint.load_into_engine(checkpoint_path, self.engine, self.lightning_module, optimizers,
+                                                   weights_only)
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
