@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
+from lightning_par.comm.grad_norm import NormPart, clip_by_global_norm_
 from lightning_par.strategies.sigterm import host_sigterm_check, new_host_group
 from lightning_par.topology import Topology
 from lightning_par.zero.materialize import meta_parameters
@@ -262,15 +263,23 @@ class LightningParStrategy(ParallelStrategy):
         return self.precision_plugin.post_backward(closure_loss, module)
 
     @torch.no_grad()
-    def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> None:
-        """Clip ``optimizer``'s gradients by their norm over the whole model.
+    def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> Tensor:
+        """Clip ``optimizer``'s gradients by their norm over the whole model; return that norm.
 
         [Note: clipping over shards] Lightning clips by norm in the precision plugin, over the optimizer's
         parameters as this rank sees them. When a rank holds only part of the gradients (tensor, pipeline or ZeRO
-        shards) the norm must be summed over the ranks that hold the other parts: strategies override this method,
-        and ``setup`` routes Lightning's clipping here. By default every rank holds whole gradients.
+        shards) the norm must be summed over the ranks that hold the other parts, each part once. ``setup`` routes
+        Lightning's clipping here, and every strategy clips through this one method: it describes its gradients
+        in ``grad_norm_parts`` and ``clip_by_global_norm_`` does the rest (see [Note: the global norm from
+        parts] in ``comm/grad_norm.py``).
         """
-        torch.nn.utils.clip_grad_norm_(list(self.precision_plugin.main_params(optimizer)), max_norm)
+        return clip_by_global_norm_(self.grad_norm_parts(optimizer), max_norm, device=self.root_device)
+
+    def grad_norm_parts(self, optimizer: Optimizer) -> list[NormPart]:
+        """This rank's gradients of ``optimizer`` as parts of the global norm. Here every rank holds whole
+        gradients, the same on every data-parallel replica after the reduction: counted once, summed over no
+        group. Strategies whose ranks hold pieces override this."""
+        return [NormPart([p.grad for p in self.precision_plugin.main_params(optimizer) if p.grad is not None])]
 
     # ----- meta-device initialisation ------------------------------------------------------------------------------
 

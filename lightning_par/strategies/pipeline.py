@@ -37,6 +37,7 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning_par.comm.buckets import broadcast_module
+from lightning_par.comm.grad_norm import NormPart
 from lightning_par.pipeline import full_state
 from lightning_par.pipeline.executor import PipelineExecutor
 from lightning_par.pipeline.partition import Partition, PartitionError, StageExit, choose_split_points, find_blocks
@@ -275,22 +276,20 @@ class PipelineStrategy(DataParallelStrategy):
         self._optimizer_layouts = {}  # keyed by id(): the optimizers of an earlier fit are gone
 
     @override
-    @torch.no_grad()
-    def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> None:
-        # [Note: clipping over shards] each stage holds part of the norm: sum the squares over the pipeline, each
-        # parameter once (a shared one on its first holder; all holders have the same gradient). Data-parallel
-        # replicas hold the same averaged gradients, so the pipeline group is enough.
+    def grad_norm_parts(self, optimizer: Optimizer) -> list[NormPart]:
+        # [Note: clipping over shards] each stage holds part of the norm, summed over the pipeline; a shared
+        # parameter counts on its first holder only (all holders have the same gradient). Data-parallel replicas
+        # hold the same averaged gradients, so the pipeline group is enough.
         shared = self._shared
         names = {id(p): self._canonical[n] for n, p in self.lightning_module.named_parameters(remove_duplicate=False)}
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        counted = [p for p in params if not shared or names[id(p)] not in shared.holders
-                   or shared.holders[names[id(p)]][0] == shared.rank]
-        squares = torch.zeros((), device=self.root_device)
-        for p in counted:
-            squares += p.grad.detach().float().pow(2).sum()
-        if self._pipeline_group is not None and dist.get_world_size(self._pipeline_group) > 1:
-            dist.all_reduce(squares, group=self._pipeline_group)
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, squares.sqrt())
+
+        def counted(p: torch.nn.Parameter) -> bool:
+            name = names[id(p)]
+            return not shared or name not in shared.holders or shared.holders[name][0] == shared.rank
+
+        return [NormPart([p.grad for p in params if counted(p)], (self._pipeline_group,)),
+                NormPart([p.grad for p in params if not counted(p)], counted=False)]
 
     # ----- steps ----------------------------------------------------------------------------------------------------
 

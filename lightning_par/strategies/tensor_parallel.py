@@ -21,6 +21,7 @@ from typing_extensions import override
 import lightning.pytorch as pl
 from lightning_par.comm.buckets import broadcast_module
 from lightning_par.comm.collectives import group_rank
+from lightning_par.comm.grad_norm import NormPart
 from lightning_par.strategies.base import StartMethod
 from lightning_par.strategies.data_parallel import DataParallelStrategy
 from lightning_par.tensor import full_state
@@ -259,26 +260,13 @@ class TensorParallel1DStrategy(DataParallelStrategy):
             plan.reduce_replicated_grads()
 
     @override
-    @torch.no_grad()
-    def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> None:
-        params = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
-        if not params:
-            return
-        sharded = [p.grad for p in params if shard_spec(p) is not None]
-        replicated = [p.grad for p in params if shard_spec(p) is None]
-        device = params[0].grad.device
-
-        def squared(grads: list[torch.Tensor]) -> torch.Tensor:
-            if not grads:
-                return torch.zeros((), device=device)
-            return torch.nn.utils.get_total_norm(grads, 2.0).float().pow(2)
-
-        # Sharded gradients: each tensor rank holds a disjoint part, sum over the group. Replicated ones are the
+    def grad_norm_parts(self, optimizer: Optimizer) -> list[NormPart]:
+        # Sharded gradients: each tensor rank holds a disjoint part, summed over the group. Replicated ones are the
         # same on every rank (data-averaged, and summed over the tensor group under sequence parallelism): once.
-        partial = squared(sharded)
-        dist.all_reduce(partial, group=self._tensor_group())
-        total = (partial + squared(replicated)).sqrt()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        params = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
+        group = self._tensor_group() if self._sharded() else None
+        return [NormPart([p.grad for p in params if shard_spec(p) is not None], (group,)),
+                NormPart([p.grad for p in params if shard_spec(p) is None])]
 
     @torch.no_grad()
     def grad_norm(self, norm_type: Union[float, int, str] = 2.0) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from typing_extensions import override
 import lightning.pytorch as pl
 from lightning_par import checkpoint as sharded_checkpoint
 from lightning_par.comm.buckets import broadcast_tensors
+from lightning_par.comm.grad_norm import NormPart
 from lightning_par.strategies.base import COMPUTE_DTYPES, LightningParStrategy, StartMethod
 from lightning_par.topology import Topology
 from lightning_par.zero.engine import ZeroEngine
@@ -215,8 +216,9 @@ class ZeroStrategy(LightningParStrategy):
             plugin.scaler = ShardedGradScaler(device=self.root_device.type, process_group=self.group("data"))
 
     @override
-    def clip_grad_norm_(self, optimizer: Optimizer, max_norm: float) -> None:
-        self.engine.clip_grad_norm_(optimizer, max_norm)  # the optimizer holds this rank's pieces
+    def grad_norm_parts(self, optimizer: Optimizer) -> list[NormPart]:
+        # The optimizer holds this rank's flat pieces; the data group holds the rest, each element once.
+        return [NormPart([g for _, g in self.engine.shard_gradients(optimizer)], (self.engine.group,))]
 
     def grad_norm(self, norm_type: Union[float, int, str] = 2.0) -> dict[str, Tensor]:
         """What ``lightning.pytorch.utilities.grad_norm(module, norm_type)`` gives under ``dp``: the norm of each

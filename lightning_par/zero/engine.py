@@ -407,19 +407,6 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
         return on_device.to(t.device)
 
     @torch.no_grad()
-    def clip_grad_norm_(self, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
-        """Clip by the norm over every shard of ``optimizer``'s parameters on all ranks; return that norm."""
-        grads = [g for _, g in self.shard_gradients(optimizer)]
-        device = self.chunks[0].compute.device if self.chunks else torch.device("cpu")
-        squares = torch.nn.utils.get_total_norm(grads, 2.0).float().pow(2) if grads else torch.zeros((), device=device)
-        norm = self._all_reduce(squares).sqrt()
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        scales = {}  # offloaded gradients are on the host, the others on the device
-        for g in grads:
-            g.mul_(scales.setdefault(g.device, scale.to(g.device)))
-        return norm
-
-    @torch.no_grad()
     def grad_norm(self, norm_type: float = 2.0) -> dict[str, Tensor]:
         """Lightning's ``grad_norm(module, norm_type)`` over the sharded gradients: the norm of each parameter's
         whole gradient and their total, from every rank's shards (a collective: call it on every rank, after
