@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
@@ -147,15 +146,3 @@ class DataParallelStrategy(LightningParStrategy):
             self._bucketer.remove()
             self._bucketer = None
         super().teardown()
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        for name, start_method in (("dp", "popen"), ("dp_spawn", "spawn"), ("dp_fork", "fork")):
-            strategy_registry.register(
-                name,
-                cls,
-                description=f"lightning_par data parallel (bucketed all-reduce), start_method='{start_method}'",
-                override=True,  # importing twice must not fail
-                start_method=start_method,
-            )

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
@@ -480,22 +479,6 @@ class PipelineStrategy(DataParallelStrategy):
                 state = self._layout(optimizer).cut(state)
             optimizer.load_state_dict(state)
             _optimizers_to_device([optimizer], self.root_device)
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        for schedule, base in (("1f1b", "pipeline"), ("gpipe", "pipeline_gpipe"), ("interleaved", "pipeline_interleaved"),
-                               ("zero_bubble", "pipeline_zero_bubble"), ("chimera", "pipeline_chimera")):
-            for suffix, start_method in (("", "popen"), ("_spawn", "spawn"), ("_fork", "fork")):
-                strategy_registry.register(
-                    base + suffix,
-                    cls,
-                    description=f"lightning_par pipeline parallel, {schedule} schedule, start_method='{start_method}'",
-                    override=True,
-                    schedule=schedule,
-                    start_method=start_method,
-                )
-
 
 def _is_split(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "_lightning_par_pipeline", False))

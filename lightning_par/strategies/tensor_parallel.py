@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
@@ -379,19 +378,6 @@ class TensorParallel1DStrategy(DataParallelStrategy):
                 unparallelize(module, optimizers)
             self._sharded_here = False
         super().teardown()
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        for name, start_method in (("tp1d", "popen"), ("tp1d_spawn", "spawn"), ("tp1d_fork", "fork")):
-            strategy_registry.register(
-                name,
-                cls,
-                description=f"lightning_par 1D tensor parallel (Megatron) x data parallel, start_method='{start_method}'",
-                override=True,
-                start_method=start_method,
-            )
-
 
 def _share_rng_state(group: dist.ProcessGroup, device: torch.device) -> None:
     """Give every rank of the tensor group tensor-rank 0's random state.

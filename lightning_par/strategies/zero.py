@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import replace
 from collections.abc import Generator
 from contextlib import contextmanager
@@ -12,7 +11,6 @@ from typing import Any, Callable, Literal, Optional, Union
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.rank_zero import rank_zero_info
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
@@ -384,23 +382,3 @@ class ZeroStrategy(LightningParStrategy):
         if fits.item():
             return self.root_device, f"{need / 2**30:.1f} GiB fits in the free device memory"
         return torch.device("cpu"), f"{need / 2**30:.1f} GiB does not fit in the free device memory of every rank"
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        variants = [(f"zero{stage}", {"stage": stage}) for stage in (1, 2, 3)]
-        variants.append(("zero2_offload", {"stage": 2, "offload": 1.0}))
-        variants.append(("zero3_offload", {"stage": 3, "offload": "auto"}))
-        variants.append(("zero3_nvme", {"stage": 3, "offload": "auto", "nvme_dir": tempfile.gettempdir()}))
-        for name, settings in variants:
-            for suffix, start_method in (("", "popen"), ("_spawn", "spawn")):
-                strategy_registry.register(
-                    f"{name}{suffix}",
-                    cls,
-                    description=f"lightning_par ZeRO {settings} (chunk engine), start_method='{start_method}'",
-                    override=True,
-                    start_method=start_method,
-                    **settings,
-                )
-
-
