@@ -202,6 +202,14 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
         if self.spilled is not None:
             self._step_spilled(optimizer, len(self.optimizer_param_names) - 1)
             self._close_windows_on_zero_grad(optimizer)
+        # [Note: no step under an in-flight refresh] At stages 1-2 in fp32 a master shard is this rank's slice of
+        # its chunk's compute buffer, and the refresh after a step all-gathers into that buffer without waiting
+        # (see [Note: stages 1-2 refresh after the step] in params.py). With several optimizers stepping in a row
+        # (manual optimization), the gather launched after the first step must land before the second step writes
+        # the shard: on gloo it writes back the shard's pre-step copy, which would undo the second step, and on
+        # NCCL it reads the shard as its input. After an automatic step the next forward has waited for every
+        # gather already, so this wait finds nothing pending and orders nothing.
+        optimizer.register_step_pre_hook(lambda *_: self.wait_pending_gathers())
 
     def optimizer_pieces(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, Piece, nn.Parameter]]:
         mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
