@@ -2,6 +2,7 @@
 # Issue 11 on one 4-GPU machine, one mode per call (each mode fits a 10-minute call; estimates below):
 #
 #   OUT=$OUT benchmarks/gpu_suite.sh parity        # ~4-6 min: reference, 1-process self-check, 2 GPUs, 4 GPUs in 4 groups
+#   OUT=$OUT benchmarks/gpu_suite.sh parity_clip   # ~3 min: every strategy with clipping by norm, 2 then 4 GPUs
 #   OUT=$OUT benchmarks/gpu_suite.sh parity_bf16   # ~3-4 min: every strategy under bf16-mixed against dp bf16, 4 then 2 GPUs
 #   OUT=$OUT benchmarks/gpu_suite.sh throughput    # ~5-7 min: 1.3B at 4 GPUs, ours then the peers (Lightning, DTensor TP)
 #   OUT=$OUT benchmarks/gpu_suite.sh throughput7b  # ~5-7 min: ~6.7B at 4 GPUs, batch 2/GPU (ddp expected OOM)
@@ -32,7 +33,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_clip|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -130,6 +131,11 @@ case $MODE in
     run_case parity_4gpu_pipeline 90 4 $MG parity --reference "$REF" --out "$WORK/parity_4gpu_pipeline.json" $ACC \
       --only pipeline_1f1b,pipeline_gpipe,pipeline_interleaved,pipeline_zero_bubble,pipeline_chimera,pipeline_1f1b_deferred,\
 pipeline_1f1b_2stages
+    ;;
+  parity_clip)  # every strategy's parity with clipping by norm (the one global-norm path over every axis): ~3 min
+    run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR --clip 0.05
+    run_case parity_clip_2gpu 150 2 $MG parity --reference "$REF" --out "$WORK/parity_clip_2gpu.json" $ACC $NVME
+    run_case parity_clip_4gpu 200 4 $MG parity --reference "$REF" --out "$WORK/parity_clip_4gpu.json" $ACC $NVME
     ;;
   parity_bf16)
     run_case reference 60 0 $MG reference --out "$REF" $ACC $PAR

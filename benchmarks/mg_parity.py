@@ -39,11 +39,13 @@ def add_parity_args(p: argparse.ArgumentParser) -> None:
     for name, default in (("layers", 8), ("width", 128), ("heads", 4), ("seq", 64), ("vocab", 256),
                           ("global-batch", 16), ("steps", 8), ("microbatches", 4)):
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--clip", type=float, default=0.0,
+                   help="gradient_clip_val (by norm) of every run, the reference's included; 0: no clipping")
 
 
 def config_of(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ("layers", "width", "heads", "seq", "vocab", "global_batch", "steps",
-                                          "microbatches")}
+                                          "microbatches", "clip")}
 
 
 class Recording(DemoGPT):
@@ -96,7 +98,8 @@ def fit(cfg: dict, accelerator: str, strategy: Any, devices: int, loader_batch: 
         loader = DataLoader(ds, batch_size=loader_batch)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
                          max_steps=cfg["steps"], max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         gradient_clip_val=cfg.get("clip") or None)
     trainer.fit(module, loader)
     # the replica this rank belongs to, as the strategy itself reports it after fit (a strategy may choose its
     # degrees from the model, e.g. tp1d with fewer heads than ranks)
