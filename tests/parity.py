@@ -115,6 +115,25 @@ class RecordingGPT(DemoGPT):
         return [torch.optim.SGD(blocks, lr=0.1, momentum=0.9), torch.optim.SGD(rest, lr=0.05, momentum=0.5)]
 
 
+class BuildsInConfigureModel:
+    """Mixin for a RecordingGPT subclass: the network is built in ``configure_model``, the Lightning hook for sharded
+    construction, not in ``__init__``; ``built_on_meta`` records whether it was built on the meta device."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.built_on_meta = None
+        del self.model
+
+    def configure_model(self) -> None:
+        if hasattr(self, "model"):
+            return
+        from lightning_par.demo.model import GPT, GPTConfig
+
+        self.model = GPT(GPTConfig(**{k: self.hparams[k] for k in ("vocab_size", "block_size", "n_layer", "n_head",
+                                                                   "n_embd")}))
+        self.built_on_meta = self.model.wte.weight.is_meta
+
+
 @dataclass
 class Run:
     """One training run: how the module is built and how the Trainer steps."""

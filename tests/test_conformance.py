@@ -6,7 +6,9 @@ give what one process gives, or refuse clearly:
 - fit with gradient accumulation and clipping by norm, then validate, test and predict on the same Trainer;
 - ``self.log(..., sync_dist=True)`` reduced over the ranks;
 - clipping by value;
-- save after one epoch and resume: the losses continue exactly as without the interruption;
+- save after one epoch and resume: the losses continue exactly as without the interruption, also for a module
+  built in ``Trainer.init_module(empty_init=True)`` and one built in ``configure_model``;
+- the strategy as a registered name and as an instance;
 - manual optimization with two optimizers: the single process's losses, or an error that names the problem;
 - no thread left running after the fits.
 
@@ -27,7 +29,7 @@ from torch.utils.data import DataLoader
 import lightning_par  # noqa: F401  (registers the names)
 from helpers import free_port, run_on_ranks
 from lightning_par.strategies.registry import PRESETS, PipelineStrategy, TensorParallel1DStrategy
-from parity import RecordingGPT, Run, fit, global_losses, relative_gap, token_dataset
+from parity import BuildsInConfigureModel, RecordingGPT, Run, fit, global_losses, relative_gap, token_dataset
 from test_dp import _as_external_rank
 
 TOL = 1e-5
@@ -79,6 +81,10 @@ class ConformanceGPT(RecordingGPT):
         return self(batch[0])
 
 
+class ConfiguredConformanceGPT(BuildsInConfigureModel, ConformanceGPT):
+    pass
+
+
 def _eval_loader() -> DataLoader:
     return DataLoader(token_dataset(EVAL_SAMPLES, seed=99), batch_size=4)
 
@@ -102,7 +108,10 @@ def _conformance(rank: int, world_size: int, port: int, name: str, tmpdir: str) 
     data_parallel = _data_parallel(name)
     threads = {t.ident for t in threading.enumerate()}
     out = {"fit": _fit_and_evaluate(RUNS["accumulate_clip_norm"], name, world_size, data_parallel)}
-    out["clip_value"] = fit(RUNS["clip_value"], name, world_size, data_parallel, module_class=ConformanceGPT)
+    # The strategy as an instance, as a user builds it in Python, instead of the registered name.
+    preset = next(p for p in PRESETS if p.name == name)
+    out["clip_value"] = fit(RUNS["clip_value"], preset.strategy(**preset.arguments), world_size, data_parallel,
+                            module_class=ConformanceGPT)
     try:
         out["manual_two_optimizers"] = fit(RUNS["manual_two_optimizers"], name, world_size, data_parallel,
                                            module_class=ConformanceGPT)
@@ -113,6 +122,12 @@ def _conformance(rank: int, world_size: int, port: int, name: str, tmpdir: str) 
     out["first_epoch"] = fit(RESUME, name, world_size, data_parallel, save_to=ckpt, max_epochs=1,
                              module_class=ConformanceGPT)
     out["resumed"] = fit(RESUME, name, world_size, data_parallel, ckpt_path=ckpt, module_class=ConformanceGPT)
+    # A module built inside Trainer.init_module(empty_init=True), and one built in configure_model: the weights
+    # come from the checkpoint, so both continue as the resumed run does.
+    out["init_module"] = fit(RESUME, name, world_size, data_parallel, ckpt_path=ckpt, empty_init=True,
+                             module_class=ConformanceGPT)
+    out["configure_model"] = fit(RESUME, name, world_size, data_parallel, ckpt_path=ckpt,
+                                 module_class=ConfiguredConformanceGPT)
     out["threads_left"] = [t.name for t in threading.enumerate() if t.ident not in threads and t.is_alive()]
     return out
 
@@ -162,3 +177,5 @@ def test_preset_behaves_as_lightning_expects(name, tmp_path):
     assert relative_gap(uninterrupted, _reference("resume", data_parallel)["losses"]) <= TOL
     assert relative_gap(losses("first_epoch"), uninterrupted[: RESUME.steps]) <= TOL
     assert relative_gap(losses("resumed"), uninterrupted[RESUME.steps :]) <= TOL
+    for key in ("init_module", "configure_model"):
+        assert relative_gap(losses(key), uninterrupted[RESUME.steps :]) <= TOL, key

@@ -18,7 +18,7 @@ from helpers import free_port, run_on_ranks
 from lightning_par import ZeroStrategy
 from lightning_par.checkpoint import load_full
 from lightning_par.checkpoint import main as consolidate_command
-from parity import RecordingGPT, Run, fit, global_losses, relative_gap
+from parity import BuildsInConfigureModel, RecordingGPT, Run, fit, global_losses, relative_gap
 from test_dp import _as_external_rank
 
 CHUNK = 3000  # elements; the tiny GPT has ~27k parameters
@@ -109,22 +109,8 @@ def _checkpoints(rank: int, world_size: int, port: int, tmpdir: str, resume_from
     return out
 
 
-class ConfiguredGPT(RecordingGPT):
-    """Builds its network in `configure_model`, the Lightning hook for sharded construction."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.built_on_meta = None
-        del self.model
-
-    def configure_model(self):
-        if hasattr(self, "model"):
-            return
-        from lightning_par.demo.model import GPT, GPTConfig
-
-        self.model = GPT(GPTConfig(**{k: self.hparams[k] for k in ("vocab_size", "block_size", "n_layer", "n_head",
-                                                                   "n_embd")}))
-        self.built_on_meta = self.model.wte.weight.is_meta
+class ConfiguredGPT(BuildsInConfigureModel, RecordingGPT):
+    pass
 
 
 def _meta_init(rank: int, world_size: int, port: int, tmpdir: str) -> dict:

@@ -126,6 +126,7 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         self.vocab_parallel_loss = vocab_parallel_loss
         self.strict = strict
         self.param_init_fn = param_init_fn
+        self._restore_after_setup = False  # this run's module was built on the meta device (see the property)
         self._default_sizes: dict[int, int] = {}
         self._sharded_here = False  # this strategy sharded the module in setup: teardown makes it whole again
         self._failed = False
@@ -211,6 +212,20 @@ class TensorParallel1DStrategy(DataParallelStrategy):
     def _initialises_meta(self) -> bool:
         # Materialised whole in `setup_module` by the model's own initialisation, before the plan cuts it.
         return True
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # A module built on the meta device (`Trainer.init_module(empty_init=True)`) has nothing to load into
+        # before `setup_module` materialises it: loading first would be a no-op, and the materialisation would then
+        # replace the checkpoint's weights with fresh ones. After setup, `load_model_state_dict` shards the
+        # checkpoint's whole tensors instead. A whole module keeps Lightning's usual order (restore, then setup),
+        # which is also the order in which Lightning passes `Trainer.fit(..., weights_only=...)` on. Lightning asks
+        # before setup and again after it, when the module is no longer on meta: the first answer is kept.
+        module = self.lightning_module
+        if module is not None and any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            self._restore_after_setup = True
+        return self._restore_after_setup
 
     def _materialize(self, module: torch.nn.Module) -> None:
         """Initialise meta tensors with the model's own initialisation (``zero/materialize.py``), whole, before the
@@ -377,6 +392,7 @@ class TensorParallel1DStrategy(DataParallelStrategy):
                 optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
                 unparallelize(module, optimizers)
             self._sharded_here = False
+        self._restore_after_setup = False
         super().teardown()
 
 def _share_rng_state(group: dist.ProcessGroup, device: torch.device) -> None:
