@@ -3,6 +3,7 @@
 #
 #   OUT=$OUT benchmarks/gpu_suite.sh parity        # ~4-6 min: reference, 1-process self-check, 2 GPUs, 4 GPUs in 4 groups
 #   OUT=$OUT benchmarks/gpu_suite.sh parity_clip   # ~3 min: every strategy with clipping by norm, 2 then 4 GPUs
+#   OUT=$OUT benchmarks/gpu_suite.sh two_nodes     # ~2 min: two torchrun agents as 2 nodes x 2 GPUs, parity
 #   OUT=$OUT benchmarks/gpu_suite.sh parity_bf16   # ~3-4 min: every strategy under bf16-mixed against dp bf16, 4 then 2 GPUs
 #   OUT=$OUT benchmarks/gpu_suite.sh throughput    # ~5-7 min: 1.3B at 4 GPUs, ours then the peers (Lightning, DTensor TP)
 #   OUT=$OUT benchmarks/gpu_suite.sh throughput7b  # ~5-7 min: ~6.7B at 4 GPUs, batch 2/GPU (ddp expected OOM)
@@ -33,7 +34,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_clip|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -136,6 +137,13 @@ pipeline_1f1b_2stages
     run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR --clip 0.05
     run_case parity_clip_2gpu 150 2 $MG parity --reference "$REF" --out "$WORK/parity_clip_2gpu.json" $ACC $NVME
     run_case parity_clip_4gpu 200 4 $MG parity --reference "$REF" --out "$WORK/parity_clip_4gpu.json" $ACC $NVME
+    ;;
+  two_nodes)  # two torchrun agents (--nnodes 2, 2 GPUs each, rendezvous on localhost) as two nodes: parity of the
+    # strategies whose groups then cross the "nodes" (data axes of zero3, dp, tp1d 2 x data 2, pipeline 2 x data 2): ~2 min
+    run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR
+    cpu_flag=""; [ "$CPU" = 1 ] && cpu_flag="--cpu"
+    run_case parity_two_nodes 150 0 benchmarks/two_nodes.py --nproc 2 $cpu_flag -- $MG parity --reference "$REF" \
+      --out "$WORK/parity_two_nodes.json" $ACC --only dp,zero3,tp1d_2way,pipeline_1f1b_2stages
     ;;
   parity_bf16)
     run_case reference 60 0 $MG reference --out "$REF" $ACC $PAR

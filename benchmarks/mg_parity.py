@@ -88,7 +88,8 @@ def exact_fp32() -> None:
     torch.set_float32_matmul_precision("highest")
 
 
-def fit(cfg: dict, accelerator: str, strategy: Any, devices: int, loader_batch: Any, precision: str) -> Recording:
+def fit(cfg: dict, accelerator: str, strategy: Any, devices: int, loader_batch: Any, precision: str,
+        num_nodes: int = 1) -> Recording:
     pl.seed_everything(0, verbose=False)  # also sets PL_GLOBAL_SEED=0, the seed of Lightning's sampler
     ds, lookup = dataset(cfg)
     module = Recording(cfg, lookup)
@@ -96,8 +97,8 @@ def fit(cfg: dict, accelerator: str, strategy: Any, devices: int, loader_batch: 
         loader = DataLoader(ds, batch_sampler=loader_batch)
     else:
         loader = DataLoader(ds, batch_size=loader_batch)
-    trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
-                         max_steps=cfg["steps"], max_epochs=1, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                         precision=precision, max_steps=cfg["steps"], max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          gradient_clip_val=cfg.get("clip") or None)
     trainer.fit(module, loader)
@@ -194,7 +195,10 @@ def run_one(args: argparse.Namespace, cfg: dict, make: Callable[[], Any], world:
     strategy = resolve(make())
     # planned degrees decide the per-rank batch; the degrees the strategy really ran with are read after fit
     planned = strategy.topology_for(world).data if hasattr(strategy, "topology_for") else world
-    module = fit(cfg, args.accelerator, strategy, world, cfg["global_batch"] // planned, precision)
+    # Several nodes (torchrun --nnodes): Lightning wants the processes of one node as `devices`.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    module = fit(cfg, args.accelerator, strategy, local, cfg["global_batch"] // planned, precision,
+                 num_nodes=world // local)
     gathered = gather((module.recorded, module.ids, module.data_rank), world)
     coords = [g[2] for g in gathered]
     data = len(set(coords))
