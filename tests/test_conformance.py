@@ -23,12 +23,11 @@ import os
 import threading
 
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 import lightning_par  # noqa: F401  (registers the names)
 from helpers import free_port, run_on_ranks
-from lightning_par.strategies.registry import PRESETS, PipelineStrategy, TensorParallel1DStrategy
+from lightning_par.strategies import PRESETS, PipelineStrategy, TensorParallel1DStrategy
 from parity import BuildsInConfigureModel, RecordingGPT, Run, fit, global_losses, relative_gap, token_dataset
 from test_dp import _as_external_rank
 
