@@ -10,7 +10,8 @@ give what one process gives, or refuse clearly:
   built in ``Trainer.init_module(empty_init=True)`` and one built in ``configure_model``;
 - the strategy as a registered name and as an instance;
 - manual optimization with two optimizers: the single process's losses, or an error that names the problem;
-- no thread left running after the fits.
+- several optimizers under automatic optimization: Lightning's error, not masked by the strategy;
+- no thread and no spill file left behind after the fits.
 
 Losses are compared with a single process on the same global batch (fp32, SGD), relative gap at most 1e-5. One
 launch per preset runs every check (starting processes is the expensive part).
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 from torch.utils.data import DataLoader
@@ -38,6 +41,7 @@ RUNS = {
     "accumulate_clip_norm": Run(steps=3, accumulate=2, clip_val=0.05, module_kwargs=MODULE),
     "clip_value": Run(steps=3, clip_val=0.002, clip_algorithm="value", module_kwargs=MODULE),
     "manual_two_optimizers": Run(steps=3, module_kwargs={**MODULE, "manual": True, "two_optimizers": True}),
+    "automatic_two_optimizers": Run(steps=1, module_kwargs={**MODULE, "two_optimizers": True}),
 }
 RESUME = Run(steps=2, epochs=2, module_kwargs=MODULE)
 EVAL_SAMPLES = 16
@@ -116,6 +120,11 @@ def _conformance(rank: int, world_size: int, port: int, name: str, tmpdir: str) 
                                            module_class=ConformanceGPT)
     except Exception as error:  # noqa: BLE001 - the refusal is part of the result
         out["manual_error"] = f"{type(error).__name__}: {error}"
+    try:  # Lightning trains several optimizers only under manual optimization; the strategy must not mask that
+        fit(RUNS["automatic_two_optimizers"], name, world_size, data_parallel, module_class=ConformanceGPT)
+        out["automatic_two_optimizers_error"] = None
+    except Exception as error:  # noqa: BLE001
+        out["automatic_two_optimizers_error"] = f"{type(error).__name__}: {error}"
     ckpt = os.path.join(tmpdir, "one_epoch.ckpt")
     out["uninterrupted"] = fit(RESUME, name, world_size, data_parallel, module_class=ConformanceGPT)
     out["first_epoch"] = fit(RESUME, name, world_size, data_parallel, save_to=ckpt, max_epochs=1,
@@ -128,6 +137,9 @@ def _conformance(rank: int, world_size: int, port: int, name: str, tmpdir: str) 
     out["configure_model"] = fit(RESUME, name, world_size, data_parallel, ckpt_path=ckpt,
                                  module_class=ConfiguredConformanceGPT)
     out["threads_left"] = [t.name for t in threading.enumerate() if t.ident not in threads and t.is_alive()]
+    # Files: the NVMe spill directories of this process (zero3_nvme spills under the temp dir) are gone.
+    spill_root = Path(tempfile.gettempdir()) / "lightning_par_nvme"
+    out["files_left"] = [p.name for p in spill_root.glob(f"*-{os.getpid()}-rank*")] if spill_root.is_dir() else []
     return out
 
 
@@ -164,7 +176,8 @@ def test_preset_behaves_as_lightning_expects(name, tmp_path):
             assert r["fit"][key] == pytest.approx(reference[key], rel=TOL), key
         batches = EVAL_SAMPLES // 4 // data_parallel
         assert r["fit"]["predictions"] == [(4, 16, 32)] * batches
-        assert r["threads_left"] == []
+        assert r["threads_left"] == [] and r["files_left"] == []
+        assert "manual optimization" in (r["automatic_two_optimizers_error"] or ""), r["automatic_two_optimizers_error"]
 
     if "manual_error" in results[0]:
         assert all("manual" in r["manual_error"].lower() for r in results), results[0]["manual_error"]
