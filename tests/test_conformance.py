@@ -137,10 +137,17 @@ def _conformance(rank: int, world_size: int, port: int, name: str, tmpdir: str) 
     out["configure_model"] = fit(RESUME, name, world_size, data_parallel, ckpt_path=ckpt,
                                  module_class=ConfiguredConformanceGPT)
     out["threads_left"] = [t.name for t in threading.enumerate() if t.ident not in threads and t.is_alive()]
-    # Files: the NVMe spill directories of this process (zero3_nvme spills under the temp dir) are gone.
-    spill_root = Path(tempfile.gettempdir()) / "lightning_par_nvme"
-    out["files_left"] = [p.name for p in spill_root.glob(f"*-{os.getpid()}-rank*")] if spill_root.is_dir() else []
+    out["files_left"] = _spill_dirs_of_this_process()
     return out
+
+
+def _spill_dirs_of_this_process() -> list[str]:
+    """The NVMe spill directories this process left under the temp dir (where zero3_nvme spills)."""
+    try:
+        names = os.listdir(Path(tempfile.gettempdir()) / "lightning_par_nvme")
+    except FileNotFoundError:  # the root goes with its last run directory, possibly removed by another rank now
+        return []
+    return [n for n in names if f"-{os.getpid()}-rank" in n]
 
 
 @functools.lru_cache(maxsize=None)
