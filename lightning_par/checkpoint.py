@@ -137,16 +137,17 @@ def _reader(path: Path, weights_only: Optional[bool]) -> dcp.FileSystemReader:
     return dcp.FileSystemReader(str(path)) if weights_only is False else _SafeReader(str(path))
 
 
-def _warn_if_unsafe(meta: dict[str, Any], filepath: Any) -> None:
+def _serialized_meta(meta: dict[str, Any], filepath: Any) -> bytes:
+    """``meta`` as ``torch.save`` writes it, read back once under ``weights_only=True``: a warning if refused."""
     buffer = io.BytesIO()
     torch.save(meta, buffer)
-    buffer.seek(0)
     try:
-        torch.load(buffer, weights_only=True)
+        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     except pickle.UnpicklingError as e:
         rank_zero_warn(f"The checkpoint at {filepath} holds metadata that weights_only=True loading refuses "
                        f"({str(e).splitlines()[0]}); it will load only with weights_only=False. Keep "
                        f"hyper-parameters and callback states to numbers, strings, tensors and plain containers.")
+    return buffer.getvalue()
 
 
 # ----- what a ZeRO engine contributes ---------------------------------------------------------------------------
@@ -210,8 +211,7 @@ def save(checkpoint: dict[str, Any], filepath: Any, *, is_global_zero: bool, bar
             "model": _model_meta(module),
             "optimizers": [{"param_groups": s["param_groups"], "param_names": s["param_names"]} for s in optimizer_states],
         }
-        _warn_if_unsafe(meta, path)
-        torch.save(meta, tmp / META_FILE)
+        (tmp / META_FILE).write_bytes(_serialized_meta(meta, path))  # serialised once, checked, then written
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old) if path.is_dir() else path.rename(old)

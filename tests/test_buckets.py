@@ -41,6 +41,18 @@ def _count_all_reduce(counter: list[int]):
     return original
 
 
+def _accumulate_then_sync(bucketer: GradientBucketer, net: Net, xs: list, rank: int, world_size: int,
+                          calls: list[int]) -> int:
+    """An accumulation backward, which must not communicate, then a synchronising one; returns how many
+    all-reduces the second launched during backward."""
+    bucketer.sync = False
+    net(xs[rank]).sum().backward()
+    assert calls == [], "no collective during an accumulation step"
+    bucketer.sync = True
+    net(xs[world_size + rank]).sum().backward()
+    return len(calls)
+
+
 def _assert_averaged(net: Net, reference: Net, xs: list, world_size: int) -> None:
     """``net``'s gradients are the average over the ranks of backward on all of ``xs``: compare with ``reference``
     run on them in one process (layer ``unused_everywhere`` keeps no gradient in either)."""
@@ -80,13 +92,7 @@ def _checks(rank: int, world_size: int) -> list[str]:
     calls: list[int] = []
     original = _count_all_reduce(calls)
     try:
-        # Accumulation: the first backward must not communicate.
-        bucketer.sync = False
-        net(xs[rank]).sum().backward()
-        assert calls == [], "no collective during an accumulation step"
-        bucketer.sync = True
-        net(xs[world_size + rank]).sum().backward()
-        launched_during_backward = len(calls)
+        launched_during_backward = _accumulate_then_sync(bucketer, net, xs, rank, world_size, calls)
         bucketer.finish()
         # Buckets start in order inside backward up to the first one holding an unused parameter; that one and
         # the rest can only start in finish().
@@ -167,12 +173,7 @@ def _grouped_checks(rank: int, world_size: int, net: Net, reference: Net, xs: li
     calls: list[int] = []
     original = _count_all_reduce(calls)
     try:
-        bucketer.sync = False
-        net(xs[rank]).sum().backward()
-        assert calls == [], "no collective during an accumulation step"
-        bucketer.sync = True
-        net(xs[world_size + rank]).sum().backward()
-        launched_during_backward = len(calls)
+        launched_during_backward = _accumulate_then_sync(bucketer, net, xs, rank, world_size, calls)
         grads_before = {p: p.grad.data_ptr() for p in net.parameters() if p.grad is not None}
         bucketer.finish()
     finally:

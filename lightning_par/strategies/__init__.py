@@ -7,7 +7,5 @@ from lightning_par.strategies.tensor_parallel import TensorParallel1DStrategy
 from lightning_par.strategies.registry import PRESETS, register_all
 from lightning_par.strategies.zero import ZeroStrategy
 
-STRATEGIES = (DataParallelStrategy, ZeroStrategy, TensorParallel1DStrategy, PipelineStrategy)
-
-__all__ = ["DataParallelStrategy", "LightningParStrategy", "PipelineStrategy", "PRESETS", "STRATEGIES",
+__all__ = ["DataParallelStrategy", "LightningParStrategy", "PipelineStrategy", "PRESETS",
            "TensorParallel1DStrategy", "ZeroStrategy", "register_all"]

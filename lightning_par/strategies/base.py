@@ -39,7 +39,7 @@ import lightning.pytorch as pl
 from lightning_par.comm.grad_norm import NormPart, clip_by_global_norm_
 from lightning_par.strategies.sigterm import host_sigterm_check, new_host_group
 from lightning_par.topology import Topology
-from lightning_par.zero.materialize import meta_parameters
+from lightning_par.zero.materialize import has_meta_tensors, meta_parameters
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ class LightningParStrategy(ParallelStrategy):
     @override
     def model_to_device(self) -> None:
         assert self.model is not None
-        if not (self._initialises_meta() and any(t.is_meta for t in [*self.model.parameters(), *self.model.buffers()])):
+        if not (self._initialises_meta() and has_meta_tensors(self.model)):
             self.model.to(self.root_device)
             return
         with torch.no_grad():  # move what has storage; the strategy materialises the rest on the device

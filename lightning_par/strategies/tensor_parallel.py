@@ -39,7 +39,7 @@ from lightning_par.tensor.styles import (
     divisors,
 )
 from lightning_par.topology import Topology
-from lightning_par.zero.materialize import Materializer
+from lightning_par.zero.materialize import Materializer, has_meta_tensors
 
 
 class TensorParallel1DStrategy(DataParallelStrategy):
@@ -223,7 +223,7 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         # which is also the order in which Lightning passes `Trainer.fit(..., weights_only=...)` on. Lightning asks
         # before setup and again after it, when the module is no longer on meta: the first answer is kept.
         module = self.lightning_module
-        if module is not None and any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        if module is not None and has_meta_tensors(module):
             self._restore_after_setup = True
         return self._restore_after_setup
 
@@ -231,7 +231,7 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         """Initialise meta tensors with the model's own initialisation (``zero/materialize.py``), whole, before the
         plan cuts them; rank 0's values are then broadcast to the tensor group. Tied weights are one Parameter,
         initialised once. A module that cannot be initialised is refused there, by name."""
-        if not any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        if not has_meta_tensors(module):
             return
         materializer = Materializer(module, self.root_device, self.param_init_fn, who="tp1d",
                                     strategy="TensorParallel1DStrategy")

@@ -34,6 +34,11 @@ import torch
 from torch import Tensor, nn
 
 
+def has_meta_tensors(module: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``module`` still lives on the meta device (has no storage)."""
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
 @contextmanager
 def meta_parameters() -> Generator[None, None, None]:
     """Parameters registered inside live on the meta device; buffers are built as usual."""
