@@ -5,6 +5,7 @@ Importing the package registers the strategy names (``Trainer(strategy="dp")``).
 
 from lightning_par.strategies import (
     DataParallelStrategy,
+    HybridParallelStrategy,
     LightningParStrategy,
     PipelineStrategy,
     TensorParallel1DStrategy,
@@ -18,6 +19,7 @@ register_all()
 __version__ = "0.1.0"
 __all__ = [
     "DataParallelStrategy",
+    "HybridParallelStrategy",
     "LightningParStrategy",
     "PipelineStrategy",
     "TensorParallel1DStrategy",

@@ -402,7 +402,14 @@ def _state_for_range(saved: dict[tuple[int, int], dict[str, Tensor]], start: int
 def _load_full_into_engine(full: dict[str, Any], engine: "ZeroEngine", module: torch.nn.Module,
                            optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
     """A plain Lightning checkpoint (whole tensors, e.g. written by ``dp``) into the shards."""
-    state_dict = full["state_dict"]
+    load_params_into_engine(full["state_dict"], engine, module)
+    load_optimizers_into_engine(full.get("optimizer_states", []), engine, optimizers)
+    return {k: v for k, v in full.items() if k not in ("state_dict", "optimizer_states")}
+
+
+@torch.no_grad()
+def load_params_into_engine(state_dict: dict[str, Any], engine: "ZeroEngine", module: torch.nn.Module) -> None:
+    """Whole parameters and buffers, by name, into ``engine``'s master shards and ``module``'s buffers."""
     module_state = module.state_dict(keep_vars=True)  # names and shapes only: stage 3 has released the values
     missing = sorted(set(module_state) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(module_state))
@@ -410,27 +417,30 @@ def _load_full_into_engine(full: dict[str, Any], engine: "ZeroEngine", module: t
     if missing or unexpected or mismatched:
         raise ValueError(f"The checkpoint was written for a different model: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}, different shapes {mismatched[:5]}.")
-    with torch.no_grad():
-        for piece in engine.layout.pieces(engine.rank):
-            chunk = engine.chunks[piece.chunk]
-            flat = state_dict[piece.name].reshape(-1)[piece.start : piece.stop]
-            chunk.master[piece.shard_offset : piece.shard_offset + piece.numel].copy_(flat)
-        named_buffers = dict(module.named_buffers())
-        for n, b in named_buffers.items():
-            b.copy_(state_dict[n])
-        for optimizer, saved in zip(optimizers, full.get("optimizer_states", [])):
-            names = [n for group in engine.optimizer_param_names[optimizer] for n in group]
-            by_name = {names[i]: s for i, s in saved["state"].items()}
-            for name, piece, q in engine.optimizer_pieces(optimizer):
-                if name in by_name:
-                    optimizer.state[q] = {
-                        k: (v.clone() if v.dim() == 0 else v.reshape(-1)[piece.start : piece.stop].clone().to(q.device))
-                        for k, v in by_name[name].items() if isinstance(v, Tensor)
-                    }
-            for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-                group.update({k: v for k, v in saved_group.items() if k != "params"})
-        engine.refresh_compute()
-    return {k: v for k, v in full.items() if k not in ("state_dict", "optimizer_states")}
+    for piece in engine.layout.pieces(engine.rank):
+        chunk = engine.chunks[piece.chunk]
+        flat = state_dict[piece.name].reshape(-1)[piece.start : piece.stop]
+        chunk.master[piece.shard_offset : piece.shard_offset + piece.numel].copy_(flat)
+    for n, b in module.named_buffers():
+        b.copy_(state_dict[n])
+    engine.refresh_compute()
+
+
+@torch.no_grad()
+def load_optimizers_into_engine(states: list[dict[str, Any]], engine: "ZeroEngine",
+                                optimizers: list[torch.optim.Optimizer]) -> None:
+    """Whole optimizer state dicts (numbered as one process numbers them) into the optimizers' pieces."""
+    for optimizer, saved in zip(optimizers, states):
+        names = [n for group in engine.optimizer_param_names[optimizer] for n in group]
+        by_name = {names[i]: s for i, s in saved["state"].items()}
+        for name, piece, q in engine.optimizer_pieces(optimizer):
+            if name in by_name:
+                optimizer.state[q] = {
+                    k: (v.clone() if v.dim() == 0 else v.reshape(-1)[piece.start : piece.stop].clone().to(q.device))
+                    for k, v in by_name[name].items() if isinstance(v, Tensor)
+                }
+        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
 
 
 def load_full(path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:

@@ -311,15 +311,15 @@ def test_bf16_collectives_fused_column_and_collective_variants_on_two_ranks():
 
 def test_sequence_parallel_default_is_on_where_the_plan_allows_it(caplog):
     strategy = TensorParallel1DStrategy()
-    assert strategy.sequence_parallel is None
+    assert strategy.tensor_axis.sequence_parallel is None
     plan = auto_plan(Stack(2), 2).plan
-    assert strategy._resolve_sequence_parallel(plan, 2) is True
-    assert strategy._resolve_sequence_parallel(plan, 1) is False
+    assert strategy.tensor_axis.resolve_sequence_parallel(plan, 2) is True
+    assert strategy.tensor_axis.resolve_sequence_parallel(plan, 1) is False
     no_region = {k: v for k, v in plan.items() if v.name != "sequence_region"}
-    assert strategy._resolve_sequence_parallel(no_region, 2) is False  # off, with an info line
-    assert strategy._resolve_sequence_parallel({"blocks": "sequence_region"}, 2) is True
-    assert TensorParallel1DStrategy(sequence_parallel=False)._resolve_sequence_parallel(plan, 2) is False
-    assert TensorParallel1DStrategy(sequence_parallel=True)._resolve_sequence_parallel(no_region, 2) is True
+    assert strategy.tensor_axis.resolve_sequence_parallel(no_region, 2) is False  # off, with an info line
+    assert strategy.tensor_axis.resolve_sequence_parallel({"blocks": "sequence_region"}, 2) is True
+    assert TensorParallel1DStrategy(sequence_parallel=False).tensor_axis.resolve_sequence_parallel(plan, 2) is False
+    assert TensorParallel1DStrategy(sequence_parallel=True).tensor_axis.resolve_sequence_parallel(no_region, 2) is True
 
 
 def test_fused_column_linear_equals_linear_in_one_process():

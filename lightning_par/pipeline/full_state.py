@@ -47,13 +47,16 @@ def _gather_union(mine: dict, group: Optional[ProcessGroup]) -> Optional[dict]:
     return union
 
 
-def gather_state_dict(module: nn.Module, group: Optional[ProcessGroup], takes_part: bool) -> dict[str, Any]:
+def gather_state_dict(module: nn.Module, group: Optional[ProcessGroup], takes_part: bool,
+                      state: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """The full state dict on pipeline rank 0 of the participating group; ``{}`` on other ranks.
 
-    ``takes_part``: whether this rank's pipeline group gathers (only global rank 0's group does)."""
+    ``takes_part``: whether this rank's pipeline group gathers (only global rank 0's group does); ``state``: this
+    stage's entries, by default ``module.state_dict()`` (another component may have made them whole first)."""
     if not takes_part:
         return {}
-    full = _gather_union({k: _to_cpu(v) for k, v in module.state_dict().items()}, group)
+    state = module.state_dict() if state is None else state
+    full = _gather_union({k: _to_cpu(v) for k, v in state.items()}, group)
     return full if full is not None else {}
 
 
@@ -90,12 +93,13 @@ class OptimizerLayout:
             start += len(members)
         self.index = {(g, n): offsets[g] + i for g, members in enumerate(self.full) for i, n in enumerate(members)}
 
-    def gather(self, optimizer: torch.optim.Optimizer, group: Optional[ProcessGroup], takes_part: bool
-               ) -> dict[str, Any]:
-        """The single-process optimizer state dict on pipeline rank 0 of the participating group; ``{}`` elsewhere."""
+    def gather(self, optimizer: torch.optim.Optimizer, group: Optional[ProcessGroup], takes_part: bool,
+               state: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+        """The single-process optimizer state dict on pipeline rank 0 of the participating group; ``{}`` elsewhere
+        (``state``: this stage's, by default ``optimizer.state_dict()``)."""
         if not takes_part:
             return {}
-        state = optimizer.state_dict()
+        state = optimizer.state_dict() if state is None else state
         mine, position = {}, 0
         for g, names in enumerate(self.local):
             for name in names:

@@ -2,10 +2,11 @@
 
 from lightning_par.strategies.base import LightningParStrategy
 from lightning_par.strategies.data_parallel import DataParallelStrategy
+from lightning_par.strategies.hybrid import HybridParallelStrategy
 from lightning_par.strategies.pipeline import PipelineStrategy
 from lightning_par.strategies.tensor_parallel import TensorParallel1DStrategy
 from lightning_par.strategies.registry import PRESETS, register_all
 from lightning_par.strategies.zero import ZeroStrategy
 
-__all__ = ["DataParallelStrategy", "LightningParStrategy", "PipelineStrategy", "PRESETS",
+__all__ = ["DataParallelStrategy", "HybridParallelStrategy", "LightningParStrategy", "PipelineStrategy", "PRESETS",
            "TensorParallel1DStrategy", "ZeroStrategy", "register_all"]

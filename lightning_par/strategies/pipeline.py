@@ -167,10 +167,17 @@ class PipelineStrategy(DataParallelStrategy):
     def pipeline_rank(self) -> int:
         return self.topology.coordinates(self.global_rank)["pipeline"]
 
+    def _splits(self) -> bool:
+        """Whether the module is split into stages. A strategy composing a pipeline with other axes (``hybrid``)
+        says no for a pipeline of one stage: the module then runs whole, as under ``dp``, and every step method
+        below falls through to the data-parallel one."""
+        return True
+
     @override
     def setup_environment(self) -> None:
         # Sizes are checked before any process group exists: a schedule that cannot run must not start.
-        self.schedule_for(self.topology.pipeline)
+        if self._splits():
+            self.schedule_for(self.topology.pipeline)
         super().setup_environment()
 
     @property
@@ -194,6 +201,8 @@ class PipelineStrategy(DataParallelStrategy):
     def setup_module(self, trainer: "pl.Trainer") -> None:
         module = self.lightning_module
         assert module is not None
+        if not self._splits():
+            return super().setup_module(trainer)
         if not module.automatic_optimization:
             raise RuntimeError(
                 f"{type(self).__name__} runs backward itself, microbatch by microbatch, inside the schedule; manual "
@@ -279,6 +288,15 @@ class PipelineStrategy(DataParallelStrategy):
         # [Note: clipping over shards] each stage holds part of the norm, summed over the pipeline; a shared
         # parameter counts on its first holder only (all holders have the same gradient). Data-parallel replicas
         # hold the same averaged gradients, so the pipeline group is enough.
+        if self._partition is None:
+            return super().grad_norm_parts(optimizer)
+        counted, copies = self._stage_params(optimizer)
+        return [NormPart([p.grad for p in counted], (self._pipeline_group,)),
+                NormPart([p.grad for p in copies], counted=False)]
+
+    def _stage_params(self, optimizer: Optimizer) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """``optimizer``'s parameters with a gradient on this stage: those counted in the global norm here, and the
+        copies of shared parameters whose first holder is another stage."""
         shared = self._shared
         names = {id(p): self._canonical[n] for n, p in self.lightning_module.named_parameters(remove_duplicate=False)}
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -287,8 +305,7 @@ class PipelineStrategy(DataParallelStrategy):
             name = names[id(p)]
             return not shared or name not in shared.holders or shared.holders[name][0] == shared.rank
 
-        return [NormPart([p.grad for p in params if counted(p)], (self._pipeline_group,)),
-                NormPart([p.grad for p in params if not counted(p)], counted=False)]
+        return [p for p in params if counted(p)], [p for p in params if not counted(p)]
 
     # ----- steps ----------------------------------------------------------------------------------------------------
 
@@ -338,6 +355,8 @@ class PipelineStrategy(DataParallelStrategy):
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._partition is None:
+            return super().training_step(*args, **kwargs)
         module = self.lightning_module
         trainer = module.trainer
         schedule = self.schedule
@@ -402,21 +421,29 @@ class PipelineStrategy(DataParallelStrategy):
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._partition is None:
+            return super().validation_step(*args, **kwargs)
         return self._eval_step(self.lightning_module.validation_step, self.precision_plugin.val_step_context(),
                                args, kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._partition is None:
+            return super().test_step(*args, **kwargs)
         return self._eval_step(self.lightning_module.test_step, self.precision_plugin.test_step_context(), args, kwargs)
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._partition is None:
+            return super().predict_step(*args, **kwargs)
         return self._eval_step(self.lightning_module.predict_step, self.precision_plugin.predict_step_context(),
                                args, kwargs)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
         # See [Note: a pipelined step inside Lightning's automatic optimization]: autograd already ran.
+        if self._partition is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
         if not self._backward_ran:
             raise RuntimeError(f"{type(self).__name__} runs backward inside its training_step; manual_backward and "
                                "backward outside the schedule are not supported.")

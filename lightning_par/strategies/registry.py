@@ -13,6 +13,7 @@ from typing import Any
 
 from lightning_par.strategies.base import LightningParStrategy
 from lightning_par.strategies.data_parallel import DataParallelStrategy
+from lightning_par.strategies.hybrid import HybridParallelStrategy
 from lightning_par.strategies.pipeline import PipelineStrategy
 from lightning_par.strategies.tensor_parallel import TensorParallel1DStrategy
 from lightning_par.strategies.zero import ZeroStrategy
@@ -30,6 +31,7 @@ class Preset:
 
 PRESETS = (
     Preset("dp", DataParallelStrategy, "data parallel (bucketed all-reduce)"),
+    Preset("hybrid", HybridParallelStrategy, "data x pipeline x tensor parallel, ZeRO over the data axis"),
     Preset("zero1", ZeroStrategy, "ZeRO stage 1: optimizer state sharded", {"stage": 1}),
     Preset("zero2", ZeroStrategy, "ZeRO stage 2: optimizer state and gradients sharded", {"stage": 2}),
     Preset("zero3", ZeroStrategy, "ZeRO stage 3: optimizer state, gradients and parameters sharded", {"stage": 3}),

@@ -12,34 +12,23 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch.optim import Optimizer
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
-from lightning_par.comm.buckets import broadcast_module
 from lightning_par.comm.collectives import group_rank
 from lightning_par.comm.grad_norm import NormPart
 from lightning_par.strategies.base import StartMethod
 from lightning_par.strategies.data_parallel import DataParallelStrategy
 from lightning_par.tensor import full_state
-from lightning_par.tensor.auto_plan import auto_plan
-from lightning_par.tensor.layers_1d import VocabParallelOutput, shard_spec
+from lightning_par.tensor.axis import TensorAxis
+from lightning_par.tensor.layers_1d import shard_spec
 from lightning_par.tensor.loss import materialize_logits
-from lightning_par.tensor.plan import (
-    AppliedPlan,
-    applied_plan,
-    parallelize,
-    unparallelize,
-)
-from lightning_par.tensor.styles import (
-    ParallelStyle,
-    SequenceParallelRegion,
-    divisors,
-)
+from lightning_par.tensor.plan import AppliedPlan, applied_plan
+from lightning_par.tensor.styles import ParallelStyle
 from lightning_par.topology import Topology
-from lightning_par.zero.materialize import Materializer, has_meta_tensors
+from lightning_par.zero.materialize import has_meta_tensors
 
 
 class TensorParallel1DStrategy(DataParallelStrategy):
@@ -117,19 +106,22 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         if tensor_size is not None and (not isinstance(tensor_size, int) or tensor_size < 1):
             raise ValueError(f"tensor_size must be a positive integer or None; got {tensor_size!r}.")
         self.tensor_size = tensor_size
-        self.sequence_parallel = sequence_parallel
-        self.plan = dict(plan) if plan is not None else None
-        self.sequence_dim = sequence_dim
-        if not isinstance(sequence_chunks, int) or sequence_chunks < 1:
-            raise ValueError(f"sequence_chunks must be a positive integer; got {sequence_chunks!r}.")
-        self.sequence_chunks = sequence_chunks
-        self.vocab_parallel_loss = vocab_parallel_loss
-        self.strict = strict
-        self.param_init_fn = param_init_fn
+        self.tensor_axis = TensorAxis(plan=plan, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim,
+                                      sequence_chunks=sequence_chunks, vocab_parallel_loss=vocab_parallel_loss,
+                                      strict=strict, param_init_fn=param_init_fn, who="tp1d",
+                                      owner=type(self).__name__)
         self._restore_after_setup = False  # this run's module was built on the meta device (see the property)
         self._default_sizes: dict[int, int] = {}
-        self._sharded_here = False  # this strategy sharded the module in setup: teardown makes it whole again
-        self._failed = False
+
+    @property
+    def plan(self) -> Optional[dict[str, Union[str, ParallelStyle]]]:
+        """The plan given to the constructor; None for the automatic plan."""
+        return self.tensor_axis.plan
+
+    @property
+    def sequence_parallel(self) -> Optional[bool]:
+        """``sequence_parallel`` as given to the constructor (None: decided by the plan)."""
+        return self.tensor_axis.sequence_parallel
 
     # ----- topology -----------------------------------------------------------------------------------------------
 
@@ -139,19 +131,12 @@ class TensorParallel1DStrategy(DataParallelStrategy):
         return Topology.for_world(world_size, tensor=tensor)
 
     def _default_tensor_size(self, world_size: int) -> int:
-        if world_size in self._default_sizes:
-            return self._default_sizes[world_size]
-        module = self.lightning_module
-        if module is None:
-            return world_size  # not cached: the module decides once it is connected
-        existing = applied_plan(module)
-        if existing is not None:
-            divisor = existing.tg.size
-        else:
-            divisor = auto_plan(module).divisor() if self.plan is None else 0
-        size = max(d for d in divisors(world_size) if divisor == 0 or divisor % d == 0)
-        self._default_sizes[world_size] = size
-        return size
+        if world_size not in self._default_sizes:
+            size = self.tensor_axis.default_size(self.lightning_module, world_size)
+            if size is None:
+                return world_size  # not cached: the module decides once it is connected
+            self._default_sizes[world_size] = size
+        return self._default_sizes[world_size]
 
     @property
     def applied_plan(self) -> Optional[AppliedPlan]:
@@ -170,40 +155,7 @@ class TensorParallel1DStrategy(DataParallelStrategy):
                 ": it copies the whole module when fit starts and then averages the parameters of the sharded one "
                 "(each rank holds 1/tensor_size of every sharded weight), a size mismatch.",
                 "; or average after fit, when the module is whole again")
-        group = self.group("tensor")
-        tensor = self.topology.tensor
-        existing = applied_plan(module)
-        if existing is None:
-            self._materialize(module)
-            broadcast_module(module, group)  # every rank of the tensor group cuts the same full weights
-            if self.plan is None:
-                automatic = auto_plan(module, tensor)
-                plan, notes, reasons = automatic.plan, automatic.notes, automatic.reasons
-                message = automatic.strict_error()
-                if message is not None and tensor > 1:
-                    if self.strict:
-                        raise ValueError(message)
-                    rank_zero_warn(message.split("\nGive a plan")[0] + " (strict=False: training them replicated).")
-            else:
-                plan, notes, reasons = self.plan, [], None
-            sp = self._resolve_sequence_parallel(plan, tensor)
-            applied = parallelize(module, plan, group, sequence_parallel=sp,
-                                  sequence_dim=self.sequence_dim, vocab_parallel_loss=self.vocab_parallel_loss,
-                                  token_chunks=self.sequence_chunks, notes=notes, reasons=reasons)
-            self._sharded_here = True
-            self._failed = False
-            rank_zero_info(applied.describe())
-        else:
-            # A second fit / validate of the same module: same shards, new process groups.
-            existing.rebind(group)
-            if self.sequence_parallel is not None and existing.sequence_parallel != (self.sequence_parallel
-                                                                                    and tensor > 1):
-                raise ValueError("This module was sharded with sequence_parallel="
-                                 f"{existing.sequence_parallel}; build a new module to change it.")
-        for m in module.modules():
-            if isinstance(m, VocabParallelOutput):
-                m.vocab_parallel_loss = self.vocab_parallel_loss
-        _share_rng_state(group, self.root_device)
+        self.tensor_axis.shard(module, self.group("tensor"), self.topology.tensor, self.root_device)
         super().setup_module(trainer)
 
     # ----- meta-device initialisation -----------------------------------------------------------------------------
@@ -227,60 +179,30 @@ class TensorParallel1DStrategy(DataParallelStrategy):
             self._restore_after_setup = True
         return self._restore_after_setup
 
-    def _materialize(self, module: torch.nn.Module) -> None:
-        """Initialise meta tensors with the model's own initialisation (``zero/materialize.py``), whole, before the
-        plan cuts them; rank 0's values are then broadcast to the tensor group. Tied weights are one Parameter,
-        initialised once. A module that cannot be initialised is refused there, by name."""
-        if not has_meta_tensors(module):
-            return
-        materializer = Materializer(module, self.root_device, self.param_init_fn, who="tp1d",
-                                    strategy="TensorParallel1DStrategy")
-        for m in module.modules():
-            materializer.materialize(m)
-
-    def _resolve_sequence_parallel(self, plan: Any, tensor: int) -> bool:
-        """``sequence_parallel`` as given, or for None: on where the plan has a sequence-parallel region (Megatron
-        turns it on together with tensor parallelism), else off, said in an info line."""
-        if self.sequence_parallel is not None:
-            return bool(self.sequence_parallel)
-        if tensor == 1:
-            return False
-        has_region = any(isinstance(style, SequenceParallelRegion) or style == SequenceParallelRegion.name
-                         for style in plan.values())
-        if not has_region:
-            rank_zero_info("tp1d: sequence parallelism off: the plan has no sequence-parallel region (a list of "
-                           "blocks run one after the other); pass sequence_parallel=False to silence this.")
-        return has_region
-
     # ----- gradients ------------------------------------------------------------------------------------------------
 
     @override
     def pre_backward(self, closure_loss: torch.Tensor) -> None:
         super().pre_backward(closure_loss)
-        plan = self.applied_plan
-        if plan is not None:
-            plan.tg.weight_grads.active = True  # see [Note: deferred weight gradients] in tensor/deferred_grads.py
+        self.tensor_axis.before_backward(self.lightning_module)
 
     @override
     def post_backward(self, closure_loss: torch.Tensor) -> None:
-        plan = self.applied_plan
-        if plan is not None:
-            plan.tg.weight_grads.flush()  # the last deferred weight gradients, before anything reads a gradient
+        module = self.lightning_module
+        self.tensor_axis.finish_weight_grads(module)
         super().post_backward(closure_loss)  # the data axis: bucketed average
         # Every backward goes through here (`manual_backward` too); accumulation steps skip the sum, the backward
         # that ends them sums the accumulated gradients once. Right also after several backward calls per step:
         # see [Note: one coalesced sum of the replicated gradients] in tensor/replicated_grads.py.
-        if plan is not None and self._grad_sync_enabled:
-            plan.reduce_replicated_grads()
+        if self._grad_sync_enabled:
+            self.tensor_axis.sum_replicated_grads(module)
 
     @override
     def grad_norm_parts(self, optimizer: Optimizer) -> list[NormPart]:
         # Sharded gradients: each tensor rank holds a disjoint part, summed over the group. Replicated ones are the
         # same on every rank (data-averaged, and summed over the tensor group under sequence parallelism): once.
-        params = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
-        group = self._tensor_group() if self._sharded() else None
-        return [NormPart([p.grad for p in params if shard_spec(p) is not None], (group,)),
-                NormPart([p.grad for p in params if shard_spec(p) is None])]
+        params = self.precision_plugin.main_params(optimizer)
+        return self.tensor_axis.norm_parts(self.lightning_module, [(p, p.grad) for p in params if p.grad is not None])
 
     @torch.no_grad()
     def grad_norm(self, norm_type: Union[float, int, str] = 2.0) -> dict[str, torch.Tensor]:
@@ -375,37 +297,14 @@ class TensorParallel1DStrategy(DataParallelStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        self._failed = True  # another rank may be gone: no collective in teardown
-        plan = self.applied_plan
-        if plan is not None:
-            plan.tg.weight_grads.clear()
+        self.tensor_axis.failed = True  # another rank may be gone: no collective in teardown
+        if self.lightning_module is not None:
+            self.tensor_axis.clear(self.lightning_module)
         super().on_exception(exception)
 
     @override
     def teardown(self) -> None:
-        module = self.lightning_module
-        if module is not None and self._sharded_here and applied_plan(module) is not None:
-            if self._failed:
-                rank_zero_warn("tp1d: training failed; the module is left sharded (its parameters hold this rank's "
-                               "shards).")
-            else:
-                optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
-                unparallelize(module, optimizers)
-            self._sharded_here = False
+        optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+        self.tensor_axis.unshard(self.lightning_module, optimizers)
         self._restore_after_setup = False
         super().teardown()
-
-def _share_rng_state(group: dist.ProcessGroup, device: torch.device) -> None:
-    """Give every rank of the tensor group tensor-rank 0's random state.
-
-    Activations outside the sharded layers are replicated over the tensor group: their dropout masks must be the
-    same on every rank or the replicas drift apart. (Consequence: inside the sharded layers, and on the sequence
-    shards under sequence parallelism, ranks draw the same mask for different heads / tokens.)
-    """
-    if dist.get_world_size(group) == 1:
-        return
-    states = [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
-    dist.broadcast_object_list(states, group_src=0, group=group, device=device if device.type == "cuda" else None)
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.cuda.set_rng_state(states[1], device)

@@ -40,10 +40,13 @@ def _shard(value: Tensor, spec: ShardSpec, local_shape: torch.Size, rank: int, w
     return spec.shard(value, rank)
 
 
-def full_state_dict(module: nn.Module, group: Optional[ProcessGroup]) -> dict[str, Any]:
-    """``module.state_dict()`` with every sharded parameter gathered to its full shape (on every rank)."""
+def full_state_dict(module: nn.Module, group: Optional[ProcessGroup],
+                    state: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """``module.state_dict()`` (or ``state``, keyed alike) with every sharded parameter gathered to its full shape
+    (on every rank)."""
     specs = _specs(module)
-    return {k: _gather(v, specs[k][0], group) if k in specs else v for k, v in module.state_dict().items()}
+    state = module.state_dict() if state is None else state
+    return {k: _gather(v, specs[k][0], group) if k in specs else v for k, v in state.items()}
 
 
 def shard_state_dict(module: nn.Module, state_dict: Mapping[str, Any], rank: int) -> dict[str, Any]:
@@ -52,16 +55,23 @@ def shard_state_dict(module: nn.Module, state_dict: Mapping[str, Any], rank: int
     return {k: _shard(v, *specs[k], rank, k) if k in specs else v for k, v in state_dict.items()}
 
 
-def _optimizer_specs(optimizer: torch.optim.Optimizer) -> dict[int, tuple[ShardSpec, torch.Size]]:
+def _optimizer_specs(optimizer: torch.optim.Optimizer, params: Optional[list[nn.Parameter]] = None
+                     ) -> dict[int, tuple[ShardSpec, torch.Size]]:
     # Optimizer state dicts number parameters in param_groups order.
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if params is None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
     return {i: (spec, p.shape) for i, p in enumerate(params) if (spec := shard_spec(p)) is not None}
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer, group: Optional[ProcessGroup]) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with the state of sharded parameters (tensors shaped like them) made full."""
-    state_dict = optimizer.state_dict()
-    specs = _optimizer_specs(optimizer)
+def full_optimizer_state(optimizer: torch.optim.Optimizer, group: Optional[ProcessGroup],
+                         state_dict: Optional[Mapping[str, Any]] = None,
+                         params: Optional[list[nn.Parameter]] = None) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with the state of sharded parameters (tensors shaped like them) made full.
+
+    ``state_dict`` and ``params`` (the parameters it numbers, in order) stand in for an optimizer that holds
+    something else (ZeRO's flat pieces)."""
+    state_dict = optimizer.state_dict() if state_dict is None else state_dict
+    specs = _optimizer_specs(optimizer, params)
     state = {}
     for index in sorted(state_dict["state"]):
         entry = state_dict["state"][index]
@@ -73,9 +83,11 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, group: Optional[Proce
     return {**state_dict, "state": state}
 
 
-def shard_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any], rank: int) -> dict[str, Any]:
-    """A full optimizer state dict (from :func:`full_optimizer_state`, ``dp`` or one process) cut to this rank."""
-    specs = _optimizer_specs(optimizer)
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any], rank: int,
+                          params: Optional[list[nn.Parameter]] = None) -> dict[str, Any]:
+    """A full optimizer state dict (from :func:`full_optimizer_state`, ``dp`` or one process) cut to this rank
+    (``params``: as for :func:`full_optimizer_state`)."""
+    specs = _optimizer_specs(optimizer, params)
     state = {}
     for index, entry in state_dict["state"].items():
         if index in specs:

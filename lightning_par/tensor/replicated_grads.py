@@ -77,3 +77,24 @@ def _all_reduce_mean(flat: Tensor, tg: TensorGroup) -> None:
     if divide_first:
         flat.div_(tg.size)
     dist.all_reduce(flat, op=op, group=tg.group)
+
+
+@torch.no_grad()
+def mean_over_group(grads: list[Tensor], tg: TensorGroup, device: torch.device) -> None:
+    """Average ``grads`` in place over the tensor group, in one all-reduce per dtype, on ``device``.
+
+    For gradients that left ``.grad`` before :meth:`ReplicatedGradSum.reduce` could see them (ZeRO's shard
+    gradients of the replicated parameters): their hook scaled each contribution by the group size, so the mean is
+    the sum of the note above. Every rank of the group passes the same pieces (ZeRO lays out every tensor rank's
+    module alike)."""
+    if tg.size == 1:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for dtype in sorted(by_dtype, key=str):
+        members = by_dtype[dtype]
+        flat = _flatten_dense_tensors([g.to(device) for g in members])
+        _all_reduce_mean(flat, tg)
+        for g, value in zip(members, _unflatten_dense_tensors(flat, members)):
+            g.copy_(value)

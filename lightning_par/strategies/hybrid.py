@@ -1,0 +1,376 @@
+"""Data x pipeline x tensor x ZeRO in one strategy (``strategy="hybrid"``): Megatron-LM's 3D parallelism, Colossal-AI's
+HybridParallelPlugin, torchtitan's tensor-then-data order.
+
+[Note: how hybrid composes the axes]
+The module is first cut by the tensor axis (:class:`~lightning_par.tensor.axis.TensorAxis`, the plan ``tp1d`` uses,
+over the innermost, contiguous ranks); the tensor-local module is then what the other axes see, exactly as they
+would see a whole module: the pipeline splits its blocks into stages (``PipelineStrategy``, whose runtime this
+class inherits and which stands aside for a pipeline of one stage), and the data axis either averages its gradients
+in buckets (``zero_stage=0``) or shards it with the ZeRO engine (stages 1-3, over the data group only, as
+Colossal-AI does). Every tensor rank of one data/pipeline coordinate sees the same tensor-local layout, so the ZeRO
+chunks and the pipeline's stage shapes agree across the tensor group without communicating.
+
+Gradients end right in three steps after backward: deferred weight gradients are flushed (tensor), the data axis
+reduces (buckets or ZeRO reduce-scatter) and the tensor group sums the replicated parameters of sequence-parallel
+regions (from ``.grad``, or from ZeRO's shard pieces). The gradient norm sums each part over the ranks that hold
+the others: tensor shards over the tensor group, pipeline stages over the pipeline group, ZeRO pieces over the
+data group.
+
+Checkpoints (interim, like ``tp1d``'s and the pipelines'): one plain Lightning file with whole tensors under their
+original names, which any strategy and one process load; every axis makes its part whole in turn (ZeRO pieces over
+the data group, tensor shards over the tensor group, stages to pipeline rank 0) and cuts it again on load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+import lightning.pytorch as pl
+from lightning_par import checkpoint as sharded_checkpoint
+from lightning_par.comm.buckets import broadcast_tensors
+from lightning_par.comm.collectives import group_rank
+from lightning_par.comm.grad_norm import NormPart
+from lightning_par.pipeline import full_state as stage_state
+from lightning_par.strategies.base import COMPUTE_DTYPES, StartMethod
+from lightning_par.strategies.pipeline import PipelineStrategy, ScheduleName
+from lightning_par.tensor import full_state as tensor_state
+from lightning_par.tensor.axis import TensorAxis
+from lightning_par.tensor.loss import materialize_logits
+from lightning_par.tensor.plan import applied_plan
+from lightning_par.tensor.replicated_grads import mean_over_group
+from lightning_par.tensor.styles import ParallelStyle
+from lightning_par.topology import TensorMode, Topology
+from lightning_par.zero.engine import ZeroEngine
+from lightning_par.zero.policy import ZeroPolicy
+from lightning_par.zero.whole import unshard_optimizer, whole_optimizer_state, whole_parameters
+
+
+class HybridParallelStrategy(PipelineStrategy):
+    """Data x pipeline x tensor parallelism, with ZeRO over the data axis (``strategy="hybrid"``).
+
+    Ranks are laid out data-outermost, tensor-innermost (a tensor group is contiguous: on one host it shares the
+    fastest links). The data size is what the pipeline and tensor sizes leave of the world.
+
+    Args:
+        pipeline_size: pipeline stages (default 1: no pipeline).
+        tensor_size: ranks per tensor group. Default: the largest divisor of ``world / pipeline_size`` that divides
+            every head count and width the automatic plan would split (as ``tp1d``).
+        tensor_mode: ``"1d"`` (Megatron); 2D, 2.5D and 3D are not built yet.
+        zero_stage: 0 (data-parallel buckets), 1, 2 or 3 (ZeRO over the data axis). With ``pipeline_size > 1`` only
+            0: a pipeline accumulates each stage's gradients over its microbatches, which ZeRO's hooks would reduce
+            once per microbatch.
+        offload: with ``zero_stage >= 1``, ZeRO's ``offload`` (a fraction of the chunks on the host, or ``"auto"``).
+        sequence_parallel, plan, sequence_dim, vocab_parallel_loss, strict, param_init_fn: the tensor axis, as for
+            ``tp1d``.
+        schedule, microbatches, chunks, stall_timeout: the pipeline, as for ``pipeline`` (``stages`` is
+            ``pipeline_size``).
+        bucket_size_mb, process_group_backend, timeout, start_method: as for ``dp``.
+    """
+
+    def __init__(
+        self,
+        pipeline_size: int = 1,
+        tensor_size: Optional[int] = None,
+        tensor_mode: TensorMode = "1d",
+        zero_stage: Literal[0, 1, 2, 3] = 0,
+        offload: Optional[Union[float, Literal["auto"]]] = None,
+        sequence_parallel: Optional[bool] = None,
+        schedule: ScheduleName = "1f1b",
+        microbatches: Optional[int] = None,
+        chunks: Optional[int] = None,
+        plan: Optional[dict[str, Union[str, ParallelStyle]]] = None,
+        sequence_dim: int = 1,
+        vocab_parallel_loss: bool = True,
+        strict: bool = True,
+        param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
+        bucket_size_mb: float = 25.0,
+        stall_timeout: float = 600.0,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: StartMethod = "popen",
+    ) -> None:
+        for name, value in (("pipeline_size", pipeline_size), ("tensor_size", tensor_size)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        if tensor_mode != "1d":
+            raise ValueError(f"tensor_mode={tensor_mode!r} is not built yet; hybrid runs tensor_mode='1d' (Megatron).")
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3; got {zero_stage!r}.")
+        if pipeline_size > 1 and zero_stage:
+            raise ValueError(
+                f"zero_stage={zero_stage} with pipeline_size={pipeline_size}: a pipeline accumulates each stage's "
+                "gradients over its microbatches, and ZeRO reduces them once per backward. Use zero_stage=0 with a "
+                "pipeline, or pipeline_size=1 with ZeRO.")
+        if offload is not None and not zero_stage:
+            raise ValueError("offload places ZeRO's chunks on the host; it needs zero_stage 1, 2 or 3.")
+        super().__init__(
+            schedule=schedule, stages=pipeline_size, microbatches=microbatches, chunks=chunks,
+            bucket_size_mb=bucket_size_mb, stall_timeout=stall_timeout, accelerator=accelerator,
+            parallel_devices=parallel_devices, cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin, process_group_backend=process_group_backend, timeout=timeout,
+            start_method=start_method,
+        )
+        self.pipeline_size = pipeline_size
+        self.tensor_size = tensor_size
+        self.tensor_mode = tensor_mode
+        self.zero_stage = zero_stage
+        self.tensor_axis = TensorAxis(plan=plan, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim,
+                                      sequence_chunks=1, vocab_parallel_loss=vocab_parallel_loss, strict=strict,
+                                      param_init_fn=param_init_fn, who="hybrid", owner=type(self).__name__)
+        self.zero_policy = None
+        if zero_stage:
+            chunk = (32 if offload is not None else 128) * 2**20
+            self.zero_policy = ZeroPolicy(stage=zero_stage, chunk_numel=chunk, offload=offload)
+        self._engine: Optional[ZeroEngine] = None
+        self._default_sizes: dict[int, int] = {}
+
+    # ----- topology -------------------------------------------------------------------------------------------------
+
+    @override
+    def topology_for(self, world_size: int) -> Topology:
+        if world_size % self.pipeline_size:
+            return Topology.for_world(world_size, pipeline=self.pipeline_size)  # raises, naming what would fit
+        tensor = self.tensor_size
+        if tensor is None:
+            rest = world_size // self.pipeline_size
+            if rest not in self._default_sizes:
+                size = self.tensor_axis.default_size(self.lightning_module, rest)
+                if size is None:
+                    return Topology.for_world(world_size, pipeline=self.pipeline_size, tensor=rest)
+                self._default_sizes[rest] = size
+            tensor = self._default_sizes[rest]
+        return Topology.for_world(world_size, pipeline=self.pipeline_size, tensor=tensor)
+
+    @override
+    def _splits(self) -> bool:
+        return self.topology.pipeline > 1
+
+    # ----- setup ----------------------------------------------------------------------------------------------------
+
+    @override
+    def _initialises_meta(self) -> bool:
+        return True  # the tensor axis materialises a meta-built module whole, before the plan cuts it
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # every axis cuts the checkpoint's whole tensors into what it holds (see the module note)
+
+    @override
+    def setup_module(self, trainer: "pl.Trainer") -> None:
+        module = self.lightning_module
+        assert module is not None
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._refuse_weight_averaging(
+                trainer, ": it averages whole parameters between steps, which hybrid keeps sharded.",
+                "; or average after fit, when the module is whole again")
+        self.tensor_axis.shard(module, self.group("tensor"), self.topology.tensor, self.root_device)
+        if self.zero_policy is None:
+            super().setup_module(trainer)  # the pipeline split (or none), the data axis's buckets
+            return
+        if self._engine is not None:
+            self._engine.remove_hooks()
+        compute_dtype = COMPUTE_DTYPES[self.precision_plugin.precision]
+        self._engine = ZeroEngine(module, self.group("data"), replace(self.zero_policy), compute_dtype,
+                                  self.root_device, log=rank_zero_info, local_ranks=self.num_processes)
+        broadcast_tensors(list(module.buffers()), self.group("data"))
+
+    @override
+    def setup_optimizers(self, trainer: "pl.Trainer") -> None:
+        super().setup_optimizers(trainer)
+        if self._engine is not None:
+            for optimizer in self.optimizers:
+                self._engine.shard_optimizer(optimizer)
+
+    # ----- gradients ------------------------------------------------------------------------------------------------
+
+    @override
+    def set_grad_sync(self, enabled: bool) -> None:
+        super().set_grad_sync(enabled)
+        if self._engine is not None:
+            self._engine.sync = enabled
+
+    @override
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        super().pre_backward(closure_loss)
+        self.tensor_axis.before_backward(self.lightning_module)
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        module = self.lightning_module
+        self.tensor_axis.finish_weight_grads(module)
+        if self._engine is None:
+            super().post_backward(closure_loss)  # buckets (and the pipeline's shared parameters)
+            if self._grad_sync_enabled:
+                self.tensor_axis.sum_replicated_grads(module)
+            return
+        self._engine.finish_backward()
+        plan = applied_plan(module)
+        # Stage 1 hands out gradients only on a synchronising backward; stages 2-3 on every one.
+        if plan is not None and plan.replicated_grads is not None and (self._grad_sync_enabled or self.zero_stage > 1):
+            names = {self._engine.names[p] for p in plan.replicated_grads.params}
+            pieces = [g for name, g in self._engine.shard_gradients() if name in names]
+            mean_over_group(pieces, plan.tg, self.root_device)
+
+    @override
+    def grad_norm_parts(self, optimizer: Optimizer) -> list[NormPart]:
+        module = self.lightning_module
+        if self._engine is not None:
+            params = {name: p for p, name in self._engine.names.items()}
+            pairs = [(params[name], g) for name, g in self._engine.shard_gradients(optimizer)]
+            return self.tensor_axis.norm_parts(module, pairs, (self._engine.group,))
+        if self._partition is None:
+            params = self.precision_plugin.main_params(optimizer)
+            return self.tensor_axis.norm_parts(module, [(p, p.grad) for p in params if p.grad is not None])
+        counted, copies = self._stage_params(optimizer)
+        return (self.tensor_axis.norm_parts(module, [(p, p.grad) for p in counted], (self._pipeline_group,))
+                + self.tensor_axis.norm_parts(module, [(p, p.grad) for p in copies], counted=False))
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
+                       model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._engine is not None:
+            self._engine.refresh_compute()
+        return output
+
+    # ----- steps: ZeRO's forward bookkeeping, outputs as plain tensors ---------------------------------------------
+
+    def _forward(self, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._engine is not None:
+            self._engine.begin_forward()
+        return materialize_logits(step(*args, **kwargs))
+
+    def _evaluate(self, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        output = self._forward(step, *args, **kwargs)
+        if self._engine is not None and self.zero_stage == 3:
+            self._engine.release_all()
+        return output
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward(super().training_step, *args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluate(super().validation_step, *args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluate(super().test_step, *args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluate(super().predict_step, *args, **kwargs)
+
+    # ----- checkpoints: see the module note --------------------------------------------------------------------------
+
+    def _tensor_group(self) -> Optional[Any]:
+        plan = applied_plan(self.lightning_module)
+        return plan.tg.group if plan is not None else None
+
+    def _engine_params(self, optimizer: Optimizer) -> list[torch.nn.Parameter]:
+        """The module parameters ``optimizer`` steps (ZeRO's optimizer holds pieces of them), in its order."""
+        params = {name: p for p, name in self._engine.names.items()}
+        return [params[n] for group in self._engine.optimizer_param_names[optimizer] for n in group]
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        module = self.lightning_module
+        state = whole_parameters(self._engine, module) if self._engine is not None else module.state_dict()
+        if applied_plan(module) is not None:
+            state = tensor_state.full_state_dict(module, self._tensor_group(), state)
+        if self._partition is not None:
+            state = stage_state.gather_state_dict(module, self._pipeline_group, self._gathers(), state)
+        return state
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        params = None
+        if self._engine is not None:
+            state, params = whole_optimizer_state(self._engine, optimizer), self._engine_params(optimizer)
+        else:
+            state = optimizer.state_dict()
+        if applied_plan(self.lightning_module) is not None:
+            state = tensor_state.full_optimizer_state(optimizer, self._tensor_group(), state, params)
+        if self._partition is not None:
+            state = self._layout(optimizer).gather(optimizer, self._pipeline_group, self._gathers(), state)
+        return state
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        state = checkpoint["state_dict"]
+        if self._partition is not None:
+            state = stage_state.local_state_dict(module, state)
+        if applied_plan(module) is not None:
+            state = tensor_state.shard_state_dict(module, state, group_rank(self._tensor_group()))
+        if self._engine is not None:
+            sharded_checkpoint.load_params_into_engine(state, self._engine, module)
+        else:
+            module.load_state_dict(state, strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        states = []
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            params = self._engine_params(optimizer) if self._engine is not None else None
+            if self._partition is not None:
+                state = self._layout(optimizer).cut(state)
+            if applied_plan(self.lightning_module) is not None:
+                state = tensor_state.shard_optimizer_state(optimizer, state, group_rank(self._tensor_group()), params)
+            if self._engine is None:
+                optimizer.load_state_dict(state)
+                _optimizers_to_device([optimizer], self.root_device)
+            states.append(state)
+        if self._engine is not None:
+            sharded_checkpoint.load_optimizers_into_engine(states, self._engine, self.optimizers)
+
+    # ----- teardown ---------------------------------------------------------------------------------------------------
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self.tensor_axis.failed = True  # another rank may be gone: no collective in teardown
+        if self.lightning_module is not None:
+            self.tensor_axis.clear(self.lightning_module)
+        super().on_exception(exception)
+
+    @override
+    def teardown(self) -> None:
+        # The module leaves fit whole: ZeRO's masters gathered into its parameters, then the tensor shards joined.
+        optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+        if self._engine is not None:
+            if self.tensor_axis.failed:
+                optimizers = []  # they hold ZeRO's pieces, not the module's parameters
+            else:
+                self._engine.remove_hooks()
+                self._engine.unshard(self.root_device)
+                for optimizer in optimizers:
+                    unshard_optimizer(self._engine, optimizer)
+            self._engine.close()
+            self._engine = None
+        if self._partition is None:
+            self.tensor_axis.unshard(self.lightning_module, optimizers)
+        super().teardown()

@@ -1,0 +1,92 @@
+"""Whole tensors out of a ZeRO engine's shards, on every rank, for a checkpoint written as one plain file.
+
+Used where another axis must act on whole (local) parameters before saving, as ``hybrid`` does when the tensor axis
+gathers its shards: ZeRO's own sharded checkpoint keys pieces by name and cannot yet express a tensor-parallel
+shard. Costs one model's worth of memory (and of its optimizer state) on every rank of the data group while saving.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_par.zero.engine import ZeroEngine
+
+
+@torch.no_grad()
+def whole_parameters(engine: "ZeroEngine", module: torch.nn.Module) -> dict[str, Tensor]:
+    """``module.state_dict()`` with every parameter whole, from the fp32 masters, in its original dtype, on the host
+    (a collective over the engine's group: one chunk gathered at a time)."""
+    values: dict[str, Tensor] = {}
+    for chunk in engine.chunks:
+        full = torch.empty(chunk.padded, dtype=torch.float32, device=engine.device)
+        if engine.world_size == 1:
+            full.copy_(chunk.master)
+        else:
+            dist.all_gather_into_tensor(full, chunk.master.to(engine.device), group=engine.group)
+        for i, p in enumerate(chunk.params):
+            values[engine.names[p]] = chunk.view(full, i).to(engine.original_dtypes[p]).cpu()
+    state = module.state_dict(keep_vars=True)  # names (tied ones too) and buffers; parameter values come from above
+    aliases = {n: engine.names[p] for n, p in module.named_parameters(remove_duplicate=False)}
+    return {n: values[aliases[n]] if n in aliases else v.detach().cpu() for n, v in state.items()}
+
+
+@torch.no_grad()
+def whole_optimizer_state(engine: "ZeroEngine", optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer``'s state as one process numbers it (parameters in the order the user built the groups), each
+    tensor whole and shaped like its parameter, on the host: the pieces of every rank summed over the group (they
+    are disjoint, the rest is zero)."""
+    names = engine.optimizer_param_names[optimizer]
+    shapes = {n: p.shape for p, n in engine.names.items()}
+    mine: dict[str, dict[str, Any]] = {}  # name -> state key -> (dtype, scalar value or None)
+    for name, piece, q in engine.optimizer_pieces(optimizer):
+        for key, value in engine.piece_state(optimizer, piece, q).items():
+            if isinstance(value, Tensor):
+                mine.setdefault(name, {})[key] = (value.dtype, value.clone().cpu() if value.dim() == 0 else None)
+    described = [mine]
+    if engine.world_size > 1:
+        described = [None] * engine.world_size
+        dist.all_gather_object(described, mine, group=engine.group)
+    keys: dict[str, dict[str, Any]] = {}
+    for part in described:
+        for name, entries in part.items():
+            keys.setdefault(name, {}).update(entries)
+    ordered = [n for group in names for n in group]
+    # The same order on every rank (the user's parameter order, then the key), for the sums below.
+    flat = {(name, key): torch.zeros(shapes[name].numel(), dtype=dtype, device=engine.device)
+            for name in ordered if name in keys for key, (dtype, scalar) in sorted(keys[name].items())
+            if scalar is None}
+    for name, piece, q in engine.optimizer_pieces(optimizer):
+        for key, value in engine.piece_state(optimizer, piece, q).items():
+            if (name, key) in flat:
+                flat[(name, key)][piece.start : piece.stop].copy_(value.reshape(-1))
+    for tensor in flat.values():
+        if engine.world_size > 1:
+            dist.all_reduce(tensor, group=engine.group)
+    state = {}
+    for i, name in enumerate(ordered):
+        if name in keys:
+            state[i] = {key: scalar if scalar is not None else flat[(name, key)].reshape(shapes[name]).cpu()
+                        for key, (_, scalar) in keys[name].items()}
+    groups, start = [], 0
+    for group, members in zip(optimizer.param_groups, names):
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": list(range(start, start + len(members)))})
+        start += len(members)
+    return {"state": state, "param_groups": groups}
+
+
+@torch.no_grad()
+def unshard_optimizer(engine: "ZeroEngine", optimizer: torch.optim.Optimizer) -> None:
+    """Point ``optimizer`` back at the module's parameters, with their whole state (a collective over the engine's
+    group): after fit it is an ordinary optimizer of an ordinary module again. Call after ``engine.unshard()``."""
+    state = whole_optimizer_state(engine, optimizer)
+    params = {name: p for p, name in engine.names.items()}
+    for group, names in zip(optimizer.param_groups, engine.optimizer_param_names[optimizer]):
+        group["params"] = [params[n] for n in names]
+    optimizer.state.clear()
+    optimizer.load_state_dict(state)
