@@ -27,6 +27,8 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh zero7b_tp1d_profile # ~8 min on 4 GPUs: ZeRO at 6.7 B beside fsdp/FSDP2; tp1d profiled
 #   OUT=$OUT benchmarks/gpu_suite.sh zero_vs_fsdp  # ~5 min on 4 GPUs: ZeRO beside fsdp/FSDP2 at 6.7 B (peers first), 1.3 B
 #   OUT=$OUT benchmarks/gpu_suite.sh offload_2gpu  # 2 GPUs: zero3 on the host, with NVMe spill, FSDP2 + CPUOffloadPolicy
+#   OUT=$OUT benchmarks/gpu_suite.sh hybrid_parity # ~3 min on 4 GPUs: hybrid (data 2 x tensor 2 + ZeRO, pipeline 2 x tensor 2)
+#   OUT=$OUT benchmarks/gpu_suite.sh hybrid_speed  # ~8 min on 4 GPUs: hybrid beside the single methods, 1.3B
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
 #
 # Every case runs under `timeout`; afterwards every process it left behind (torchrun starts workers in new sessions,
@@ -34,7 +36,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|hybrid_parity|hybrid_speed|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -261,6 +263,18 @@ pipeline_1f1b_2stages
     run_case dp_1gpu 90 0 $MG throughput --out "$WORK/dp_1gpu.json" $ACC $THR --variants dp
     run_case pipeline_equal_4gpu 200 4 benchmarks/pipeline_peer.py --out "$WORK/pipeline_equal_4gpu.json" $ACC $THR \
       --vocab 2048
+    ;;
+  hybrid_parity)  # hybrid's compositions against one process (fp32, clipping by norm), 4 GPUs then 2: ~3 min
+    run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR --clip 0.05
+    run_case parity_hybrid_4gpu 200 4 $MG parity --reference "$REF" --out "$WORK/parity_hybrid_4gpu.json" $ACC \
+      --only dp,tp1d_2way,pipeline_1f1b_2stages,hybrid,hybrid_t2_zero1,hybrid_t2_zero2,hybrid_t2_zero3,hybrid_p2_t2
+    run_case parity_hybrid_2gpu 120 2 $MG parity --reference "$REF" --out "$WORK/parity_hybrid_2gpu.json" $ACC \
+      --only hybrid,hybrid_t2_zero2,hybrid_t2_zero3
+    ;;
+  hybrid_speed)  # hybrid at 4 GPUs beside the single methods on the same 1.3B model, one run: ~8 min
+    [ "$CPU" = 1 ] || run_case sync_check 60 0 $MG sync_check
+    run_case hybrid_4gpu 420 4 $MG throughput --out "$WORK/hybrid_4gpu.json" $ACC $THR \
+      --variants zero2,tp1d,tp1d_2way,pipeline_2stages,hybrid_d2_t2,hybrid_d2_t2_zero2,hybrid_d2_t2_zero3,hybrid_p2_t2
     ;;
   final_speed)  # the issue's tp1d and dp figures in one 4-GPU call (run `parity` first, and `pipeline_fair` for the
     # pipelines, each in its own call): ~5 min

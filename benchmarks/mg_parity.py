@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lightning.pytorch as pl
 from lightning_par.demo.model import DemoGPT
-from lightning_par.strategies import DataParallelStrategy, PipelineStrategy, TensorParallel1DStrategy, ZeroStrategy
+from lightning_par.strategies import (DataParallelStrategy, HybridParallelStrategy, PipelineStrategy,
+                                      TensorParallel1DStrategy, ZeroStrategy)
 
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
 
@@ -147,6 +148,11 @@ def parity_strategies(nvme_dir: str, world: int, cfg: dict) -> dict[str, Callabl
         # subgroup, beside the pipeline's transfers or tp1d's collectives.
         "pipeline_1f1b_2stages": lambda: PipelineStrategy(schedule="1f1b", stages=2, microbatches=m),
         "tp1d_2way": lambda: TensorParallel1DStrategy(tensor_size=2),
+        # hybrid (at 4 GPUs: data 2 x tensor 2 with ZeRO, pipeline 2 x tensor 2; at 2 GPUs tensor 2 alone)
+        "hybrid": lambda: "hybrid",
+        **{f"hybrid_t2_zero{z}": (lambda z=z: HybridParallelStrategy(tensor_size=2, zero_stage=z)) for z in (1, 2, 3)},
+        **({"hybrid_p2_t2": lambda: HybridParallelStrategy(pipeline_size=2, tensor_size=2, microbatches=m)}
+           if world % 4 == 0 else {}),
     }
 
 

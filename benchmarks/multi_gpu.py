@@ -47,7 +47,7 @@ import mg_parity  # noqa: E402
 import tp_peer  # noqa: E402
 from lightning_par.demo.model import GPT  # noqa: E402
 from lightning_par.strategies import (  # noqa: E402
-    DataParallelStrategy, PipelineStrategy, TensorParallel1DStrategy, ZeroStrategy)
+    DataParallelStrategy, HybridParallelStrategy, PipelineStrategy, TensorParallel1DStrategy, ZeroStrategy)
 
 MODELS = {  # --model presets: layers, width, heads, batch per GPU
     "1.3b": dict(layers=24, width=2048, heads=16, batch=4),
@@ -195,6 +195,14 @@ def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple
         "pipeline_interleaved_deferred": (lambda: PipelineStrategy(schedule="interleaved", microbatches=m,
                                                                    defer_weight_grads=True), PipelineBench, gpt),
         "pipeline_zero_bubble": (lambda: PipelineStrategy(schedule="zero_bubble", microbatches=m), PipelineBench, gpt),
+        # hybrid at 4 GPUs: data 2 x tensor 2 (buckets, or ZeRO over the data axis), pipeline 2 x tensor 2
+        "hybrid_d2_t2": (lambda: HybridParallelStrategy(tensor_size=2), bench_dp.BenchModule, gpt),
+        **{f"hybrid_d2_t2_zero{z}": (lambda z=z: HybridParallelStrategy(tensor_size=2, zero_stage=z),
+                                     bench_dp.BenchModule, gpt) for z in (1, 2, 3)},
+        "hybrid_p2_t2": (lambda: HybridParallelStrategy(pipeline_size=2, tensor_size=2, microbatches=m),
+                         PipelineBench, gpt),
+        "pipeline_2stages": (lambda: PipelineStrategy(schedule="1f1b", stages=2, microbatches=m), PipelineBench, gpt),
+        "tp1d_2way": (lambda: TensorParallel1DStrategy(tensor_size=2), bench_dp.BenchModule, gpt),
         "lightning_ddp": (lambda: "ddp", bench_dp.BenchModule, gpt),
         "lightning_fsdp": (lambda: FSDPStrategy(auto_wrap_policy={Block}), bench_dp.BenchModule, gpt),
         "lightning_fsdp2": (lambda: ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
@@ -385,7 +393,7 @@ def cmd_sync_check(args: argparse.Namespace) -> None:
 
 def must_not_sync(variant: str) -> bool:
     """Our variants whose timed steps must make no host sync (the offloading ones wait for their host step)."""
-    return variant.startswith(("dp", "zero", "tp1d")) and not any(k in variant for k in ("offload", "nvme", "host"))
+    return variant.startswith(("dp", "zero", "tp1d", "hybrid_d2")) and not any(k in variant for k in ("offload", "nvme", "host"))
 
 
 def add_throughput_args(thr: argparse.ArgumentParser) -> None:

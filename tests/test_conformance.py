@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 import lightning_par  # noqa: F401  (registers the names)
 from helpers import free_port, run_on_ranks
-from lightning_par.strategies import PRESETS, PipelineStrategy, TensorParallel1DStrategy
+from lightning_par.strategies import PRESETS
 from parity import BuildsInConfigureModel, RecordingGPT, Run, fit, global_losses, relative_gap, token_dataset
 from test_dp import _as_external_rank
 
@@ -47,16 +47,19 @@ RESUME = Run(steps=2, epochs=2, module_kwargs=MODULE)
 EVAL_SAMPLES = 16
 
 
-def _strategy_class(name: str) -> type:
-    return next(p.strategy for p in PRESETS if p.name == name)
+def _topology(name: str):
+    """The degrees the preset runs with on WORLD ranks (tensor-parallel presets: the whole world, as for this
+    module, whose heads divide by 2)."""
+    preset = next(p for p in PRESETS if p.name == name)
+    return preset.strategy(**preset.arguments).topology_for(WORLD)
 
 
 def _is_pipeline(name: str) -> bool:
-    return issubclass(_strategy_class(name), PipelineStrategy)
+    return _topology(name).pipeline > 1
 
 
 def _data_parallel(name: str) -> int:
-    return 1 if issubclass(_strategy_class(name), (TensorParallel1DStrategy, PipelineStrategy)) else WORLD
+    return _topology(name).data
 
 
 class ConformanceGPT(RecordingGPT):
