@@ -187,6 +187,7 @@ class HybridParallelStrategy(PipelineStrategy):
         self.tensor_axis.shard(module, self.group("tensor"), self.topology.tensor, self.root_device)
         if self.zero_policy is None:
             super().setup_module(trainer)  # the pipeline split (or none), the data axis's buckets
+            self.tensor_axis.keep_replicated_of(module)
             return
         if self._engine is not None:
             self._engine.remove_hooks()

@@ -142,6 +142,15 @@ class TensorAxis:
             plan.reduce_replicated_grads()
 
     @staticmethod
+    def keep_replicated_of(module: nn.Module) -> None:
+        """Sum only the replicated gradients of parameters ``module`` still holds: a pipeline stage dropped the other
+        stages' blocks, whose gradients would otherwise be summed as zeros, and read back as missing (a host sync)."""
+        plan = applied_plan(module)
+        if plan is not None and plan.replicated_grads is not None:
+            here = {id(p) for p in module.parameters()}
+            plan.replicated_grads.params = [p for p in plan.replicated_grads.params if id(p) in here]
+
+    @staticmethod
     def norm_parts(module: nn.Module, grads: list[tuple[nn.Parameter, torch.Tensor]], others: Groups = (),
                    counted: bool = True) -> list[NormPart]:
         """``grads`` ((parameter, gradient) pairs) as parts of the global norm: a sharded parameter's gradients are
