@@ -29,6 +29,7 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh offload_2gpu  # 2 GPUs: zero3 on the host, with NVMe spill, FSDP2 + CPUOffloadPolicy
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_parity # ~3 min on 4 GPUs: hybrid (data 2 x tensor 2 + ZeRO, pipeline 2 x tensor 2)
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_speed  # ~8 min on 4 GPUs: hybrid beside the single methods, 1.3B
+#   OUT=$OUT benchmarks/gpu_suite.sh hybrid_nodes  # ~5 min on 4 GPUs: hybrid across two torchrun "nodes"; pp2 x tp2 profiled
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
 #
 # Every case runs under `timeout`; afterwards every process it left behind (torchrun starts workers in new sessions,
@@ -36,7 +37,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|hybrid_parity|hybrid_speed|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|hybrid_parity|hybrid_speed|hybrid_nodes|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -274,6 +275,16 @@ pipeline_1f1b_2stages
   hybrid_speed)  # hybrid at 4 GPUs beside the single methods on the same 1.3B model, one run: ~8 min
     run_case hybrid_4gpu 540 4 $MG throughput --out "$WORK/hybrid_4gpu.json" $ACC $THR \
       --variants dp,zero2,tp1d_2way,pipeline_2stages,hybrid_d2_t2,hybrid_d2_t2_zero2,hybrid_d2_t2_zero3,hybrid_p2_t2
+    ;;
+  hybrid_nodes)  # hybrid's groups across two "nodes" (2 torchrun agents x 2 GPUs): tensor inside a node, data or
+    # pipeline across; then where pipeline 2 x tensor 2 loses against pipeline 2 x data 2 (profiles): ~5 min
+    run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR --clip 0.05
+    cpu_flag=""; [ "$CPU" = 1 ] && cpu_flag="--cpu"
+    run_case parity_hybrid_two_nodes 150 0 benchmarks/two_nodes.py --nproc 2 $cpu_flag -- $MG parity --reference "$REF" \
+      --out "$WORK/parity_hybrid_two_nodes.json" $ACC --only zero3,hybrid_t2_zero2,hybrid_t2_zero3,hybrid_p2_t2
+    for v in hybrid_p2_t2 pipeline_2stages; do
+      run_case "profile_$v" 150 4 benchmarks/profile_variant.py --variant $v --out "$OUT/profile_$v" $ACC $THR
+    done
     ;;
   final_speed)  # the issue's tp1d and dp figures in one 4-GPU call (run `parity` first, and `pipeline_fair` for the
     # pipelines, each in its own call): ~5 min
