@@ -115,6 +115,17 @@ class RecordingGPT(DemoGPT):
         return [torch.optim.SGD(blocks, lr=0.1, momentum=0.9), torch.optim.SGD(rest, lr=0.05, momentum=0.5)]
 
 
+class BatchLossGPT(RecordingGPT):
+    """Records the step loss the strategy returns (under a pipeline: the batch's, on every rank), so that every
+    strategy is read alike."""
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.recorded.append(outputs["loss"].item() * self.trainer.accumulate_grad_batches)
+
+
 class BuildsInConfigureModel:
     """Mixin for a RecordingGPT subclass: the network is built in ``configure_model``, the Lightning hook for sharded
     construction, not in ``__init__``; ``built_on_meta`` records whether it was built on the meta device."""

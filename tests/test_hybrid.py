@@ -10,21 +10,15 @@ import pytest
 
 from helpers import error_message, free_port, run_on_ranks
 from lightning_par import HybridParallelStrategy
-from parity import RecordingGPT, Run, fit, global_losses, relative_gap
+from parity import BatchLossGPT, Run, fit, global_losses, relative_gap
 from test_dp import _as_external_rank
 
 WORLD = 8
 TOL = 1e-5
 
 
-class BatchLossGPT(RecordingGPT):
-    """Records the step loss the strategy returns (under a pipeline: the batch's, on every rank)."""
-
-    def training_step(self, batch, batch_idx):
-        return self._loss(batch)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.recorded.append(outputs["loss"].item() * self.trainer.accumulate_grad_batches)
+class HeldGPT(BatchLossGPT):
+    """Also records what this rank holds when training starts."""
 
     def on_train_start(self):
         # What this rank holds once every axis has cut the module: parameter elements, or ZeRO's master shards.
@@ -57,7 +51,7 @@ def _train_all(rank: int, world: int, port: int, tmpdir: str) -> dict:
     out = {}
     for name, (arguments, run) in _configs().items():
         trainers = []
-        out[name] = fit(run, HybridParallelStrategy(**arguments), world, _data(arguments), module_class=BatchLossGPT,
+        out[name] = fit(run, HybridParallelStrategy(**arguments), world, _data(arguments), module_class=HeldGPT,
                         trainers=trainers)
         out[f"{name}_held"] = trainers[0].lightning_module.held
     # Checkpoints: hybrid -> hybrid and -> one process (in the test); one process (saved by the test) -> hybrid.
