@@ -198,6 +198,9 @@ class DemoGPT(CausalLMSteps):
                 dropout=dropout,
             )
         )
+        # Model FLOPs per trained token (forward and backward), as lightning_par.callbacks.ThroughputMonitor reads
+        # it for MFU: 6 per parameter for the matmuls, plus the attention scores and values over the context.
+        self.flops_per_token = 6 * self.model.num_params() + 12 * n_layer * n_embd * block_size
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
