@@ -76,10 +76,10 @@ def layers(path: Path) -> None:
     tensor = _box(ax, 2.2, 3.4, 2.6, h, "tensor/", "1D layers + plans (2D-3D planned)", True)
     pipe = _box(ax, 5.05, 3.4, 2.6, h, "pipeline/", "schedules as data, one executor", True)
     zero = _box(ax, 7.9, 3.4, 2.6, h, "zero/", "chunks, GPU / host / NVMe", True)
-    strat = _box(ax, 2.2, 5.0, 5.45, h, "strategies/", "base + dp, zero1-3, zero offload / nvme, tp1d, pipeline", True)
+    strat = _box(ax, 2.2, 5.0, 5.45, h, "strategies/", "base + dp, zero1-3, offload / nvme, tp1d, pipeline, hybrid", True)
     ckpt = _box(ax, 7.9, 5.0, 2.6, h, "checkpoint.py", "sharded save / load, resharding", True)
     cli = _box(ax, 2.2, 6.6, 5.45, h, "cli.py / demo/", "lightning-par (LightningCLI), demo GPT + corpus", True)
-    cbs = _box(ax, 7.9, 6.6, 2.6, h, "callbacks.py", "throughput / MFU / memory", False)
+    cbs = _box(ax, 7.9, 6.6, 2.6, h, "callbacks.py", "throughput / MFU / memory", True)
 
     ax.text(10.62, 3.9, "engines", fontsize=11, rotation=90, va="center", color="#555555")
     ax.text(10.62, 1.5, "core", fontsize=11, rotation=90, va="center", color="#555555")
