@@ -29,6 +29,7 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh offload_2gpu  # 2 GPUs: zero3 on the host, with NVMe spill, FSDP2 + CPUOffloadPolicy
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_parity # ~3 min on 4 GPUs: hybrid (data 2 x tensor 2 + ZeRO, pipeline 2 x tensor 2)
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_speed  # ~8 min on 4 GPUs: hybrid beside the single methods, 1.3B
+#   OUT=$OUT benchmarks/gpu_suite.sh hybrid_mb     # ~2 min on 4 GPUs: pipeline 2 x tensor 2 with 8, 4, 2 microbatches, no SP
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_nodes  # ~5 min on 4 GPUs: hybrid across two torchrun "nodes"; pp2 x tp2 profiled
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
 #
@@ -37,7 +38,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|hybrid_parity|hybrid_speed|hybrid_nodes|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|hybrid_parity|hybrid_speed|hybrid_mb|hybrid_nodes|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -275,6 +276,10 @@ pipeline_1f1b_2stages
   hybrid_speed)  # hybrid at 4 GPUs beside the single methods on the same 1.3B model, one run: ~8 min
     run_case hybrid_4gpu 540 4 $MG throughput --out "$WORK/hybrid_4gpu.json" $ACC $THR \
       --variants dp,zero2,tp1d_2way,pipeline_2stages,hybrid_d2_t2,hybrid_d2_t2_zero2,hybrid_d2_t2_zero3,hybrid_p2_t2
+    ;;
+  hybrid_mb)  # pipeline 2 x tensor 2 with fewer, larger microbatches and without sequence parallelism: ~2 min
+    run_case hybrid_mb_4gpu 300 4 $MG throughput --out "$WORK/hybrid_mb_4gpu.json" $ACC $THR \
+      --variants pipeline_2stages,hybrid_p2_t2,hybrid_p2_t2_m4,hybrid_p2_t2_m2,hybrid_p2_t2_nosp
     ;;
   hybrid_nodes)  # hybrid's groups across two "nodes" (2 torchrun agents x 2 GPUs): tensor inside a node, data or
     # pipeline across; then where pipeline 2 x tensor 2 loses against pipeline 2 x data 2 (profiles): ~5 min

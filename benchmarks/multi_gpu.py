@@ -201,6 +201,11 @@ def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple
                                      bench_dp.BenchModule, gpt) for z in (1, 2, 3)},
         "hybrid_p2_t2": (lambda: HybridParallelStrategy(pipeline_size=2, tensor_size=2, microbatches=m),
                          PipelineBench, gpt),
+        # fewer, larger microbatches: is pipeline x tensor bound by the host's kernel launches?
+        **{f"hybrid_p2_t2_m{k}": (lambda k=k: HybridParallelStrategy(pipeline_size=2, tensor_size=2, microbatches=k),
+                                  PipelineBench, gpt) for k in (2, 4)},
+        "hybrid_p2_t2_nosp": (lambda: HybridParallelStrategy(pipeline_size=2, tensor_size=2, microbatches=m,
+                                                             sequence_parallel=False), PipelineBench, gpt),
         "pipeline_2stages": (lambda: PipelineStrategy(schedule="1f1b", stages=2, microbatches=m), PipelineBench, gpt),
         "tp1d_2way": (lambda: TensorParallel1DStrategy(tensor_size=2), bench_dp.BenchModule, gpt),
         "lightning_ddp": (lambda: "ddp", bench_dp.BenchModule, gpt),
