@@ -269,7 +269,8 @@ pipeline_1f1b_2stages
   hybrid_parity)  # hybrid's compositions against one process (fp32, clipping by norm), 4 GPUs then 2: ~3 min
     run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR --clip 0.05
     run_case parity_hybrid_4gpu 200 4 $MG parity --reference "$REF" --out "$WORK/parity_hybrid_4gpu.json" $ACC \
-      --only dp,tp1d_2way,pipeline_1f1b_2stages,hybrid,hybrid_t2_zero1,hybrid_t2_zero2,hybrid_t2_zero3,hybrid_p2_t2
+      --only dp,tp1d_2way,pipeline_1f1b_2stages,hybrid,hybrid_t2_zero1,hybrid_t2_zero2,hybrid_t2_zero3,hybrid_p2_t2,\
+hybrid_p2_zero1
     run_case parity_hybrid_2gpu 120 2 $MG parity --reference "$REF" --out "$WORK/parity_hybrid_2gpu.json" $ACC \
       --only hybrid,hybrid_t2_zero2,hybrid_t2_zero3
     ;;

@@ -151,7 +151,9 @@ def parity_strategies(nvme_dir: str, world: int, cfg: dict) -> dict[str, Callabl
         # hybrid (at 4 GPUs: data 2 x tensor 2 with ZeRO, pipeline 2 x tensor 2; at 2 GPUs tensor 2 alone)
         "hybrid": lambda: "hybrid",
         **{f"hybrid_t2_zero{z}": (lambda z=z: HybridParallelStrategy(tensor_size=2, zero_stage=z)) for z in (1, 2, 3)},
-        **({"hybrid_p2_t2": lambda: HybridParallelStrategy(pipeline_size=2, tensor_size=2, microbatches=m)}
+        **({"hybrid_p2_t2": lambda: HybridParallelStrategy(pipeline_size=2, tensor_size=2, microbatches=m),
+            "hybrid_p2_zero1": lambda: HybridParallelStrategy(pipeline_size=2, tensor_size=1, zero_stage=1,
+                                                              microbatches=m)}
            if world % 4 == 0 else {}),
     }
 

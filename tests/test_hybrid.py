@@ -34,6 +34,8 @@ def _configs() -> dict[str, tuple[dict, Run]]:
     clip = dict(clip_val=0.05, steps=6)
     return {
         "d2_p2_t2": (dict(pipeline_size=2, tensor_size=2, microbatches=2), Run(**clip, module_kwargs={"n_layer": 4})),
+        "d2_p2_t2_zero1": (dict(pipeline_size=2, tensor_size=2, microbatches=2, zero_stage=1),
+                           Run(**clip, accumulate=2, module_kwargs={"n_layer": 4})),
         "p2_t4": (dict(pipeline_size=2, tensor_size=4, microbatches=2, schedule="gpipe"),
                   Run(**clip, module_kwargs={"n_layer": 4, "n_head": 4})),
         "d4_t2_zero2": (dict(tensor_size=2, zero_stage=2), Run(**clip, accumulate=2)),
@@ -69,7 +71,7 @@ def _train_all(rank: int, world: int, port: int, tmpdir: str) -> dict:
     return out
 
 
-CHECKPOINTED = ("d2_p2_t2", "d4_t2_zero3")
+CHECKPOINTED = ("d2_p2_t2", "d2_p2_t2_zero1", "d4_t2_zero3")
 
 
 def _two_epochs(run: Run) -> Run:
@@ -126,7 +128,10 @@ def test_hybrid_matches_single_process(tmp_path):
 
 def test_strategy_arguments_and_errors():
     assert HybridParallelStrategy(pipeline_size=2, tensor_size=2).topology_for(8).data == 2
-    assert "pipeline_size=1 with ZeRO" in error_message(lambda: HybridParallelStrategy(pipeline_size=2, zero_stage=1))
+    assert "pipeline_size=1 with ZeRO-2/3" in error_message(lambda: HybridParallelStrategy(pipeline_size=2,
+                                                                                           zero_stage=2))
+    assert "offload with a pipeline" in error_message(lambda: HybridParallelStrategy(pipeline_size=2, zero_stage=1,
+                                                                                      offload=1.0))
     assert "not built yet" in error_message(lambda: HybridParallelStrategy(tensor_mode="2d"))
     assert "needs zero_stage" in error_message(lambda: HybridParallelStrategy(offload=1.0))
     assert "does not divide" in error_message(lambda: HybridParallelStrategy(pipeline_size=3).topology_for(8))

@@ -146,7 +146,7 @@ STEPS = [
      "zero-bubble / Chimera schedule; stands aside when pipeline_size = 1"),
     ("3.  Data axis", DATA_COLOR,
      "zero_stage 0: gradient buckets (all-reduce)  |  zero_stage 1-3: ZeRO engine shards\n"
-     "the tensor-local module over the data group (pipeline_size 1 only)"),
+     "the tensor-local module over the data group (with a pipeline: ZeRO-1 only)"),
     ("4.  After backward", None,
      "flush deferred weight gradients -> data reduce -> sum replicated\n"
      "(sequence-parallel) gradients over the tensor group"),

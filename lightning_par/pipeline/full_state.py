@@ -73,10 +73,12 @@ class OptimizerLayout:
     """Where each local optimizer entry sits in the single-process numbering (see the note above)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, names: Mapping[int, str], order: Mapping[str, int],
-                 group: Optional[ProcessGroup]) -> None:
-        """``names``: id(parameter) -> canonical name; ``order``: canonical name -> position in the full model."""
+                 group: Optional[ProcessGroup], params: Optional[list[list[nn.Parameter]]] = None) -> None:
+        """``names``: id(parameter) -> canonical name; ``order``: canonical name -> position in the full model;
+        ``params``: the parameters of each of the optimizer's groups, when it holds something else (ZeRO's pieces)."""
         # Local entries are found by name, in any order (a tied parameter may come last on the last stage).
-        self.local: list[list[str]] = [[names[id(p)] for p in pg["params"]] for pg in optimizer.param_groups]
+        groups = params if params is not None else [pg["params"] for pg in optimizer.param_groups]
+        self.local: list[list[str]] = [[names[id(p)] for p in members] for members in groups]
         everyone = [self.local] if group_size(group) == 1 else [None] * group_size(group)
         if group_size(group) > 1:
             dist.all_gather_object(everyone, self.local, group=group)

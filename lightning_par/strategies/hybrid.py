@@ -71,9 +71,9 @@ class HybridParallelStrategy(PipelineStrategy):
         tensor_size: ranks per tensor group. Default: the largest divisor of ``world / pipeline_size`` that divides
             every head count and width the automatic plan would split (as ``tp1d``).
         tensor_mode: ``"1d"`` (Megatron); 2D, 2.5D and 3D are not built yet.
-        zero_stage: 0 (data-parallel buckets), 1, 2 or 3 (ZeRO over the data axis). With ``pipeline_size > 1`` only
-            0: a pipeline accumulates each stage's gradients over its microbatches, which ZeRO's hooks would reduce
-            once per microbatch.
+        zero_stage: 0 (data-parallel buckets), 1, 2 or 3 (ZeRO over the data axis). With ``pipeline_size > 1`` 0 or
+            1: a pipeline accumulates each stage's gradients over its microbatches, which ZeRO-2/3 would reduce and
+            free once per microbatch; ZeRO-1 reduces them once, after the schedule.
         offload: with ``zero_stage >= 1``, ZeRO's ``offload`` (a fraction of the chunks on the host, or ``"auto"``).
         sequence_parallel, plan, sequence_dim, vocab_parallel_loss, strict, param_init_fn: the tensor axis, as for
             ``tp1d``.
@@ -116,13 +116,15 @@ class HybridParallelStrategy(PipelineStrategy):
             raise ValueError(f"tensor_mode={tensor_mode!r} is not built yet; hybrid runs tensor_mode='1d' (Megatron).")
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3; got {zero_stage!r}.")
-        if pipeline_size > 1 and zero_stage:
+        if pipeline_size > 1 and zero_stage > 1:
             raise ValueError(
-                f"zero_stage={zero_stage} with pipeline_size={pipeline_size}: a pipeline accumulates each stage's "
-                "gradients over its microbatches, and ZeRO reduces them once per backward. Use zero_stage=0 with a "
-                "pipeline, or pipeline_size=1 with ZeRO.")
+                f"zero_stage={zero_stage} with pipeline_size={pipeline_size}: ZeRO-2 and ZeRO-3 reduce (and free) "
+                "gradients during backward, but a pipeline accumulates each stage's gradients over its microbatches. "
+                "Use zero_stage 0 or 1 with a pipeline, or pipeline_size=1 with ZeRO-2/3.")
         if offload is not None and not zero_stage:
             raise ValueError("offload places ZeRO's chunks on the host; it needs zero_stage 1, 2 or 3.")
+        if offload is not None and pipeline_size > 1:
+            raise ValueError("offload with a pipeline is not built; use pipeline_size=1 with offload.")
         super().__init__(
             schedule=schedule, stages=pipeline_size, microbatches=microbatches, chunks=chunks,
             bucket_size_mb=bucket_size_mb, stall_timeout=stall_timeout, accelerator=accelerator,
@@ -185,9 +187,9 @@ class HybridParallelStrategy(PipelineStrategy):
                 trainer, ": it averages whole parameters between steps, which hybrid keeps sharded.",
                 "; or average after fit, when the module is whole again")
         self.tensor_axis.shard(module, self.group("tensor"), self.topology.tensor, self.root_device)
+        super().setup_module(trainer)  # the pipeline split (or none), the data axis's buckets unless ZeRO's
+        self.tensor_axis.keep_replicated_of(module)
         if self.zero_policy is None:
-            super().setup_module(trainer)  # the pipeline split (or none), the data axis's buckets
-            self.tensor_axis.keep_replicated_of(module)
             return
         if self._engine is not None:
             self._engine.remove_hooks()
@@ -195,6 +197,11 @@ class HybridParallelStrategy(PipelineStrategy):
         self._engine = ZeroEngine(module, self.group("data"), replace(self.zero_policy), compute_dtype,
                                   self.root_device, log=rank_zero_info, local_ranks=self.num_processes)
         broadcast_tensors(list(module.buffers()), self.group("data"))
+
+    @override
+    def _build_bucketer(self) -> None:
+        if self.zero_policy is None:  # else the ZeRO engine reduces the data axis
+            super()._build_bucketer()
 
     @override
     def setup_optimizers(self, trainer: "pl.Trainer") -> None:
@@ -225,6 +232,16 @@ class HybridParallelStrategy(PipelineStrategy):
             if self._grad_sync_enabled:
                 self.tensor_axis.sum_replicated_grads(module)
             return
+        if self._partition is not None:
+            # ZeRO-1 under a pipeline: the schedule accumulated every microbatch into the module's gradients (the
+            # engine's local buffers) without reducing; the stages' and the tensor group's sums act on those, then
+            # the engine reduces once.
+            if self._grad_sync_enabled:
+                self._shared.sum_()
+                self.tensor_axis.sum_replicated_grads(module)
+            self._engine.sync = self._grad_sync_enabled
+            self._engine.finish_backward()
+            return
         self._engine.finish_backward()
         plan = applied_plan(module)
         # Stage 1 hands out gradients only on a synchronising backward; stages 2-3 on every one.
@@ -239,7 +256,14 @@ class HybridParallelStrategy(PipelineStrategy):
         if self._engine is not None:
             params = {name: p for p, name in self._engine.names.items()}
             pairs = [(params[name], g) for name, g in self._engine.shard_gradients(optimizer)]
-            return self.tensor_axis.norm_parts(module, pairs, (self._engine.group,))
+            if self._partition is None:
+                return self.tensor_axis.norm_parts(module, pairs, (self._engine.group,))
+            counted, _ = self._stage_params(optimizer, [p for p, _ in pairs])
+            here = {id(p) for p in counted}
+            return (self.tensor_axis.norm_parts(module, [(p, g) for p, g in pairs if id(p) in here],
+                                                (self._engine.group, self._pipeline_group))
+                    + self.tensor_axis.norm_parts(module, [(p, g) for p, g in pairs if id(p) not in here],
+                                                  (self._engine.group,), counted=False))
         if self._partition is None:
             params = self.precision_plugin.main_params(optimizer)
             return self.tensor_axis.norm_parts(module, [(p, p.grad) for p in params if p.grad is not None])
@@ -270,6 +294,8 @@ class HybridParallelStrategy(PipelineStrategy):
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._engine is not None and self._partition is not None:
+            self._engine.sync = False  # ZeRO-1 accumulates the microbatches; `post_backward` reduces once
         return self._forward(super().training_step, *args, **kwargs)
 
     @override
@@ -290,10 +316,17 @@ class HybridParallelStrategy(PipelineStrategy):
         plan = applied_plan(self.lightning_module)
         return plan.tg.group if plan is not None else None
 
-    def _engine_params(self, optimizer: Optimizer) -> list[torch.nn.Parameter]:
-        """The module parameters ``optimizer`` steps (ZeRO's optimizer holds pieces of them), in its order."""
+    def _engine_groups(self, optimizer: Optimizer) -> Optional[list[list[torch.nn.Parameter]]]:
+        """The module parameters of each of ``optimizer``'s groups (ZeRO's optimizer holds pieces of them); None
+        without ZeRO."""
+        if self._engine is None:
+            return None
         params = {name: p for p, name in self._engine.names.items()}
-        return [params[n] for group in self._engine.optimizer_param_names[optimizer] for n in group]
+        return [[params[n] for n in group] for group in self._engine.optimizer_param_names[optimizer]]
+
+    def _engine_params(self, optimizer: Optimizer) -> list[torch.nn.Parameter]:
+        """The module parameters ``optimizer`` steps, in its order (under ZeRO)."""
+        return [p for group in self._engine_groups(optimizer) for p in group]
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -317,7 +350,8 @@ class HybridParallelStrategy(PipelineStrategy):
         if applied_plan(self.lightning_module) is not None:
             state = tensor_state.full_optimizer_state(optimizer, self._tensor_group(), state, params)
         if self._partition is not None:
-            state = self._layout(optimizer).gather(optimizer, self._pipeline_group, self._gathers(), state)
+            state = self._layout(optimizer, self._engine_groups(optimizer)).gather(
+                optimizer, self._pipeline_group, self._gathers(), state)
         return state
 
     @override
@@ -339,7 +373,7 @@ class HybridParallelStrategy(PipelineStrategy):
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             params = self._engine_params(optimizer) if self._engine is not None else None
             if self._partition is not None:
-                state = self._layout(optimizer).cut(state)
+                state = self._layout(optimizer, self._engine_groups(optimizer)).cut(state)
             if applied_plan(self.lightning_module) is not None:
                 state = tensor_state.shard_optimizer_state(optimizer, state, group_rank(self._tensor_group()), params)
             if self._engine is None:

@@ -294,12 +294,14 @@ class PipelineStrategy(DataParallelStrategy):
         return [NormPart([p.grad for p in counted], (self._pipeline_group,)),
                 NormPart([p.grad for p in copies], counted=False)]
 
-    def _stage_params(self, optimizer: Optimizer) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-        """``optimizer``'s parameters with a gradient on this stage: those counted in the global norm here, and the
-        copies of shared parameters whose first holder is another stage."""
+    def _stage_params(self, optimizer: Optimizer, params: Optional[list[torch.nn.Parameter]] = None
+                      ) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """``optimizer``'s parameters with a gradient on this stage (or ``params``, module parameters): those
+        counted in the global norm here, and the copies of shared parameters whose first holder is another stage."""
         shared = self._shared
         names = {id(p): self._canonical[n] for n, p in self.lightning_module.named_parameters(remove_duplicate=False)}
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if params is None:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
         def counted(p: torch.nn.Parameter) -> bool:
             name = names[id(p)]
@@ -482,13 +484,16 @@ class PipelineStrategy(DataParallelStrategy):
         module = self.lightning_module
         module.load_state_dict(full_state.local_state_dict(module, checkpoint["state_dict"]), strict=strict)
 
-    def _layout(self, optimizer: Optimizer) -> full_state.OptimizerLayout:
+    def _layout(self, optimizer: Optimizer,
+                params: Optional[list[list[torch.nn.Parameter]]] = None) -> full_state.OptimizerLayout:
+        """The optimizer's place in the single-process numbering (``params``: its groups' module parameters, when it
+        holds something else)."""
         if id(optimizer) not in self._optimizer_layouts:
             module = self.lightning_module
             names = {id(p): self._canonical[n] for n, p in module.named_parameters(remove_duplicate=False)}
             order = {name: i for i, name in enumerate(dict.fromkeys(self._canonical.values()))}
             self._optimizer_layouts[id(optimizer)] = full_state.OptimizerLayout(optimizer, names, order,
-                                                                                self._pipeline_group)
+                                                                                self._pipeline_group, params)
         return self._optimizer_layouts[id(optimizer)]
 
     @override
