@@ -57,6 +57,7 @@ from lightning_par.tensor.styles import ParallelStyle
 from lightning_par.topology import TensorMode, Topology
 from lightning_par.zero.engine import ZeroEngine
 from lightning_par.zero.policy import ZeroPolicy
+from lightning_par.zero.teardown import whole_module_device
 from lightning_par.zero.whole import unshard_optimizer, whole_optimizer_state, whole_parameters
 
 
@@ -401,7 +402,12 @@ class HybridParallelStrategy(PipelineStrategy):
                 optimizers = []  # they hold ZeRO's pieces, not the module's parameters
             else:
                 self._engine.remove_hooks()
-                self._engine.unshard(self.root_device)
+                offloading = self.zero_policy.offload is not None
+                device, reason = whole_module_device(self._engine, self.root_device, offloading, self.num_processes)
+                rank_zero_info(f"hybrid teardown: ZeRO's shards are made whole on {device} ({reason}).")
+                self._engine.unshard(device)
+                if device != self.root_device:
+                    self.lightning_module.to(device)  # its buffers too: one device for the whole module
                 for optimizer in optimizers:
                     unshard_optimizer(self._engine, optimizer)
             self._engine.close()

@@ -27,8 +27,8 @@ from lightning_par.strategies.base import COMPUTE_DTYPES, LightningParStrategy, 
 from lightning_par.topology import Topology
 from lightning_par.zero.engine import ZeroEngine
 from lightning_par.zero.materialize import meta_parameters
-from lightning_par.zero.placement import HostMemoryError, host_memory_available
 from lightning_par.zero.policy import ZeroPolicy
+from lightning_par.zero.teardown import whole_module_device
 
 
 class ZeroStrategy(LightningParStrategy):
@@ -331,54 +331,11 @@ class ZeroStrategy(LightningParStrategy):
             # master and optimizer shards so that `trainer.save_checkpoint` after `fit` still writes them (its
             # gradients are freed).
             self._engine.remove_hooks()
-            device, reason = self._unshard_device()
-            self._check_host_room(device)
+            device, reason = whole_module_device(self._engine, self.root_device, self.policy.offload is not None,
+                                                 self.num_processes)
             rank_zero_info(f"ZeRO teardown: the module is made whole on {device} ({reason}).")
             self._engine.unshard(device)
             if device != self.root_device and self.lightning_module is not None:
                 self.lightning_module.to(device)  # its buffers too: one device for the whole module
             self._engine.close()  # files of optimizer state spilled to disk
         super().teardown()
-
-    def _check_host_room(self, device: torch.device) -> None:
-        """Refuse, on every rank together and before allocating, a teardown that cannot fit the whole module in host
-        memory: the kernel would kill the process instead (12B on one H100, 2026-11-26). The engine is left intact,
-        so ``trainer.save_checkpoint`` still writes the trained shards."""
-        engine = self.engine
-        if device.type != "cpu" or self.root_device.type == "cpu":
-            return
-        need = engine.unshard_bytes(device)
-        available = host_memory_available(self.num_processes)
-
-        def check() -> None:
-            if need > available:
-                raise HostMemoryError(
-                    f"ZeRO teardown: making the module whole on the host needs {need / 2**30:.1f} GiB of host memory "
-                    f"on rank {engine.rank}, but {available / 2**30:.1f} GiB is available. Training finished and "
-                    "the trained state is intact in the engine's shards: write it with `trainer.save_checkpoint(path)` "
-                    "(or the checkpoints ModelCheckpoint wrote) and make one file of it with lightning-par-consolidate; "
-                    "or train on more ranks (each holds 1/N of the module)."
-                )
-
-        engine._agree(check)
-
-    def _unshard_device(self) -> tuple[torch.device, str]:
-        """Where teardown makes the module whole: the device when the whole model fits in its free memory (with
-        the engine's gradients freed first and one chunk of room to gather into), else the host; always the host
-        for offloading strategies, whose training never held the whole model on the device. Every rank agrees."""
-        engine = self.engine
-        if self.root_device.type != "cuda":
-            return self.root_device, "the device is the host"
-        if self.policy.offload is not None:
-            return torch.device("cpu"), "offloading strategy: training never held the whole model on the device"
-        engine.drop_gradients()
-        need = sum(p.numel() * engine.original_dtypes[p].itemsize for c in engine.chunks for p in c.params)
-        need += max((4 * c.padded for c in engine.chunks), default=0)
-        free, _ = torch.cuda.mem_get_info(self.root_device)
-        free += torch.cuda.memory_reserved(self.root_device) - torch.cuda.memory_allocated(self.root_device)
-        fits = torch.tensor([1.0 if need <= 0.9 * free else 0.0], device=self.root_device)
-        if engine.world_size > 1:
-            torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN, group=engine.group)
-        if fits.item():
-            return self.root_device, f"{need / 2**30:.1f} GiB fits in the free device memory"
-        return torch.device("cpu"), f"{need / 2**30:.1f} GiB does not fit in the free device memory of every rank"

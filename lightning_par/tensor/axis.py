@@ -24,7 +24,8 @@ Groups = tuple[Optional[dist.ProcessGroup], ...]
 class TensorAxis:
     """Shards a module over a tensor group by ``plan`` (None: the automatic plan) and keeps its gradients right.
 
-    ``who`` (``"tp1d"``) and ``owner`` (its class name) name the strategy in messages. The arguments are those of ``tp1d`` (see its docstring)."""
+    ``who`` (``"tp1d"``) and ``owner`` (its class name) name the strategy in messages. The other arguments are
+    those of ``tp1d`` (see its docstring)."""
 
     def __init__(self, *, plan: Optional[dict[str, Union[str, ParallelStyle]]], sequence_parallel: Optional[bool],
                  sequence_dim: int, sequence_chunks: int, vocab_parallel_loss: bool, strict: bool,
