@@ -80,6 +80,10 @@ class HybridParallelStrategy(PipelineStrategy):
             ``tp1d``.
         schedule, microbatches, chunks, stall_timeout: the pipeline, as for ``pipeline`` (``stages`` is
             ``pipeline_size``).
+        weights_only: how a checkpoint is opened when ``fit`` resumes from it, as for ``zero*``: ``None`` (default)
+            with ``weights_only=True`` (nothing in the file can run); ``False`` for a checkpoint you trust that holds
+            other objects (Lightning 2.6 does not pass ``Trainer.fit(..., weights_only=False)`` on to a strategy
+            that restores after setup, as this one does).
         bucket_size_mb, process_group_backend, timeout, start_method: as for ``dp``.
     """
 
@@ -101,6 +105,7 @@ class HybridParallelStrategy(PipelineStrategy):
         param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
         bucket_size_mb: float = 25.0,
         stall_timeout: float = 600.0,
+        weights_only: Optional[bool] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -137,6 +142,7 @@ class HybridParallelStrategy(PipelineStrategy):
         self.tensor_size = tensor_size
         self.tensor_mode = tensor_mode
         self.zero_stage = zero_stage
+        self.weights_only = weights_only
         self.tensor_axis = TensorAxis(plan=plan, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim,
                                       sequence_chunks=1, vocab_parallel_loss=vocab_parallel_loss, strict=strict,
                                       param_init_fn=param_init_fn, who="hybrid", owner=type(self).__name__)
@@ -328,6 +334,10 @@ class HybridParallelStrategy(PipelineStrategy):
     def _engine_params(self, optimizer: Optimizer) -> list[torch.nn.Parameter]:
         """The module parameters ``optimizer`` steps, in its order (under ZeRO)."""
         return [p for group in self._engine_groups(optimizer) for p in group]
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        return super().load_checkpoint(checkpoint_path, self.weights_only if weights_only is None else weights_only)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
