@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 import lightning_par  # noqa: F401  (registers the names)
 from helpers import free_port, run_on_ranks
-from lightning_par.strategies import PRESETS
+from lightning_par.strategies import PRESETS, HybridParallelStrategy
 from parity import BuildsInConfigureModel, RecordingGPT, Run, fit, global_losses, relative_gap, token_dataset
 from test_dp import _as_external_rank
 
@@ -47,11 +47,33 @@ RESUME = Run(steps=2, epochs=2, module_kwargs=MODULE)
 EVAL_SAMPLES = 16
 
 
-def _topology(name: str):
-    """The degrees the preset runs with on WORLD ranks (tensor-parallel presets: the whole world, as for this
-    module, whose heads divide by 2)."""
+# `hybrid`'s compositions beyond its preset (tensor over the whole world): each axis's own paths under Lightning's
+# contract, at WORLD ranks.
+COMPOSITIONS = {
+    "hybrid:pipeline2": dict(pipeline_size=2, microbatches=2),
+    "hybrid:pipeline2_zero1": dict(pipeline_size=2, tensor_size=1, zero_stage=1, microbatches=2),
+    "hybrid:data2_zero3": dict(tensor_size=1, zero_stage=3),
+}
+CASES = [p.name for p in PRESETS] + list(COMPOSITIONS)
+
+
+def _instance(name: str):
+    """The strategy as a user builds it in Python."""
+    if name in COMPOSITIONS:
+        return HybridParallelStrategy(**COMPOSITIONS[name])
     preset = next(p for p in PRESETS if p.name == name)
-    return preset.strategy(**preset.arguments).topology_for(WORLD)
+    return preset.strategy(**preset.arguments)
+
+
+def _as_given(name: str):
+    """The strategy as the Trainer receives it: a registered name, or a composition's instance."""
+    return _instance(name) if name in COMPOSITIONS else name
+
+
+def _topology(name: str):
+    """The degrees the case runs with on WORLD ranks (tensor-parallel presets: the whole world, as for this
+    module, whose heads divide by 2)."""
+    return _instance(name).topology_for(WORLD)
 
 
 def _is_pipeline(name: str) -> bool:
@@ -113,31 +135,32 @@ def _conformance(rank: int, world_size: int, port: int, name: str, tmpdir: str) 
     _as_external_rank(rank, world_size, port)
     data_parallel = _data_parallel(name)
     threads = {t.ident for t in threading.enumerate()}
-    out = {"fit": _fit_and_evaluate(RUNS["accumulate_clip_norm"], name, world_size, data_parallel)}
+    out = {"fit": _fit_and_evaluate(RUNS["accumulate_clip_norm"], _as_given(name), world_size, data_parallel)}
     # The strategy as an instance, as a user builds it in Python, instead of the registered name.
-    preset = next(p for p in PRESETS if p.name == name)
-    out["clip_value"] = fit(RUNS["clip_value"], preset.strategy(**preset.arguments), world_size, data_parallel,
+    out["clip_value"] = fit(RUNS["clip_value"], _instance(name), world_size, data_parallel,
                             module_class=ConformanceGPT)
     try:
-        out["manual_two_optimizers"] = fit(RUNS["manual_two_optimizers"], name, world_size, data_parallel,
-                                           module_class=ConformanceGPT)
+        out["manual_two_optimizers"] = fit(RUNS["manual_two_optimizers"], _as_given(name), world_size,
+                                           data_parallel, module_class=ConformanceGPT)
     except Exception as error:  # noqa: BLE001 - the refusal is part of the result
         out["manual_error"] = f"{type(error).__name__}: {error}"
     try:  # Lightning trains several optimizers only under manual optimization; the strategy must not mask that
-        fit(RUNS["automatic_two_optimizers"], name, world_size, data_parallel, module_class=ConformanceGPT)
+        fit(RUNS["automatic_two_optimizers"], _as_given(name), world_size, data_parallel,
+            module_class=ConformanceGPT)
         out["automatic_two_optimizers_error"] = None
     except Exception as error:  # noqa: BLE001
         out["automatic_two_optimizers_error"] = f"{type(error).__name__}: {error}"
     ckpt = os.path.join(tmpdir, "one_epoch.ckpt")
-    out["uninterrupted"] = fit(RESUME, name, world_size, data_parallel, module_class=ConformanceGPT)
-    out["first_epoch"] = fit(RESUME, name, world_size, data_parallel, save_to=ckpt, max_epochs=1,
+    out["uninterrupted"] = fit(RESUME, _as_given(name), world_size, data_parallel, module_class=ConformanceGPT)
+    out["first_epoch"] = fit(RESUME, _as_given(name), world_size, data_parallel, save_to=ckpt, max_epochs=1,
                              module_class=ConformanceGPT)
-    out["resumed"] = fit(RESUME, name, world_size, data_parallel, ckpt_path=ckpt, module_class=ConformanceGPT)
+    out["resumed"] = fit(RESUME, _as_given(name), world_size, data_parallel, ckpt_path=ckpt,
+                         module_class=ConformanceGPT)
     # A module built inside Trainer.init_module(empty_init=True), and one built in configure_model: the weights
     # come from the checkpoint, so both continue as the resumed run does.
-    out["init_module"] = fit(RESUME, name, world_size, data_parallel, ckpt_path=ckpt, empty_init=True,
+    out["init_module"] = fit(RESUME, _as_given(name), world_size, data_parallel, ckpt_path=ckpt, empty_init=True,
                              module_class=ConformanceGPT)
-    out["configure_model"] = fit(RESUME, name, world_size, data_parallel, ckpt_path=ckpt,
+    out["configure_model"] = fit(RESUME, _as_given(name), world_size, data_parallel, ckpt_path=ckpt,
                                  module_class=ConfiguredConformanceGPT)
     out["threads_left"] = [t.name for t in threading.enumerate() if t.ident not in threads and t.is_alive()]
     out["files_left"] = _spill_dirs_of_this_process()
@@ -161,7 +184,7 @@ def _reference(run_name: str, data_parallel: int) -> dict:
     return {"losses": fit(run, "auto", 1, data_parallel, module_class=ConformanceGPT)}
 
 
-@pytest.mark.parametrize("name", [p.name for p in PRESETS])
+@pytest.mark.parametrize("name", CASES)
 def test_preset_behaves_as_lightning_expects(name, tmp_path):
     results = run_on_ranks(_conformance, WORLD, free_port(), name, str(tmp_path))
     data_parallel = _data_parallel(name)

@@ -419,7 +419,8 @@ class HybridParallelStrategy(PipelineStrategy):
                 if device != self.root_device:
                     self.lightning_module.to(device)  # its buffers too: one device for the whole module
                 for optimizer in optimizers:
-                    unshard_optimizer(self._engine, optimizer)
+                    if optimizer in self._engine.optimizer_param_names:  # not those of an earlier fit (validate)
+                        unshard_optimizer(self._engine, optimizer)
             self._engine.close()
             self._engine = None
         if self._partition is None:
