@@ -76,8 +76,8 @@ class HybridParallelStrategy(PipelineStrategy):
             1: a pipeline accumulates each stage's gradients over its microbatches, which ZeRO-2/3 would reduce and
             free once per microbatch; ZeRO-1 reduces them once, after the schedule.
         offload: with ``zero_stage >= 1``, ZeRO's ``offload`` (a fraction of the chunks on the host, or ``"auto"``).
-        sequence_parallel, plan, sequence_dim, vocab_parallel_loss, strict, param_init_fn: the tensor axis, as for
-            ``tp1d``.
+        sequence_parallel, plan, sequence_dim, sequence_chunks, vocab_parallel_loss, strict, param_init_fn: the
+            tensor axis, as for ``tp1d``.
         schedule, microbatches, chunks, stall_timeout: the pipeline, as for ``pipeline`` (``stages`` is
             ``pipeline_size``).
         weights_only: how a checkpoint is opened when ``fit`` resumes from it, as for ``zero*``: ``None`` (default)
@@ -100,6 +100,7 @@ class HybridParallelStrategy(PipelineStrategy):
         chunks: Optional[int] = None,
         plan: Optional[dict[str, Union[str, ParallelStyle]]] = None,
         sequence_dim: int = 1,
+        sequence_chunks: int = 1,
         vocab_parallel_loss: bool = True,
         strict: bool = True,
         param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
@@ -144,8 +145,9 @@ class HybridParallelStrategy(PipelineStrategy):
         self.zero_stage = zero_stage
         self.weights_only = weights_only
         self.tensor_axis = TensorAxis(plan=plan, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim,
-                                      sequence_chunks=1, vocab_parallel_loss=vocab_parallel_loss, strict=strict,
-                                      param_init_fn=param_init_fn, who="hybrid", owner=type(self).__name__)
+                                      sequence_chunks=sequence_chunks, vocab_parallel_loss=vocab_parallel_loss,
+                                      strict=strict, param_init_fn=param_init_fn, who="hybrid",
+                                      owner=type(self).__name__)
         self.zero_policy = None
         if zero_stage:
             chunk = (32 if offload is not None else 128) * 2**20

@@ -190,7 +190,8 @@ class PipelineStrategy(DataParallelStrategy):
     def precision_plugin(self, precision_plugin: Optional[Precision]) -> None:
         name = getattr(precision_plugin, "precision", None)
         if precision_plugin is not None and name not in PIPELINE_PRECISION:
-            # 16-mixed's GradScaler decides per rank whether to skip a step; the stages would drift apart.
+            # 16-mixed's GradScaler decides per rank whether to skip a step, from the gradients that rank holds: the
+            # stages (and the shards of a tensor group, for tp1d and hybrid) would drift apart.
             raise ValueError(f"{type(self).__name__} does not support precision={name!r}. "
                              f"Choose one of: {', '.join(PIPELINE_PRECISION)}.")
         self._precision_plugin = precision_plugin
