@@ -6,8 +6,8 @@ The module is first cut by the tensor axis (:class:`~lightning_par.tensor.axis.T
 over the innermost, contiguous ranks); the tensor-local module is then what the other axes see, exactly as they
 would see a whole module: the pipeline splits its blocks into stages (``PipelineStrategy``, whose runtime this
 class inherits and which stands aside for a pipeline of one stage), and the data axis either averages its gradients
-in buckets (``zero_stage=0``) or shards it with the ZeRO engine (stages 1-3, over the data group only, as
-Colossal-AI does). Every tensor rank of one data/pipeline coordinate sees the same tensor-local layout, so the ZeRO
+in buckets (``zero_stage=0``) or shards it with the ZeRO engine (stages 1-3 over the data group; under a pipeline
+stage 1 only, as Colossal-AI allows). Every tensor rank of one data/pipeline coordinate sees the same tensor-local layout, so the ZeRO
 chunks and the pipeline's stage shapes agree across the tensor group without communicating.
 
 Gradients end right in three steps after backward: deferred weight gradients are flushed (tensor), the data axis
@@ -24,7 +24,6 @@ the data group, tensor shards over the tensor group, stages to pipeline rank 0) 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -203,7 +202,7 @@ class HybridParallelStrategy(PipelineStrategy):
         if self._engine is not None:
             self._engine.remove_hooks()
         compute_dtype = COMPUTE_DTYPES[self.precision_plugin.precision]
-        self._engine = ZeroEngine(module, self.group("data"), replace(self.zero_policy), compute_dtype,
+        self._engine = ZeroEngine(module, self.group("data"), self.zero_policy, compute_dtype,
                                   self.root_device, log=rank_zero_info, local_ranks=self.num_processes)
         broadcast_tensors(list(module.buffers()), self.group("data"))
 
