@@ -29,6 +29,7 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh offload_2gpu  # 2 GPUs: zero3 on the host, with NVMe spill, FSDP2 + CPUOffloadPolicy
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_parity # ~3 min on 4 GPUs: hybrid (data 2 x tensor 2 + ZeRO, pipeline 2 x tensor 2)
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_speed  # ~8 min on 4 GPUs: hybrid beside the single methods, 1.3B
+#   OUT=$OUT benchmarks/gpu_suite.sh tp1d_check    # ~3 min on 4 GPUs: tp1d and hybrid parity with clipping, tp1d beside zero2
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_mb     # ~2 min on 4 GPUs: pipeline 2 x tensor 2 with 8, 4, 2 microbatches, no SP
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_nodes  # ~5 min on 4 GPUs: hybrid across two torchrun "nodes"; pp2 x tp2 profiled
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
@@ -38,7 +39,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|hybrid_parity|hybrid_speed|hybrid_mb|hybrid_nodes|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|tp1d_check|hybrid_parity|hybrid_speed|hybrid_mb|hybrid_nodes|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -277,6 +278,12 @@ hybrid_p2_zero1
   hybrid_speed)  # hybrid at 4 GPUs beside the single methods on the same 1.3B model, one run: ~8 min
     run_case hybrid_4gpu 540 4 $MG throughput --out "$WORK/hybrid_4gpu.json" $ACC $THR \
       --variants dp,zero2,tp1d_2way,pipeline_2stages,hybrid_d2_t2,hybrid_d2_t2_zero2,hybrid_d2_t2_zero3,hybrid_p2_t2
+    ;;
+  tp1d_check)  # tp1d (now hybrid's preset) and hybrid: parity with clipping at 4 GPUs, then tp1d beside zero2: ~3 min
+    run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR --clip 0.05
+    run_case parity_tp_4gpu 150 4 $MG parity --reference "$REF" --out "$WORK/parity_tp_4gpu.json" $ACC \
+      --only tp1d,tp1d_sp,tp1d_2way,hybrid,hybrid_t2_zero2,hybrid_p2_t2,hybrid_p2_zero1
+    run_case tp1d_speed_4gpu 200 4 $MG throughput --out "$WORK/tp1d_speed_4gpu.json" $ACC $THR --variants tp1d,zero2,hybrid_p2_t2_m4
     ;;
   hybrid_mb)  # pipeline 2 x tensor 2 with fewer, larger microbatches and without sequence parallelism: ~2 min
     run_case hybrid_mb_4gpu 300 4 $MG throughput --out "$WORK/hybrid_mb_4gpu.json" $ACC $THR \
