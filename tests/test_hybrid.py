@@ -40,6 +40,8 @@ def _configs() -> dict[str, tuple[dict, Run]]:
                   Run(**clip, module_kwargs={"n_layer": 4, "n_head": 4})),
         "d4_t2_zero2": (dict(tensor_size=2, zero_stage=2), Run(**clip, accumulate=2)),
         "d4_t2_zero3": (dict(tensor_size=2, zero_stage=3), Run(**clip)),
+        # every chunk on the host (ZeRO-Offload): the replicated gradients' pieces live there too
+        "d4_t2_zero2_offload": (dict(tensor_size=2, zero_stage=2, offload=1.0), Run(**clip)),
         "d4_t2_zero1_no_sp": (dict(tensor_size=2, zero_stage=1, sequence_parallel=False), Run(**clip, accumulate=2)),
     }
 
