@@ -1,6 +1,7 @@
-"""`hybrid` on 8 gloo CPU ranks: data x pipeline x tensor, and data x tensor with ZeRO-2 and ZeRO-3, each matching one
-process step by step (fp32, SGD, clipping by the global norm over every axis); its checkpoint loads in one process
-and one process's loads under it. One launch trains every configuration in a row (see test_dp.py)."""
+"""`hybrid` on 8 gloo CPU ranks: data x pipeline x tensor (also with ZeRO-1), pipeline x tensor, and data x tensor with
+ZeRO-1, ZeRO-2 (also offloaded) and ZeRO-3, each matching one process step by step (fp32, SGD, clipping by the global
+norm over every axis); its checkpoints resume under hybrid, load in one process, and one process's load under it.
+One launch trains every configuration in a row (see test_dp.py)."""
 
 from __future__ import annotations
 
