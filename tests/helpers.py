@@ -41,6 +41,12 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, args: tuple, re
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # The result is with the manager already. Leave as the strategies' workers do: a worker that finished cleanly
+    # can abort in the interpreter's own teardown on torch 2.13 (test_zero_engine's fp16 test, CI of 2026-11-27;
+    # see [Note: workers skip interpreter teardown] in lightning_par/strategies/base.py).
+    from lightning_par.strategies.base import leave_without_teardown
+
+    leave_without_teardown()
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
