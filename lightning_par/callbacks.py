@@ -17,9 +17,8 @@ from torch import Tensor
 from typing_extensions import override
 
 import lightning.pytorch as pl
+from lightning_par.strategies.base import COMPUTE_DTYPES
 
-_COMPUTE_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
-                   "16-true": torch.float16}
 
 
 def _first_tensor_numel(batch: Any) -> int:
@@ -122,7 +121,7 @@ class ThroughputMonitor(Callback):
         flops_per_token = getattr(pl_module, "flops_per_token", None)
         device = trainer.strategy.root_device
         if flops_per_token and device.type == "cuda":
-            peak = get_available_flops(device, _COMPUTE_DTYPES.get(str(trainer.precision), torch.float32))
+            peak = get_available_flops(device, COMPUTE_DTYPES.get(str(trainer.precision), torch.float32))
             if peak:
                 metrics["throughput/mfu"] = per_sec / trainer.world_size * flops_per_token / peak
         peaks = torch.tensor([float(_peak_bytes(device))], device=device)

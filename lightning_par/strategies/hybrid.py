@@ -262,7 +262,7 @@ class HybridParallelStrategy(PipelineStrategy):
     def grad_norm_parts(self, optimizer: Optimizer) -> list[NormPart]:
         module = self.lightning_module
         if self._engine is not None:
-            params = {name: p for p, name in self._engine.names.items()}
+            params = self._engine.params_by_name
             pairs = [(params[name], g) for name, g in self._engine.shard_gradients(optimizer)]
             if self._partition is None:
                 return self.tensor_axis.norm_parts(module, pairs, (self._engine.group,))
@@ -329,7 +329,7 @@ class HybridParallelStrategy(PipelineStrategy):
         without ZeRO."""
         if self._engine is None:
             return None
-        params = {name: p for p, name in self._engine.names.items()}
+        params = self._engine.params_by_name
         return [[params[n] for n in group] for group in self._engine.optimizer_param_names[optimizer]]
 
     def _engine_params(self, optimizer: Optimizer) -> list[torch.nn.Parameter]:

@@ -75,6 +75,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
         self.sync = True  # stage 1 only: False accumulates locally (Lightning's accumulation steps)
         named = list(module.named_parameters())
         self.names = {p: n for n, p in named}
+        self.params_by_name = {n: p for n, p in named}
         self.original_dtypes = {p: p.dtype for _, p in named}  # restored by `unshard`
         self.layout = build_layout([(n, p.numel()) for n, p in named], policy.chunk_numel, self.world_size,
                                    policy.allow_oversize)

@@ -41,7 +41,7 @@ def whole_optimizer_state(engine: "ZeroEngine", optimizer: torch.optim.Optimizer
     tensor whole and shaped like its parameter, on the host: the pieces of every rank summed over the group (they
     are disjoint, the rest is zero)."""
     names = engine.optimizer_param_names[optimizer]
-    shapes = {n: p.shape for p, n in engine.names.items()}
+    shapes = {n: p.shape for n, p in engine.params_by_name.items()}
     mine: dict[str, dict[str, Any]] = {}  # name -> state key -> (dtype, scalar value or None)
     for name, piece, q in engine.optimizer_pieces(optimizer):
         for key, value in engine.piece_state(optimizer, piece, q).items():
@@ -85,8 +85,7 @@ def unshard_optimizer(engine: "ZeroEngine", optimizer: torch.optim.Optimizer) ->
     """Point ``optimizer`` back at the module's parameters, with their whole state (a collective over the engine's
     group): after fit it is an ordinary optimizer of an ordinary module again. Call after ``engine.unshard()``."""
     state = whole_optimizer_state(engine, optimizer)
-    params = {name: p for p, name in engine.names.items()}
     for group, names in zip(optimizer.param_groups, engine.optimizer_param_names[optimizer]):
-        group["params"] = [params[n] for n in names]
+        group["params"] = [engine.params_by_name[n] for n in names]
     optimizer.state.clear()
     optimizer.load_state_dict(state)
