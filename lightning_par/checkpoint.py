@@ -2,16 +2,19 @@
 
 [Note: format]
 A checkpoint is a directory holding a DCP checkpoint and ``meta.pt`` (Lightning's metadata: epoch, loops,
-callbacks, schedulers, hyper-parameters; plus the model's parameter names, shapes and tied aliases, and each
-optimizer's parameter groups by name). Tensors are keyed by what they are, not by who wrote them:
+callbacks, schedulers, hyper-parameters; plus the model's parameter names, global shapes and tied aliases, and each
+optimizer's parameter groups by name). Every strategy that does not hold whole tensors on one rank writes it: ZeRO,
+tensor parallel, pipelines, hybrid. Tensors are keyed by what they are, not by who wrote them:
 
-    state_dict/<param name>|<start>:<stop>                       a flat range of the fp32 parameter
-    buffers/<buffer name>                                        module buffers (written once, by rank 0)
-    optimizer_states/<i>/<param name>|<start>:<stop>/<state>     the same range of optimizer state ``state``
+    state_dict/<param name>|<offsets>+<sizes>                    a box of the parameter (its global shape)
+    buffers/<buffer name>                                        module buffers (from the ranks the strategy picks)
+    optimizer_states/<i>/<param name>|<offsets>+<sizes>/<state>  the same box of optimizer state ``state``
 
-so any topology can read any other's: a rank asks for the saved ranges that overlap the ones it owns
-(``overlaps``, a pure function) and copies the intersections. ``consolidate`` assembles whole tensors into a plain
-Lightning checkpoint file, and ``load_full`` does the same in memory for strategies that hold whole parameters.
+Each axis reports the boxes a rank holds (``Holding``, [Note: pieces of global tensors] in ``pieces.py``): a ZeRO
+flat range, a tensor-parallel shard, a stage's whole tensors, or all of these at once under ``hybrid``. Any
+topology reads any other's: a rank intersects the boxes it needs with the saved ones and copies the intersections
+(``load_into``). ``load_full`` and ``consolidate`` assemble whole tensors into a plain Lightning checkpoint, which
+every strategy also loads. Format 1 (ZeRO's flat ranges, ``name|start:stop``) is still read.
 
 [Note: atomic writes]
 Shards are written to ``<path>.tmp``; only when every rank is done does rank 0 move the previous checkpoint aside,
@@ -36,42 +39,22 @@ import io
 import os
 import pickle
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from lightning_par.zero.engine import ZeroEngine
+from lightning_par.pieces import Holding, Shape, box_key, flat_boxes, intersection, parse_box_key, sub_box
 
 META_FILE = "meta.pt"
-FORMAT = 1
-
-
-def piece_key(name: str, start: int, stop: int) -> str:
-    return f"{name}|{start}:{stop}"
-
-
-def parse_piece_key(key: str) -> tuple[str, int, int]:
-    name, span = key.rsplit("|", 1)
-    start, stop = span.split(":")
-    return name, int(start), int(stop)
-
-
-def overlaps(saved: list[tuple[int, int]], start: int, stop: int) -> list[tuple[int, int]]:
-    """The saved flat ranges that intersect [start, stop), in order; raises if they leave a gap."""
-    hits = sorted((a, b) for a, b in saved if a < stop and b > start)
-    covered = start
-    for a, b in hits:
-        if a > covered:
-            break
-        covered = max(covered, b)
-    if covered < stop:
-        raise ValueError(f"the checkpoint does not cover elements [{covered}, {stop}) of this parameter")
-    return hits
+FORMAT = 2
 
 
 def is_sharded_checkpoint(path: Any) -> bool:
@@ -81,9 +64,9 @@ def is_sharded_checkpoint(path: Any) -> bool:
 # ----- safe reading (see [Note: safe loading]) ---------------------------------------------------------------------
 
 _REFUSED_HINT = ("Its content is not only tensors and plain containers, so it was not read (nothing in it has run). "
-                 "If you trust where it comes from, load it with weights_only=False: ZeroStrategy(weights_only=False) "
-                 "for the ZeRO strategies, Trainer.fit(..., weights_only=False) for the others, "
-                 "lightning-par-consolidate --no-weights-only.")
+                 "If you trust where it comes from, load it with weights_only=False: the strategy's own argument "
+                 "(e.g. ZeroStrategy(weights_only=False), HybridParallelStrategy(weights_only=False)), "
+                 "Trainer.fit(..., weights_only=False) for dp, lightning-par-consolidate --no-weights-only.")
 
 
 def load_file(path: Any, weights_only: Optional[bool] = None, **kwargs: Any) -> Any:
@@ -150,48 +133,107 @@ def _serialized_meta(meta: dict[str, Any], filepath: Any) -> bytes:
     return buffer.getvalue()
 
 
-# ----- what a ZeRO engine contributes ---------------------------------------------------------------------------
+# ----- what a rank holds (built by the strategy from its components) ----------------------------------------------
 
 
-def model_pieces(engine: "ZeroEngine") -> dict[str, Tensor]:
+@dataclass
+class HeldTensor:
+    """A holding and the tensor with its values: read when saving, written into when loading."""
+
+    holding: Holding
+    value: Tensor
+
+
+@dataclass
+class HeldState:
+    """A holding's optimizer state: ``get`` reads it (tensors shaped like the holding's local values, or 0-d),
+    ``put`` replaces it; loaded state goes to ``device``."""
+
+    holding: Holding
+    get: Callable[[], Mapping[str, Any]]
+    put: Callable[[dict[str, Any]], None]
+    device: torch.device
+
+
+@dataclass
+class HeldOptimizer:
+    optimizer: torch.optim.Optimizer
+    names: list[list[str]]  # each parameter group's global names, in the order one process numbers them
+    states: list[HeldState]
+
+
+@dataclass
+class Holdings:
+    """What one rank keeps of the model and its optimizers, as pieces of global tensors."""
+
+    params: list[HeldTensor]
+    model_names: list[str]  # every global parameter name of the model, in module order
+    buffers: dict[str, Tensor] = field(default_factory=dict)  # by name; only on the ranks that write them
+    aliases: dict[str, str] = field(default_factory=dict)  # a tied parameter's other names -> its global name
+    optimizers: list[HeldOptimizer] = field(default_factory=list)
+
+
+def _meta_boxes(holding: Holding) -> list[tuple[Shape, Shape]]:
+    return [(o, tuple(v.shape)) for o, v in holding.boxes(torch.empty(holding.local_shape, device="meta"))]
+
+
+def model_pieces(holdings: Holdings) -> dict[str, Tensor]:
+    """This rank's boxes of every parameter, by checkpoint key (Lightning's ``state_dict`` entry)."""
     out = {}
-    for piece in engine.layout.pieces(engine.rank):
-        chunk = engine.chunks[piece.chunk]
-        out[piece_key(piece.name, piece.start, piece.stop)] = chunk.master[
-            piece.shard_offset : piece.shard_offset + piece.numel
-        ]
+    for held in holdings.params:
+        for offsets, view in held.holding.boxes(held.value):
+            out[box_key(held.holding.name, offsets, tuple(view.shape))] = view
     return out
 
 
-def optimizer_pieces(engine: "ZeroEngine", optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    state = {}
-    for name, piece, q in engine.optimizer_pieces(optimizer):
-        entries = {k: v for k, v in engine.piece_state(optimizer, piece, q).items() if isinstance(v, Tensor)}
-        if entries:
-            state[piece_key(name, piece.start, piece.stop)] = entries
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return {"sharded_state": state, "param_groups": groups, "param_names": engine.optimizer_param_names[optimizer]}
+def optimizer_pieces(held: HeldOptimizer) -> dict[str, Any]:
+    """This rank's boxes of one optimizer's state (Lightning's ``optimizer_states`` entry)."""
+    state: dict[str, dict[str, Tensor]] = {}
+    for entry in held.states:
+        values = {k: v for k, v in entry.get().items() if isinstance(v, Tensor)}
+        if not values:
+            continue
+        h = entry.holding
+        for k, v in values.items():
+            if v.dim() and tuple(v.shape) != h.local_shape:
+                raise ValueError(f"The optimizer state {k!r} of {h.name} has shape {tuple(v.shape)}, not its "
+                                 f"parameter's {h.local_shape}: lightning_par checkpoints hold optimizer state shaped "
+                                 "like the parameter (SGD, Adam, AdamW, ...) or scalars.")
+        boxes = {k: h.boxes(v) for k, v in values.items() if v.dim()}
+        for j, (offsets, sizes) in enumerate(_meta_boxes(h)):
+            state[box_key(h.name, offsets, sizes)] = {k: (boxes[k][j][1] if k in boxes else v) for k, v in values.items()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in held.optimizer.param_groups]
+    return {"sharded_state": state, "param_groups": groups, "param_names": held.names}
 
 
-def _model_meta(module: torch.nn.Module) -> dict[str, Any]:
-    canonical = {id(p): n for n, p in module.named_parameters()}
-    aliases = {n: canonical[id(p)] for n, p in module.named_parameters(remove_duplicate=False) if canonical[id(p)] != n}
-    return {
-        "shapes": {n: tuple(p.shape) for n, p in module.named_parameters()},
-        "aliases": aliases,
-        "buffer_names": [n for n, _ in module.named_buffers()],
-    }
+def _model_meta(holdings: Holdings) -> dict[str, Any]:
+    """The whole model's names, global shapes, aliases and buffers: the union over every rank (a collective)."""
+    mine = {"shapes": {h.holding.name: tuple(h.holding.global_shape) for h in holdings.params},
+            "aliases": holdings.aliases, "buffers": {n: tuple(b.shape) for n, b in holdings.buffers.items()}}
+    parts = [mine]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    shapes, aliases, buffers = {}, {}, {}
+    for part in parts:
+        shapes.update(part["shapes"])
+        aliases.update(part["aliases"])
+        buffers.update(part["buffers"])
+    return {"shapes": {n: shapes[n] for n in holdings.model_names if n in shapes}, "aliases": aliases,
+            "buffer_names": list(buffers)}
 
 
 # ----- save -----------------------------------------------------------------------------------------------------
 
 
-def save(checkpoint: dict[str, Any], filepath: Any, *, is_global_zero: bool, barrier: Callable[[], None],
-         module: torch.nn.Module) -> None:
-    """Write ``checkpoint`` (Lightning's dict, with piece tensors from the functions above) atomically."""
+def save(checkpoint: dict[str, Any], filepath: Any, *, holdings: Holdings, is_global_zero: bool,
+         barrier: Callable[[], None]) -> None:
+    """Write ``checkpoint`` (Lightning's dict, with the pieces of :func:`model_pieces` and :func:`optimizer_pieces`)
+    atomically. Every rank calls it."""
     path = Path(filepath)
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
+    model = _model_meta(holdings)
     if is_global_zero:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed save
         if not path.exists() and is_sharded_checkpoint(old):
@@ -201,14 +243,13 @@ def save(checkpoint: dict[str, Any], filepath: Any, *, is_global_zero: bool, bar
     tensors: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
     optimizer_states = checkpoint.pop("optimizer_states", [])
     tensors["optimizer_states"] = {str(i): s["sharded_state"] for i, s in enumerate(optimizer_states)}
-    if is_global_zero:
-        tensors["buffers"] = {n: b.detach() for n, b in module.named_buffers()}
+    tensors["buffers"] = {n: b.detach() for n, b in holdings.buffers.items()}
     dcp.save(tensors, checkpoint_id=str(tmp))
     if is_global_zero:
         meta = dict(checkpoint)
         meta["lightning_par"] = {
             "format": FORMAT,
-            "model": _model_meta(module),
+            "model": model,
             "optimizers": [{"param_groups": s["param_groups"], "param_names": s["param_names"]} for s in optimizer_states],
         }
         (tmp / META_FILE).write_bytes(_serialized_meta(meta, path))  # serialised once, checked, then written
@@ -234,95 +275,229 @@ def remove(filepath: Any) -> None:
 # ----- load -----------------------------------------------------------------------------------------------------
 
 
-class _Index:
-    """What a sharded checkpoint holds, read from its DCP metadata: saved ranges per parameter and state shapes."""
+@dataclass(frozen=True)
+class _Saved:
+    """One saved tensor's box of a global tensor: ``key`` in the checkpoint; a box-shaped tensor, or (format 1, a
+    flat range) the box found ``position`` elements into a flat one."""
 
-    def __init__(self, path: Path, weights_only: Optional[bool] = None) -> None:
-        self.path = path
-        self.weights_only = weights_only
-        self.meta = load_file(path / META_FILE, weights_only)
-        self.params: dict[str, list[tuple[int, int]]] = {}
-        self.states: dict[int, dict[str, dict[tuple[int, int], dict[str, tuple[int, ...]]]]] = {}
-        self.buffers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self.dtypes: dict[str, torch.dtype] = {}  # by DCP key ("state_dict.<piece>", "optimizer_states.<i>...")
+    key: str
+    offsets: Shape
+    sizes: Shape
+    position: Optional[int] = None
+
+    def view(self, tensor: Tensor) -> Tensor:
+        if self.position is None:
+            return tensor
+        return tensor.reshape(-1)[self.position : self.position + prod(self.sizes)].view(self.sizes)
+
+
+class _Source:
+    """What a checkpoint holds, by global name: the saved boxes of each parameter and of its optimizer state."""
+
+    meta: dict[str, Any]  # Lightning's part of the checkpoint
+    shapes: dict[str, Shape]  # global parameter shapes
+    aliases: dict[str, str]
+    buffer_names: set[str]
+    param_groups: list[list[dict[str, Any]]]  # per optimizer: its groups' settings
+
+    def params(self, name: str) -> list[_Saved]:
+        raise NotImplementedError
+
+    def states(self, i: int, name: str) -> list[tuple[_Saved, dict[str, tuple[Shape, torch.dtype]]]]:
+        raise NotImplementedError
+
+    def fetch(self, params: set[str], states: set[tuple[int, str]], buffers: dict[str, Tensor]
+              ) -> tuple[dict[str, Tensor], dict[tuple[int, str], dict[str, Tensor]], dict[str, Tensor]]:
+        raise NotImplementedError
+
+
+class _Index(_Source):
+    """A sharded checkpoint directory, read from its DCP metadata (format 1 flat ranges and format 2 boxes)."""
+
+    def __init__(self, path: Path, weights_only: Optional[bool] = None, collective: bool = True) -> None:
+        self.path, self.weights_only, self.collective = path, weights_only, collective
+        meta = load_file(path / META_FILE, weights_only)
+        info = meta.pop("lightning_par")
+        self.meta = meta
+        self.shapes = {n: tuple(s) for n, s in info["model"]["shapes"].items()}
+        self.aliases = info["model"]["aliases"]
+        self.buffer_names = set(info["model"]["buffer_names"])
+        self.optimizers = info["optimizers"]
+        self.param_groups = [o["param_groups"] for o in self.optimizers]
+        self.sizes: dict[str, tuple[Shape, torch.dtype]] = {}  # DCP key -> saved size and dtype
+        self._params: dict[str, list[_Saved]] = {}
+        self._states: dict[tuple[int, str], list[tuple[_Saved, dict[str, tuple[Shape, torch.dtype]]]]] = {}
+        by_piece: dict[tuple[int, str], dict[str, tuple[Shape, torch.dtype]]] = {}
         for key, info in _reader(path, weights_only).read_metadata().state_dict_metadata.items():
-            size = tuple(getattr(info, "size", ()))
             properties = getattr(info, "properties", None)
-            self.dtypes[key] = getattr(properties, "dtype", torch.float32)
-            if key.startswith("buffers."):
-                self.buffers[key[len("buffers."):]] = (size, self.dtypes[key])
-            elif key.startswith("state_dict."):
-                name, a, b = parse_piece_key(key[len("state_dict."):])
-                self.params.setdefault(name, []).append((a, b))
+            self.sizes[key] = (tuple(getattr(info, "size", ())), getattr(properties, "dtype", torch.float32))
+            if key.startswith("state_dict."):
+                piece = key[len("state_dict."):]
+                self._params.setdefault(self._name(piece), []).extend(self._saved(piece))
             elif key.startswith("optimizer_states."):
                 index, rest = key[len("optimizer_states."):].split(".", 1)
                 piece, state = rest.rsplit(".", 1)
-                name, a, b = parse_piece_key(piece)
-                by_range = self.states.setdefault(int(index), {}).setdefault(name, {})
-                by_range.setdefault((a, b), {})[state] = size
+                by_piece.setdefault((int(index), piece), {})[state] = self.sizes[key]
+        for (i, piece), kinds in by_piece.items():
+            for saved in self._saved(piece):
+                self._states.setdefault((i, self._name(piece)), []).append((saved, kinds))
 
-    @property
-    def model(self) -> dict[str, Any]:
-        return self.meta["lightning_par"]["model"]
+    @staticmethod
+    def _name(piece: str) -> str:
+        return piece.rsplit("|", 1)[0]
 
-    @property
-    def optimizers(self) -> list[dict[str, Any]]:
-        return self.meta["lightning_par"]["optimizers"]
+    def _saved(self, piece: str) -> list[_Saved]:
+        name, box = piece.rsplit("|", 1)
+        if "+" in box:  # format 2: a box
+            _, offsets, sizes = parse_box_key(piece)
+            return [_Saved(piece, offsets, sizes)]
+        start, stop = (int(x) for x in box.split(":"))  # format 1: a flat range of the whole parameter
+        return [_Saved(piece, o, s, f) for o, s, f in flat_boxes(self.shapes[name], start, stop)]
 
-    def check_model(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        saved = self.model["shapes"]
-        missing = sorted(set(shapes) - set(saved))
-        unexpected = sorted(set(saved) - set(shapes))
-        mismatched = sorted(n for n in set(shapes) & set(saved) if tuple(saved[n]) != tuple(shapes[n]))
-        if not (missing or unexpected or mismatched):
-            return
-        details = []
-        if missing:
-            details.append(f"missing from the checkpoint: {missing[:5]}")
-        if unexpected:
-            details.append(f"not in the model: {unexpected[:5]}")
-        if mismatched:
-            n = mismatched[0]
-            details.append(f"different shapes, e.g. {n}: checkpoint {tuple(saved[n])}, model {tuple(shapes[n])}")
-        raise ValueError(f"The checkpoint at {self.path} was written for a different model; {'; '.join(details)}.")
+    def params(self, name: str) -> list[_Saved]:
+        return self._params.get(name, [])
 
-    def read(self, param_ranges: dict[str, list[tuple[int, int]]], state_ranges: dict[int, dict[str, list]],
-             buffers: dict[str, Tensor], *, collective: bool = True) -> dict[str, Any]:
-        """Load the saved pieces that overlap the requested flat ranges: all ranks together (``collective``), or
-        this process alone."""
+    def states(self, i: int, name: str) -> list[tuple[_Saved, dict[str, tuple[Shape, torch.dtype]]]]:
+        return self._states.get((i, name), [])
+
+    def fetch(self, params, states, buffers):
         request: dict[str, Any] = {"state_dict": {}, "optimizer_states": {}, "buffers": dict(buffers)}
-        for name, spans in param_ranges.items():
-            for start, stop in spans:
-                for a, b in overlaps(self.params[name], start, stop):
-                    key = piece_key(name, a, b)
-                    request["state_dict"][key] = torch.empty(b - a, dtype=self.dtypes["state_dict." + key])
-        for i, by_name in state_ranges.items():
-            out = request["optimizer_states"].setdefault(str(i), {})
-            for name, spans in by_name.items():
-                saved = self.states.get(i, {}).get(name, {})
-                for start, stop in spans:
-                    for a, b in overlaps(list(saved), start, stop) if saved else []:
-                        key = piece_key(name, a, b)
-                        out[key] = {s: torch.empty(size, dtype=self.dtypes[f"optimizer_states.{i}.{key}.{s}"])
-                                    for s, size in saved[(a, b)].items()}
-        dcp.load(request, storage_reader=_reader(self.path, self.weights_only), no_dist=not collective)
-        return request
+        for key in params:
+            size, dtype = self.sizes["state_dict." + key]
+            request["state_dict"][key] = torch.empty(size, dtype=dtype)
+        for i, key in states:
+            prefix = f"optimizer_states.{i}.{key}."
+            request["optimizer_states"].setdefault(str(i), {})[key] = {
+                k[len(prefix):]: torch.empty(size, dtype=dtype)
+                for k, (size, dtype) in self.sizes.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        dcp.load(request, storage_reader=_reader(self.path, self.weights_only), no_dist=not self.collective)
+        loaded_states = {(int(i), key): value for i, by_key in request["optimizer_states"].items()
+                         for key, value in by_key.items()}
+        return request["state_dict"], loaded_states, request["buffers"]
 
 
-def _copy_range(target: Tensor, start: int, stop: int, saved: dict[tuple[int, int], Tensor]) -> None:
-    for (a, b), value in saved.items():
-        lo, hi = max(a, start), min(b, stop)
-        if lo < hi:
-            target[lo - start : hi - start].copy_(value[lo - a : hi - a])
+class _Plain(_Source):
+    """A plain Lightning checkpoint (whole tensors: one process, ``dp``, Lightning's own strategies, a consolidated
+    checkpoint); its optimizer state is numbered as one process numbers it (``names``: per optimizer, its groups'
+    global names in that order)."""
+
+    def __init__(self, full: dict[str, Any], names: list[list[list[str]]]) -> None:
+        self.tensors: dict[str, Tensor] = full.get("state_dict", {})
+        self.meta = {k: v for k, v in full.items() if k not in ("state_dict", "optimizer_states")}
+        self.shapes = {n: tuple(t.shape) for n, t in self.tensors.items() if isinstance(t, Tensor)}
+        self.aliases, self.buffer_names = {}, set(self.tensors)
+        saved = full.get("optimizer_states", [])
+        self.param_groups = [[{k: v for k, v in g.items() if k != "params"} for g in s["param_groups"]] for s in saved]
+        self.optimizer_states: dict[tuple[int, str], dict[str, Tensor]] = {}
+        for i, (state, groups) in enumerate(zip(saved, names)):
+            flat = [n for group in groups for n in group]
+            counts = [len(g["params"]) for g in state["param_groups"]]
+            if counts != [len(g) for g in groups]:
+                raise ValueError(f"The checkpoint's optimizer {i} has groups of {counts} parameters; this model's has "
+                                 f"{[len(g) for g in groups]}. Was it saved with the same configure_optimizers?")
+            ids = [p for g in state["param_groups"] for p in g["params"]]
+            for position, name in zip(ids, flat):
+                if position in state["state"]:
+                    self.optimizer_states[(i, name)] = state["state"][position]
+
+    def params(self, name: str) -> list[_Saved]:
+        return [_Saved(name, (0,) * len(self.shapes[name]), self.shapes[name])] if name in self.shapes else []
+
+    def states(self, i: int, name: str) -> list[tuple[_Saved, dict[str, tuple[Shape, torch.dtype]]]]:
+        state = self.optimizer_states.get((i, name))
+        if not state or name not in self.shapes:
+            return []
+        kinds = {k: (tuple(v.shape), v.dtype) for k, v in state.items() if isinstance(v, Tensor)}
+        return [(_Saved(name, (0,) * len(self.shapes[name]), self.shapes[name]), kinds)]
+
+    def fetch(self, params, states, buffers):
+        return ({k: self.tensors[k] for k in params}, {(i, k): self.optimizer_states[(i, k)] for i, k in states},
+                {n: self.tensors[n] for n in buffers})
 
 
-def _index_pieces(loaded: dict[str, Any]) -> dict[str, dict[tuple[int, int], Any]]:
-    """Loaded ``name|start:stop`` entries grouped by parameter name, in one pass."""
-    out: dict[str, dict[tuple[int, int], Any]] = {}
-    for key, value in loaded.items():
-        name, a, b = parse_piece_key(key)
-        out.setdefault(name, {})[(a, b)] = value
-    return out
+def _fill(name: str, offsets: Shape, target: Tensor, saved: list[tuple[_Saved, Tensor]]) -> None:
+    """Copy every saved box's intersection with the target box; the saved boxes are disjoint, so the volumes copied
+    add up to the target's exactly when nothing is missing."""
+    covered = 0
+    for s, value in saved:
+        hit = intersection(offsets, tuple(target.shape), s.offsets, s.sizes)
+        if hit is not None:
+            lo, size = hit
+            sub_box(target, offsets, lo, size).copy_(sub_box(s.view(value), s.offsets, lo, size))
+            covered += prod(size)
+    if covered != target.numel():
+        raise ValueError(f"The checkpoint does not hold all of {name} (elements at {offsets} of shape "
+                         f"{tuple(target.shape)}): was it written completely?")
+
+
+def _check_model(source: _Source, holdings: Holdings, path: Any, strict: bool) -> None:
+    mine = {h.holding.name: tuple(h.holding.global_shape) for h in holdings.params}
+    missing = sorted(n for n in mine if n not in source.shapes)
+    mismatched = sorted(n for n in mine if n in source.shapes and source.shapes[n] != mine[n])
+    known = set(holdings.model_names) | set(holdings.aliases)
+    unexpected = sorted(n for n in source.shapes if n not in known and n not in source.buffer_names) if strict else []
+    if isinstance(source, _Plain):  # a plain state dict lists buffers and tied aliases among its entries
+        unexpected = [n for n in unexpected if n not in holdings.buffers]
+    if not (missing or unexpected or mismatched):
+        return
+    details = []
+    if missing:
+        details.append(f"missing from the checkpoint: {missing[:5]}")
+    if unexpected:
+        details.append(f"not in the model: {unexpected[:5]}")
+    if mismatched:
+        n = mismatched[0]
+        details.append(f"different shapes, e.g. {n}: checkpoint {source.shapes[n]}, model {mine[n]}")
+    raise ValueError(f"The checkpoint at {path} was written for a different model; {'; '.join(details)}.")
+
+
+@torch.no_grad()
+def load_into(source: _Source, holdings: Holdings, path: Any = "", strict: bool = True) -> dict[str, Any]:
+    """Copy what ``holdings`` needs out of ``source`` (every rank together for a sharded checkpoint); returns
+    Lightning's part of the checkpoint."""
+    _check_model(source, holdings, path, strict)
+    if holdings.optimizers and len(source.param_groups) != len(holdings.optimizers):
+        raise ValueError(f"The checkpoint at {path} has {len(source.param_groups)} optimizer(s); the module "
+                         f"configures {len(holdings.optimizers)}.")
+    targets = [(held.holding.name, held.holding.boxes(held.value)) for held in holdings.params]
+    need_params = {s.key for name, boxes in targets for o, v in boxes for s in source.params(name)
+                   if intersection(o, tuple(v.shape), s.offsets, s.sizes) is not None}
+    states = []  # (optimizer index, entry, the state's new tensors, their boxes, the saved boxes)
+    for i, held in enumerate(holdings.optimizers):
+        for entry in held.states:
+            saved = source.states(i, entry.holding.name)
+            if not saved:
+                continue
+            kinds = saved[0][1]
+            new = {k: torch.zeros(() if size == () else entry.holding.local_shape, dtype=dtype)
+                   for k, (size, dtype) in kinds.items()}
+            boxes = {k: entry.holding.boxes(v) for k, v in new.items() if v.dim()}
+            meta_boxes = _meta_boxes(entry.holding)
+            hits = [s for s, _ in saved
+                    if any(intersection(o, size, s.offsets, s.sizes) is not None for o, size in meta_boxes)]
+            states.append((i, entry, new, boxes, hits))
+    need_states = {(i, s.key) for i, _, _, _, hits in states for s in hits}
+    buffers = {n: torch.empty_like(b, device="cpu") for n, b in holdings.buffers.items() if n in source.buffer_names}
+    params, loaded_states, loaded_buffers = source.fetch(need_params, need_states, buffers)
+    for name, boxes in targets:
+        saved = [(s, params[s.key]) for s in source.params(name) if s.key in params]
+        for offsets, view in boxes:
+            _fill(name, offsets, view, saved)
+    for n, value in loaded_buffers.items():
+        holdings.buffers[n].copy_(value)
+    for i, entry, new, boxes, hits in states:
+        for k, value in new.items():
+            if value.dim() == 0:
+                value.copy_(loaded_states[(i, hits[0].key)][k])
+                continue
+            saved = [(s, loaded_states[(i, s.key)][k]) for s in hits]
+            for offsets, view in boxes[k]:
+                _fill(f"optimizer state {k!r} of {entry.holding.name}", offsets, view, saved)
+        entry.put({k: v.to(entry.device) for k, v in new.items()})
+    for held, groups in zip(holdings.optimizers, source.param_groups):
+        for group, saved_group in zip(held.optimizer.param_groups, groups):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+    return dict(source.meta)
 
 
 def _resolve(path: Any) -> Path:
@@ -335,163 +510,61 @@ def _resolve(path: Any) -> Path:
     return path
 
 
-def load_into_engine(path: Any, engine: "ZeroEngine", module: torch.nn.Module,
-                     optimizers: list[torch.optim.Optimizer], weights_only: Optional[bool] = None) -> dict[str, Any]:
-    """Load a sharded checkpoint of any world size, or a plain Lightning file, into ``engine``'s shards."""
+def load(path: Any, holdings: Holdings, weights_only: Optional[bool] = None, strict: bool = True) -> dict[str, Any]:
+    """Load any checkpoint (sharded, of any strategy and world size, or a plain Lightning file) into ``holdings``.
+    Every rank calls it."""
     path = _resolve(path)
-    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
-    if not is_sharded_checkpoint(path):
-        full = load_file(path, weights_only, map_location="cpu")
-        return _load_full_into_engine(full, engine, module, optimizers)
-    index = _Index(path, weights_only)
-    index.check_model(shapes)
-    if optimizers and len(index.optimizers) != len(optimizers):
-        raise ValueError(f"The checkpoint at {path} has {len(index.optimizers)} optimizer(s); the module "
-                         f"configures {len(optimizers)}.")
-    mine = engine.layout.pieces(engine.rank)
-    param_ranges: dict[str, list[tuple[int, int]]] = {}
-    for piece in mine:
-        param_ranges.setdefault(piece.name, []).append((piece.start, piece.stop))
-    state_ranges = {i: {} for i in range(len(optimizers))}
-    for i, optimizer in enumerate(optimizers):
-        for name, piece, _ in engine.optimizer_pieces(optimizer):
-            state_ranges[i].setdefault(name, []).append((piece.start, piece.stop))
-    buffers = {n: torch.empty_like(b, device="cpu") for n, b in module.named_buffers() if n in index.model["buffer_names"]}
-    loaded = index.read(param_ranges, state_ranges, buffers)
-    with torch.no_grad():
-        params_loaded = _index_pieces(loaded["state_dict"])
-        for piece in mine:
-            chunk = engine.chunks[piece.chunk]
-            target = chunk.master[piece.shard_offset : piece.shard_offset + piece.numel]
-            _copy_range(target, piece.start, piece.stop, params_loaded[piece.name])
-        named_buffers = dict(module.named_buffers())
-        for n, value in loaded["buffers"].items():
-            named_buffers[n].copy_(value)
-        for i, optimizer in enumerate(optimizers):
-            states = _index_pieces(loaded["optimizer_states"].get(str(i), {}))
-            for name, piece, q in engine.optimizer_pieces(optimizer):
-                saved = states.get(name)
-                if saved:
-                    optimizer.state[q] = _state_for_range(saved, piece.start, piece.stop, q.device)
-            for group, saved_group in zip(optimizer.param_groups, index.optimizers[i]["param_groups"]):
-                group.update(saved_group)
-        engine.refresh_compute()
-    meta = dict(index.meta)
-    meta.pop("lightning_par")
-    return meta
+    if is_sharded_checkpoint(path):
+        source: _Source = _Index(path, weights_only)
+    else:
+        source = _Plain(load_file(path, weights_only, map_location="cpu"), [h.names for h in holdings.optimizers])
+    return load_into(source, holdings, path, strict)
 
 
-def _state_for_range(saved: dict[tuple[int, int], dict[str, Tensor]], start: int, stop: int,
-                     device: torch.device) -> dict[str, Tensor]:
-    names = next(iter(saved.values())).keys()
-    state = {}
-    for s in names:
-        sample = next(iter(saved.values()))[s]
-        if sample.dim() == 0:  # a per-parameter scalar such as Adam's step
-            state[s] = sample.clone()
-            continue
-        target = torch.zeros(stop - start, dtype=sample.dtype)
-        _copy_range(target, start, stop, {r: v[s] for r, v in saved.items()})
-        state[s] = target.to(device)
-    return state
-
-
-# ----- whole tensors: plain Lightning files in and out ------------------------------------------------------------
-
-
-def _load_full_into_engine(full: dict[str, Any], engine: "ZeroEngine", module: torch.nn.Module,
-                           optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
-    """A plain Lightning checkpoint (whole tensors, e.g. written by ``dp``) into the shards."""
-    load_params_into_engine(full["state_dict"], engine, module)
-    load_optimizers_into_engine(full.get("optimizer_states", []), engine, optimizers)
-    return {k: v for k, v in full.items() if k not in ("state_dict", "optimizer_states")}
-
-
-@torch.no_grad()
-def load_params_into_engine(state_dict: dict[str, Any], engine: "ZeroEngine", module: torch.nn.Module) -> None:
-    """Whole parameters and buffers, by name, into ``engine``'s master shards and ``module``'s buffers."""
-    module_state = module.state_dict(keep_vars=True)  # names and shapes only: stage 3 has released the values
-    missing = sorted(set(module_state) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(module_state))
-    mismatched = sorted(n for n in set(module_state) & set(state_dict) if state_dict[n].shape != module_state[n].shape)
-    if missing or unexpected or mismatched:
-        raise ValueError(f"The checkpoint was written for a different model: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}, different shapes {mismatched[:5]}.")
-    for piece in engine.layout.pieces(engine.rank):
-        chunk = engine.chunks[piece.chunk]
-        flat = state_dict[piece.name].reshape(-1)[piece.start : piece.stop]
-        chunk.master[piece.shard_offset : piece.shard_offset + piece.numel].copy_(flat)
-    for n, b in module.named_buffers():
-        b.copy_(state_dict[n])
-    engine.refresh_compute()
-
-
-@torch.no_grad()
-def load_optimizers_into_engine(states: list[dict[str, Any]], engine: "ZeroEngine",
-                                optimizers: list[torch.optim.Optimizer]) -> None:
-    """Whole optimizer state dicts (numbered as one process numbers them) into the optimizers' pieces."""
-    for optimizer, saved in zip(optimizers, states):
-        names = [n for group in engine.optimizer_param_names[optimizer] for n in group]
-        by_name = {names[i]: s for i, s in saved["state"].items()}
-        for name, piece, q in engine.optimizer_pieces(optimizer):
-            if name in by_name:
-                optimizer.state[q] = {
-                    k: (v.clone() if v.dim() == 0 else v.reshape(-1)[piece.start : piece.stop].clone().to(q.device))
-                    for k, v in by_name[name].items() if isinstance(v, Tensor)
-                }
-        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-            group.update({k: v for k, v in saved_group.items() if k != "params"})
+# ----- whole tensors: plain Lightning files out -----------------------------------------------------------------
 
 
 def load_full(path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-    """A sharded checkpoint as a plain Lightning checkpoint dict: whole tensors, optimizer state by index.
-
-    Reads every piece in this one process (no process group needed): for strategies that hold whole parameters
-    (``dp``) and for ``consolidate``.
-    """
-    path = _resolve(path)
-    index = _Index(path, weights_only)
-    everything = {name: [(0, _numel(shape))] for name, shape in index.model["shapes"].items()}
-    states = {i: {name: [(0, _numel(index.model["shapes"][name]))] for name in by_name}
-              for i, by_name in index.states.items()}
-    buffers = {n: torch.empty(size, dtype=dtype) for n, (size, dtype) in index.buffers.items()}
-    saved = index.read(everything, states, buffers, collective=False)
-    meta = dict(index.meta)
-    info = meta.pop("lightning_par")
-    shapes, aliases = info["model"]["shapes"], info["model"]["aliases"]
-    state_dict: dict[str, Tensor] = {}
-    params_saved = _index_pieces(saved["state_dict"])
-    for name, shape in shapes.items():
-        numel = _numel(shape)
-        full = torch.empty(numel)
-        _copy_range(full, 0, numel, params_saved[name])
-        state_dict[name] = full.reshape(shape)
-    for alias, name in aliases.items():
+    """A sharded checkpoint as a plain Lightning checkpoint dict: whole tensors, optimizer state numbered as one
+    process numbers it. Reads every piece in this one process (no process group needed)."""
+    index = _Index(_resolve(path), weights_only, collective=False)
+    values = {}
+    for name, shape in index.shapes.items():
+        saved = index.params(name)
+        dtype = index.sizes["state_dict." + saved[0].key][1] if saved else torch.float32
+        values[name] = torch.empty(shape, dtype=dtype)
+    names = [o["param_names"] for o in index.optimizers]
+    states: list[dict[int, dict[str, Tensor]]] = [{} for _ in names]
+    optimizers = []
+    for i, groups in enumerate(names):
+        entries = []
+        for position, name in enumerate(n for group in groups for n in group):
+            entries.append(HeldState(Holding(name, index.shapes[name]), dict,
+                                     lambda state, i=i, position=position: states[i].__setitem__(position, state),
+                                     torch.device("cpu")))
+        optimizers.append(HeldOptimizer(_NoOptimizer(), groups, entries))
+    holdings = Holdings([HeldTensor(Holding(n, tuple(v.shape)), v) for n, v in values.items()], list(values),
+                        {n: torch.empty(index.sizes["buffers." + n][0], dtype=index.sizes["buffers." + n][1])
+                         for n in index.buffer_names}, index.aliases, optimizers)
+    meta = load_into(index, holdings, path)
+    state_dict: dict[str, Tensor] = dict(values)
+    for alias, name in index.aliases.items():
         state_dict[alias] = state_dict[name]
-    state_dict.update(saved.get("buffers", {}))
+    state_dict.update(holdings.buffers)
     optimizer_states = []
-    for i, opt in enumerate(info["optimizers"]):
-        pieces = _index_pieces(saved.get("optimizer_states", {}).get(str(i), {}))
-        names = [n for group in opt["param_names"] for n in group]
-        state = {}
-        for index, name in enumerate(names):
-            mine = pieces.get(name)
-            if mine:
-                flat = _state_for_range(mine, 0, _numel(shapes[name]), torch.device("cpu"))
-                state[index] = {k: (v if v.dim() == 0 else v.reshape(shapes[name])) for k, v in flat.items()}
-        groups, start = [], 0
-        for group, group_names in zip(opt["param_groups"], opt["param_names"]):
-            groups.append({**group, "params": list(range(start, start + len(group_names)))})
-            start += len(group_names)
-        optimizer_states.append({"state": state, "param_groups": groups})
+    for i, (groups, settings) in enumerate(zip(names, index.param_groups)):
+        param_groups, start = [], 0
+        for group, members in zip(settings, groups):
+            param_groups.append({**group, "params": list(range(start, start + len(members)))})
+            start += len(members)
+        optimizer_states.append({"state": dict(sorted(states[i].items())), "param_groups": param_groups})
     return {**meta, "state_dict": state_dict, "optimizer_states": optimizer_states}
 
 
-def _numel(shape: Any) -> int:
-    numel = 1
-    for d in shape:
-        numel *= d
-    return numel
+class _NoOptimizer:
+    """Stands in for an optimizer when :func:`load_full` reads state into plain dicts."""
+
+    param_groups: list[dict[str, Any]] = []
 
 
 def consolidate(path: Any, out: Any, weights_only: Optional[bool] = None) -> None:
@@ -500,8 +573,8 @@ def consolidate(path: Any, out: Any, weights_only: Optional[bool] = None) -> Non
 
 
 def load_any(path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-    """Any strategy's checkpoint as a plain Lightning checkpoint dict on the CPU: a sharded directory (ZeRO) through
-    :func:`load_full`, a single file (``dp``, pipeline, ``tp1d``, one process) through ``torch.load``."""
+    """Any strategy's checkpoint as a plain Lightning checkpoint dict on the CPU: a sharded directory through
+    :func:`load_full`, a single file (``dp``, one process, Lightning's own strategies) through ``torch.load``."""
     if is_sharded_checkpoint(path):
         return load_full(path, weights_only)
     if Path(path).is_dir():

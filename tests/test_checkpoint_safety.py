@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_par  # noqa: F401
 from lightning_par import checkpoint
-from lightning_par.checkpoint import META_FILE, load_full, piece_key
+from lightning_par.checkpoint import META_FILE, HeldTensor, Holdings, load_full, model_pieces
+from lightning_par.pieces import Holding
 
 
 class Payload:
@@ -41,11 +42,13 @@ def _linear(value: float) -> torch.nn.Linear:
 
 
 def _save(path, value: float, extra=None) -> None:
-    """A sharded checkpoint of one process: each parameter as one flat piece, as a ZeRO rank writes its own."""
+    """A sharded checkpoint of one process: each parameter whole, as one box."""
     layer = _linear(value)
-    pieces = {piece_key(n, 0, p.numel()): p.detach().reshape(-1).clone() for n, p in layer.named_parameters()}
-    ckpt = {"state_dict": pieces, "optimizer_states": [], "epoch": 0, "global_step": int(value), **(extra or {})}
-    checkpoint.save(ckpt, path, is_global_zero=True, barrier=lambda: None, module=layer)
+    named = list(layer.named_parameters())
+    holdings = Holdings([HeldTensor(Holding(n, tuple(p.shape)), p.detach()) for n, p in named], [n for n, _ in named])
+    ckpt = {"state_dict": model_pieces(holdings), "optimizer_states": [], "epoch": 0, "global_step": int(value),
+            **(extra or {})}
+    checkpoint.save(ckpt, path, holdings=holdings, is_global_zero=True, barrier=lambda: None)
 
 
 def test_a_planted_payload_is_refused_before_it_runs(tmp_path):

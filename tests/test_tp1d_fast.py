@@ -27,12 +27,18 @@ from lightning_par.comm.collectives import (
 )
 from lightning_par.comm.raw_collectives import _all_gather, _reduce_scatter, token_chunks
 from lightning_par.tensor import ColumnParallelLinear, RowParallelLinear, TensorGroup, auto_plan, parallelize
-from lightning_par.tensor.full_state import _gather
 from lightning_par.tensor.layers_1d import InputOp, shard_spec
 from lightning_par.tensor.replicated_grads import ReplicatedGradSum
 from test_tp1d_layers import B, E, T, Recorder, Stack
 
 HALF_TOL = 2e-2  # the bf16 tolerance of tests/test_tp1d.py
+
+
+def _gather(value, spec, group):
+    """The whole tensor of a tensor-parallel shard (a collective over ``group``)."""
+    from lightning_par.comm.collectives import gather_along_dim
+
+    return spec.unshard(gather_along_dim(value.contiguous(), spec.dim, group))
 
 
 def _full_grad(p, tg):

@@ -29,11 +29,17 @@ from lightning_par.tensor import (
     sharded_parameter_bytes,
     vocab_parallel_cross_entropy,
 )
-from lightning_par.tensor.full_state import _gather
 from parity import RecordingGPT
 from tp1d_models import RecordingEncoder, RecordingLlama, RecordingNet
 
 # ----- the automatic plan, in one process --------------------------------------------------------------------------
+
+
+def _gather(value, spec, group):
+    """The whole tensor of a tensor-parallel shard (a collective over ``group``)."""
+    from lightning_par.comm.collectives import gather_along_dim
+
+    return spec.unshard(gather_along_dim(value.contiguous(), spec.dim, group))
 
 
 class _FakeGroup(TensorGroup):

@@ -12,14 +12,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from lightning_par.comm.collectives import group_size
 from lightning_par.comm.p2p import post_batch
 from lightning_par.pipeline.partition import Partition
 from lightning_par.pipeline.schedules import Schedule
 
-__all__ = ["canonical_names", "parameter_holders", "SharedGradients"]
+__all__ = ["canonical_names", "parameter_holders", "SharedGradients", "optimizer_group_names"]
 
 
 def canonical_names(module: nn.Module) -> dict[str, str]:
@@ -107,3 +109,18 @@ class SharedGradients:
         grad = p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
         flag = torch.ones(1, dtype=grad.dtype, device=grad.device) * (p.grad is not None)
         return torch.cat([grad, flag])
+
+
+def optimizer_group_names(local: list[list[str]], order: dict[str, int], group: Optional[ProcessGroup]
+                          ) -> list[list[str]]:
+    """Each optimizer group's canonical parameter names over the whole pipeline, in module order, as one process
+    numbers them (a collective over ``group``; ``local``: this stage's names per group). It assumes what
+    ``configure_optimizers`` usually does: the same groups on every stage, built from the stage's parameters."""
+    everyone = [local]
+    if group_size(group) > 1:
+        everyone = [None] * group_size(group)
+        dist.all_gather_object(everyone, local, group=group)
+    if len({len(groups) for groups in everyone}) != 1:
+        raise ValueError("The stages built optimizers with different numbers of parameter groups; checkpoints of a "
+                         "pipeline need the same groups on every stage.")
+    return [sorted({n for groups in everyone for n in groups[g]}, key=order.__getitem__) for g in range(len(local))]

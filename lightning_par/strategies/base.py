@@ -24,6 +24,7 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
@@ -36,6 +37,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
+from lightning_par import checkpoint
+from lightning_par.checkpoint import Holdings
 from lightning_par.comm.grad_norm import NormPart, clip_by_global_norm_
 from lightning_par.strategies.sigterm import host_sigterm_check, new_host_group
 from lightning_par.topology import Topology
@@ -84,6 +87,8 @@ class LightningParStrategy(ParallelStrategy):
         self._mesh: Optional[Any] = None
         self._host_group: Optional[dist.ProcessGroup] = None  # gloo, for host-side flags on GPU runs
         self._grad_sync_enabled = True
+        self.weights_only: Optional[bool] = None  # how a resumed checkpoint is opened; strategies that take it set it
+        self._loaded_into_holdings = False  # the last `load_checkpoint` restored model and optimizers itself
 
     # ----- what subclasses decide -------------------------------------------------------------------------------
 
@@ -357,17 +362,68 @@ class LightningParStrategy(ParallelStrategy):
         dist.broadcast_object_list(box, src)
         return box[0]
 
-    # ----- checkpoints ----------------------------------------------------------------------------------------------
+    # ----- checkpoints: one path for every strategy (see [Note: format] in checkpoint.py) ---------------------------
+
+    def checkpoint_holdings(self, saving: bool) -> Optional[Holdings]:
+        """What this rank holds of the model and its optimizers, as pieces of global tensors (``saving``: for a
+        save, which may leave out copies another rank writes). None where every rank holds the whole model: then
+        checkpoints are Lightning's single file, written by rank 0."""
+        return None
+
+    def _held_optimizers(self) -> list[Optimizer]:
+        fitting = self.lightning_module is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        return [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers] if fitting else []
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        holdings = self.checkpoint_holdings(saving=True)
+        return super().lightning_module_state_dict() if holdings is None else checkpoint.model_pieces(holdings)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        optimizer = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        holdings = self.checkpoint_holdings(saving=True)
+        if holdings is None:
+            return super().optimizer_state(optimizer)
+        return checkpoint.optimizer_pieces(next(h for h in holdings.optimizers if h.optimizer is optimizer))
+
+    @override
+    def save_checkpoint(self, checkpoint_dict: dict[str, Any], filepath: Any,
+                        storage_options: Optional[Any] = None) -> None:
+        holdings = self.checkpoint_holdings(saving=True)
+        if holdings is None:
+            return super().save_checkpoint(checkpoint_dict, filepath, storage_options)
+        checkpoint.save(checkpoint_dict, filepath, holdings=holdings, is_global_zero=self.is_global_zero,
+                        barrier=self.barrier)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        # A sharded checkpoint (written by a ZeRO strategy) reads as a plain one: whole tensors, so that a strategy
-        # holding whole parameters loads it like its own.
-        from lightning_par import checkpoint
-
+        # Lightning does not pass `Trainer.fit(..., weights_only=...)` to a strategy that restores after setup: the
+        # strategy's own `weights_only` stands in.
+        weights_only = self.weights_only if weights_only is None else weights_only
+        holdings = self.checkpoint_holdings(saving=False)
+        self._loaded_into_holdings = holdings is not None
+        if holdings is not None:
+            return checkpoint.load(checkpoint_path, holdings, weights_only, strict=self.lightning_module.strict_loading)
+        # A sharded checkpoint reads as a plain one (whole tensors) for a strategy that holds whole parameters.
         if checkpoint.is_sharded_checkpoint(checkpoint_path):
             return checkpoint.load_full(checkpoint_path, weights_only)
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return not self._loaded_into_holdings  # `load_checkpoint` restored the optimizers' pieces itself
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        if not self._loaded_into_holdings:
+            super().load_model_state_dict(checkpoint, strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        if not self._loaded_into_holdings:
+            super().load_optimizer_state_dict(checkpoint)
 
     # ----- teardown -------------------------------------------------------------------------------------------------
 

@@ -16,21 +16,19 @@ regions (from ``.grad``, or from ZeRO's shard pieces). The gradient norm sums ea
 the others: tensor shards over the tensor group, pipeline stages over the pipeline group, ZeRO pieces over the
 data group.
 
-Checkpoints (interim, like ``tp1d``'s and the pipelines'): one plain Lightning file with whole tensors under their
-original names, which any strategy and one process load; every axis makes its part whole in turn (ZeRO pieces over
-the data group, tensor shards over the tensor group, stages to pipeline rank 0) and cuts it again on load.
+Checkpoints take the one path of every strategy ([Note: format] in checkpoint.py): each rank writes its boxes of the
+global tensors, which every axis describes in turn (the pipeline's names, the tensor shard, ZeRO's flat range of
+it), and loads the boxes it needs from any strategy's checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
@@ -40,15 +38,13 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
-from lightning_par import checkpoint as sharded_checkpoint
 from lightning_par.comm.buckets import broadcast_tensors
 from lightning_par.comm.collectives import group_rank
 from lightning_par.comm.grad_norm import NormPart
-from lightning_par.pipeline import full_state as stage_state
 from lightning_par.strategies.base import COMPUTE_DTYPES, StartMethod
 from lightning_par.strategies.pipeline import PipelineStrategy, ScheduleName
-from lightning_par.tensor import full_state as tensor_state
 from lightning_par.tensor.axis import TensorAxis
+from lightning_par.tensor.layers_1d import shard_spec
 from lightning_par.tensor.loss import materialize_logits
 from lightning_par.tensor.plan import applied_plan
 from lightning_par.tensor.replicated_grads import mean_over_group
@@ -56,8 +52,9 @@ from lightning_par.tensor.styles import ParallelStyle
 from lightning_par.topology import TensorMode, Topology
 from lightning_par.zero.engine import ZeroEngine
 from lightning_par.zero.policy import ZeroPolicy
+from lightning_par.zero.pieces import Placement
 from lightning_par.zero.teardown import whole_module_device
-from lightning_par.zero.whole import unshard_optimizer, whole_optimizer_state, whole_parameters
+from lightning_par.zero.whole import unshard_optimizer
 
 
 class HybridParallelStrategy(PipelineStrategy):
@@ -318,82 +315,29 @@ class HybridParallelStrategy(PipelineStrategy):
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         return self._evaluate(super().predict_step, *args, **kwargs)
 
-    # ----- checkpoints: see the module note --------------------------------------------------------------------------
+    # ----- checkpoints: see [Note: format] in checkpoint.py ------------------------------------------------------
 
     def _tensor_group(self) -> Optional[Any]:
         plan = applied_plan(self.lightning_module)
         return plan.tg.group if plan is not None else None
 
-    def _engine_groups(self, optimizer: Optimizer) -> Optional[list[list[torch.nn.Parameter]]]:
-        """The module parameters of each of ``optimizer``'s groups (ZeRO's optimizer holds pieces of them); None
-        without ZeRO."""
-        if self._engine is None:
+    @override
+    def _tensor_placement(self) -> Optional[Placement]:
+        if applied_plan(self.lightning_module) is None:
             return None
-        params = self._engine.params_by_name
-        return [[params[n] for n in group] for group in self._engine.optimizer_param_names[optimizer]]
+        rank = group_rank(self._tensor_group())
+        return lambda p: (spec, rank) if (spec := shard_spec(p)) is not None else None
 
-    def _engine_params(self, optimizer: Optimizer) -> list[torch.nn.Parameter]:
-        """The module parameters ``optimizer`` steps, in its order (under ZeRO)."""
-        return [p for group in self._engine_groups(optimizer) for p in group]
+    @override
+    def _zero_engine(self) -> Optional[ZeroEngine]:
+        return self._engine
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        return super().load_checkpoint(checkpoint_path, self.weights_only if weights_only is None else weights_only)
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        module = self.lightning_module
-        state = whole_parameters(self._engine, module) if self._engine is not None else module.state_dict()
-        if applied_plan(module) is not None:
-            state = tensor_state.full_state_dict(module, self._tensor_group(), state)
-        if self._partition is not None:
-            state = stage_state.gather_state_dict(module, self._pipeline_group, self._gathers(), state)
-        return state
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        params = None
+        meta = super().load_checkpoint(checkpoint_path, weights_only)
         if self._engine is not None:
-            state, params = whole_optimizer_state(self._engine, optimizer), self._engine_params(optimizer)
-        else:
-            state = optimizer.state_dict()
-        if applied_plan(self.lightning_module) is not None:
-            state = tensor_state.full_optimizer_state(optimizer, self._tensor_group(), state, params)
-        if self._partition is not None:
-            state = self._layout(optimizer, self._engine_groups(optimizer)).gather(
-                optimizer, self._pipeline_group, self._gathers(), state)
-        return state
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        module = self.lightning_module
-        state = checkpoint["state_dict"]
-        if self._partition is not None:
-            state = stage_state.local_state_dict(module, state)
-        if applied_plan(module) is not None:
-            state = tensor_state.shard_state_dict(module, state, group_rank(self._tensor_group()))
-        if self._engine is not None:
-            sharded_checkpoint.load_params_into_engine(state, self._engine, module)
-        else:
-            module.load_state_dict(state, strict=strict)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        states = []
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            params = self._engine_params(optimizer) if self._engine is not None else None
-            if self._partition is not None:
-                state = self._layout(optimizer, self._engine_groups(optimizer)).cut(state)
-            if applied_plan(self.lightning_module) is not None:
-                state = tensor_state.shard_optimizer_state(optimizer, state, group_rank(self._tensor_group()), params)
-            if self._engine is None:
-                optimizer.load_state_dict(state)
-                _optimizers_to_device([optimizer], self.root_device)
-            states.append(state)
-        if self._engine is not None:
-            sharded_checkpoint.load_optimizers_into_engine(states, self._engine, self.optimizers)
+            self._engine.refresh_compute()
+        return meta
 
     # ----- teardown ---------------------------------------------------------------------------------------------------
 

@@ -25,8 +25,6 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
@@ -35,19 +33,21 @@ from torch.utils._pytree import tree_flatten
 from typing_extensions import override
 
 import lightning.pytorch as pl
+from lightning_par.checkpoint import Holdings
 from lightning_par.comm.buckets import broadcast_module
 from lightning_par.comm.grad_norm import NormPart
-from lightning_par.pipeline import full_state
 from lightning_par.pipeline.executor import PipelineExecutor
 from lightning_par.pipeline.partition import Partition, PartitionError, StageExit, choose_split_points, find_blocks
 from lightning_par.pipeline.split_choice import agreed_block_times, choose_split_mode
 from lightning_par.pipeline.trace_split import TracePartition
 from lightning_par.pipeline.schedules import Schedule, build_schedule, forward_only
-from lightning_par.pipeline.shared import SharedGradients, canonical_names, parameter_holders
+from lightning_par.pipeline.shared import SharedGradients, canonical_names, optimizer_group_names, parameter_holders
 from lightning_par.pipeline.steps import OutputExchange, StepRecorder, eval_microbatches, merge_outputs, split_batch
 from lightning_par.strategies.base import StartMethod
 from lightning_par.strategies.data_parallel import DataParallelStrategy
+from lightning_par.strategies.holdings import module_holdings
 from lightning_par.topology import Topology
+from lightning_par.zero.pieces import Placement
 
 ScheduleName = Literal["1f1b", "gpipe", "interleaved", "zero_bubble", "chimera"]
 PIPELINE_PRECISION = ("32-true", "bf16-mixed", "bf16-true")
@@ -78,6 +78,9 @@ class PipelineStrategy(DataParallelStrategy):
         defer_weight_grads: also for schedules without a W action, compute the linear layers' weight gradients
             outside autograd, after each backward's input gradient is sent, accumulating them inside the matmul
             (zero bubble always does; see ``lightning_par/pipeline/split_backward.py``).
+        weights_only: how a checkpoint is opened when ``fit`` resumes from it: ``None`` (default) with
+            ``weights_only=True`` (nothing in the file can run); ``False`` for a checkpoint you trust that holds other
+            objects. Checkpoints are sharded directories (see ``docs/checkpoints.md``).
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class PipelineStrategy(DataParallelStrategy):
         bucket_size_mb: float = 25.0,
         stall_timeout: float = 600.0,
         defer_weight_grads: bool = False,
+        weights_only: Optional[bool] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -136,6 +140,7 @@ class PipelineStrategy(DataParallelStrategy):
         self.balance = balance
         self.blocks = blocks
         self.stall_timeout = float(stall_timeout)
+        self.weights_only = weights_only
         self._side_group: Optional[dist.ProcessGroup] = None
         self._side_group_of: Optional[dist.ProcessGroup] = None  # the pipeline group `_side_group` belongs to
         self._exchanges: dict[Any, OutputExchange] = {}  # per executor: see [Note: sharing outputs without a host sync]
@@ -146,7 +151,7 @@ class PipelineStrategy(DataParallelStrategy):
         self._shared: Optional[SharedGradients] = None
         self._pipeline_group: Optional[dist.ProcessGroup] = None
         self._canonical: dict[str, str] = {}
-        self._optimizer_layouts: dict[int, full_state.OptimizerLayout] = {}
+        self._group_names_of: dict[int, list[list[str]]] = {}  # per optimizer: see `_group_names`
         self._backward_ran = False
         self._set_aside: dict[torch.nn.Parameter, Optional[Tensor]] = {}
 
@@ -238,7 +243,6 @@ class PipelineStrategy(DataParallelStrategy):
         self._train_executor = None
         self._eval_executors = {}
         self._exchanges = {}  # their skeletons belong to the old executors
-        self._optimizer_layouts = {}
 
     def _side_group_for(self, pipeline_group: dist.ProcessGroup) -> None:
         # The gloo twin of the pipeline group, for the first step of each input shape (see [Note: overlap and
@@ -282,7 +286,7 @@ class PipelineStrategy(DataParallelStrategy):
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
         super().setup(trainer)
-        self._optimizer_layouts = {}  # keyed by id(): the optimizers of an earlier fit are gone
+        self._group_names_of = {}  # keyed by id(): the optimizers of an earlier fit are gone
 
     @override
     def grad_norm_parts(self, optimizer: Optimizer) -> list[NormPart]:
@@ -299,16 +303,11 @@ class PipelineStrategy(DataParallelStrategy):
                       ) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
         """``optimizer``'s parameters with a gradient on this stage (or ``params``, module parameters): those
         counted in the global norm here, and the copies of shared parameters whose first holder is another stage."""
-        shared = self._shared
         names = {id(p): self._canonical[n] for n, p in self.lightning_module.named_parameters(remove_duplicate=False)}
         if params is None:
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-
-        def counted(p: torch.nn.Parameter) -> bool:
-            name = names[id(p)]
-            return not shared or name not in shared.holders or shared.holders[name][0] == shared.rank
-
-        return [p for p in params if counted(p)], [p for p in params if not counted(p)]
+        return ([p for p in params if self._first_holder(names[id(p)])],
+                [p for p in params if not self._first_holder(names[id(p)])])
 
     # ----- steps ----------------------------------------------------------------------------------------------------
 
@@ -466,52 +465,51 @@ class PipelineStrategy(DataParallelStrategy):
         if self._grad_sync_enabled and self._shared:
             self._shared.sum_()
 
-    # ----- checkpoints: see [Note: the interim checkpoint path of the pipeline strategies] ------------------------
+    # ----- checkpoints: see [Note: format] in checkpoint.py ------------------------------------------------------
 
-    def _gathers(self) -> bool:
-        # Only the pipeline group of global rank 0 (data coordinate 0) gathers; the other replicas hold the same.
-        return self.topology.coordinates(self.global_rank)["data"] == 0
-
+    @property
     @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # each stage loads its own parameters' pieces
+
+    def _tensor_placement(self) -> Optional[Placement]:
+        """How the tensor axis cut a parameter (``hybrid``); None: nothing is cut."""
+        return None
+
+    def _zero_engine(self) -> Optional[Any]:
+        """The ZeRO engine that holds the parameters' pieces (``hybrid``), or None."""
+        return None
+
+    def _first_holder(self, name: str) -> bool:
+        """Whether this stage is the first holder of the (canonical) parameter ``name``: it counts the parameter in
+        the global norm and writes it to checkpoints; the other holders have the same values."""
+        shared = self._shared
+        return not shared or name not in shared.holders or shared.holders[name][0] == shared.rank
+
+    def _group_names(self, optimizer: Optimizer, local: list[list[str]]) -> list[list[str]]:
         if self._partition is None:
-            return super().lightning_module_state_dict()
-        return full_state.gather_state_dict(self.lightning_module, self._pipeline_group, self._gathers())
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if self._partition is None:  # restored before setup: the module is still whole
-            return super().load_model_state_dict(checkpoint, strict=strict)
-        module = self.lightning_module
-        module.load_state_dict(full_state.local_state_dict(module, checkpoint["state_dict"]), strict=strict)
-
-    def _layout(self, optimizer: Optimizer,
-                params: Optional[list[list[torch.nn.Parameter]]] = None) -> full_state.OptimizerLayout:
-        """The optimizer's place in the single-process numbering (``params``: its groups' module parameters, when it
-        holds something else)."""
-        if id(optimizer) not in self._optimizer_layouts:
-            module = self.lightning_module
-            names = {id(p): self._canonical[n] for n, p in module.named_parameters(remove_duplicate=False)}
+            return local
+        if id(optimizer) not in self._group_names_of:
             order = {name: i for i, name in enumerate(dict.fromkeys(self._canonical.values()))}
-            self._optimizer_layouts[id(optimizer)] = full_state.OptimizerLayout(optimizer, names, order,
-                                                                                self._pipeline_group, params)
-        return self._optimizer_layouts[id(optimizer)]
+            self._group_names_of[id(optimizer)] = optimizer_group_names(local, order, self._pipeline_group)
+        return self._group_names_of[id(optimizer)]
 
     @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        if self._partition is None:
-            return optimizer.state_dict()
-        return self._layout(optimizer).gather(optimizer, self._pipeline_group, self._gathers())
+    def checkpoint_holdings(self, saving: bool) -> Optional[Holdings]:
+        module = self.lightning_module
+        placement, engine = self._tensor_placement(), self._zero_engine()
+        if self._partition is None and placement is None and engine is None:
+            return None  # every rank holds the whole module: Lightning's single file
+        canonical = self._canonical if self._partition is not None else canonical_names(module)
+        first_replica = self.topology.coordinates(self.global_rank)["data"] == 0
+        return module_holdings(module, canonical, placement or _uncut, self._held_optimizers(), self._group_names,
+                               engine, buffers=first_replica or not saving,
+                               keep=self._first_holder if saving else (lambda name: True))
 
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            if self._partition is not None:
-                state = self._layout(optimizer).cut(state)
-            optimizer.load_state_dict(state)
-            _optimizers_to_device([optimizer], self.root_device)
+
+def _uncut(p: torch.nn.Parameter) -> None:
+    return None
+
 
 def _is_split(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "_lightning_par_pipeline", False))

@@ -11,7 +11,6 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.plugins.precision import Precision
-from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning_par.strategies.base import StartMethod
@@ -19,7 +18,6 @@ from lightning_par.strategies.hybrid import HybridParallelStrategy
 from lightning_par.tensor.layers_1d import shard_spec
 from lightning_par.tensor.plan import AppliedPlan, applied_plan
 from lightning_par.tensor.styles import ParallelStyle
-from lightning_par.zero.materialize import has_meta_tensors
 
 
 class TensorParallel1DStrategy(HybridParallelStrategy):
@@ -56,6 +54,7 @@ class TensorParallel1DStrategy(HybridParallelStrategy):
             ``configure_model``), called with each module that owns meta tensors, which already have storage: fill
             them in place. Default: the model's own ``_init_weights`` (Hugging Face) or ``reset_parameters()``; see
             ``docs/tp1d.md``.
+        weights_only: how a checkpoint is opened when ``fit`` resumes from it, as for ``hybrid``.
         bucket_size_mb, process_group_backend, timeout, start_method: as for ``dp``.
 
     Precision: ``32-true``, ``bf16-mixed``, ``bf16-true``. ``16-mixed`` is refused: its loss scaler decides per rank,
@@ -77,6 +76,7 @@ class TensorParallel1DStrategy(HybridParallelStrategy):
         strict: bool = True,
         param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
         bucket_size_mb: float = 25.0,
+        weights_only: Optional[bool] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -89,13 +89,13 @@ class TensorParallel1DStrategy(HybridParallelStrategy):
         super().__init__(
             pipeline_size=1, tensor_size=tensor_size, zero_stage=0, sequence_parallel=sequence_parallel, plan=plan,
             sequence_dim=sequence_dim, sequence_chunks=sequence_chunks, vocab_parallel_loss=vocab_parallel_loss,
-            strict=strict, param_init_fn=param_init_fn, bucket_size_mb=bucket_size_mb, accelerator=accelerator,
+            strict=strict, param_init_fn=param_init_fn, bucket_size_mb=bucket_size_mb, weights_only=weights_only,
+            accelerator=accelerator,
             parallel_devices=parallel_devices, cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin, process_group_backend=process_group_backend, timeout=timeout,
             start_method=start_method,
         )
         self.tensor_axis.who = "tp1d"  # its messages name the strategy the user chose
-        self._restore_after_setup = False  # this run's module was built on the meta device (see the property)
 
     @property
     def plan(self) -> Optional[dict[str, Union[str, ParallelStyle]]]:
@@ -111,20 +111,6 @@ class TensorParallel1DStrategy(HybridParallelStrategy):
     def applied_plan(self) -> Optional[AppliedPlan]:
         """What the plan did to the module (after ``setup``): entries, notes and the tensor group."""
         return applied_plan(self.lightning_module) if self.lightning_module is not None else None
-
-    @property
-    @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        # A module built on the meta device (`Trainer.init_module(empty_init=True)`) has nothing to load into
-        # before `setup_module` materialises it: loading first would be a no-op, and the materialisation would then
-        # replace the checkpoint's weights with fresh ones. After setup, `load_model_state_dict` shards the
-        # checkpoint's whole tensors instead. A whole module keeps Lightning's usual order (restore, then setup),
-        # which is also the order in which Lightning passes `Trainer.fit(..., weights_only=...)` on. Lightning asks
-        # before setup and again after it, when the module is no longer on meta: the first answer is kept.
-        module = self.lightning_module
-        if module is not None and has_meta_tensors(module):
-            self._restore_after_setup = True
-        return self._restore_after_setup
 
     @torch.no_grad()
     def grad_norm(self, norm_type: Union[float, int, str] = 2.0) -> dict[str, torch.Tensor]:
@@ -156,8 +142,3 @@ class TensorParallel1DStrategy(HybridParallelStrategy):
         norms = {f"grad_{norm_type}_norm/{n}": per[i].float() for i, (n, _) in enumerate(named)}
         norms[f"grad_{norm_type}_norm_total"] = torch.stack(list(norms.values())).norm(norm_type)
         return norms
-
-    @override
-    def teardown(self) -> None:
-        self._restore_after_setup = False
-        super().teardown()

@@ -20,13 +20,14 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
-from lightning_par import checkpoint as sharded_checkpoint
+from lightning_par.checkpoint import Holdings
 from lightning_par.comm.buckets import broadcast_tensors
 from lightning_par.comm.grad_norm import NormPart
 from lightning_par.strategies.base import COMPUTE_DTYPES, LightningParStrategy, StartMethod
 from lightning_par.topology import Topology
 from lightning_par.zero.engine import ZeroEngine
 from lightning_par.zero.materialize import meta_parameters
+from lightning_par.zero.pieces import engine_optimizer, engine_params
 from lightning_par.zero.policy import ZeroPolicy
 from lightning_par.zero.teardown import whole_module_device
 
@@ -146,11 +147,6 @@ class ZeroStrategy(LightningParStrategy):
     @override
     def restore_checkpoint_after_setup(self) -> bool:
         return True  # shards are loaded into the engine, which exists only after setup
-
-    @property
-    @override
-    def lightning_restore_optimizer(self) -> bool:
-        return False  # the engine restores optimizer shards itself in `load_checkpoint`
 
     # ----- setup ----------------------------------------------------------------------------------------------------
 
@@ -286,42 +282,26 @@ class ZeroStrategy(LightningParStrategy):
         """Bytes this rank holds: parameters, gradients and optimizer state (see ``ZeroEngine.memory_report``)."""
         return self.engine.memory_report(self.optimizers)
 
-    # ----- checkpoints ----------------------------------------------------------------------------------------------
+    # ----- checkpoints: see [Note: format] in checkpoint.py ------------------------------------------------------
 
     @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        return sharded_checkpoint.model_pieces(self.engine)
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        return sharded_checkpoint.optimizer_pieces(self.engine, optimizer)
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH,
-                        storage_options: Optional[Any] = None) -> None:
-        sharded_checkpoint.save(checkpoint, filepath, is_global_zero=self.is_global_zero, barrier=self.barrier,
-                                module=self.lightning_module)
+    def checkpoint_holdings(self, saving: bool) -> Optional[Holdings]:
+        engine = self.engine
+        module = self.lightning_module
+        aliases = {n: engine.names[p] for n, p in module.named_parameters(remove_duplicate=False)
+                   if n != engine.names[p]}
+        names = str  # the engine's names are the module's
+        return Holdings(
+            engine_params(engine, names, _whole), list(engine.params_by_name),
+            {n: b for n, b in module.named_buffers()} if self.is_global_zero or not saving else {}, aliases,
+            [engine_optimizer(engine, o, engine.optimizer_param_names[o], names, _whole)
+             for o in self._held_optimizers()])
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        optimizers = self.optimizers if self.lightning_module.trainer.state.fn == TrainerFn.FITTING else []
-        if weights_only is None:
-            weights_only = self.weights_only
-        return sharded_checkpoint.load_into_engine(checkpoint_path, self.engine, self.lightning_module, optimizers,
-                                                   weights_only)
-
-    @override
-    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        pass  # done by `load_checkpoint`, straight into the shards
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        pass  # done by `load_checkpoint`
-
-    @override
-    def remove_checkpoint(self, filepath: _PATH) -> None:
-        if self.is_global_zero:
-            sharded_checkpoint.remove(filepath)
+        meta = super().load_checkpoint(checkpoint_path, weights_only)
+        self.engine.refresh_compute()
+        return meta
 
     @override
     def teardown(self) -> None:
@@ -339,3 +319,7 @@ class ZeroStrategy(LightningParStrategy):
                 self.lightning_module.to(device)  # its buffers too: one device for the whole module
             self._engine.close()  # files of optimizer state spilled to disk
         super().teardown()
+
+
+def _whole(p: torch.nn.Parameter) -> None:
+    return None  # no tensor axis: ZeRO's pieces are flat ranges of whole parameters

@@ -1,8 +1,6 @@
-"""Whole tensors out of a ZeRO engine's shards, on every rank, for a checkpoint written as one plain file.
-
-Used where another axis must act on whole (local) parameters before saving, as ``hybrid`` does when the tensor axis
-gathers its shards: ZeRO's own sharded checkpoint keys pieces by name and cannot yet express a tensor-parallel
-shard. Costs one model's worth of memory (and of its optimizer state) on every rank of the data group while saving.
+"""Whole optimizer state out of a ZeRO engine's pieces, on every rank: at the end of ``fit`` under ``hybrid``, the
+optimizer becomes an ordinary optimizer of the whole module again (:func:`unshard_optimizer`). Costs one model's
+worth of optimizer state on every rank of the data group, once.
 """
 
 from __future__ import annotations
@@ -15,24 +13,6 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from lightning_par.zero.engine import ZeroEngine
-
-
-@torch.no_grad()
-def whole_parameters(engine: "ZeroEngine", module: torch.nn.Module) -> dict[str, Tensor]:
-    """``module.state_dict()`` with every parameter whole, from the fp32 masters, in its original dtype, on the host
-    (a collective over the engine's group: one chunk gathered at a time)."""
-    values: dict[str, Tensor] = {}
-    for chunk in engine.chunks:
-        full = torch.empty(chunk.padded, dtype=torch.float32, device=engine.device)
-        if engine.world_size == 1:
-            full.copy_(chunk.master)
-        else:
-            dist.all_gather_into_tensor(full, chunk.master.to(engine.device), group=engine.group)
-        for i, p in enumerate(chunk.params):
-            values[engine.names[p]] = chunk.view(full, i).to(engine.original_dtypes[p]).cpu()
-    state = module.state_dict(keep_vars=True)  # names (tied ones too) and buffers; parameter values come from above
-    aliases = {n: engine.names[p] for n, p in module.named_parameters(remove_duplicate=False)}
-    return {n: values[aliases[n]] if n in aliases else v.detach().cpu() for n, v in state.items()}
 
 
 @torch.no_grad()
