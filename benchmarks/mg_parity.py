@@ -274,3 +274,84 @@ def cmd_parity(args: argparse.Namespace) -> None:
     passed = sum(r["status"] == "PASS" for r in rows)
     if rank == 0:
         print(f"parity: {passed} passed, {len(rows) - passed} failed (world {world}, {precision})", flush=True)
+
+
+# ----- checkpoints on the GPUs: a chain of strategies, each resuming the last one's checkpoint --------------------
+
+
+class _SaveAtEpochEnd(pl.Callback):
+    """Saves while fit runs (the module still sharded or split), as ModelCheckpoint does at an epoch's end."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+def epoch_batches(cfg: dict, epoch: int) -> list[list[int]]:
+    """Epoch ``epoch``'s global batches under Lightning's injected sampler (see lightning_global_batches)."""
+    n, size = cfg["steps"] * cfg["global_batch"], cfg["global_batch"]
+    sampler = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    return [sorted(order[i:i + size]) for i in range(0, n, size)]
+
+
+def run_epochs(args: argparse.Namespace, cfg: dict, make: Callable[[], Any], world: int, first: int, last: int,
+               ckpt_path: Any = None, save_to: Any = None) -> tuple[list[float], str]:
+    """Epochs ``first`` .. ``last - 1`` under one strategy (resuming ``ckpt_path``; saving ``save_to`` at the end of
+    each epoch, during fit); the global loss of every step."""
+    pl.seed_everything(0, verbose=False)
+    strategy = resolve(make())
+    planned = strategy.topology_for(world).data if hasattr(strategy, "topology_for") else world
+    ds, lookup = dataset(cfg)
+    module = Recording(cfg, lookup)
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=world, strategy=strategy, precision="32-true",
+                         max_epochs=last, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=cfg.get("clip") or None,
+                         callbacks=[_SaveAtEpochEnd(save_to)] if save_to else [])
+    trainer.fit(module, DataLoader(ds, batch_size=cfg["global_batch"] // planned), ckpt_path=ckpt_path)
+    data_rank = trainer.strategy.distributed_sampler_kwargs["rank"] if trainer.world_size > 1 else 0
+    gathered = gather((module.recorded, module.ids, data_rank), world)
+    expected = [b for e in range(first, last) for b in epoch_batches(cfg, e)]
+    return evaluate([g[:2] for g in gathered], [g[2] for g in gathered], expected)
+
+
+def cmd_resume(args: argparse.Namespace) -> None:
+    """Each leg resumes the previous leg's checkpoint (or ``--resume-from``, written after ``--epochs-before``
+    epochs) under its strategy and trains one more epoch; the chain's losses must equal one uninterrupted ``ddp``
+    run's (fp32, SGD, tolerance 1e-5). Checkpoints stay in ``--dir`` for a later call at another world size."""
+    exact_fp32()
+    cfg = config_of(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    table = parity_strategies(args.nvme_dir, world, cfg)
+    legs = [n for n in args.legs.split(",") if n]
+    before = args.epochs_before
+    control, status = run_epochs(args, cfg, table["ddp"], world, 0, before + len(legs))
+    if status != "ok":
+        raise SystemExit(f"control (ddp): {status}")
+    steps = cfg["steps"]
+    ckpt, failed = args.resume_from, 0
+    if rank == 0:
+        print(f"resume: world {world}, legs {legs}, after {before} epoch(s); against ddp uninterrupted", flush=True)
+    for i, name in enumerate(legs):
+        epoch = before + i
+        save = os.path.join(args.dir, f"epoch{epoch}_{name}_w{world}.ckpt")
+        try:
+            losses, status = run_epochs(args, cfg, table[name], world, epoch, epoch + 1, ckpt_path=ckpt, save_to=save)
+            gap = rel_gap(losses, control[epoch * steps:(epoch + 1) * steps]) if status == "ok" else float("inf")
+        except Exception as e:  # noqa: BLE001 - recorded; the chain stops here
+            status, gap = f"{type(e).__name__}: {e}"[:300], float("inf")
+        ok = gap <= FP32_TOL
+        failed += not ok
+        if rank == 0:
+            form = "dir" if os.path.isdir(save) else "file" if os.path.exists(save) else "none"
+            print(f"  {name:<22} {'PASS' if ok else 'FAIL'} gap {gap:.2e} from {os.path.basename(str(ckpt))} "
+                  f"-> {os.path.basename(save)} ({form}) {'' if status == 'ok' else status}", flush=True)
+        if not ok:
+            break
+        ckpt = save
+    if rank == 0:
+        print(f"resume: {len(legs) - failed} passed, {failed} failed (world {world})", flush=True)

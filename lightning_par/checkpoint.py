@@ -435,9 +435,8 @@ def _check_model(source: _Source, holdings: Holdings, path: Any, strict: bool) -
     missing = sorted(n for n in mine if n not in source.shapes)
     mismatched = sorted(n for n in mine if n in source.shapes and source.shapes[n] != mine[n])
     known = set(holdings.model_names) | set(holdings.aliases)
+    # (A plain state dict mixes buffers among its entries: only a sharded checkpoint tells them apart.)
     unexpected = sorted(n for n in source.shapes if n not in known and n not in source.buffer_names) if strict else []
-    if isinstance(source, _Plain):  # a plain state dict lists buffers and tied aliases among its entries
-        unexpected = [n for n in unexpected if n not in holdings.buffers]
     if not (missing or unexpected or mismatched):
         return
     details = []
@@ -568,8 +567,8 @@ class _NoOptimizer:
 
 
 def consolidate(path: Any, out: Any, weights_only: Optional[bool] = None) -> None:
-    """Write a sharded checkpoint as one plain Lightning checkpoint file (loads without lightning_par)."""
-    torch.save(load_full(path, weights_only), out)
+    """Write any strategy's checkpoint as one plain Lightning checkpoint file (loads without lightning_par)."""
+    torch.save(load_any(path, weights_only), out)
 
 
 def load_any(path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:

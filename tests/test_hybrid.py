@@ -11,6 +11,7 @@ import pytest
 
 from helpers import error_message, free_port, run_on_ranks
 from lightning_par import HybridParallelStrategy
+from lightning_par.checkpoint import consolidate
 from parity import BatchLossGPT, Run, fit, global_losses, relative_gap
 from test_dp import _as_external_rank
 
@@ -122,8 +123,11 @@ def test_hybrid_matches_single_process(tmp_path):
         first = global_losses([r[f"{name}_first_epoch"] for r in per_rank], data, ranks=replicas)
         resumed = global_losses([r[f"{name}_resumed"] for r in per_rank], data, ranks=replicas)
         assert relative_gap(first + resumed, uninterrupted) <= TOL, (name, first, resumed, uninterrupted)
-        # hybrid's file in one process, and one process's file under hybrid, continue the same run
-        in_one_process = _reference(two_epochs, data, max_epochs=2, ckpt_path=str(tmp_path / f"{name}.ckpt"))
+        # hybrid's checkpoint (a directory: consolidated for Lightning's own strategy) in one process, and one
+        # process's file under hybrid, continue the same run
+        plain = tmp_path / f"{name}_consolidated.ckpt"
+        consolidate(tmp_path / f"{name}.ckpt", plain)
+        in_one_process = _reference(two_epochs, data, max_epochs=2, ckpt_path=str(plain))
         assert relative_gap(in_one_process, uninterrupted[steps:]) <= TOL, (name, in_one_process)
         from_one = global_losses([r[f"{name}_from_one_process"] for r in per_rank], data, ranks=replicas)
         assert relative_gap(from_one, uninterrupted[steps:]) <= TOL, (name, from_one)

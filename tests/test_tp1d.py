@@ -181,12 +181,15 @@ def test_tp1d_matches_single_process(world, tmp_path):
 
 def test_recipe_trains_through_the_cli_and_its_checkpoint_loads_in_one_process(tmp_path):
     """recipes/tp1d.yaml through `lightning-par fit` (popen launcher, 2 ranks), shortened; the checkpoint it writes
-    is a plain Lightning file that the unsharded module loads."""
+    is a directory of pieces that, consolidated, the unsharded module loads."""
+    from lightning_par.checkpoint import consolidate
     from lightning_par.demo import DemoGPT
 
     output, losses, root = run_recipe("tp1d", tmp_path)
     assert "tensor-parallel plan, tensor size 2, with sequence parallelism" in output
     assert len(losses) >= 5 and losses[-1] < losses[0]
     last = next(c for c in root.rglob("last.ckpt"))
-    model = DemoGPT.load_from_checkpoint(last, map_location="cpu")  # strict: every full-shaped tensor present
+    assert last.is_dir()
+    consolidate(last, tmp_path / "plain.ckpt")
+    model = DemoGPT.load_from_checkpoint(tmp_path / "plain.ckpt", map_location="cpu")  # strict: every tensor whole
     assert model.model.lm_head.weight.shape == (65, 128) and model.model.wte.weight is model.model.lm_head.weight

@@ -286,7 +286,9 @@ class ZeroStrategy(LightningParStrategy):
 
     @override
     def checkpoint_holdings(self, saving: bool) -> Optional[Holdings]:
-        engine = self.engine
+        engine = self._engine
+        if engine is None:
+            return None  # before setup the module is whole
         module = self.lightning_module
         aliases = {n: engine.names[p] for n, p in module.named_parameters(remove_duplicate=False)
                    if n != engine.names[p]}
