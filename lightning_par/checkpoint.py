@@ -147,12 +147,22 @@ class HeldTensor:
 @dataclass
 class HeldState:
     """A holding's optimizer state: ``get`` reads it (tensors shaped like the holding's local values, or 0-d),
-    ``put`` replaces it; loaded state goes to ``device``."""
+    ``put`` replaces it; loaded state goes to ``device``, 0-d state (Adam's ``step``) to ``scalar_device``."""
 
     holding: Holding
     get: Callable[[], Mapping[str, Any]]
     put: Callable[[dict[str, Any]], None]
     device: torch.device
+    scalar_device: torch.device = torch.device("cpu")
+
+
+def scalar_device(optimizer: torch.optim.Optimizer, param: Tensor) -> torch.device:
+    """Where ``optimizer`` keeps a parameter's 0-d state: on its device when fused or capturable, else on the host
+    (as ``Optimizer.load_state_dict`` places ``step``)."""
+    for group in optimizer.param_groups:
+        if any(q is param for q in group["params"]):
+            return param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+    return torch.device("cpu")
 
 
 @dataclass
@@ -338,6 +348,7 @@ class _Index(_Source):
                 index, rest = key[len("optimizer_states."):].split(".", 1)
                 piece, state = rest.rsplit(".", 1)
                 by_piece.setdefault((int(index), piece), {})[state] = self.sizes[key]
+        self._state_kinds = by_piece
         for (i, piece), kinds in by_piece.items():
             for saved in self._saved(piece):
                 self._states.setdefault((i, self._name(piece)), []).append((saved, kinds))
@@ -366,10 +377,8 @@ class _Index(_Source):
             size, dtype = self.sizes["state_dict." + key]
             request["state_dict"][key] = torch.empty(size, dtype=dtype)
         for i, key in states:
-            prefix = f"optimizer_states.{i}.{key}."
             request["optimizer_states"].setdefault(str(i), {})[key] = {
-                k[len(prefix):]: torch.empty(size, dtype=dtype)
-                for k, (size, dtype) in self.sizes.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+                state: torch.empty(size, dtype=dtype) for state, (size, dtype) in self._state_kinds[(i, key)].items()}
         dcp.load(request, storage_reader=_reader(self.path, self.weights_only), no_dist=not self.collective)
         loaded_states = {(int(i), key): value for i, by_key in request["optimizer_states"].items()
                          for key, value in by_key.items()}
@@ -492,7 +501,7 @@ def load_into(source: _Source, holdings: Holdings, path: Any = "", strict: bool 
             saved = [(s, loaded_states[(i, s.key)][k]) for s in hits]
             for offsets, view in boxes[k]:
                 _fill(f"optimizer state {k!r} of {entry.holding.name}", offsets, view, saved)
-        entry.put({k: v.to(entry.device) for k, v in new.items()})
+        entry.put({k: v.to(entry.device if v.dim() else entry.scalar_device) for k, v in new.items()})
     for held, groups in zip(holdings.optimizers, source.param_groups):
         for group, saved_group in zip(held.optimizer.param_groups, groups):
             group.update({k: v for k, v in saved_group.items() if k != "params"})

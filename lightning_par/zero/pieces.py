@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from lightning_par.checkpoint import HeldOptimizer, HeldState, HeldTensor
+from lightning_par.checkpoint import HeldOptimizer, HeldState, HeldTensor, scalar_device
 from lightning_par.pieces import Holding
 
 if TYPE_CHECKING:
@@ -49,5 +49,5 @@ def engine_optimizer(engine: "ZeroEngine", optimizer: torch.optim.Optimizer, nam
                 _holding(engine, piece, global_name, placement),
                 lambda piece=piece, q=q: engine.piece_state(optimizer, piece, q),
                 lambda state, q=q: optimizer.state.__setitem__(q, state),
-                q.device))
+                q.device, scalar_device(optimizer, q)))
     return HeldOptimizer(optimizer, names, states)

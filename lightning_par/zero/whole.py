@@ -36,17 +36,21 @@ def whole_optimizer_state(engine: "ZeroEngine", optimizer: torch.optim.Optimizer
         for name, entries in part.items():
             keys.setdefault(name, {}).update(entries)
     ordered = [n for group in names for n in group]
-    # The same order on every rank (the user's parameter order, then the key), for the sums below.
-    flat = {(name, key): torch.zeros(shapes[name].numel(), dtype=dtype, device=engine.device)
-            for name in ordered if name in keys for key, (dtype, scalar) in sorted(keys[name].items())
-            if scalar is None}
-    for name, piece, q in engine.optimizer_pieces(optimizer):
-        for key, value in engine.piece_state(optimizer, piece, q).items():
-            if (name, key) in flat:
-                flat[(name, key)][piece.start : piece.stop].copy_(value.reshape(-1))
-    for tensor in flat.values():
+    # The same order on every rank (the user's parameter order, then the key): one buffer per dtype, summed by one
+    # all-reduce, each state tensor a view of it.
+    wanted = [(name, key, dtype) for name in ordered if name in keys
+              for key, (dtype, scalar) in sorted(keys[name].items()) if scalar is None]
+    flat: dict[tuple[str, str], Tensor] = {}
+    for dtype in dict.fromkeys(d for _, _, d in wanted):
+        members = [(name, key) for name, key, d in wanted if d == dtype]
+        buffer = torch.zeros(sum(shapes[name].numel() for name, _ in members), dtype=dtype, device=engine.device)
+        flat.update(zip(members, buffer.split([shapes[name].numel() for name, _ in members])))
+        for name, piece, q in engine.optimizer_pieces(optimizer):
+            for key, value in engine.piece_state(optimizer, piece, q).items():
+                if (name, key) in flat and flat[(name, key)].dtype == dtype:
+                    flat[(name, key)][piece.start : piece.stop].copy_(value.reshape(-1))
         if engine.world_size > 1:
-            dist.all_reduce(tensor, group=engine.group)
+            dist.all_reduce(buffer, group=engine.group)
     state = {}
     for i, name in enumerate(ordered):
         if name in keys:
