@@ -11,7 +11,8 @@ give what one process gives, or refuse clearly:
 - the strategy as a registered name and as an instance;
 - manual optimization with two optimizers: the single process's losses, or an error that names the problem;
 - several optimizers under automatic optimization: Lightning's error, not masked by the strategy;
-- no thread and no spill file left behind after the fits.
+- no thread and no spill file left behind after the fits; validate, test and predict after fit create no process
+  group (the strategy's groups live until the process ends, as Lightning's own strategies' do).
 
 Losses are compared with a single process on the same global batch (fp32, SGD), relative gap at most 1e-5. One
 launch per preset runs every check (starting processes is the expensive part).
@@ -123,12 +124,21 @@ def _fit_and_evaluate(run: Run, strategy, devices: int, data_parallel: int) -> d
     trainer = trainers[0]
     module = trainer.lightning_module
     out = {"losses": losses, "rank_mean": trainer.callback_metrics["rank_mean"].item()}
+    groups_after_fit = _process_groups()
     validated = trainer.validate(module, _eval_loader(), verbose=False)[0]
     out["val_loss"], out["val_rank_mean"] = validated["val_loss"], validated["val_rank_mean"]
     out["test_loss"] = trainer.test(module, _eval_loader(), verbose=False)[0]["test_loss"]
     predictions = trainer.predict(module, _eval_loader())
     out["predictions"] = [tuple(p.shape) for p in predictions]
+    out["groups_added_after_fit"] = _process_groups() - groups_after_fit
     return out
+
+
+def _process_groups() -> int:
+    """Process groups alive in this process (the default one included)."""
+    from torch.distributed import distributed_c10d
+
+    return len(distributed_c10d._world.pg_map)
 
 
 def _conformance(rank: int, world_size: int, port: int, name: str, tmpdir: str) -> dict:
@@ -210,6 +220,8 @@ def test_preset_behaves_as_lightning_expects(name, tmp_path):
         batches = EVAL_SAMPLES // 4 // data_parallel
         assert r["fit"]["predictions"] == [(4, 16, 32)] * batches
         assert r["threads_left"] == [] and r["files_left"] == []
+        # validate, test and predict on the fitted Trainer reuse its process groups (each is a communicator on NCCL)
+        assert r["fit"]["groups_added_after_fit"] == 0
         assert "manual optimization" in (r["automatic_two_optimizers_error"] or ""), r["automatic_two_optimizers_error"]
 
     if "manual_error" in results[0]:

@@ -85,6 +85,7 @@ class LightningParStrategy(ParallelStrategy):
         self._timeout = timeout
         self._start_method = start_method
         self._mesh: Optional[Any] = None
+        self._mesh_topology: Optional[Topology] = None  # the topology `_mesh` was built for
         self._host_group: Optional[dist.ProcessGroup] = None  # gloo, for host-side flags on GPU runs
         self._grad_sync_enabled = True
         self.weights_only: Optional[bool] = None  # how a resumed checkpoint is opened; strategies that take it set it
@@ -203,7 +204,12 @@ class LightningParStrategy(ParallelStrategy):
         _init_dist_connection(
             self.cluster_environment, self._process_group_backend, timeout=self._timeout, device_id=device_id
         )
-        self._mesh = self.topology.build_mesh(self.root_device.type)
+        # Every `fit` / `validate` / `test` / `predict` call sets the environment up again: the mesh of the previous
+        # call is kept when the topology is the same, so repeated calls do not add process groups (each one a
+        # communicator on NCCL), which live until the process ends (Lightning destroys the default group at exit).
+        topology = self.topology
+        if self._mesh is None or self._mesh_topology != topology:
+            self._mesh, self._mesh_topology = topology.build_mesh(self.root_device.type), topology
         if self._host_group is None:
             self._host_group = new_host_group(self.root_device)
 
