@@ -29,7 +29,6 @@ from typing import Any, Callable, Literal, Optional, Union
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
@@ -38,7 +37,6 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
-from lightning_par.comm.buckets import broadcast_tensors
 from lightning_par.comm.collectives import group_rank
 from lightning_par.comm.grad_norm import NormPart
 from lightning_par.strategies.base import COMPUTE_DTYPES, StartMethod
@@ -50,11 +48,10 @@ from lightning_par.tensor.plan import applied_plan
 from lightning_par.tensor.replicated_grads import mean_over_group
 from lightning_par.tensor.styles import ParallelStyle
 from lightning_par.topology import TensorMode, Topology
+from lightning_par.zero.axis import ZeroAxis
 from lightning_par.zero.engine import ZeroEngine
 from lightning_par.zero.policy import ZeroPolicy
 from lightning_par.zero.pieces import Placement
-from lightning_par.zero.teardown import whole_module_device
-from lightning_par.zero.whole import unshard_optimizer
 
 
 class HybridParallelStrategy(PipelineStrategy):
@@ -144,11 +141,11 @@ class HybridParallelStrategy(PipelineStrategy):
                                       sequence_chunks=sequence_chunks, vocab_parallel_loss=vocab_parallel_loss,
                                       strict=strict, param_init_fn=param_init_fn, who="hybrid",
                                       owner=type(self).__name__)
-        self.zero_policy = None
+        policy = None
         if zero_stage:
             chunk = (32 if offload is not None else 128) * 2**20
-            self.zero_policy = ZeroPolicy(stage=zero_stage, chunk_numel=chunk, offload=offload)
-        self._engine: Optional[ZeroEngine] = None
+            policy = ZeroPolicy(stage=zero_stage, chunk_numel=chunk, offload=offload)
+        self.zero = ZeroAxis(policy, who="hybrid")  # idle (no engine) with zero_stage=0
         self._default_sizes: dict[int, int] = {}
 
     # ----- topology -------------------------------------------------------------------------------------------------
@@ -194,34 +191,31 @@ class HybridParallelStrategy(PipelineStrategy):
         self.tensor_axis.shard(module, self.group("tensor"), self.topology.tensor, self.root_device)
         super().setup_module(trainer)  # the pipeline split (or none), the data axis's buckets unless ZeRO's
         self.tensor_axis.keep_replicated_of(module)
-        if self.zero_policy is None:
-            return
-        if self._engine is not None:
-            self._engine.remove_hooks()
-        compute_dtype = COMPUTE_DTYPES[self.precision_plugin.precision]
-        self._engine = ZeroEngine(module, self.group("data"), self.zero_policy, compute_dtype,
-                                  self.root_device, log=rank_zero_info, local_ranks=self.num_processes)
-        broadcast_tensors(list(module.buffers()), self.group("data"))
+        if self.zero.policy is not None:
+            self.zero.build(module, self.group("data"), COMPUTE_DTYPES[self.precision_plugin.precision],
+                            self.root_device, self.num_processes)
+
+    @property
+    def _engine(self) -> Optional[ZeroEngine]:
+        return self.zero.engine
 
     @override
     def _build_bucketer(self) -> None:
-        if self.zero_policy is None:  # else the ZeRO engine reduces the data axis
+        if self.zero.policy is None:  # else the ZeRO engine reduces the data axis
             super()._build_bucketer()
 
     @override
     def setup_optimizers(self, trainer: "pl.Trainer") -> None:
         super().setup_optimizers(trainer)
         if self._engine is not None:
-            for optimizer in self.optimizers:
-                self._engine.shard_optimizer(optimizer)
+            self.zero.shard_optimizers(self.optimizers)
 
     # ----- gradients ------------------------------------------------------------------------------------------------
 
     @override
     def set_grad_sync(self, enabled: bool) -> None:
         super().set_grad_sync(enabled)
-        if self._engine is not None:
-            self._engine.sync = enabled
+        self.zero.set_sync(enabled)
 
     @override
     def pre_backward(self, closure_loss: Tensor) -> None:
@@ -280,22 +274,16 @@ class HybridParallelStrategy(PipelineStrategy):
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
                        model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None, **kwargs: Any) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self._engine is not None:
-            self._engine.refresh_compute()
+        self.zero.after_step()
         return output
 
     # ----- steps: ZeRO's forward bookkeeping, outputs as plain tensors ---------------------------------------------
 
     def _forward(self, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if self._engine is not None:
-            self._engine.begin_forward()
-        return materialize_logits(step(*args, **kwargs))
+        return materialize_logits(self.zero.forward(step, *args, **kwargs))
 
     def _evaluate(self, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        output = self._forward(step, *args, **kwargs)
-        if self._engine is not None and self.zero_stage == 3:
-            self._engine.release_all()
-        return output
+        return materialize_logits(self.zero.evaluate(step, *args, **kwargs))
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -354,20 +342,10 @@ class HybridParallelStrategy(PipelineStrategy):
         optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
         if self._engine is not None:
             if self.tensor_axis.failed:
+                self.zero.abandon()
                 optimizers = []  # they hold ZeRO's pieces, not the module's parameters
             else:
-                self._engine.remove_hooks()
-                offloading = self.zero_policy.offload is not None
-                device, reason = whole_module_device(self._engine, self.root_device, offloading, self.num_processes)
-                rank_zero_info(f"hybrid teardown: ZeRO's shards are made whole on {device} ({reason}).")
-                self._engine.unshard(device)
-                if device != self.root_device:
-                    self.lightning_module.to(device)  # its buffers too: one device for the whole module
-                for optimizer in optimizers:
-                    if optimizer in self._engine.optimizer_param_names:  # not those of an earlier fit (validate)
-                        unshard_optimizer(self._engine, optimizer)
-            self._engine.close()
-            self._engine = None
+                self.zero.teardown(self.lightning_module, self.root_device, self.num_processes, optimizers)
         if self._partition is None:
             self.tensor_axis.unshard(self.lightning_module, optimizers)
         super().teardown()

@@ -11,7 +11,6 @@ from typing import Any, Callable, Literal, Optional, Union
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.rank_zero import rank_zero_info
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
@@ -21,15 +20,14 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning_par.checkpoint import Holdings
-from lightning_par.comm.buckets import broadcast_tensors
 from lightning_par.comm.grad_norm import NormPart
 from lightning_par.strategies.base import COMPUTE_DTYPES, LightningParStrategy, StartMethod
 from lightning_par.topology import Topology
+from lightning_par.zero.axis import ZeroAxis
 from lightning_par.zero.engine import ZeroEngine
 from lightning_par.zero.materialize import meta_parameters
 from lightning_par.zero.pieces import engine_optimizer, engine_params
 from lightning_par.zero.policy import ZeroPolicy
-from lightning_par.zero.teardown import whole_module_device
 
 
 class ZeroStrategy(LightningParStrategy):
@@ -131,13 +129,13 @@ class ZeroStrategy(LightningParStrategy):
         self.reduce_dtype = reduce_dtype
         self.param_init_fn = param_init_fn
         self.weights_only = weights_only
-        self._engine: Optional[ZeroEngine] = None
+        self.zero = ZeroAxis(self.policy, who="ZeRO")
 
     @property
     def engine(self) -> ZeroEngine:
-        if self._engine is None:
+        if self.zero.engine is None:
             raise RuntimeError(f"{type(self).__name__}.engine exists once `Trainer.fit` has set up the model.")
-        return self._engine
+        return self.zero.engine
 
     @override
     def topology_for(self, world_size: int) -> Topology:
@@ -153,17 +151,12 @@ class ZeroStrategy(LightningParStrategy):
     @override
     def setup_module(self, trainer: "pl.Trainer") -> None:
         assert self.model is not None
-        if self._engine is not None:
-            self._engine.remove_hooks()
         compute_dtype = COMPUTE_DTYPES[self.precision_plugin.precision]
         policy = self.policy
         if self.reduce_dtype == "compute":
             policy = replace(policy, reduce_dtype=compute_dtype)
-        # The engine agrees on the parameters chunk by chunk (rank 0's values); buffers are copied here.
-        self._engine = ZeroEngine(self.model, self.group("data"), policy, compute_dtype, self.root_device,
-                                  log=rank_zero_info, local_ranks=self.num_processes,
-                                  param_init_fn=self.param_init_fn)
-        broadcast_tensors(list(self.model.buffers()), self.group("data"))
+        self.zero.build(self.model, self.group("data"), compute_dtype, self.root_device, self.num_processes, policy,
+                        self.param_init_fn)
 
     @override
     def _initialises_meta(self) -> bool:
@@ -184,8 +177,7 @@ class ZeroStrategy(LightningParStrategy):
     @override
     def setup_optimizers(self, trainer: "pl.Trainer") -> None:
         super().setup_optimizers(trainer)
-        for optimizer in self.optimizers:
-            self.engine.shard_optimizer(optimizer)
+        self.zero.shard_optimizers(self.optimizers)
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -237,8 +229,7 @@ class ZeroStrategy(LightningParStrategy):
     @override
     def set_grad_sync(self, enabled: bool) -> None:
         super().set_grad_sync(enabled)
-        if self._engine is not None:
-            self._engine.sync = enabled
+        self.zero.set_sync(enabled)
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
@@ -248,35 +239,24 @@ class ZeroStrategy(LightningParStrategy):
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
                        model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None, **kwargs: Any) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        self.engine.refresh_compute()
+        self.zero.after_step()
         return output
-
-    def _forward_step(self, step: Callable, *args: Any, **kwargs: Any) -> Any:
-        if self._engine is not None:
-            self._engine.begin_forward()
-        return step(*args, **kwargs)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._forward_step(super().training_step, *args, **kwargs)
+        return self.zero.forward(super().training_step, *args, **kwargs)
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._eval_step(super().validation_step, *args, **kwargs)
+        return self.zero.evaluate(super().validation_step, *args, **kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._eval_step(super().test_step, *args, **kwargs)
+        return self.zero.evaluate(super().test_step, *args, **kwargs)
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._eval_step(super().predict_step, *args, **kwargs)
-
-    def _eval_step(self, step: Callable, *args: Any, **kwargs: Any) -> Any:
-        output = self._forward_step(step, *args, **kwargs)
-        if self._engine is not None and self.policy.stage == 3:
-            self._engine.release_all()
-        return output
+        return self.zero.evaluate(super().predict_step, *args, **kwargs)
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds: parameters, gradients and optimizer state (see ``ZeroEngine.memory_report``)."""
@@ -286,7 +266,7 @@ class ZeroStrategy(LightningParStrategy):
 
     @override
     def checkpoint_holdings(self, saving: bool) -> Optional[Holdings]:
-        engine = self._engine
+        engine = self.zero.engine
         if engine is None:
             return None  # before setup the module is whole
         module = self.lightning_module
@@ -307,19 +287,9 @@ class ZeroStrategy(LightningParStrategy):
 
     @override
     def teardown(self) -> None:
-        if self._engine is not None:
-            # The module leaves `fit` whole (from the fp32 masters, in its original dtypes) and hook-free: usable
-            # for inference, `state_dict()`, another Trainer; the next `fit` shards it again. The engine keeps its
-            # master and optimizer shards so that `trainer.save_checkpoint` after `fit` still writes them (its
-            # gradients are freed).
-            self._engine.remove_hooks()
-            device, reason = whole_module_device(self._engine, self.root_device, self.policy.offload is not None,
-                                                 self.num_processes)
-            rank_zero_info(f"ZeRO teardown: the module is made whole on {device} ({reason}).")
-            self._engine.unshard(device)
-            if device != self.root_device and self.lightning_module is not None:
-                self.lightning_module.to(device)  # its buffers too: one device for the whole module
-            self._engine.close()  # files of optimizer state spilled to disk
+        # The module leaves `fit` whole and hook-free: usable for inference, `state_dict()`, another Trainer; the next
+        # `fit` shards it again. The engine keeps its shards for `trainer.save_checkpoint` after fit.
+        self.zero.teardown(self.lightning_module, self.root_device, self.num_processes)
         super().teardown()
 
 

@@ -1,0 +1,94 @@
+"""ZeRO over the data axis as a component of a Lightning strategy: the engine, and what a strategy does with it at
+each point of Lightning's loop. Used by ``zero*`` (ZeRO alone) and ``hybrid`` (ZeRO under a tensor axis or a
+pipeline), as ``tensor/axis.py`` is for the tensor axis.
+
+The strategy calls, in Lightning's order: :meth:`build` in ``setup_module``, :meth:`shard_optimizers` after
+``setup_optimizers``, :meth:`set_sync` from ``set_grad_sync``, :meth:`forward` / :meth:`evaluate` around each step
+(the forward's gather bookkeeping, and at stage 3 freeing what an evaluation step gathered), :meth:`after_step`
+after the optimizer step (the compute copies from the updated masters), :meth:`teardown` at the end of fit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from lightning_par.comm.buckets import broadcast_tensors
+from lightning_par.zero.engine import ZeroEngine
+from lightning_par.zero.policy import ZeroPolicy
+from lightning_par.zero.teardown import whole_module_device
+from lightning_par.zero.whole import unshard_optimizer
+
+
+class ZeroAxis:
+    def __init__(self, policy: Optional[ZeroPolicy], who: str) -> None:
+        self.policy = policy  # None: idle (a strategy whose data axis is not ZeRO)
+        self.who = who  # the strategy the user chose, for messages
+        self.engine: Optional[ZeroEngine] = None
+
+    def build(self, module: nn.Module, group: Any, compute_dtype: torch.dtype, device: torch.device,
+              local_ranks: int, policy: Optional[ZeroPolicy] = None,
+              param_init_fn: Optional[Callable[[nn.Module], None]] = None) -> ZeroEngine:
+        """Shard ``module`` over ``group`` (``policy``: this run's, e.g. with the compute dtype for reductions). The
+        engine agrees on the parameters chunk by chunk (rank 0's values); buffers are copied from rank 0 here."""
+        if self.engine is not None:
+            self.engine.remove_hooks()
+        self.engine = ZeroEngine(module, group, policy or self.policy, compute_dtype, device, log=rank_zero_info,
+                                 local_ranks=local_ranks, param_init_fn=param_init_fn)
+        broadcast_tensors(list(module.buffers()), group)
+        return self.engine
+
+    def shard_optimizers(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        for optimizer in optimizers:
+            self.engine.shard_optimizer(optimizer)
+
+    def set_sync(self, enabled: bool) -> None:
+        if self.engine is not None:
+            self.engine.sync = enabled
+
+    def forward(self, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.engine is not None:
+            self.engine.begin_forward()
+        return step(*args, **kwargs)
+
+    def evaluate(self, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        output = self.forward(step, *args, **kwargs)
+        if self.engine is not None and self.policy.stage == 3:
+            self.engine.release_all()  # no backward follows to free what the forward gathered
+        return output
+
+    def after_step(self) -> None:
+        if self.engine is not None:
+            self.engine.refresh_compute()
+
+    def teardown(self, module: Optional[nn.Module], root_device: torch.device, local_ranks: int,
+                 optimizers: Optional[list[torch.optim.Optimizer]] = None) -> None:
+        """Make the module whole (from the fp32 masters, in its original dtypes) and hook-free, on the device when
+        it fits, else on the host. With ``optimizers``, point them back at the module's whole parameters and drop
+        the engine; without, keep the engine's master and optimizer shards, so that a checkpoint saved after fit
+        still writes them (its gradients are freed)."""
+        engine = self.engine
+        if engine is None:
+            return
+        engine.remove_hooks()
+        device, reason = whole_module_device(engine, root_device, self.policy.offload is not None, local_ranks)
+        rank_zero_info(f"{self.who} teardown: ZeRO's shards are made whole on {device} ({reason}).")
+        engine.unshard(device)
+        if device != root_device and module is not None:
+            module.to(device)  # its buffers too: one device for the whole module
+        for optimizer in optimizers or []:
+            if optimizer in engine.optimizer_param_names:  # not those of an earlier fit (validate)
+                unshard_optimizer(engine, optimizer)
+        engine.close()  # files of optimizer state spilled to disk
+        if optimizers is not None:
+            self.engine = None
+
+    def abandon(self) -> None:
+        """After a failed fit: the optimizers hold ZeRO's pieces, another rank may be gone; close without any
+        collective."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
