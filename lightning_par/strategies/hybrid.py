@@ -27,10 +27,8 @@ from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -100,11 +98,6 @@ class HybridParallelStrategy(PipelineStrategy):
         bucket_size_mb: float = 25.0,
         stall_timeout: float = 600.0,
         weights_only: Optional[bool] = None,
-        accelerator: Optional["pl.accelerators.Accelerator"] = None,
-        parallel_devices: Optional[list[torch.device]] = None,
-        cluster_environment: Optional[ClusterEnvironment] = None,
-        checkpoint_io: Optional[CheckpointIO] = None,
-        precision_plugin: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: StartMethod = "popen",
@@ -127,10 +120,8 @@ class HybridParallelStrategy(PipelineStrategy):
             raise ValueError("offload with a pipeline is not built; use pipeline_size=1 with offload.")
         super().__init__(
             schedule=schedule, stages=pipeline_size, microbatches=microbatches, chunks=chunks,
-            bucket_size_mb=bucket_size_mb, stall_timeout=stall_timeout, accelerator=accelerator,
-            parallel_devices=parallel_devices, cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin, process_group_backend=process_group_backend, timeout=timeout,
-            start_method=start_method,
+            bucket_size_mb=bucket_size_mb, stall_timeout=stall_timeout, process_group_backend=process_group_backend,
+            timeout=timeout, start_method=start_method,
         )
         self.pipeline_size = pipeline_size
         self.tensor_size = tensor_size

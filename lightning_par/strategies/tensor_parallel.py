@@ -8,11 +8,8 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.plugins.precision import Precision
 
-import lightning.pytorch as pl
 from lightning_par.strategies.base import StartMethod
 from lightning_par.strategies.hybrid import HybridParallelStrategy
 from lightning_par.tensor.layers_1d import shard_spec
@@ -77,11 +74,6 @@ class TensorParallel1DStrategy(HybridParallelStrategy):
         param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
         bucket_size_mb: float = 25.0,
         weights_only: Optional[bool] = None,
-        accelerator: Optional["pl.accelerators.Accelerator"] = None,
-        parallel_devices: Optional[list[torch.device]] = None,
-        cluster_environment: Optional[ClusterEnvironment] = None,
-        checkpoint_io: Optional[CheckpointIO] = None,
-        precision_plugin: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: StartMethod = "popen",
@@ -90,10 +82,7 @@ class TensorParallel1DStrategy(HybridParallelStrategy):
             pipeline_size=1, tensor_size=tensor_size, zero_stage=0, sequence_parallel=sequence_parallel, plan=plan,
             sequence_dim=sequence_dim, sequence_chunks=sequence_chunks, vocab_parallel_loss=vocab_parallel_loss,
             strict=strict, param_init_fn=param_init_fn, bucket_size_mb=bucket_size_mb, weights_only=weights_only,
-            accelerator=accelerator,
-            parallel_devices=parallel_devices, cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin, process_group_backend=process_group_backend, timeout=timeout,
-            start_method=start_method,
+            process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
         )
         self.tensor_axis.who = "tp1d"  # its messages name the strategy the user chose
 
