@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_par.comm.collectives import mean_op
+from lightning_par.comm.flat import all_reduce_, broadcast_from_first, is_nccl, reduce_to_shards
 from lightning_par.zero.chunk import Chunk
 from lightning_par.zero.host import PinnedHost
 from lightning_par.zero.layout import Piece, build_layout
@@ -128,7 +129,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
                             materializer.materialize(m)
                     full[slot.offset : slot.offset + slot.numel].copy_(p.detach().reshape(-1))
                 if self.world_size > 1:  # ranks may have initialised differently: rank 0's values win
-                    dist.broadcast(full, src=dist.get_global_rank(group, 0), group=group)
+                    broadcast_from_first(full, group)
                 chunk = Chunk(c, chunk_params, full, self.layout, self.rank, separate_master, compute_dtype, device,
                                host=self.plan.on_host[c], pinned=self.pinned, host_grad_dtype=self.host_grad_dtype)
                 chunk.nvme = self.plan.nvme(c)
@@ -143,7 +144,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
                 materializer.materialize(m)
         self.where = {p: (chunk, i) for chunk in self.chunks for i, p in enumerate(chunk.params)}
         self._next_reduce = len(self.chunks) - 1
-        self._nccl = dist.get_backend(group) == "nccl"  # gathers in place (see `refresh_compute`)
+        self._nccl = is_nccl(group)  # gathers in place (see `refresh_compute`)
         self._reduce_op, self._divide_first = mean_op(group)  # NCCL: AVG; gloo: divide, then SUM
         self._handles: list[Any] = []
         self._guarded: list[nn.Module] = []  # modules whose parameters are read-guarded (stage 3)
@@ -287,8 +288,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
         if self._divide_first:
             full.div_(self.world_size)
         chunk.reduced = torch.empty(chunk.shard_numel, dtype=self.policy.reduce_dtype, device=full.device)
-        chunk.reduce_work = dist.reduce_scatter_tensor(chunk.reduced, full, op=self._reduce_op, group=self.group,
-                                                       async_op=True)
+        chunk.reduce_work = reduce_to_shards(chunk.reduced, full, self._reduce_op, self.group, async_op=True)
         chunk.reduce_input = full  # keep alive until the collective is done
         if self.policy.stage != 1:
             # Stages 2-3 hold a full gradient only while it is on the wire: wait for all but the two most recent
@@ -412,8 +412,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
         if self.world_size == 1:
             return t
         on_device = t.to(self.device)  # NCCL reduces device tensors (offloaded gradients are on the host)
-        dist.all_reduce(on_device, op=op, group=self.group)
-        return on_device.to(t.device)
+        return all_reduce_(on_device, self.group, op).to(t.device)
 
     @torch.no_grad()
     def grad_norm(self, norm_type: float = 2.0) -> dict[str, Tensor]:

@@ -11,9 +11,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_par.comm.flat import any_rank
 from lightning_par.zero.layout import Piece
 from lightning_par.zero.placement import (
     GiB, HostMemoryError, Plan, bytes_per_element, host_memory_available, host_shortfall_message, plan_budget,
@@ -90,9 +90,7 @@ class OffloadMixin:
         except Exception as e:  # noqa: BLE001 - re-raised below, after the ranks agreed
             error, out = e, None
         if self.world_size > 1:
-            flag = torch.tensor([0 if error is None else 1], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            if error is None and flag.item():
+            if any_rank(error is not None, self.group, self.device) and error is None:
                 raise RuntimeError("ZeRO setup failed on another rank (see its error); this rank stops with it.")
         if error is not None:
             raise error

@@ -30,10 +30,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from lightning_par.comm.flat import gather_shards
 from lightning_par.zero.released import mark_gathered, mark_released
 
 if TYPE_CHECKING:
@@ -90,8 +90,7 @@ class ParamsMixin:
             if self.world_size > 1:
                 # NCCL gathers in place (the input is this rank's slice of the output); gloo gets its own copy.
                 chunk.gather_input = shard if self._nccl else shard.clone()
-                chunk.gather_work = dist.all_gather_into_tensor(chunk.compute, chunk.gather_input, group=self.group,
-                                                                async_op=True)
+                chunk.gather_work = gather_shards(chunk.compute, chunk.gather_input, self.group, async_op=True)
                 chunk.gathered = False
                 self._pending_gathers.append(chunk)
 
@@ -116,8 +115,7 @@ class ParamsMixin:
             mark_gathered(chunk.params)
             return
         chunk.gather_input = chunk.master.to(self.device, self.compute_dtype, non_blocking=True)
-        chunk.gather_work = dist.all_gather_into_tensor(chunk.compute, chunk.gather_input, group=self.group,
-                                                        async_op=async_op)
+        chunk.gather_work = gather_shards(chunk.compute, chunk.gather_input, self.group, async_op=async_op)
         if not async_op:
             self._wait_gather(chunk)
 
@@ -131,8 +129,7 @@ class ParamsMixin:
                 chunk.compute.copy_(chunk.master, non_blocking=True)  # to the device, then cast there
             else:
                 chunk.gather_input = chunk.master.to(self.device, self.compute_dtype, non_blocking=True)
-                chunk.gather_work = dist.all_gather_into_tensor(chunk.compute, chunk.gather_input, group=self.group,
-                                                                async_op=True)
+                chunk.gather_work = gather_shards(chunk.compute, chunk.gather_input, self.group, async_op=True)
             chunk.copied = self._h2d.record_event()
         if not async_op:
             self._wait_gather(chunk)
@@ -349,7 +346,7 @@ class ParamsMixin:
                 if self.world_size == 1:
                     full.copy_(chunk.master)
                 else:
-                    dist.all_gather_into_tensor(full, chunk.master.to(self.device), group=self.group)
+                    gather_shards(full, chunk.master.to(self.device), self.group)
                 if device != self.device:
                     full = full.to(device)
             for i, p in enumerate(chunk.params):

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
+from lightning_par.comm.flat import every_rank
 from lightning_par.zero.placement import HostMemoryError, host_memory_available
 
 if TYPE_CHECKING:
@@ -36,10 +36,10 @@ def _choose(engine: "ZeroEngine", root_device: torch.device, offloading: bool) -
     need += max((4 * c.padded for c in engine.chunks), default=0)
     free, _ = torch.cuda.mem_get_info(root_device)
     free += torch.cuda.memory_reserved(root_device) - torch.cuda.memory_allocated(root_device)
-    fits = torch.tensor([1.0 if need <= 0.9 * free else 0.0], device=root_device)
+    fits = need <= 0.9 * free
     if engine.world_size > 1:
-        dist.all_reduce(fits, op=dist.ReduceOp.MIN, group=engine.group)
-    if fits.item():
+        fits = every_rank(fits, engine.group, root_device)
+    if fits:
         return root_device, f"{need / 2**30:.1f} GiB fits in the free device memory"
     return torch.device("cpu"), f"{need / 2**30:.1f} GiB does not fit in the free device memory of every rank"
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from lightning_par.comm.flat import all_reduce_, gather_objects
 
 if TYPE_CHECKING:
     from lightning_par.zero.engine import ZeroEngine
@@ -29,8 +30,7 @@ def whole_optimizer_state(engine: "ZeroEngine", optimizer: torch.optim.Optimizer
                 mine.setdefault(name, {})[key] = (value.dtype, value.clone().cpu() if value.dim() == 0 else None)
     described = [mine]
     if engine.world_size > 1:
-        described = [None] * engine.world_size
-        dist.all_gather_object(described, mine, group=engine.group)
+        described = gather_objects(mine, engine.group)
     keys: dict[str, dict[str, Any]] = {}
     for part in described:
         for name, entries in part.items():
@@ -50,7 +50,7 @@ def whole_optimizer_state(engine: "ZeroEngine", optimizer: torch.optim.Optimizer
                 if (name, key) in flat and flat[(name, key)].dtype == dtype:
                     flat[(name, key)][piece.start : piece.stop].copy_(value.reshape(-1))
         if engine.world_size > 1:
-            dist.all_reduce(buffer, group=engine.group)
+            all_reduce_(buffer, engine.group)
     state = {}
     for i, name in enumerate(ordered):
         if name in keys:
