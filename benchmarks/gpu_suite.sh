@@ -39,7 +39,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|checkpoints|tp1d_check|hybrid_parity|hybrid_speed|hybrid_mb|hybrid_nodes|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|checkpoints|checkpoint_speed|tp1d_check|hybrid_parity|hybrid_speed|hybrid_mb|hybrid_nodes|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -112,7 +112,7 @@ run_case() {  # run_case NAME LIMIT_S NPROC ARGS... (ARGS: the script and its ar
     echo "  (killed leftover processes of $name; $(left_over "$tag") remain)"
   fi
   { echo "=================== $name (rc $rc, $((SECONDS - t0)) s): $*"; cat "$clog"; } >> "$LOG"
-  grep -E '^(parity|resume|throughput|pipeline peer|reference|fused|sync check|FAIL)[: ]|^  [A-Za-z0-9_]+ +(PASS|FAIL|ok|oom|error) ' "$clog"
+  grep -E '^(parity|resume|throughput|  [a-z_0-9]+ +save |pipeline peer|reference|fused|sync check|FAIL)[: ]|^  [A-Za-z0-9_]+ +(PASS|FAIL|ok|oom|error) ' "$clog"
   if [ "$rc" != 0 ]; then
     echo "  !! rc $rc$([ "$rc" = 124 ] && echo ' (timeout)'); last errors:"
     grep -E 'Error|error:|Timeout|timed out' "$clog" | grep -v Warning | tail -4 | cut -c1-300
@@ -282,6 +282,12 @@ hybrid_p2_zero1
       --legs zero3,hybrid_p2_t2,tp1d_2way,pipeline_1f1b_2stages,hybrid_t2_zero2,hybrid_p2_zero1,pipeline_interleaved
     run_case resume_2gpu 200 2 $MG resume $ACC $PAR $NVME --dir "$WORK/ckpts" --epochs-before 7 \
       --resume-from "$WORK/ckpts/epoch6_pipeline_interleaved_w4.ckpt" --legs hybrid,zero2_offload,pipeline_1f1b,zero3_nvme,tp1d,dp
+    ;;
+  checkpoint_speed)  # one save during fit at 1.3 B (time, GPU / host memory rise, bytes) per strategy whose path
+    # changed, at this checkout, or with BASE=<another checkout holding benchmarks/checkpoint_speed.py> at that one: ~4 min
+    dir=${BASE:-$PWD}
+    (cd "$dir" && PYTHONPATH=$dir run_case "ckpt_speed_$(basename "$dir")" 500 4 benchmarks/checkpoint_speed.py \
+      $ACC $THR --warmup 1 --steps 1 --variants tp1d,pipeline_2stages,hybrid_p2_t2,zero3 --dir "$WORK/ck")
     ;;
   hybrid_speed)  # hybrid at 4 GPUs beside the single methods on the same 1.3B model, one run: ~8 min
     run_case hybrid_4gpu 540 4 $MG throughput --out "$WORK/hybrid_4gpu.json" $ACC $THR \
