@@ -167,7 +167,7 @@ def scalar_device(optimizer: torch.optim.Optimizer, param: Tensor) -> torch.devi
 
 @dataclass
 class HeldOptimizer:
-    optimizer: torch.optim.Optimizer
+    optimizer: Optional[torch.optim.Optimizer]  # None: state read into plain dicts (``load_full``)
     names: list[list[str]]  # each parameter group's global names, in the order one process numbers them
     states: list[HeldState]
 
@@ -503,7 +503,7 @@ def load_into(source: _Source, holdings: Holdings, path: Any = "", strict: bool 
                 _fill(f"optimizer state {k!r} of {entry.holding.name}", offsets, view, saved)
         entry.put({k: v.to(entry.device if v.dim() else entry.scalar_device) for k, v in new.items()})
     for held, groups in zip(holdings.optimizers, source.param_groups):
-        for group, saved_group in zip(held.optimizer.param_groups, groups):
+        for group, saved_group in zip(held.optimizer.param_groups if held.optimizer else [], groups):
             group.update({k: v for k, v in saved_group.items() if k != "params"})
     return dict(source.meta)
 
@@ -550,7 +550,7 @@ def load_full(path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
             entries.append(HeldState(Holding(name, index.shapes[name]), dict,
                                      lambda state, i=i, position=position: states[i].__setitem__(position, state),
                                      torch.device("cpu")))
-        optimizers.append(HeldOptimizer(_NoOptimizer(), groups, entries))
+        optimizers.append(HeldOptimizer(None, groups, entries))
     holdings = Holdings([HeldTensor(Holding(n, tuple(v.shape)), v) for n, v in values.items()], list(values),
                         {n: torch.empty(index.sizes["buffers." + n][0], dtype=index.sizes["buffers." + n][1])
                          for n in index.buffer_names}, index.aliases, optimizers)
@@ -567,12 +567,6 @@ def load_full(path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
             start += len(members)
         optimizer_states.append({"state": dict(sorted(states[i].items())), "param_groups": param_groups})
     return {**meta, "state_dict": state_dict, "optimizer_states": optimizer_states}
-
-
-class _NoOptimizer:
-    """Stands in for an optimizer when :func:`load_full` reads state into plain dicts."""
-
-    param_groups: list[dict[str, Any]] = []
 
 
 def consolidate(path: Any, out: Any, weights_only: Optional[bool] = None) -> None:
