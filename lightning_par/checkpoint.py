@@ -441,7 +441,7 @@ def _fill(name: str, offsets: Shape, target: Tensor, saved: list[tuple[_Saved, T
 
 def _check_model(source: _Source, holdings: Holdings, path: Any, strict: bool) -> None:
     mine = {h.holding.name: tuple(h.holding.global_shape) for h in holdings.params}
-    missing = sorted(n for n in mine if n not in source.shapes)
+    missing = sorted(n for n in mine if n not in source.shapes) if strict else []
     mismatched = sorted(n for n in mine if n in source.shapes and source.shapes[n] != mine[n])
     known = set(holdings.model_names) | set(holdings.aliases)
     # (A plain state dict mixes buffers among its entries: only a sharded checkpoint tells them apart.)
@@ -462,12 +462,14 @@ def _check_model(source: _Source, holdings: Holdings, path: Any, strict: bool) -
 @torch.no_grad()
 def load_into(source: _Source, holdings: Holdings, path: Any = "", strict: bool = True) -> dict[str, Any]:
     """Copy what ``holdings`` needs out of ``source`` (every rank together for a sharded checkpoint); returns
-    Lightning's part of the checkpoint."""
+    Lightning's part of the checkpoint. ``strict=False`` (``LightningModule.strict_loading``) leaves parameters the
+    checkpoint lacks as they are and ignores those it has in excess, as ``load_state_dict(strict=False)`` does."""
     _check_model(source, holdings, path, strict)
     if holdings.optimizers and len(source.param_groups) != len(holdings.optimizers):
         raise ValueError(f"The checkpoint at {path} has {len(source.param_groups)} optimizer(s); the module "
                          f"configures {len(holdings.optimizers)}.")
-    targets = [(held.holding.name, held.holding.boxes(held.value)) for held in holdings.params]
+    targets = [(held.holding.name, held.holding.boxes(held.value)) for held in holdings.params
+               if held.holding.name in source.shapes]
     need_params = {s.key for name, boxes in targets for o, v in boxes for s in source.params(name)
                    if intersection(o, tuple(v.shape), s.offsets, s.sizes) is not None}
     states = []  # (optimizer index, entry, the state's new tensors, their boxes, the saved boxes)

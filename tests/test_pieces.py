@@ -65,3 +65,33 @@ def test_keys_and_intersections():
     assert parse_box_key(box_key("s", (), ())) == ("s", (), ())
     assert intersection((0, 0), (4, 4), (2, 3), (4, 4)) == ((2, 3), (2, 1))
     assert intersection((0,), (2,), (2,), (2,)) is None
+
+
+def _holdings(module):
+    from lightning_par.checkpoint import HeldTensor, Holdings
+
+    named = list(module.named_parameters())
+    return Holdings([HeldTensor(Holding(n, tuple(p.shape)), p.data) for n, p in named], [n for n, _ in named])
+
+
+def test_loading_is_strict_unless_the_module_says_otherwise(tmp_path):
+    """A missing or an extra parameter is an error naming it; with strict=False (Lightning's strict_loading) the
+    parameters the checkpoint holds load and the others keep their values."""
+    from lightning_par import checkpoint
+
+    saved = torch.nn.Linear(4, 3)
+    holdings = _holdings(saved)
+    checkpoint.save({"state_dict": checkpoint.model_pieces(holdings), "optimizer_states": []}, tmp_path / "c",
+                    holdings=holdings, is_global_zero=True, barrier=lambda: None)
+    bigger = torch.nn.Linear(4, 3)
+    bigger.extra = torch.nn.Parameter(torch.full((2,), 7.0))
+    with pytest.raises(ValueError, match=r"missing from the checkpoint: \['extra'\]"):
+        checkpoint.load(tmp_path / "c", _holdings(bigger))
+    checkpoint.load(tmp_path / "c", _holdings(bigger), strict=False)
+    assert torch.equal(bigger.weight, saved.weight) and torch.equal(bigger.bias, saved.bias)
+    assert bigger.extra.eq(7.0).all()
+    smaller = torch.nn.Linear(4, 3, bias=False)
+    with pytest.raises(ValueError, match=r"not in the model: \['bias'\]"):
+        checkpoint.load(tmp_path / "c", _holdings(smaller))
+    checkpoint.load(tmp_path / "c", _holdings(smaller), strict=False)
+    assert torch.equal(smaller.weight, saved.weight)
