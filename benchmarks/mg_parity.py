@@ -76,10 +76,12 @@ def dataset(cfg: dict) -> tuple[TensorDataset, dict]:
     return TensorDataset(tokens[:, :-1], tokens[:, 1:]), lookup
 
 
-def lightning_global_batches(n: int, global_batch: int) -> list[list[int]]:
-    """The global batches Lightning's injected sampler gives the training set (shuffle=True, seed PL_GLOBAL_SEED=0,
-    epoch 0): the same permutation for any number of replicas, so step k's global batch is slice k of it."""
-    order = list(DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=0))
+def lightning_global_batches(n: int, global_batch: int, epoch: int = 0) -> list[list[int]]:
+    """The global batches Lightning's injected sampler gives the training set (shuffle=True, seed PL_GLOBAL_SEED=0)
+    in ``epoch``: the same permutation for any number of replicas, so step k's global batch is slice k of it."""
+    sampler = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
     return [order[i:i + global_batch] for i in range(0, n, global_batch)]
 
 
@@ -289,15 +291,6 @@ class _SaveAtEpochEnd(pl.Callback):
         trainer.save_checkpoint(self.path)
 
 
-def epoch_batches(cfg: dict, epoch: int) -> list[list[int]]:
-    """Epoch ``epoch``'s global batches under Lightning's injected sampler (see lightning_global_batches)."""
-    n, size = cfg["steps"] * cfg["global_batch"], cfg["global_batch"]
-    sampler = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=0)
-    sampler.set_epoch(epoch)
-    order = list(sampler)
-    return [sorted(order[i:i + size]) for i in range(0, n, size)]
-
-
 def run_epochs(args: argparse.Namespace, cfg: dict, make: Callable[[], Any], world: int, first: int, last: int,
                ckpt_path: Any = None, save_to: Any = None) -> tuple[list[float], str]:
     """Epochs ``first`` .. ``last - 1`` under one strategy (resuming ``ckpt_path``; saving ``save_to`` at the end of
@@ -314,7 +307,8 @@ def run_epochs(args: argparse.Namespace, cfg: dict, make: Callable[[], Any], wor
     trainer.fit(module, DataLoader(ds, batch_size=cfg["global_batch"] // planned), ckpt_path=ckpt_path)
     data_rank = trainer.strategy.distributed_sampler_kwargs["rank"] if trainer.world_size > 1 else 0
     gathered = gather((module.recorded, module.ids, data_rank), world)
-    expected = [b for e in range(first, last) for b in epoch_batches(cfg, e)]
+    n = cfg["steps"] * cfg["global_batch"]
+    expected = [b for e in range(first, last) for b in lightning_global_batches(n, cfg["global_batch"], e)]
     return evaluate([g[:2] for g in gathered], [g[2] for g in gathered], expected)
 
 

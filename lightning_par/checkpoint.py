@@ -156,13 +156,10 @@ class HeldState:
     scalar_device: torch.device = torch.device("cpu")
 
 
-def scalar_device(optimizer: torch.optim.Optimizer, param: Tensor) -> torch.device:
-    """Where ``optimizer`` keeps a parameter's 0-d state: on its device when fused or capturable, else on the host
-    (as ``Optimizer.load_state_dict`` places ``step``)."""
-    for group in optimizer.param_groups:
-        if any(q is param for q in group["params"]):
-            return param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
-    return torch.device("cpu")
+def scalar_device(group: Mapping[str, Any], param: Tensor) -> torch.device:
+    """Where the optimizer keeps 0-d state (Adam's ``step``) of ``param`` in parameter group ``group``: on the
+    parameter's device when fused or capturable, else on the host (as ``Optimizer.load_state_dict`` places it)."""
+    return param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
 
 
 @dataclass

@@ -47,7 +47,7 @@ def module_holdings(module: nn.Module, canonical: dict[str, str], placement: Pla
     held = []
     for o in optimizers:
         states = [HeldState(_holding(ids[id(p)], p, placement), lambda p=p, o=o: o.state.get(p, {}),
-                            lambda state, p=p, o=o: o.state.__setitem__(p, state), p.device, scalar_device(o, p))
+                            lambda state, p=p, o=o: o.state.__setitem__(p, state), p.device, scalar_device(g, p))
                   for g in o.param_groups for p in g["params"] if keep(ids[id(p)])]
         held.append(HeldOptimizer(o, group_names(o, [[ids[id(p)] for p in g["params"]] for g in o.param_groups]),
                                   states))

@@ -46,7 +46,7 @@ from lightning_par.strategies.base import StartMethod
 from lightning_par.strategies.data_parallel import DataParallelStrategy
 from lightning_par.strategies.holdings import module_holdings
 from lightning_par.topology import Topology
-from lightning_par.zero.pieces import Placement
+from lightning_par.zero.pieces import Placement, uncut
 
 ScheduleName = Literal["1f1b", "gpipe", "interleaved", "zero_bubble", "chimera"]
 PIPELINE_PRECISION = ("32-true", "bf16-mixed", "bf16-true")
@@ -491,13 +491,9 @@ class PipelineStrategy(DataParallelStrategy):
             return None  # every rank holds the whole module: Lightning's single file
         canonical = self._canonical if self._partition is not None else canonical_names(module)
         first_replica = self.topology.coordinates(self.global_rank)["data"] == 0
-        return module_holdings(module, canonical, placement or _uncut, self._held_optimizers(), self._group_names,
+        return module_holdings(module, canonical, placement or uncut, self._held_optimizers(), self._group_names,
                                engine, buffers=first_replica or not saving,
                                keep=self._first_holder if saving else (lambda name: True))
-
-
-def _uncut(p: torch.nn.Parameter) -> None:
-    return None
 
 
 def _is_split(module: torch.nn.Module) -> bool:

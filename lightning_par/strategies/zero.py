@@ -19,12 +19,14 @@ from typing_extensions import override
 import lightning.pytorch as pl
 from lightning_par.checkpoint import Holdings
 from lightning_par.comm.grad_norm import NormPart
+from lightning_par.pipeline.shared import canonical_names
 from lightning_par.strategies.base import COMPUTE_DTYPES, LightningParStrategy, StartMethod
+from lightning_par.strategies.holdings import module_holdings
 from lightning_par.topology import Topology
 from lightning_par.zero.axis import ZeroAxis
 from lightning_par.zero.engine import ZeroEngine
 from lightning_par.zero.materialize import meta_parameters
-from lightning_par.zero.pieces import engine_optimizer, engine_params
+from lightning_par.zero.pieces import uncut
 from lightning_par.zero.policy import ZeroPolicy
 
 
@@ -254,18 +256,12 @@ class ZeroStrategy(LightningParStrategy):
 
     @override
     def checkpoint_holdings(self, saving: bool) -> Optional[Holdings]:
-        engine = self.zero.engine
-        if engine is None:
+        if self.zero.engine is None:
             return None  # before setup the module is whole
         module = self.lightning_module
-        aliases = {n: engine.names[p] for n, p in module.named_parameters(remove_duplicate=False)
-                   if n != engine.names[p]}
-        names = str  # the engine's names are the module's
-        return Holdings(
-            engine_params(engine, names, _whole), list(engine.params_by_name),
-            {n: b for n, b in module.named_buffers()} if self.is_global_zero or not saving else {}, aliases,
-            [engine_optimizer(engine, o, engine.optimizer_param_names[o], names, _whole)
-             for o in self._held_optimizers()])
+        return module_holdings(module, canonical_names(module), uncut, self._held_optimizers(),
+                               lambda optimizer, names: names, self.zero.engine,
+                               buffers=self.is_global_zero or not saving)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -279,7 +275,3 @@ class ZeroStrategy(LightningParStrategy):
         # `fit` shards it again. The engine keeps its shards for `trainer.save_checkpoint` after fit.
         self.zero.teardown(self.lightning_module, self.root_device, self.num_processes)
         super().teardown()
-
-
-def _whole(p: torch.nn.Parameter) -> None:
-    return None  # no tensor axis: ZeRO's pieces are flat ranges of whole parameters

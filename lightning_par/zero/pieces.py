@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 Placement = Callable[[torch.nn.Parameter], Optional[tuple["ShardSpec", int]]]
 
 
+def uncut(p: torch.nn.Parameter) -> None:
+    """The placement where no tensor axis cuts anything."""
+    return None
+
+
 def _holding(engine: "ZeroEngine", piece: "Piece", global_name: Callable[[str], str], placement: Placement) -> Holding:
     p = engine.params_by_name[piece.name]
     spec, rank = placement(p) or (None, 0)
@@ -42,6 +47,7 @@ def engine_optimizer(engine: "ZeroEngine", optimizer: torch.optim.Optimizer, nam
                      global_name: Callable[[str], str], placement: Placement,
                      keep: Callable[[str], bool] = lambda name: True) -> HeldOptimizer:
     """``optimizer``'s state of this rank's pieces (``names``: its groups' global names in one process's order)."""
+    group_of = {id(q): g for g in optimizer.param_groups for q in g["params"]}
     states = []
     for name, piece, q in engine.optimizer_pieces(optimizer):
         if keep(name):
@@ -49,5 +55,5 @@ def engine_optimizer(engine: "ZeroEngine", optimizer: torch.optim.Optimizer, nam
                 _holding(engine, piece, global_name, placement),
                 lambda piece=piece, q=q: engine.piece_state(optimizer, piece, q),
                 lambda state, q=q: optimizer.state.__setitem__(q, state),
-                q.device, scalar_device(optimizer, q)))
+                q.device, scalar_device(group_of[id(q)], q)))
     return HeldOptimizer(optimizer, names, states)
