@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import lightning_par  # noqa: F401  (registers the strategy names)
 from helpers import free_port, run_on_ranks
 from lightning_par import DataParallelStrategy
-from lightning_par.strategies.data_parallel import grouped_buckets
+from lightning_par.comm.data_axis import grouped_buckets
 from parity import RecordingGPT, Run, fit, global_losses, relative_gap
 
 TOL = 1e-5

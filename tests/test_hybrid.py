@@ -24,7 +24,8 @@ class HeldGPT(BatchLossGPT):
 
     def on_train_start(self):
         # What this rank holds once every axis has cut the module: parameter elements, or ZeRO's master shards.
-        engine = getattr(self.trainer.strategy, "_engine", None)
+        zero = self.trainer.strategy.zero
+        engine = zero.engine if zero is not None else None
         held = sum(c.master.numel() for c in engine.chunks) if engine is not None else sum(
             p.numel() for p in self.parameters())
         self.held = held

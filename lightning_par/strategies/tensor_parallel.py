@@ -1,5 +1,6 @@
-"""1D tensor parallelism (Megatron-LM), with optional sequence parallelism, on top of data parallelism: ``hybrid``
-with no pipeline and no ZeRO (see ``strategies/hybrid.py``), under its own name and arguments."""
+"""1D tensor parallelism (Megatron-LM), with optional sequence parallelism, on top of data parallelism: the tensor
+axis (``tensor/axis.py``) and the data axis, as a preset of the composed strategy (``hybrid`` with no pipeline and
+no ZeRO), under its own name and arguments."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 
+from lightning_par.comm.data_axis import DataAxis
 from lightning_par.strategies.base import StartMethod
-from lightning_par.strategies.hybrid import HybridParallelStrategy
+from lightning_par.strategies.composed import ComposedStrategy
+from lightning_par.tensor.axis import TensorAxis
 from lightning_par.tensor.layers_1d import shard_spec
 from lightning_par.tensor.plan import AppliedPlan, applied_plan
 from lightning_par.tensor.styles import ParallelStyle
 
 
-class TensorParallel1DStrategy(HybridParallelStrategy):
+class TensorParallel1DStrategy(ComposedStrategy):
     """1D tensor parallelism (``strategy="tp1d"``): weight matrices split over a tensor group of ``tensor_size``
     ranks; the remaining ``world / tensor_size`` ranks are data parallel (``dp``'s bucketed all-reduce, over the
     data axis).
@@ -78,13 +81,12 @@ class TensorParallel1DStrategy(HybridParallelStrategy):
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: StartMethod = "popen",
     ) -> None:
-        super().__init__(
-            pipeline_size=1, tensor_size=tensor_size, zero_stage=0, sequence_parallel=sequence_parallel, plan=plan,
-            sequence_dim=sequence_dim, sequence_chunks=sequence_chunks, vocab_parallel_loss=vocab_parallel_loss,
-            strict=strict, param_init_fn=param_init_fn, bucket_size_mb=bucket_size_mb, weights_only=weights_only,
-            process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
-        )
-        self.tensor_axis.who = "tp1d"  # its messages name the strategy the user chose
+        tensor = TensorAxis(plan=plan, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim,
+                            sequence_chunks=sequence_chunks, vocab_parallel_loss=vocab_parallel_loss, strict=strict,
+                            param_init_fn=param_init_fn, who="tp1d", owner=type(self).__name__)
+        super().__init__(data=DataAxis(bucket_size_mb), tensor=tensor, tensor_size=tensor_size,
+                         weights_only=weights_only, process_group_backend=process_group_backend, timeout=timeout,
+                         start_method=start_method)
 
     @property
     def plan(self) -> Optional[dict[str, Union[str, ParallelStyle]]]:

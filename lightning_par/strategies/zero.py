@@ -1,36 +1,25 @@
-"""ZeRO stages 1, 2 and 3 as a Lightning strategy, on the chunk engine (``strategy="zero1" | "zero2" | "zero3"``)."""
+"""ZeRO stages 1, 2 and 3 as a Lightning strategy, on the chunk engine (``strategy="zero1" | "zero2" | "zero3"``):
+the ZeRO form of the data axis (``zero/axis.py``) alone, as a preset of the composed strategy."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from collections.abc import Generator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
-from torch.optim import Optimizer
-from typing_extensions import override
 
-import lightning.pytorch as pl
-from lightning_par.checkpoint import Holdings
-from lightning_par.comm.grad_norm import NormPart
-from lightning_par.pipeline.shared import canonical_names
-from lightning_par.strategies.base import COMPUTE_DTYPES, LightningParStrategy, StartMethod
-from lightning_par.strategies.holdings import module_holdings
-from lightning_par.topology import Topology
+from lightning_par.strategies.base import StartMethod
+from lightning_par.strategies.composed import ComposedStrategy
 from lightning_par.zero.axis import ZeroAxis
 from lightning_par.zero.engine import ZeroEngine
-from lightning_par.zero.materialize import meta_parameters
-from lightning_par.zero.pieces import uncut
 from lightning_par.zero.policy import ZeroPolicy
 
 
-class ZeroStrategy(LightningParStrategy):
+class ZeroStrategy(ComposedStrategy):
     """ZeRO data parallelism: optimizer state (stage 1), gradients (2) and parameters (3) sharded over the ranks.
 
     Mixed precision is ZeRO's: the model computes in bf16 (``bf16-mixed`` / ``bf16-true``) or fp16 (``16-mixed``,
@@ -102,99 +91,33 @@ class ZeroStrategy(LightningParStrategy):
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: StartMethod = "popen",
     ) -> None:
-        super().__init__(
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-        )
         if chunk_size is None:
             chunk_size = (32 if offload is not None else 128) * 2**20
-        self.policy = ZeroPolicy(stage=stage, chunk_numel=chunk_size, allow_oversize=allow_oversize,
-                                 reshard_after_forward=reshard_after_forward, prefetch=prefetch,
-                                 offload=offload, device_memory_limit=device_memory_limit,
-                                 host_memory_limit=host_memory_limit, nvme_dir=nvme_dir, host_grads=host_grads,
-                                 allow_untested_optimizer=allow_untested_optimizer)
-        if reduce_dtype not in ("fp32", "compute"):
-            raise ValueError(f"reduce_dtype must be 'fp32' or 'compute'; got {reduce_dtype!r}.")
-        self.reduce_dtype = reduce_dtype
-        self.param_init_fn = param_init_fn
-        self.weights_only = weights_only
-        self.zero = ZeroAxis(self.policy, who="ZeRO")
+        policy = ZeroPolicy(stage=stage, chunk_numel=chunk_size, allow_oversize=allow_oversize,
+                            reshard_after_forward=reshard_after_forward, prefetch=prefetch, offload=offload,
+                            device_memory_limit=device_memory_limit, host_memory_limit=host_memory_limit,
+                            nvme_dir=nvme_dir, host_grads=host_grads, allow_untested_optimizer=allow_untested_optimizer)
+        super().__init__(zero=ZeroAxis(policy, who="ZeRO", reduce_dtype=reduce_dtype, param_init_fn=param_init_fn),
+                         weights_only=weights_only, process_group_backend=process_group_backend, timeout=timeout,
+                         start_method=start_method)
+
+    @property
+    def policy(self) -> ZeroPolicy:
+        return self.zero.policy
+
+    @property
+    def reduce_dtype(self) -> str:
+        return self.zero.reduce_dtype
+
+    @property
+    def param_init_fn(self) -> Optional[Callable[[torch.nn.Module], None]]:
+        return self.zero.param_init_fn
 
     @property
     def engine(self) -> ZeroEngine:
         if self.zero.engine is None:
             raise RuntimeError(f"{type(self).__name__}.engine exists once `Trainer.fit` has set up the model.")
         return self.zero.engine
-
-    @override
-    def topology_for(self, world_size: int) -> Topology:
-        return Topology(data=world_size)
-
-    @property
-    @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        return True  # shards are loaded into the engine, which exists only after setup
-
-    # ----- setup ----------------------------------------------------------------------------------------------------
-
-    @override
-    def setup_module(self, trainer: "pl.Trainer") -> None:
-        assert self.model is not None
-        compute_dtype = COMPUTE_DTYPES[self.precision_plugin.precision]
-        policy = self.policy
-        if self.reduce_dtype == "compute":
-            policy = replace(policy, reduce_dtype=compute_dtype)
-        self.zero.build(self.model, self.group("data"), compute_dtype, self.root_device, self.num_processes, policy,
-                        self.param_init_fn)
-
-    @override
-    def _initialises_meta(self) -> bool:
-        # At stage 3 the engine materialises one chunk at a time with the model's own initialisation.
-        return self.policy.stage == 3
-
-    @contextmanager
-    @override
-    def model_sharded_context(self) -> Generator[None, None, None]:
-        # `configure_model` runs inside this: at stage 3 its parameters are created on the meta device (as Lightning's
-        # FSDP strategy does; buffers as usual) and initialised chunk by chunk with the model's own initialisation.
-        if self.policy.stage != 3:
-            yield
-            return
-        with meta_parameters():
-            yield
-
-    @override
-    def setup_optimizers(self, trainer: "pl.Trainer") -> None:
-        super().setup_optimizers(trainer)
-        self.zero.shard_optimizers(self.optimizers)
-
-    @override
-    def setup(self, trainer: "pl.Trainer") -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
-            # Under stage 3 the callback would average freed memory; at stages 1-2 its final weights would be
-            # overwritten from the fp32 masters when fit ends, and its checkpoint state mixed with the shards.
-            self._refuse_weight_averaging(
-                trainer,
-                f" (ZeRO stage {self.policy.stage}): it averages whole parameters between steps, which ZeRO keeps "
-                "sharded (the fp32 masters on their ranks; at stage 3 the parameters are freed between steps).",
-                "; or keep the average in your LightningModule, updated inside "
-                "`with self.trainer.strategy.full_params():` on every rank")
-        super().setup(trainer)
-        if trainer.state.fn != TrainerFn.FITTING:
-            return
-        plugin = self.precision_plugin
-        if getattr(plugin, "scaler", None) is not None:
-            # [Note: one overflow decision] Each rank sees only its shard of the gradients; the scaler must skip the
-            # step on every rank when any rank overflowed. FSDP's ShardedGradScaler all-reduces that decision.
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            plugin.scaler = ShardedGradScaler(device=self.root_device.type, process_group=self.group("data"))
-
-    @override
-    def grad_norm_parts(self, optimizer: Optimizer) -> list[NormPart]:
-        # The optimizer holds this rank's flat pieces; the data group holds the rest, each element once.
-        return [NormPart([g for _, g in self.engine.shard_gradients(optimizer)], (self.engine.group,))]
 
     def grad_norm(self, norm_type: Union[float, int, str] = 2.0) -> dict[str, Tensor]:
         """What ``lightning.pytorch.utilities.grad_norm(module, norm_type)`` gives under ``dp``: the norm of each
@@ -214,64 +137,6 @@ class ZeroStrategy(LightningParStrategy):
         with self.engine.full_params(writeback=writeback):
             yield
 
-    # ----- training -------------------------------------------------------------------------------------------------
-
-    @override
-    def set_grad_sync(self, enabled: bool) -> None:
-        super().set_grad_sync(enabled)
-        self.zero.set_sync(enabled)
-
-    @override
-    def post_backward(self, closure_loss: Tensor) -> None:
-        self.engine.finish_backward()
-
-    @override
-    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
-                       model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None, **kwargs: Any) -> Any:
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        self.zero.after_step()
-        return output
-
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self.zero.forward(super().training_step, *args, **kwargs)
-
-    @override
-    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self.zero.evaluate(super().validation_step, *args, **kwargs)
-
-    @override
-    def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self.zero.evaluate(super().test_step, *args, **kwargs)
-
-    @override
-    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self.zero.evaluate(super().predict_step, *args, **kwargs)
-
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds: parameters, gradients and optimizer state (see ``ZeroEngine.memory_report``)."""
         return self.engine.memory_report(self.optimizers)
-
-    # ----- checkpoints: see [Note: format] in checkpoint.py ------------------------------------------------------
-
-    @override
-    def checkpoint_holdings(self, saving: bool) -> Optional[Holdings]:
-        if self.zero.engine is None:
-            return None  # before setup the module is whole
-        module = self.lightning_module
-        return module_holdings(module, canonical_names(module), uncut, self._held_optimizers(),
-                               lambda optimizer, names: names, self.zero.engine,
-                               buffers=self.is_global_zero or not saving)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        meta = super().load_checkpoint(checkpoint_path, weights_only)
-        self.engine.refresh_compute()
-        return meta
-
-    @override
-    def teardown(self) -> None:
-        # The module leaves `fit` whole and hook-free: usable for inference, `state_dict()`, another Trainer; the next
-        # `fit` shards it again. The engine keeps its shards for `trainer.save_checkpoint` after fit.
-        self.zero.teardown(self.lightning_module, self.root_device, self.num_processes)
-        super().teardown()

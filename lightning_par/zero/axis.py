@@ -10,7 +10,8 @@ after the optimizer step (the compute copies from the updated masters), :meth:`t
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from dataclasses import replace
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_info
@@ -24,20 +25,30 @@ from lightning_par.zero.whole import unshard_optimizer
 
 
 class ZeroAxis:
-    def __init__(self, policy: Optional[ZeroPolicy], who: str) -> None:
-        self.policy = policy  # None: idle (a strategy whose data axis is not ZeRO)
-        self.who = who  # the strategy the user chose, for messages
+    """ZeRO by ``policy``; ``reduce_dtype`` and ``param_init_fn`` are ``zero*``'s (see its docstring); ``who`` names
+    the strategy the user chose in messages."""
+
+    def __init__(self, policy: ZeroPolicy, who: str, reduce_dtype: Literal["fp32", "compute"] = "fp32",
+                 param_init_fn: Optional[Callable[[nn.Module], None]] = None) -> None:
+        if reduce_dtype not in ("fp32", "compute"):
+            raise ValueError(f"reduce_dtype must be 'fp32' or 'compute'; got {reduce_dtype!r}.")
+        self.policy = policy
+        self.who = who
+        self.reduce_dtype = reduce_dtype
+        self.param_init_fn = param_init_fn
         self.engine: Optional[ZeroEngine] = None
 
     def build(self, module: nn.Module, group: Any, compute_dtype: torch.dtype, device: torch.device,
-              local_ranks: int, policy: Optional[ZeroPolicy] = None,
-              param_init_fn: Optional[Callable[[nn.Module], None]] = None) -> ZeroEngine:
-        """Shard ``module`` over ``group`` (``policy``: this run's, e.g. with the compute dtype for reductions). The
-        engine agrees on the parameters chunk by chunk (rank 0's values); buffers are copied from rank 0 here."""
+              local_ranks: int) -> ZeroEngine:
+        """Shard ``module`` over ``group``. The engine agrees on the parameters chunk by chunk (rank 0's values);
+        buffers are copied from rank 0 here."""
         if self.engine is not None:
             self.engine.remove_hooks()
-        self.engine = ZeroEngine(module, group, policy or self.policy, compute_dtype, device, log=rank_zero_info,
-                                 local_ranks=local_ranks, param_init_fn=param_init_fn)
+        policy = self.policy
+        if self.reduce_dtype == "compute":
+            policy = replace(policy, reduce_dtype=compute_dtype)
+        self.engine = ZeroEngine(module, group, policy, compute_dtype, device, log=rank_zero_info,
+                                 local_ranks=local_ranks, param_init_fn=self.param_init_fn)
         broadcast_tensors(list(module.buffers()), group)
         return self.engine
 
