@@ -64,6 +64,12 @@ from lightning_par.zero.axis import ZeroAxis
 from lightning_par.zero.materialize import meta_parameters
 from lightning_par.zero.pieces import Placement, uncut
 
+def argument(component: str, name: str) -> property:
+    """A preset's constructor argument, read back from the component that holds it (one copy of the value)."""
+    return property(lambda self: getattr(getattr(self, component), name),
+                    doc=f"``{name}`` as given to the constructor (held by ``self.{component}``).")
+
+
 # 16-mixed's GradScaler decides per rank whether to skip a step, from the gradients that rank holds: pipeline stages
 # and the shards of a tensor group would drift apart. (ZeRO alone replaces it by the sharded scaler.)
 CUT_PRECISION = ("32-true", "bf16-mixed", "bf16-true")

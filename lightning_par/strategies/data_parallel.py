@@ -10,7 +10,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 
 from lightning_par.comm.data_axis import DataAxis
 from lightning_par.strategies.base import StartMethod
-from lightning_par.strategies.composed import ComposedStrategy
+from lightning_par.strategies.composed import ComposedStrategy, argument
 
 
 class DataParallelStrategy(ComposedStrategy):
@@ -51,14 +51,6 @@ class DataParallelStrategy(ComposedStrategy):
         super().__init__(data=DataAxis(bucket_size_mb, reduce_dtype, bucket_mode),
                          process_group_backend=process_group_backend, timeout=timeout, start_method=start_method)
 
-    @property
-    def bucket_size_mb(self) -> float:
-        return self.data_axis.bucket_size_mb
-
-    @property
-    def reduce_dtype(self) -> str:
-        return self.data_axis.reduce_dtype
-
-    @property
-    def bucket_mode(self) -> str:
-        return self.data_axis.bucket_mode
+    bucket_size_mb = argument("data_axis", "bucket_size_mb")
+    reduce_dtype = argument("data_axis", "reduce_dtype")
+    bucket_mode = argument("data_axis", "bucket_mode")

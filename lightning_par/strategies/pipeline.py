@@ -15,7 +15,7 @@ from lightning_par.pipeline.runtime import PipelineRuntime, ScheduleName
 from lightning_par.pipeline.schedules import Schedule
 from lightning_par.pipeline.trace_split import TracePartition
 from lightning_par.strategies.base import StartMethod
-from lightning_par.strategies.composed import ComposedStrategy
+from lightning_par.strategies.composed import ComposedStrategy, argument
 
 __all__ = ["PipelineStrategy", "ScheduleName"]
 
@@ -77,21 +77,17 @@ class PipelineStrategy(ComposedStrategy):
         super().__init__(data=DataAxis(bucket_size_mb), pipeline=pipeline, weights_only=weights_only,
                          process_group_backend=process_group_backend, timeout=timeout, start_method=start_method)
 
-    @property
-    def schedule_name(self) -> str:
-        return self.pipeline.schedule_name
-
-    @property
-    def stages(self) -> Optional[int]:
-        return self.pipeline.stages
-
-    @property
-    def microbatches(self) -> Optional[int]:
-        return self.pipeline.microbatches
-
-    @property
-    def chunks(self) -> int:
-        return self.pipeline.chunks
+    schedule_name = argument("pipeline", "schedule_name")
+    stages = argument("pipeline", "stages")
+    microbatches = argument("pipeline", "microbatches")
+    chunks = argument("pipeline", "chunks")
+    split_points = argument("pipeline", "split_points")
+    split = argument("pipeline", "split_mode")
+    balance = argument("pipeline", "balance")
+    blocks = argument("pipeline", "blocks")
+    stall_timeout = argument("pipeline", "stall_timeout")
+    defer_weight_grads = argument("pipeline", "defer_weight_grads")
+    bucket_size_mb = argument("data_axis", "bucket_size_mb")
 
     @property
     def partition(self) -> Union[Partition, TracePartition]:

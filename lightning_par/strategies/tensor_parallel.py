@@ -13,7 +13,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 
 from lightning_par.comm.data_axis import DataAxis
 from lightning_par.strategies.base import StartMethod
-from lightning_par.strategies.composed import ComposedStrategy
+from lightning_par.strategies.composed import ComposedStrategy, argument
 from lightning_par.tensor.axis import TensorAxis
 from lightning_par.tensor.layers_1d import shard_spec
 from lightning_par.tensor.plan import AppliedPlan, applied_plan
@@ -88,15 +88,14 @@ class TensorParallel1DStrategy(ComposedStrategy):
                          weights_only=weights_only, process_group_backend=process_group_backend, timeout=timeout,
                          start_method=start_method)
 
-    @property
-    def plan(self) -> Optional[dict[str, Union[str, ParallelStyle]]]:
-        """The plan given to the constructor; None for the automatic plan."""
-        return self.tensor_axis.plan
-
-    @property
-    def sequence_parallel(self) -> Optional[bool]:
-        """``sequence_parallel`` as given to the constructor (None: decided by the plan)."""
-        return self.tensor_axis.sequence_parallel
+    plan = argument("tensor_axis", "plan")  # None: the automatic plan
+    sequence_parallel = argument("tensor_axis", "sequence_parallel")  # None: decided by the plan
+    sequence_dim = argument("tensor_axis", "sequence_dim")
+    sequence_chunks = argument("tensor_axis", "sequence_chunks")
+    vocab_parallel_loss = argument("tensor_axis", "vocab_parallel_loss")
+    strict = argument("tensor_axis", "strict")
+    param_init_fn = argument("tensor_axis", "param_init_fn")
+    bucket_size_mb = argument("data_axis", "bucket_size_mb")
 
     @property
     def applied_plan(self) -> Optional[AppliedPlan]:

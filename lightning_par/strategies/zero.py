@@ -13,7 +13,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from torch import Tensor
 
 from lightning_par.strategies.base import StartMethod
-from lightning_par.strategies.composed import ComposedStrategy
+from lightning_par.strategies.composed import ComposedStrategy, argument
 from lightning_par.zero.axis import ZeroAxis
 from lightning_par.zero.engine import ZeroEngine
 from lightning_par.zero.policy import ZeroPolicy
@@ -101,17 +101,9 @@ class ZeroStrategy(ComposedStrategy):
                          weights_only=weights_only, process_group_backend=process_group_backend, timeout=timeout,
                          start_method=start_method)
 
-    @property
-    def policy(self) -> ZeroPolicy:
-        return self.zero.policy
-
-    @property
-    def reduce_dtype(self) -> str:
-        return self.zero.reduce_dtype
-
-    @property
-    def param_init_fn(self) -> Optional[Callable[[torch.nn.Module], None]]:
-        return self.zero.param_init_fn
+    policy = argument("zero", "policy")  # stage, chunk size, offload, ... (``zero/policy.py``)
+    reduce_dtype = argument("zero", "reduce_dtype")
+    param_init_fn = argument("zero", "param_init_fn")
 
     @property
     def engine(self) -> ZeroEngine:
