@@ -22,11 +22,33 @@ from lightning_par.zero.placement import (
 
 if TYPE_CHECKING:
     from lightning_par.zero.chunk import Chunk
+    from lightning_par.zero.host import PinnedHost
+    from lightning_par.zero.layout import ChunkLayout
+    from lightning_par.zero.policy import ZeroPolicy
+    from lightning_par.zero.spill import SpilledState
 
 
 class OffloadMixin:
     """Plans (fixed fraction or measured), chunk moves, host-memory checks agreed by every rank, and the optimizer
     step in windows for chunks whose state is on disk or whose host gradients are 16-bit."""
+
+    # What this part reads from the engine (set in `ZeroEngine.__init__`): its declared interface.
+    chunks: list["Chunk"]
+    layout: "ChunkLayout"
+    policy: "ZeroPolicy"
+    plan: Plan
+    device: torch.device
+    group: Any
+    rank: int
+    world_size: int
+    local_ranks: int
+    log: Callable[[str], None]
+    host_grad_dtype: torch.dtype
+    pinned: "PinnedHost"
+    spilled: Optional["SpilledState"]
+    optimizer_param_names: dict[torch.optim.Optimizer, list[list[str]]]
+    piece_group: dict[int, dict[str, Any]]
+    _measuring: bool
 
     def _shard_numels(self) -> list[int]:
         return [self.layout.shard_numel(c) for c in range(self.layout.num_chunks)]

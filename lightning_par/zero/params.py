@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from lightning_par.zero.released import mark_gathered, mark_released
 
 if TYPE_CHECKING:
     from lightning_par.zero.chunk import Chunk
+    from lightning_par.zero.policy import ZeroPolicy
 
 
 class ParameterNotGathered(RuntimeError):
@@ -70,6 +71,27 @@ class _GuardedParameters(dict):
 
 
 class ParamsMixin:
+    """Gathering and releasing chunks, the stage-3 hooks and parameter guards, ``full_params`` and ``unshard``."""
+
+    # What this part reads from the engine (set in `ZeroEngine.__init__`): its declared interface.
+    chunks: list["Chunk"]
+    policy: "ZeroPolicy"
+    device: torch.device
+    group: Any
+    world_size: int
+    compute_dtype: torch.dtype
+    names: dict[nn.Parameter, str]
+    original_dtypes: dict[nn.Parameter, torch.dtype]
+    where: dict[nn.Parameter, tuple["Chunk", int]]
+    _h2d: Optional[torch.cuda.Stream]
+    _nccl: bool
+    _measuring: bool
+    _handles: list[Any]
+    _guarded: list[nn.Module]
+    _hooked: set[nn.Parameter]
+    _module_chunks: dict[nn.Module, list[int]]
+    _pending_gathers: list["Chunk"]
+    _hook_trainable: Callable[[], None]
     # ----- gather and release --------------------------------------------------------------------------------------
 
     @torch.no_grad()
