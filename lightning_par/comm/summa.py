@@ -1,0 +1,153 @@
+"""SUMMA on a q x q grid of ranks: the matrix products of 2D tensor parallelism (Optimus, "An Efficient 2D Method for
+Training Super-Large Deep Learning Models"), and the small collectives its layers need.
+
+[Note: the 2D grid]
+Rank (i, j) sits in row i and column j of a q x q grid. A matrix ``A`` of shape [M, K] is cut into q x q blocks;
+rank (i, j) holds block ``A_ij`` (rows block i, columns block j). Its *row group* is the q ranks (i, 0..q-1) and its
+*column group* the q ranks (0..q-1, j); a rank's index in its row group is its column j, in its column group its
+row i (``Grid2D``). Activations are [tokens, hidden] matrices: tokens split over rows, hidden over columns.
+
+``C = A @ B`` (``summa_ab``) runs q steps; at step k, rank (i, k) broadcasts ``A_ik`` along row i and rank (k, j)
+broadcasts ``B_kj`` along column j; every rank adds ``A_ik @ B_kj`` to its ``C_ij``. Backward needs ``A @ B^T``
+(``summa_abt``: broadcast ``B_kj`` down column j, multiply, reduce the partial ``C_ik`` along row i to column k)
+and ``A^T @ B`` (``summa_atb``: broadcast ``A_ik`` along row i, multiply, reduce the partial along column j to
+row k). Per product: q broadcasts of each broadcast operand and, for the last two, q reduces; one block of each
+operand is held at a time, never the gathered row or column (the paper's memory bound).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+from lightning_par.comm.raw_collectives import _global_rank, group_rank, group_size
+
+
+@dataclass(frozen=True)
+class Grid2D:
+    """This rank's place on a q x q grid: the groups of its row and of its column (see [Note: the 2D grid])."""
+
+    row_group: Optional[ProcessGroup]  # the ranks of my row: (i, 0..q-1), ordered by column
+    col_group: Optional[ProcessGroup]  # the ranks of my column: (0..q-1, j), ordered by row
+
+    @property
+    def q(self) -> int:
+        return group_size(self.row_group)
+
+    @property
+    def row(self) -> int:
+        return group_rank(self.col_group)
+
+    @property
+    def col(self) -> int:
+        return group_rank(self.row_group)
+
+    def __post_init__(self) -> None:
+        if group_size(self.row_group) != group_size(self.col_group):
+            raise ValueError(f"A 2D grid is square: the row group has {group_size(self.row_group)} ranks, the column "
+                             f"group {group_size(self.col_group)}.")
+
+
+def _broadcast(x: Tensor, src: int, group: Optional[ProcessGroup], mine: bool) -> Tensor:
+    """``x`` from group rank ``src`` on every rank of ``group`` (``mine``: this rank is ``src``)."""
+    out = x.contiguous() if mine else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if group_size(group) > 1:
+        dist.broadcast(out, src=_global_rank(group, src), group=group)
+    return out
+
+
+def _reduce(x: Tensor, dst: int, group: Optional[ProcessGroup]) -> Tensor:
+    """The sum of ``x`` over ``group``, valid on group rank ``dst`` only."""
+    x = x.contiguous()
+    if group_size(group) > 1:
+        dist.reduce(x, dst=_global_rank(group, dst), op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def summa_ab(a: Tensor, b: Tensor, grid: Grid2D) -> Tensor:
+    """``C_ij = sum_k A_ik @ B_kj``: ``a`` [m, k] and ``b`` [k, n] are this rank's blocks; returns its [m, n] block."""
+    c = a.new_zeros(a.shape[0], b.shape[1])
+    for k in range(grid.q):
+        a_k = _broadcast(a, k, grid.row_group, grid.col == k)
+        b_k = _broadcast(b, k, grid.col_group, grid.row == k)
+        c.addmm_(a_k, b_k)
+    return c
+
+
+def summa_abt(a: Tensor, b: Tensor, grid: Grid2D) -> Tensor:
+    """``C_ik = sum_j A_ij @ B_kj^T``: ``a`` [m, n] and ``b`` [k, n] are this rank's blocks; returns its [m, k]
+    block of ``A @ B^T``."""
+    c: Optional[Tensor] = None
+    for k in range(grid.q):
+        b_k = _broadcast(b, k, grid.col_group, grid.row == k)
+        partial = _reduce(a @ b_k.t(), k, grid.row_group)
+        if grid.col == k:
+            c = partial
+    return c
+
+
+def summa_atb(a: Tensor, b: Tensor, grid: Grid2D) -> Tensor:
+    """``C_kj = sum_i A_ik^T @ B_ij``: ``a`` [m, k] and ``b`` [m, n] are this rank's blocks; returns its [k, n]
+    block of ``A^T @ B``."""
+    c: Optional[Tensor] = None
+    for k in range(grid.q):
+        a_k = _broadcast(a, k, grid.row_group, grid.col == k)
+        partial = _reduce(a_k.t() @ b, k, grid.col_group)
+        if grid.row == k:
+            c = partial
+    return c
+
+
+class _SummaLinear(torch.autograd.Function):
+    """``y = x @ w`` on blocks (``x`` [m, k], ``w`` [k, n]); saves only this rank's blocks."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, grid: Grid2D) -> Tensor:
+        ctx.grid = grid
+        ctx.save_for_backward(x, w)
+        return summa_ab(x, w, grid)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = summa_abt(grad, w, ctx.grid) if ctx.needs_input_grad[0] else None
+        dw = summa_atb(x, grad, ctx.grid) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def summa_linear(x: Tensor, w: Tensor, grid: Grid2D) -> Tensor:
+    """This rank's block of ``X @ W`` for its blocks ``x`` [m, k] and ``w`` [k, n], differentiable in both (the
+    gradients are this rank's blocks of ``dX`` and ``dW``)."""
+    return _SummaLinear.apply(x, w, grid)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce forward and backward: each rank uses the sum on its own data, so the sum's gradient is the sum of
+    every rank's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+        ctx.group = group
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_over_group(x: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+    """The sum of ``x`` over ``group`` on every rank, for statistics every rank applies to its own block (a norm's
+    mean and variance over a hidden dim split across the group); its backward sums the ranks' gradients."""
+    if group_size(group) == 1:
+        return x
+    return _SumOverGroup.apply(x, group)
