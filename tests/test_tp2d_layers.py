@@ -17,11 +17,14 @@ from helpers import run_on_ranks
 from torch import nn
 
 from lightning_par.comm.summa import Grid2D, summa_ab, summa_abt, summa_atb
-from lightning_par.tensor.layers_2d import Embedding2D, LayerNorm2D, Linear2D, RMSNorm2D, activation_block
+from lightning_par.tensor.layers_2d import (
+    Embedding2D, LayerNorm2D, Linear2D, RMSNorm2D, VocabParallelEmbedding2D, activation_block,
+)
+from lightning_par.tensor.loss import VocabParallelLogits
 from lightning_par.topology import Topology
 
 Q = 2
-VOCAB, HIDDEN, FFN, BATCH, SEQ = 16, 8, 12, 4, 3
+VOCAB, HIDDEN, FFN, BATCH, SEQ = 16, 8, 12, 4, 4
 
 
 def _grid(rank: int) -> Grid2D:
@@ -37,32 +40,48 @@ def _grid(rank: int) -> Grid2D:
 
 
 class _Model(nn.Module):
+    """A GPT-shaped stack: tied token embedding and output layer, position embedding, LayerNorm, MLP, RMSNorm."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.wte = nn.Embedding(VOCAB, HIDDEN)
+        self.wpe = nn.Embedding(SEQ, HIDDEN)
         self.norm = nn.LayerNorm(HIDDEN)
         self.up = nn.Linear(HIDDEN, FFN)
         self.down = nn.Linear(FFN, HIDDEN, bias=False)
         self.rms = nn.RMSNorm(HIDDEN, eps=1e-6)
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
+        self.wte.weight = self.head.weight
         with torch.no_grad():  # affine vectors away from their defaults, so a wrong block shows
             for p in (self.norm.weight, self.norm.bias, self.rms.weight):
                 p.add_(torch.randn_like(p) * 0.3)
 
-    def forward(self, ids):
-        h = self.norm(self.embed(ids))
+    def hidden(self, ids):
+        h = self.norm(self.wte(ids) + self.wpe(torch.arange(ids.shape[1])))
         return self.rms(h + self.down(F.gelu(self.up(h))))
+
+    def forward(self, ids):
+        return self.head(self.hidden(ids))
 
 
 def _model_2d(model: _Model, grid: Grid2D) -> nn.ModuleDict:
-    return nn.ModuleDict({"embed": Embedding2D.from_module(model.embed, grid),
-                          "norm": LayerNorm2D.from_module(model.norm, grid),
-                          "up": Linear2D.from_module(model.up, grid), "down": Linear2D.from_module(model.down, grid),
-                          "rms": RMSNorm2D.from_module(model.rms, grid)})
+    m = nn.ModuleDict({"head": Linear2D.from_module(model.head, grid),
+                       "wpe": Embedding2D.from_module(model.wpe, grid),
+                       "norm": LayerNorm2D.from_module(model.norm, grid),
+                       "up": Linear2D.from_module(model.up, grid), "down": Linear2D.from_module(model.down, grid),
+                       "rms": RMSNorm2D.from_module(model.rms, grid)})
+    m["wte"] = VocabParallelEmbedding2D.from_module(model.wte, grid, weight=m["head"].weight)  # tied, one Parameter
+    return m
 
 
-def _forward_2d(m: nn.ModuleDict, ids_block):
-    h = m["norm"](m["embed"](ids_block))
+def _hidden_2d(m: nn.ModuleDict, ids):
+    h = m["norm"](m["wte"](ids) + m["wpe"](torch.arange(ids.shape[1])))
     return m["rms"](h + m["down"](F.gelu(m["up"](h))))
+
+
+def _logits_2d(m: nn.ModuleDict, ids, grid: Grid2D):
+    local = m["head"](_hidden_2d(m, ids))
+    return VocabParallelLogits.wrap(local, grid.row_group, VOCAB, grid.col * (VOCAB // Q), token_group=grid.col_group)
 
 
 @contextlib.contextmanager
@@ -110,44 +129,53 @@ def _check(rank, world_size):
 
     model = _Model()
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
-    weights = torch.randn(BATCH, SEQ, HIDDEN)  # the loss: a fixed weighted sum of the output
-    out = model(ids)
-    (out * weights).sum().backward()
+    targets = torch.randint(0, VOCAB, (BATCH, SEQ))
+    hidden = model.hidden(ids)
+    loss = F.cross_entropy(model(ids).reshape(-1, VOCAB), targets.reshape(-1))
+    loss.backward()
 
     m2 = _model_2d(model, grid)
-    ids_block = ids.chunk(Q, 0)[grid.row]
-    out2 = _forward_2d(m2, ids_block)
-    _close(out2, activation_block(out, grid), "output block")
-    (out2 * activation_block(weights, grid)).sum().backward()
+    _close(_hidden_2d(m2, ids), activation_block(hidden.detach(), grid), "hidden block")
+    logits = _logits_2d(m2, ids, grid)
+    assert logits.shape == (BATCH, SEQ, VOCAB)
+    loss2 = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+    _close(loss2, loss.detach(), "loss")  # the same on every rank
+    loss2.backward()
 
-    _close(m2["up"].weight.grad, model.up.weight.grad.chunk(Q, 0)[grid.col].chunk(Q, 1)[grid.row], "up.weight grad")
+    def block(grad):
+        return grad.chunk(Q, 0)[grid.row].chunk(Q, 1)[grid.col]
+
+    # The tied table: the embedding's and the output layer's gradients, both in one Parameter.
+    _close(m2["head"].weight.grad, block(model.head.weight.grad), "head/wte weight grad")
+    _close(m2["up"].weight.grad, block(model.up.weight.grad), "up.weight grad")
     _close(m2["up"].bias.grad, model.up.bias.grad.chunk(Q, 0)[grid.col], "up.bias grad")
-    _close(m2["down"].weight.grad, model.down.weight.grad.chunk(Q, 0)[grid.col].chunk(Q, 1)[grid.row],
-           "down.weight grad")
+    _close(m2["down"].weight.grad, block(model.down.weight.grad), "down.weight grad")
     for name in ("weight", "bias"):
         _close(getattr(m2["norm"], name).grad, getattr(model.norm, name).grad.chunk(Q)[grid.col], f"norm.{name} grad")
     _close(m2["rms"].weight.grad, model.rms.weight.grad.chunk(Q)[grid.col], "rms.weight grad")
-    _close(m2["embed"].weight.grad, model.embed.weight.grad.chunk(Q * Q, 1)[grid.col * Q + grid.row],
-           "embed.weight grad")
+    _close(m2["wpe"].weight.grad, model.wpe.weight.grad.chunk(Q * Q, 1)[grid.col * Q + grid.row], "wpe.weight grad")
+    with torch.no_grad():
+        _close(_logits_2d(m2, ids, grid).materialize(), model(ids), "materialized logits")
 
     # Bytes held: every weight matrix 1/q^2, the vectors 1/q (replicated down a column).
     assert m2["up"].weight.numel() * Q * Q == model.up.weight.numel()
-    assert m2["embed"].weight.numel() * Q * Q == model.embed.weight.numel()
-    assert out2.numel() * Q * Q == out.numel()
+    assert m2["wpe"].weight.numel() * Q * Q == model.wpe.weight.numel()
+    assert m2["head"].weight.numel() * Q * Q == model.head.weight.numel()
 
-    # SUMMA's collectives for one Linear2D (no bias): forward q broadcasts of the input block along the row and q of
-    # the weight block down the column; backward q broadcasts + q reduces for dX, the same for dW.
+    # SUMMA's collectives for one Linear2D (no bias), Y = X W^T: forward q broadcasts of the weight block down the
+    # column and q reduces of the partial outputs along the row; backward dX = dY W (q broadcasts of dY's block
+    # along the row, q of W's down the column) and dW = dY^T X (q broadcasts of dY's block, q reduces of dW's).
     layer = Linear2D.from_module(nn.Linear(HIDDEN, FFN, bias=False), grid)
     x = activation_block(torch.randn(BATCH * SEQ, HIDDEN), grid).requires_grad_(True)
     with _counting() as (counts, sizes):
         y = layer(x)
-    assert counts == {"broadcast": 2 * Q}, counts
-    x_bytes, w_bytes = x.numel() * 4, layer.weight.numel() * 4
-    assert sizes["broadcast"] == Q * (x_bytes + w_bytes), sizes
+    w_bytes, y_bytes = layer.weight.numel() * 4, y.numel() * 4
+    assert counts == {"broadcast": Q, "reduce": Q}, counts
+    assert sizes == {"broadcast": Q * w_bytes, "reduce": Q * y_bytes}, sizes
     with _counting() as (counts, sizes):
         y.backward(torch.ones_like(y))
-    assert counts == {"broadcast": 2 * Q, "reduce": 2 * Q}, counts
-    assert sizes["broadcast"] == Q * (w_bytes + x_bytes) and sizes["reduce"] == Q * (x_bytes + w_bytes), sizes
+    assert counts == {"broadcast": 3 * Q, "reduce": Q}, counts
+    assert sizes == {"broadcast": Q * (2 * y_bytes + w_bytes), "reduce": Q * w_bytes}, sizes
     return True
 
 

@@ -8,11 +8,12 @@ rank (i, j) holds block ``A_ij`` (rows block i, columns block j). Its *row group
 row i (``Grid2D``). Activations are [tokens, hidden] matrices: tokens split over rows, hidden over columns.
 
 ``C = A @ B`` (``summa_ab``) runs q steps; at step k, rank (i, k) broadcasts ``A_ik`` along row i and rank (k, j)
-broadcasts ``B_kj`` along column j; every rank adds ``A_ik @ B_kj`` to its ``C_ij``. Backward needs ``A @ B^T``
-(``summa_abt``: broadcast ``B_kj`` down column j, multiply, reduce the partial ``C_ik`` along row i to column k)
-and ``A^T @ B`` (``summa_atb``: broadcast ``A_ik`` along row i, multiply, reduce the partial along column j to
-row k). Per product: q broadcasts of each broadcast operand and, for the last two, q reduces; one block of each
-operand is held at a time, never the gathered row or column (the paper's memory bound).
+broadcasts ``B_kj`` along column j; every rank adds ``A_ik @ B_kj`` to its ``C_ij``. ``A @ B^T`` (``summa_abt``)
+broadcasts ``B_kj`` down column j, multiplies, and reduces the partial ``C_ik`` along row i to column k; ``A^T @ B``
+(``summa_atb``) broadcasts ``A_ik`` along row i, multiplies, and reduces the partial along column j to row k. A
+linear layer ``Y = X W^T`` (``summa_linear``) is ``summa_abt`` forward, ``summa_ab`` and ``summa_atb`` backward:
+per layer 4q broadcasts and 2q reduces, each carrying one block; one block of each operand is held at a time,
+never the gathered row or column (the paper's memory bound).
 """
 
 from __future__ import annotations
@@ -104,26 +105,29 @@ def summa_atb(a: Tensor, b: Tensor, grid: Grid2D) -> Tensor:
 
 
 class _SummaLinear(torch.autograd.Function):
-    """``y = x @ w`` on blocks (``x`` [m, k], ``w`` [k, n]); saves only this rank's blocks."""
+    """``y = x @ w^T`` on blocks (``x`` [m, k], ``w`` [n, k]: torch's [out, in] layout, blocked as it stands);
+    saves only this rank's blocks."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, grid: Grid2D) -> Tensor:
         ctx.grid = grid
         ctx.save_for_backward(x, w)
-        return summa_ab(x, w, grid)
+        return summa_abt(x, w, grid)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w = ctx.saved_tensors
         grad = grad.contiguous()
-        dx = summa_abt(grad, w, ctx.grid) if ctx.needs_input_grad[0] else None
-        dw = summa_atb(x, grad, ctx.grid) if ctx.needs_input_grad[1] else None
+        dx = summa_ab(grad, w, ctx.grid) if ctx.needs_input_grad[0] else None
+        dw = summa_atb(grad, x, ctx.grid) if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 
 def summa_linear(x: Tensor, w: Tensor, grid: Grid2D) -> Tensor:
-    """This rank's block of ``X @ W`` for its blocks ``x`` [m, k] and ``w`` [k, n], differentiable in both (the
-    gradients are this rank's blocks of ``dX`` and ``dW``)."""
+    """This rank's block of ``X @ W^T`` (``F.linear``) for its blocks ``x`` [m, k] of ``X`` and ``w`` [n, k] of
+    ``W`` (torch's [out, in] weight, blocked as it stands), differentiable in both: the forward is ``summa_abt``,
+    the input gradient ``summa_ab`` and the weight gradient ``summa_atb`` (Colossal-AI's 2D classifier order), so
+    a weight shared with an embedding table ([vocab, hidden], the same layout) needs no transpose."""
     return _SummaLinear.apply(x, w, grid)
 
 

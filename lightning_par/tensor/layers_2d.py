@@ -4,9 +4,13 @@ Activations between layers are [tokens, hidden] blocks: the tokens (whole sample
 grid's rows, the hidden dim over its columns, so each rank holds 1/q^2 of every activation. Weights are 1/q^2 per
 rank as well:
 
-- ``Linear2D``: ``W`` (as ``x @ W``, [in, out]) cut in q x q blocks, block (i, j) on rank (i, j); the product is
-  SUMMA (``comm.summa.summa_linear``). The bias's block j is held by every rank of column j (a vector is small);
-  its gradient is summed over the column, whose rows saw different tokens.
+- ``Linear2D``: the weight in torch's [out, in] layout cut in q x q blocks, block (i, j) on rank (i, j); the
+  product is SUMMA (``comm.summa.summa_linear``). The output's hidden block j holds outputs block j, so the bias's
+  block j is held by every rank of column j (a vector is small); its gradient is summed over the column, whose rows
+  saw different tokens.
+- ``VocabParallelEmbedding2D``: the [vocab, hidden] table in the same blocks as ``Linear2D`` (so an output layer can
+  share it); each rank looks up the whole batch in its vocabulary rows and the column reduce-scatters the partial
+  lookups over the batch, giving row i its samples.
 - ``LayerNorm2D`` / ``RMSNorm2D``: the statistics over the hidden dim are summed over the row (one all-reduce each
   forward and backward); the affine vectors as the bias above.
 - ``Embedding2D``: the table's hidden dim cut in q^2 pieces, piece ``j*q + i`` on rank (i, j); the q pieces of
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_par.comm.collectives import all_gather_along_dim, copy_to_group
+from lightning_par.comm.collectives import all_gather_along_dim, copy_to_group, reduce_scatter_along_dim
 from lightning_par.comm.summa import Grid2D, sum_over_group, summa_linear
 
 
@@ -41,6 +45,11 @@ def activation_block(x: Tensor, grid: Grid2D, token_dim: int = 0, hidden_dim: in
     return _block(_block(x, grid.q, grid.row, token_dim), grid.q, grid.col, hidden_dim)
 
 
+def weight_block(weight: Tensor, grid: Grid2D) -> Tensor:
+    """This rank's block of a whole [out, in] weight (or [vocab, hidden] table): block (row, col)."""
+    return _block(_block(weight, grid.q, grid.row, 0), grid.q, grid.col, 1)
+
+
 class Linear2D(nn.Module):
     """``nn.Linear`` on a q x q grid: input block [..., in/q], output block [..., out/q]."""
 
@@ -52,7 +61,7 @@ class Linear2D(nn.Module):
             if size % q:
                 raise ValueError(f"Linear2D on a {q} x {q} grid: {name}={size} is not divisible by q={q}.")
         self.in_features, self.out_features, self.grid = in_features, out_features, grid
-        # torch's layout, [out, in]: block (col, row) of the whole weight, i.e. block (row, col) of W = weight^T.
+        # torch's layout, [out, in], blocked as it stands: block (row, col) of the whole weight.
         self.weight = nn.Parameter(torch.empty(out_features // q, in_features // q, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features // q, device=device, dtype=dtype)) if bias else None
 
@@ -61,14 +70,14 @@ class Linear2D(nn.Module):
         layer = cls(linear.in_features, linear.out_features, grid, linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
-            layer.weight.copy_(_block(_block(linear.weight, grid.q, grid.col, 0), grid.q, grid.row, 1))
+            layer.weight.copy_(weight_block(linear.weight, grid))
             if linear.bias is not None:
                 layer.bias.copy_(_block(linear.bias, grid.q, grid.col, 0))
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        y = summa_linear(x.reshape(-1, x.shape[-1]), self.weight.t(), self.grid).reshape(*lead, -1)
+        y = summa_linear(x.reshape(-1, x.shape[-1]), self.weight, self.grid).reshape(*lead, -1)
         if self.bias is not None:
             y = y + copy_to_group(self.bias, self.grid.col_group)
         return y
@@ -184,3 +193,45 @@ class Embedding2D(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         table = all_gather_along_dim(self.weight, 1, self.grid.col_group)  # hidden block j: pieces j*q .. j*q+q-1
         return F.embedding(ids, table, self.padding_idx)
+
+
+class VocabParallelEmbedding2D(nn.Module):
+    """A token embedding whose table is cut like a ``Linear2D`` weight: rank (i, j) holds vocabulary block i of hidden
+    block j. It takes the whole batch's ids (every rank of the tensor group has them) and returns row i's samples,
+    hidden block j."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, grid: Grid2D,
+                 weight: Optional[nn.Parameter] = None, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        for name, size in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if size % grid.q:
+                raise ValueError(f"VocabParallelEmbedding2D on a {grid.q} x {grid.q} grid: {name}={size} is not "
+                                 f"divisible by q={grid.q}.")
+        self.num_embeddings, self.embedding_dim, self.grid = num_embeddings, embedding_dim, grid
+        self.start = grid.row * (num_embeddings // grid.q)  # the first vocabulary id of this rank's rows
+        # `weight`: an output layer's Linear2D weight, shared (tied embeddings).
+        self.weight = weight if weight is not None else nn.Parameter(
+            torch.empty(num_embeddings // grid.q, embedding_dim // grid.q, device=device, dtype=dtype))
+
+    @classmethod
+    def from_module(cls, embedding: nn.Embedding, grid: Grid2D,
+                    weight: Optional[nn.Parameter] = None) -> "VocabParallelEmbedding2D":
+        if embedding.padding_idx is not None:
+            raise ValueError("VocabParallelEmbedding2D does not keep a padding_idx row at zero; give the embedding "
+                             "no padding_idx (its row is still trained like any other).")
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid, weight,
+                    device=embedding.weight.device, dtype=embedding.weight.dtype)
+        if weight is None:
+            with torch.no_grad():
+                layer.weight.copy_(weight_block(embedding.weight, grid))
+        return layer
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.shape[0] % self.grid.q:
+            raise ValueError(f"2D tensor parallelism splits the batch over the grid's {self.grid.q} rows; a batch of "
+                             f"{ids.shape[0]} samples does not divide into {self.grid.q}.")
+        rows = self.weight.shape[0]
+        mine = (ids >= self.start) & (ids < self.start + rows)
+        partial = F.embedding((ids - self.start).clamp(0, rows - 1), self.weight) * mine.unsqueeze(-1)
+        return reduce_scatter_along_dim(partial, 0, self.grid.col_group)  # sum the vocab blocks; row i's samples

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.utils._pytree import tree_map
 
-from lightning_par.comm.collectives import gather_along_dim, group_size
+from lightning_par.comm.collectives import gather_along_dim, group_rank, group_size, reduce_from_group
 
 
 def _all_reduce(x: Tensor, op: dist.ReduceOp, group: Optional[ProcessGroup]) -> Tensor:
@@ -118,30 +118,44 @@ _RESHAPES = {torch.Tensor.reshape, torch.Tensor.view, torch.reshape}
 
 
 class VocabParallelLogits(torch.Tensor):
-    """This rank's ``[..., V_local]`` logits, presenting the full ``[..., V]`` shape (see the note above)."""
+    """This rank's ``[..., V_local]`` logits, presenting the full ``[..., V]`` shape (see the note above).
+
+    Under 2D tensor parallelism the samples are split too: ``token_group`` (the grid's column) holds the other
+    blocks of the leading dim, this rank the contiguous block ``group_rank(token_group)`` of it."""
 
     _local: Tensor
     _group: Optional[ProcessGroup]
     _vocab: int
     _start: int
     _full: Optional[Tensor]
+    _token_group: Optional[ProcessGroup]
 
     @staticmethod
-    def wrap(local: Tensor, group: Optional[ProcessGroup], vocab: int, start: int) -> "VocabParallelLogits":
+    def wrap(local: Tensor, group: Optional[ProcessGroup], vocab: int, start: int,
+             token_group: Optional[ProcessGroup] = None) -> "VocabParallelLogits":
         out = local.as_subclass(VocabParallelLogits)
         out._local, out._group, out._vocab, out._start, out._full = local, group, vocab, start, None
+        out._token_group = token_group
         return out
 
     def _rewrap(self, local: Tensor) -> "VocabParallelLogits":
-        return VocabParallelLogits.wrap(local, self._group, self._vocab, self._start)
+        return VocabParallelLogits.wrap(local, self._group, self._vocab, self._start, self._token_group)
+
+    @property
+    def _token_blocks(self) -> int:
+        return group_size(self._token_group)
 
     def full_shape(self) -> torch.Size:
-        return torch.Size((*self._local.shape[:-1], self._vocab))
+        lead = self._local.shape[:-1]
+        if lead and self._token_blocks > 1:
+            lead = (lead[0] * self._token_blocks, *lead[1:])
+        return torch.Size((*lead, self._vocab))
 
     def materialize(self) -> Tensor:
         """The full, unpadded logits as a plain tensor (gathered once, then reused)."""
         if self._full is None:
-            self._full = gather_along_dim(self._local, -1, self._group)[..., : self._vocab]
+            full = gather_along_dim(self._local, -1, self._group)[..., : self._vocab]
+            self._full = gather_along_dim(full, 0, self._token_group) if self._token_blocks > 1 else full
         return self._full
 
     @classmethod
@@ -188,7 +202,11 @@ def _local_op(self: VocabParallelLogits, func, rest: tuple, kwargs: dict) -> Any
         target = _resolve_shape(tuple(shape), math.prod(full))
         if target is None or target[-1] != full[-1] or math.prod(target[:-1]) != math.prod(full[:-1]):
             return NotImplemented
-        return self._rewrap(func(local, (*target[:-1], local.size(-1))))
+        blocks = self._token_blocks
+        if blocks > 1 and (len(target) < 2 or target[0] % blocks):
+            return NotImplemented  # the samples' blocks must stay whole along the leading dim
+        lead = (target[0] // blocks, *target[1:-1]) if blocks > 1 else target[:-1]
+        return self._rewrap(func(local, (*lead, local.size(-1))))
     if func is torch.Tensor.flatten:
         start = rest[0] if rest else kwargs.get("start_dim", 0)
         end = rest[1] if len(rest) > 1 else kwargs.get("end_dim", -1)
@@ -215,9 +233,26 @@ def _cross_entropy(input: VocabParallelLogits, target: Tensor, weight: Optional[
     if (input._local.dim() != 2 or weight is not None or size_average is not None or reduce is not None
             or isinstance(target, VocabParallelLogits) or target.is_floating_point()):
         return NotImplemented  # class weights, probabilities as targets, [N, C, d...] layouts: gather instead
-    return vocab_parallel_cross_entropy(input._local, target, vocab_start=input._start, vocab_size=input._vocab,
-                                        group=input._group, ignore_index=ignore_index, reduction=reduction,
+    blocks = input._token_blocks
+    if blocks == 1:
+        return vocab_parallel_cross_entropy(input._local, target, vocab_start=input._start, vocab_size=input._vocab,
+                                            group=input._group, ignore_index=ignore_index, reduction=reduction,
+                                            label_smoothing=label_smoothing)
+    # 2D: this rank's samples only; the sums over the others come from the token group (the grid's column).
+    if target.dim() != 1 or target.shape[0] != input._local.shape[0] * blocks:
+        return NotImplemented
+    tokens = target.chunk(blocks)[group_rank(input._token_group)]
+    loss = vocab_parallel_cross_entropy(input._local, tokens, vocab_start=input._start, vocab_size=input._vocab,
+                                        group=input._group, ignore_index=ignore_index, reduction="none",
                                         label_smoothing=label_smoothing)
+    if reduction == "none":
+        return gather_along_dim(loss, 0, input._token_group)
+    total = reduce_from_group(loss.sum(), input._token_group)  # the same on every rank: backward is the identity
+    if reduction == "sum":
+        return total
+    count = (tokens != ignore_index).sum()
+    _all_reduce(count, dist.ReduceOp.SUM, input._token_group)
+    return total / count
 
 
 def materialize_logits(output: Any) -> Any:
