@@ -21,6 +21,7 @@ from lightning_par.tensor.layers_2d import (
     Embedding2D, LayerNorm2D, Linear2D, RMSNorm2D, VocabParallelEmbedding2D, activation_block,
 )
 from lightning_par.tensor.loss import VocabParallelLogits
+from lightning_par.tensor.plan_2d import parallelize_2d
 from lightning_par.topology import Topology
 
 Q = 2
@@ -176,11 +177,40 @@ def _check(rank, world_size):
         y.backward(torch.ones_like(y))
     assert counts == {"broadcast": 3 * Q, "reduce": Q}, counts
     assert sizes == {"broadcast": Q * (2 * y_bytes + w_bytes), "reduce": Q * w_bytes}, sizes
+    _check_demo_gpt(grid)
     return True
 
 
+def _check_demo_gpt(grid: Grid2D) -> None:
+    """The demo GPT cut by the automatic 2D plan trains like one process: SGD, loss step by step (every rank)."""
+    from lightning_par.demo.model import DemoGPT
+
+    def make():
+        torch.manual_seed(1)
+        return DemoGPT(vocab_size=32, block_size=8, n_layer=2, n_head=4, n_embd=16, optimizer="sgd")
+
+    whole, cut = make(), make()
+    entries = dict(parallelize_2d(cut, grid))
+    assert entries["model.wte"] == "VocabParallelEmbedding2D (tied)" and entries["model.lm_head"] == "Output2D"
+    assert entries["model.blocks.0.attn.c_attn"] == "Linear2D" and entries["model.wpe"] == "Embedding2D"
+    assert cut.model.blocks[0].attn.n_head == 4 // Q
+    assert not any(isinstance(m, nn.Linear) for m in cut.modules())  # nothing left whole
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (whole, cut)]
+    torch.manual_seed(2)
+    for step in range(3):
+        x, y = torch.randint(0, 32, (BATCH, 8)), torch.randint(0, 32, (BATCH, 8))
+        losses = []
+        for module, optimizer in zip((whole, cut), optimizers):
+            loss = module._loss((x, y))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+        _close(losses[1], losses[0], f"demo GPT loss at step {step}")
+
+
 @pytest.mark.timeout(300)
-def test_2d_layers_match_one_process_on_a_2x2_grid():
+def test_2d_layers_and_the_demo_gpt_match_one_process_on_a_2x2_grid():
     assert all(run_on_ranks(_check, Q * Q))
 
 

@@ -22,7 +22,7 @@ weights, and exposes ``full_shapes`` for checkpoints.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from lightning_par.comm.collectives import all_gather_along_dim, copy_to_group, reduce_scatter_along_dim
 from lightning_par.comm.summa import Grid2D, sum_over_group, summa_linear
+from lightning_par.tensor.loss import VocabParallelLogits
 
 
 def _block(t: Tensor, parts: int, index: int, dim: int) -> Tensor:
@@ -43,6 +44,22 @@ def _block(t: Tensor, parts: int, index: int, dim: int) -> Tensor:
 def activation_block(x: Tensor, grid: Grid2D, token_dim: int = 0, hidden_dim: int = -1) -> Tensor:
     """This rank's block of a whole activation: tokens (``token_dim``, the batch) over rows, hidden over columns."""
     return _block(_block(x, grid.q, grid.row, token_dim), grid.q, grid.col, hidden_dim)
+
+
+def _segment_sizes(segments: Union[int, tuple[int, ...], None], size: int) -> Optional[tuple[int, ...]]:
+    if segments is None:
+        return None
+    sizes = (size // segments,) * segments if isinstance(segments, int) else tuple(segments)
+    if sum(sizes) != size:
+        raise ValueError(f"segments {segments} do not add up to the output size {size}.")
+    return sizes
+
+
+def _out_block(t: Tensor, parts: int, index: int, segments: Optional[tuple[int, ...]]) -> Tensor:
+    """Block ``index`` of dim 0 (an output dim), taking its share of each fused segment when there are any."""
+    if segments is None:
+        return _block(t, parts, index, 0)
+    return torch.cat([_block(piece, parts, index, 0) for piece in t.split(list(segments), 0)])
 
 
 def weight_block(weight: Tensor, grid: Grid2D) -> Tensor:
@@ -64,15 +81,21 @@ class Linear2D(nn.Module):
         # torch's layout, [out, in], blocked as it stands: block (row, col) of the whole weight.
         self.weight = nn.Parameter(torch.empty(out_features // q, in_features // q, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features // q, device=device, dtype=dtype)) if bias else None
+        self.segments: Optional[tuple[int, ...]] = None  # a fused output's pieces (see `from_module`)
 
     @classmethod
-    def from_module(cls, linear: nn.Linear, grid: Grid2D) -> "Linear2D":
+    def from_module(cls, linear: nn.Linear, grid: Grid2D,
+                    segments: Union[int, tuple[int, ...], None] = None) -> "Linear2D":
+        """``segments``: a fused output (q/k/v), as sizes or a count of equal pieces: each block of the output dim
+        then takes its share of every piece, so the output block j holds q_j, k_j and v_j."""
         layer = cls(linear.in_features, linear.out_features, grid, linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.segments = _segment_sizes(segments, linear.out_features)
         with torch.no_grad():
-            layer.weight.copy_(weight_block(linear.weight, grid))
+            rows = _out_block(linear.weight, grid.q, grid.row, layer.segments)
+            layer.weight.copy_(_block(rows, grid.q, grid.col, 1))
             if linear.bias is not None:
-                layer.bias.copy_(_block(linear.bias, grid.q, grid.col, 0))
+                layer.bias.copy_(_out_block(linear.bias, grid.q, grid.col, layer.segments))
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -85,6 +108,18 @@ class Linear2D(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"grid={self.grid.q}x{self.grid.q}")
+
+
+class Output2D(Linear2D):
+    """The output layer (``nn.Linear`` to the vocabulary): a ``Linear2D`` whose logits, this rank's [samples of row
+    i, vocabulary block j], present the whole [batch, ..., vocab] shape to the user's loss
+    (:class:`~lightning_par.tensor.loss.VocabParallelLogits`: the cross-entropy never gathers them)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        local = super().forward(x)
+        start = self.grid.col * (self.out_features // self.grid.q)
+        return VocabParallelLogits.wrap(local, self.grid.row_group, self.out_features, start,
+                                        token_group=self.grid.col_group)
 
 
 class _Norm2D(nn.Module):
