@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import Tensor
@@ -115,6 +115,21 @@ def sub_box(view: Tensor, view_offsets: Shape, offsets: Shape, sizes: Shape) -> 
 
 
 @dataclass(frozen=True)
+class Cuts:
+    """A tensor cut along several dims, or along one dim twice (2D tensor parallelism: rows and columns of a grid):
+    ``(spec, rank)`` pairs, innermost first; each maps the tensor it is given (local first) to the one before the
+    cut. A ``Holding`` with ``Cuts`` as its spec ignores its own ``rank``."""
+
+    cuts: tuple[tuple["ShardSpec", int], ...]
+
+    def full_shape(self, local_shape: torch.Size) -> Shape:
+        shape = tuple(local_shape)
+        for spec, _ in self.cuts:
+            shape = spec.full_shape(torch.Size(shape))
+        return shape
+
+
+@dataclass(frozen=True)
 class Holding:
     """One tensor a rank keeps of the global tensor ``name``: the parameter's tensor-local values (shape ``shape``,
     cut by ``spec`` at tensor rank ``rank``, or whole), or with ``span`` the flat range [start, stop) of them that
@@ -122,7 +137,7 @@ class Holding:
 
     name: str
     shape: Shape
-    spec: Optional["ShardSpec"] = None
+    spec: Optional[Union["ShardSpec", Cuts]] = None
     rank: int = 0
     span: Optional[tuple[int, int]] = None
 
@@ -142,5 +157,8 @@ class Holding:
             parts = [(o, s, local[f : f + prod(s)].view(s)) for o, s, f in flat_boxes(self.shape, *self.span)]
         if self.spec is None:
             return [(o, v) for o, _, v in parts]
-        return [(glob, sub_box(view, o, lo, size))
-                for o, s, view in parts for lo, size, glob in shard_boxes(self.spec, self.rank, o, s)]
+        cuts = self.spec.cuts if isinstance(self.spec, Cuts) else ((self.spec, self.rank),)
+        for spec, rank in cuts:  # local offsets -> the offsets before each cut, one cut at a time
+            parts = [(glob, size, sub_box(view, o, lo, size))
+                     for o, s, view in parts for lo, size, glob in shard_boxes(spec, rank, o, s)]
+        return [(o, v) for o, _, v in parts]

@@ -18,8 +18,9 @@ from torch import nn
 
 from lightning_par.comm.summa import Grid2D, summa_ab, summa_abt, summa_atb
 from lightning_par.tensor.layers_2d import (
-    Embedding2D, LayerNorm2D, Linear2D, RMSNorm2D, VocabParallelEmbedding2D, activation_block,
+    Embedding2D, LayerNorm2D, Linear2D, RMSNorm2D, VocabParallelEmbedding2D, activation_block, cut_2d,
 )
+from lightning_par.pieces import Holding, sub_box
 from lightning_par.tensor.loss import VocabParallelLogits
 from lightning_par.tensor.plan_2d import parallelize_2d
 from lightning_par.topology import Topology
@@ -136,6 +137,18 @@ def _check(rank, world_size):
     loss.backward()
 
     m2 = _model_2d(model, grid)
+    # Each parameter's Cut2D: unsharding gives the whole tensor back, and its checkpoint boxes tile it.
+    wholes = {"head": model.head, "wpe": model.wpe, "norm": model.norm, "up": model.up, "down": model.down,
+              "rms": model.rms}
+    for layer_name, whole_layer in wholes.items():
+        for name, p in m2[layer_name].named_parameters():
+            whole = getattr(whole_layer, name)
+            _close(cut_2d(p).unshard(p.detach(), grid), whole.detach(), f"{layer_name}.{name} unsharded")
+            holding = Holding(name, tuple(p.shape), cut_2d(p).boxes(grid))
+            assert holding.global_shape == tuple(whole.shape)
+            for offsets, view in holding.boxes(p.detach()):
+                _close(view, sub_box(whole.detach(), (0,) * whole.dim(), offsets, tuple(view.shape)),
+                       f"{layer_name}.{name} box at {offsets}")
     _close(_hidden_2d(m2, ids), activation_block(hidden.detach(), grid), "hidden block")
     logits = _logits_2d(m2, ids, grid)
     assert logits.shape == (BATCH, SEQ, VOCAB)
@@ -225,5 +238,5 @@ def test_widths_the_grid_does_not_divide_are_refused_with_the_sizes():
         Linear2D(3, 4, _GridOf2())
     with pytest.raises(ValueError, match="embedding_dim=6 is not divisible by q\\*q=4"):
         Embedding2D(16, 6, _GridOf2())
-    with pytest.raises(ValueError, match="normalized size 5 is not divisible by q=2"):
+    with pytest.raises(ValueError, match="normalized_size=5 is not divisible by q=2"):
         LayerNorm2D(5, _GridOf2())

@@ -13,37 +13,102 @@ rank as well:
   lookups over the batch, giving row i its samples.
 - ``LayerNorm2D`` / ``RMSNorm2D``: the statistics over the hidden dim are summed over the row (one all-reduce each
   forward and backward); the affine vectors as the bias above.
-- ``Embedding2D``: the table's hidden dim cut in q^2 pieces, piece ``j*q + i`` on rank (i, j); the q pieces of
-  column j are all-gathered for the lookup (their gradient reduce-scattered back).
+- ``Embedding2D`` (positions): the table's hidden dim cut in q^2 pieces, piece ``j*q + i`` on rank (i, j); the q
+  pieces of column j are all-gathered for the lookup (their gradient reduce-scattered back).
 
-Each layer is built from its standard counterpart (``from_module``), copying this rank's blocks of the whole
-weights, and exposes ``full_shapes`` for checkpoints.
+Each parameter carries a :class:`Cut2D`, the one description of how it is cut, which everything else reads: the
+layer's ``from_module`` slices the whole weights with it, checkpoints turn it into boxes, the gradient norm into
+its groups, and ``unshard`` gathers the whole tensor back.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_par.comm.collectives import all_gather_along_dim, copy_to_group, reduce_scatter_along_dim
+from lightning_par.comm.raw_collectives import _all_gather
 from lightning_par.comm.summa import Grid2D, sum_over_group, summa_linear
+from lightning_par.pieces import Cuts
+from lightning_par.tensor.layers_1d import ShardSpec
 from lightning_par.tensor.loss import VocabParallelLogits
 
+_CUT_ATTR = "_lp_cut_2d"
+GridAxis = Literal["row", "col"]
 
-def _block(t: Tensor, parts: int, index: int, dim: int) -> Tensor:
-    size = t.shape[dim]
-    if size % parts:
-        raise ValueError(f"2D tensor parallelism cuts dim {dim} of a {tuple(t.shape)} tensor into {parts} equal "
-                         f"blocks; {size} is not divisible by {parts}.")
-    return t.narrow(dim, index * (size // parts), size // parts)
+
+@dataclass(frozen=True)
+class Cut2D:
+    """How a parameter of a 2D layer is cut: ``(spec, axis)`` pairs, innermost first, each cutting by this rank's
+    ``axis`` index on the grid (``"col"``: its column, the cut spread over its row group; ``"row"``: its row, over
+    its column group); ``spread``: ``"grid"`` when the q^2 ranks hold disjoint pieces, ``"row"`` when each column
+    holds one block, the same on all its rows."""
+
+    cuts: tuple[tuple[ShardSpec, GridAxis], ...]
+    spread: Literal["grid", "row"]
+
+    def _index(self, axis: GridAxis, grid: Grid2D) -> int:
+        return grid.col if axis == "col" else grid.row
+
+    def _group(self, axis: GridAxis, grid: Grid2D):
+        return grid.row_group if axis == "col" else grid.col_group
+
+    def shard(self, whole: Tensor, grid: Grid2D) -> Tensor:
+        """This rank's piece of the whole tensor."""
+        for spec, axis in reversed(self.cuts):
+            whole = spec.shard(whole, self._index(axis, grid))
+        return whole
+
+    def unshard(self, local: Tensor, grid: Grid2D) -> Tensor:
+        """The whole tensor from every rank's piece: a collective over the grid."""
+        for spec, axis in self.cuts:
+            local = spec.unshard(_all_gather(local.contiguous(), spec.dim, self._group(axis, grid)))
+        return local
+
+    def boxes(self, grid: Grid2D) -> Cuts:
+        """The cuts at this rank, for checkpoints (``pieces.Holding``)."""
+        return Cuts(tuple((spec, self._index(axis, grid)) for spec, axis in self.cuts))
+
+
+def cut_2d(param: Tensor) -> Optional[Cut2D]:
+    """The :class:`Cut2D` of a 2D layer's parameter, or None."""
+    return getattr(param, _CUT_ATTR, None)
+
+
+def _parameter(shape: tuple[int, ...], cut: Cut2D, device, dtype, fill: Optional[float] = None) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape, device=device, dtype=dtype) if fill is None
+                     else torch.full(shape, fill, device=device, dtype=dtype))
+    setattr(p, _CUT_ATTR, cut)
+    return p
+
+
+def _load(param: nn.Parameter, whole: Tensor, grid: Grid2D) -> None:
+    with torch.no_grad():
+        param.copy_(cut_2d(param).shard(whole.detach(), grid))
+
+
+def _divisible(owner: str, grid: Grid2D, **sizes: int) -> None:
+    for name, size in sizes.items():
+        if size % grid.q:
+            raise ValueError(f"{owner} on a {grid.q} x {grid.q} grid: {name}={size} is not divisible by q={grid.q}.")
+
+
+def _vector_cut(size: int, q: int, segments: Optional[tuple[int, ...]] = None) -> Cut2D:
+    return Cut2D(((ShardSpec(0, segments or (size,), q), "col"),), "row")
+
+
+def _matrix_cut(rows: int, columns: int, q: int, segments: Optional[tuple[int, ...]] = None) -> Cut2D:
+    return Cut2D(((ShardSpec(1, (columns,), q), "col"), (ShardSpec(0, segments or (rows,), q), "row")), "grid")
 
 
 def activation_block(x: Tensor, grid: Grid2D, token_dim: int = 0, hidden_dim: int = -1) -> Tensor:
     """This rank's block of a whole activation: tokens (``token_dim``, the batch) over rows, hidden over columns."""
-    return _block(_block(x, grid.q, grid.row, token_dim), grid.q, grid.col, hidden_dim)
+    x = x.chunk(grid.q, token_dim)[grid.row]
+    return x.chunk(grid.q, hidden_dim)[grid.col]
 
 
 def _segment_sizes(segments: Union[int, tuple[int, ...], None], size: int) -> Optional[tuple[int, ...]]:
@@ -55,47 +120,33 @@ def _segment_sizes(segments: Union[int, tuple[int, ...], None], size: int) -> Op
     return sizes
 
 
-def _out_block(t: Tensor, parts: int, index: int, segments: Optional[tuple[int, ...]]) -> Tensor:
-    """Block ``index`` of dim 0 (an output dim), taking its share of each fused segment when there are any."""
-    if segments is None:
-        return _block(t, parts, index, 0)
-    return torch.cat([_block(piece, parts, index, 0) for piece in t.split(list(segments), 0)])
-
-
-def weight_block(weight: Tensor, grid: Grid2D) -> Tensor:
-    """This rank's block of a whole [out, in] weight (or [vocab, hidden] table): block (row, col)."""
-    return _block(_block(weight, grid.q, grid.row, 0), grid.q, grid.col, 1)
-
-
 class Linear2D(nn.Module):
-    """``nn.Linear`` on a q x q grid: input block [..., in/q], output block [..., out/q]."""
+    """``nn.Linear`` on a q x q grid: input block [..., in/q], output block [..., out/q]. ``segments``: a fused
+    output (q/k/v), as sizes or a count of equal pieces: each output block then takes its share of every piece, so
+    the output block j holds q_j, k_j and v_j."""
 
     def __init__(self, in_features: int, out_features: int, grid: Grid2D, bias: bool = True,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+                 segments: Union[int, tuple[int, ...], None] = None, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         q = grid.q
-        for name, size in (("in_features", in_features), ("out_features", out_features)):
-            if size % q:
-                raise ValueError(f"Linear2D on a {q} x {q} grid: {name}={size} is not divisible by q={q}.")
+        _divisible(type(self).__name__, grid, in_features=in_features, out_features=out_features)
         self.in_features, self.out_features, self.grid = in_features, out_features, grid
+        self.segments = _segment_sizes(segments, out_features)
         # torch's layout, [out, in], blocked as it stands: block (row, col) of the whole weight.
-        self.weight = nn.Parameter(torch.empty(out_features // q, in_features // q, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features // q, device=device, dtype=dtype)) if bias else None
-        self.segments: Optional[tuple[int, ...]] = None  # a fused output's pieces (see `from_module`)
+        self.weight = _parameter((out_features // q, in_features // q),
+                                 _matrix_cut(out_features, in_features, q, self.segments), device, dtype)
+        self.bias = _parameter((out_features // q,), _vector_cut(out_features, q, self.segments), device,
+                               dtype) if bias else None
 
     @classmethod
     def from_module(cls, linear: nn.Linear, grid: Grid2D,
                     segments: Union[int, tuple[int, ...], None] = None) -> "Linear2D":
-        """``segments``: a fused output (q/k/v), as sizes or a count of equal pieces: each block of the output dim
-        then takes its share of every piece, so the output block j holds q_j, k_j and v_j."""
-        layer = cls(linear.in_features, linear.out_features, grid, linear.bias is not None,
+        layer = cls(linear.in_features, linear.out_features, grid, linear.bias is not None, segments,
                     device=linear.weight.device, dtype=linear.weight.dtype)
-        layer.segments = _segment_sizes(segments, linear.out_features)
-        with torch.no_grad():
-            rows = _out_block(linear.weight, grid.q, grid.row, layer.segments)
-            layer.weight.copy_(_block(rows, grid.q, grid.col, 1))
-            if linear.bias is not None:
-                layer.bias.copy_(_out_block(linear.bias, grid.q, grid.col, layer.segments))
+        _load(layer.weight, linear.weight, grid)
+        if linear.bias is not None:
+            _load(layer.bias, linear.bias, grid)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -126,20 +177,17 @@ class _Norm2D(nn.Module):
     def __init__(self, normalized_shape: int, grid: Grid2D, eps: float, affine: bool, bias: bool,
                  device: Optional[torch.device], dtype: Optional[torch.dtype]) -> None:
         super().__init__()
-        if normalized_shape % grid.q:
-            raise ValueError(f"{type(self).__name__} on a {grid.q} x {grid.q} grid: the normalized size "
-                             f"{normalized_shape} is not divisible by q={grid.q}.")
+        _divisible(type(self).__name__, grid, normalized_size=normalized_shape)
         self.normalized_shape, self.grid, self.eps = normalized_shape, grid, eps
-        local = normalized_shape // grid.q
-        self.weight = nn.Parameter(torch.ones(local, device=device, dtype=dtype)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(local, device=device, dtype=dtype)) if affine and bias else None
+        local, cut = (normalized_shape // grid.q,), _vector_cut(normalized_shape, grid.q)
+        self.weight = _parameter(local, cut, device, dtype, fill=1.0) if affine else None
+        self.bias = _parameter(local, cut, device, dtype, fill=0.0) if affine and bias else None
 
     def _copy_affine(self, norm: nn.Module) -> None:
-        with torch.no_grad():
-            for name in ("weight", "bias"):
-                mine, whole = getattr(self, name), getattr(norm, name, None)
-                if mine is not None:
-                    mine.copy_(_block(whole, self.grid.q, self.grid.col, 0))
+        for name in ("weight", "bias"):
+            mine = getattr(self, name)
+            if mine is not None:
+                _load(mine, getattr(norm, name), self.grid)
 
     def _affine(self, y: Tensor) -> Tensor:
         if self.weight is not None:
@@ -164,8 +212,10 @@ class LayerNorm2D(_Norm2D):
     def from_module(cls, norm: nn.LayerNorm, grid: Grid2D) -> "LayerNorm2D":
         if len(norm.normalized_shape) != 1:
             raise ValueError(f"LayerNorm2D normalises the last dim only; got normalized_shape={norm.normalized_shape}.")
+        weight = norm.weight
         layer = cls(norm.normalized_shape[0], grid, norm.eps, norm.elementwise_affine, norm.bias is not None,
-                    device=norm.weight.device if norm.weight is not None else None)
+                    device=weight.device if weight is not None else None,
+                    dtype=weight.dtype if weight is not None else None)
         layer._copy_affine(norm)
         return layer
 
@@ -186,9 +236,12 @@ class RMSNorm2D(_Norm2D):
 
     @classmethod
     def from_module(cls, norm: nn.Module, grid: Grid2D) -> "RMSNorm2D":
-        shape = getattr(norm, "normalized_shape", None) or (norm.weight.shape[-1],)
-        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
-        layer = cls(shape[-1], grid, eps, norm.weight is not None, device=norm.weight.device)
+        weight = norm.weight
+        shape = getattr(norm, "normalized_shape", None) or (weight.shape[-1],)
+        eps = getattr(norm, "eps", None)
+        if eps is None:  # Hugging Face's name, else torch's default for nn.RMSNorm(eps=None)
+            eps = getattr(norm, "variance_epsilon", None) or torch.finfo(weight.dtype).eps
+        layer = cls(shape[-1], grid, eps, weight is not None, device=weight.device, dtype=weight.dtype)
         layer._copy_affine(norm)
         return layer
 
@@ -199,30 +252,28 @@ class RMSNorm2D(_Norm2D):
 
 
 class Embedding2D(nn.Module):
-    """``nn.Embedding`` whose output is this rank's [tokens of row i, hidden block j] block: the ids given are the
-    row's tokens; the table's hidden dim is held in q^2 pieces (see the module docstring)."""
+    """``nn.Embedding`` (positions: its ids are not samples) whose output is hidden block j of whatever ids it is
+    given; the table's hidden dim is held in q^2 pieces (see the module docstring)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, grid: Grid2D, padding_idx: Optional[int] = None,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        pieces = grid.q * grid.q
-        if embedding_dim % pieces:
-            raise ValueError(f"Embedding2D on a {grid.q} x {grid.q} grid: embedding_dim={embedding_dim} is not "
-                             f"divisible by q*q={pieces}.")
+        q = grid.q
+        if embedding_dim % (q * q):
+            raise ValueError(f"Embedding2D on a {q} x {q} grid: embedding_dim={embedding_dim} is not divisible by "
+                             f"q*q={q * q}.")
         self.num_embeddings, self.embedding_dim, self.grid, self.padding_idx = (num_embeddings, embedding_dim, grid,
                                                                                 padding_idx)
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim // pieces, device=device, dtype=dtype))
-
-    @property
-    def piece(self) -> int:
-        return self.grid.col * self.grid.q + self.grid.row
+        # Hidden block j (the column's) cut again in q pieces by row: piece j*q + i on rank (i, j).
+        cut = Cut2D(((ShardSpec(1, (embedding_dim // q,), q), "row"), (ShardSpec(1, (embedding_dim,), q), "col")),
+                    "grid")
+        self.weight = _parameter((num_embeddings, embedding_dim // (q * q)), cut, device, dtype)
 
     @classmethod
     def from_module(cls, embedding: nn.Embedding, grid: Grid2D) -> "Embedding2D":
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid, embedding.padding_idx,
                     device=embedding.weight.device, dtype=embedding.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(_block(embedding.weight, grid.q * grid.q, layer.piece, 1))
+        _load(layer.weight, embedding.weight, grid)
         return layer
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -233,21 +284,18 @@ class Embedding2D(nn.Module):
 class VocabParallelEmbedding2D(nn.Module):
     """A token embedding whose table is cut like a ``Linear2D`` weight: rank (i, j) holds vocabulary block i of hidden
     block j. It takes the whole batch's ids (every rank of the tensor group has them) and returns row i's samples,
-    hidden block j."""
+    hidden block j. ``weight``: an output layer's ``Linear2D`` weight, shared (tied embeddings)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, grid: Grid2D,
                  weight: Optional[nn.Parameter] = None, device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        for name, size in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            if size % grid.q:
-                raise ValueError(f"VocabParallelEmbedding2D on a {grid.q} x {grid.q} grid: {name}={size} is not "
-                                 f"divisible by q={grid.q}.")
+        _divisible(type(self).__name__, grid, num_embeddings=num_embeddings, embedding_dim=embedding_dim)
         self.num_embeddings, self.embedding_dim, self.grid = num_embeddings, embedding_dim, grid
         self.start = grid.row * (num_embeddings // grid.q)  # the first vocabulary id of this rank's rows
-        # `weight`: an output layer's Linear2D weight, shared (tied embeddings).
-        self.weight = weight if weight is not None else nn.Parameter(
-            torch.empty(num_embeddings // grid.q, embedding_dim // grid.q, device=device, dtype=dtype))
+        self.weight = weight if weight is not None else _parameter(
+            (num_embeddings // grid.q, embedding_dim // grid.q), _matrix_cut(num_embeddings, embedding_dim, grid.q),
+            device, dtype)
 
     @classmethod
     def from_module(cls, embedding: nn.Embedding, grid: Grid2D,
@@ -258,8 +306,7 @@ class VocabParallelEmbedding2D(nn.Module):
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid, weight,
                     device=embedding.weight.device, dtype=embedding.weight.dtype)
         if weight is None:
-            with torch.no_grad():
-                layer.weight.copy_(weight_block(embedding.weight, grid))
+            _load(layer.weight, embedding.weight, grid)
         return layer
 
     def forward(self, ids: Tensor) -> Tensor:
