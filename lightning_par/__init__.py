@@ -4,11 +4,13 @@ Importing the package registers the strategy names (``Trainer(strategy="dp")``).
 """
 
 from lightning_par.strategies import (
+    ComposedStrategy,
     DataParallelStrategy,
     HybridParallelStrategy,
     LightningParStrategy,
     PipelineStrategy,
     TensorParallel1DStrategy,
+    TensorParallel2DStrategy,
     ZeroStrategy,
     register_all,
 )
@@ -18,11 +20,13 @@ register_all()
 
 __version__ = "0.1.0"
 __all__ = [
+    "ComposedStrategy",
     "DataParallelStrategy",
     "HybridParallelStrategy",
     "LightningParStrategy",
     "PipelineStrategy",
     "TensorParallel1DStrategy",
+    "TensorParallel2DStrategy",
     "Topology",
     "ZeroStrategy",
     "__version__",

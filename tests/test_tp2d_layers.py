@@ -22,7 +22,7 @@ from lightning_par.tensor.layers_2d import (
 )
 from lightning_par.pieces import Holding, sub_box
 from lightning_par.tensor.loss import VocabParallelLogits
-from lightning_par.tensor.plan_2d import parallelize_2d
+from lightning_par.tensor.plan_2d import parallelize_2d, unparallelize_2d
 from lightning_par.topology import Topology
 
 Q = 2
@@ -208,9 +208,18 @@ def _check_demo_gpt(grid: Grid2D) -> None:
     assert entries["model.blocks.0.attn.c_attn"] == "Linear2D" and entries["model.wpe"] == "Embedding2D"
     assert cut.model.blocks[0].attn.n_head == 4 // Q
     assert not any(isinstance(m, nn.Linear) for m in cut.modules())  # nothing left whole
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (whole, cut)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (whole, cut)]
     torch.manual_seed(2)
-    for step in range(3):
+    for step in range(4):
+        if step == 3:  # undo the cut: the whole module and its optimizer state continue as in one process
+            unparallelize_2d(cut, [optimizers[1]])
+            assert sum(isinstance(m, nn.Linear) for m in cut.modules()) == sum(
+                isinstance(m, nn.Linear) for m in whole.modules())
+            assert cut.model.wte.weight is cut.model.lm_head.weight and cut.model.blocks[0].attn.n_head == 4
+            for (name, p), q in zip(cut.named_parameters(), whole.parameters()):
+                _close(p.detach(), q.detach(), f"{name} after unsharding")
+                _close(optimizers[1].state[p]["momentum_buffer"], optimizers[0].state[q]["momentum_buffer"],
+                       f"{name} momentum after unsharding")
         x, y = torch.randint(0, 32, (BATCH, 8)), torch.randint(0, 32, (BATCH, 8))
         losses = []
         for module, optimizer in zip((whole, cut), optimizers):

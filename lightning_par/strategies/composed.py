@@ -47,7 +47,6 @@ from typing_extensions import override
 import lightning.pytorch as pl
 from lightning_par.checkpoint import Holdings
 from lightning_par.comm.buckets import broadcast_module
-from lightning_par.comm.collectives import group_rank
 from lightning_par.comm.data_axis import DataAxis
 from lightning_par.comm.grad_norm import NormPart
 from lightning_par.pipeline.runtime import PipelineRuntime
@@ -55,10 +54,8 @@ from lightning_par.pipeline.shared import canonical_names
 from lightning_par.strategies.base import COMPUTE_DTYPES, LightningParStrategy, StartMethod
 from lightning_par.strategies.holdings import module_holdings
 from lightning_par.tensor.axis import TensorAxis
-from lightning_par.tensor.layers_1d import shard_spec
+from lightning_par.tensor.axis_2d import TensorAxis2D
 from lightning_par.tensor.loss import materialize_logits
-from lightning_par.tensor.plan import applied_plan
-from lightning_par.tensor.replicated_grads import mean_over_group
 from lightning_par.topology import Topology
 from lightning_par.zero.axis import ZeroAxis
 from lightning_par.zero.materialize import meta_parameters
@@ -87,7 +84,7 @@ class ComposedStrategy(LightningParStrategy):
         *,
         data: Optional[DataAxis] = None,
         zero: Optional[ZeroAxis] = None,
-        tensor: Optional[TensorAxis] = None,
+        tensor: Optional[Union[TensorAxis, TensorAxis2D]] = None,
         tensor_size: Optional[int] = None,
         pipeline: Optional[PipelineRuntime] = None,
         weights_only: Optional[bool] = None,
@@ -118,16 +115,18 @@ class ComposedStrategy(LightningParStrategy):
             return Topology.for_world(world_size, pipeline=pipeline)
         if world_size % pipeline:
             return Topology.for_world(world_size, pipeline=pipeline)  # raises, naming what would fit
+        mode = self.tensor_axis.mode
         tensor = self.tensor_size
         if tensor is None:
             rest = world_size // pipeline
             if rest not in self._default_sizes:
-                size = self.tensor_axis.default_size(self.lightning_module, rest)
-                if size is None:  # the module is not known yet
-                    return Topology.for_world(world_size, pipeline=pipeline, tensor=rest)
+                module = self.lightning_module
+                size = self.tensor_axis.default_size(module, rest)
+                if module is None:  # not known yet: the size for now, not kept
+                    return Topology.for_world(world_size, pipeline=pipeline, tensor=size or rest, tensor_mode=mode)
                 self._default_sizes[rest] = size
             tensor = self._default_sizes[rest]
-        return Topology.for_world(world_size, pipeline=pipeline, tensor=tensor)
+        return Topology.for_world(world_size, pipeline=pipeline, tensor=tensor, tensor_mode=mode)
 
     @property
     def pipeline_rank(self) -> int:
@@ -218,7 +217,7 @@ class ComposedStrategy(LightningParStrategy):
         module = self.lightning_module
         assert module is not None
         if self.tensor_axis is not None:
-            self.tensor_axis.shard(module, self.group("tensor"), self.topology.tensor, self.root_device)
+            self.tensor_axis.shard(module, self.group, self.topology.tensor, self.root_device)
         if self.pipeline is not None:
             if not module.automatic_optimization:
                 raise RuntimeError(
@@ -343,12 +342,9 @@ class ComposedStrategy(LightningParStrategy):
             engine.finish_backward()
             return
         engine.finish_backward()
-        plan = applied_plan(module) if self.tensor_axis is not None else None
         # Stage 1 hands out gradients only on a synchronising backward; stages 2-3 on every one.
-        if plan is not None and plan.replicated_grads is not None and (sync or self._zero_stage() > 1):
-            names = {engine.names[p] for p in plan.replicated_grads.params}
-            pieces = [g for name, g in engine.shard_gradients() if name in names]
-            mean_over_group(pieces, plan.tg, self.root_device)
+        if self.tensor_axis is not None and (sync or self._zero_stage() > 1):
+            self.tensor_axis.zero_replicated(module, engine, self.root_device)
 
     @override
     def grad_norm_parts(self, optimizer: Optimizer) -> list[NormPart]:
@@ -384,16 +380,9 @@ class ComposedStrategy(LightningParStrategy):
 
     # ----- checkpoints: see [Note: format] in checkpoint.py ------------------------------------------------------
 
-    def _tensor_group(self) -> Optional[Any]:
-        plan = applied_plan(self.lightning_module)
-        return plan.tg.group if plan is not None else None
-
     def _tensor_placement(self) -> Optional[Placement]:
         """How the tensor axis cut a parameter; None: nothing is cut (no tensor axis, or the module is whole)."""
-        if self.tensor_axis is None or applied_plan(self.lightning_module) is None:
-            return None
-        rank = group_rank(self._tensor_group())
-        return lambda p: (spec, rank) if (spec := shard_spec(p)) is not None else None
+        return self.tensor_axis.placement(self.lightning_module) if self.tensor_axis is not None else None
 
     def _split(self) -> bool:
         return self.pipeline is not None and self.pipeline.partition is not None

@@ -16,6 +16,7 @@ from lightning_par.pipeline.runtime import PipelineRuntime, ScheduleName
 from lightning_par.strategies.base import StartMethod
 from lightning_par.strategies.composed import ComposedStrategy
 from lightning_par.tensor.axis import TensorAxis
+from lightning_par.tensor.axis_2d import TensorAxis2D
 from lightning_par.tensor.styles import ParallelStyle
 from lightning_par.topology import TensorMode
 from lightning_par.zero.axis import ZeroAxis
@@ -32,7 +33,8 @@ class HybridParallelStrategy(ComposedStrategy):
         pipeline_size: pipeline stages (default 1: no pipeline).
         tensor_size: ranks per tensor group. Default: the largest divisor of ``world / pipeline_size`` that divides
             every head count and width the automatic plan would split (as ``tp1d``).
-        tensor_mode: ``"1d"`` (Megatron); 2D, 2.5D and 3D are not built yet.
+        tensor_mode: ``"1d"`` (Megatron) or ``"2d"`` (SUMMA: ``tensor_size`` is q x q, see ``tp2d``); 2.5D and 3D
+            are not built yet.
         zero_stage: 0 (data-parallel buckets), 1, 2 or 3 (ZeRO over the data axis). With ``pipeline_size > 1`` 0 or
             1: a pipeline accumulates each stage's gradients over its microbatches, which ZeRO-2/3 would reduce and
             free once per microbatch; ZeRO-1 reduces them once, after the schedule.
@@ -74,8 +76,12 @@ class HybridParallelStrategy(ComposedStrategy):
     ) -> None:
         if not isinstance(pipeline_size, int) or isinstance(pipeline_size, bool) or pipeline_size < 1:
             raise ValueError(f"pipeline_size must be a positive integer; got {pipeline_size!r}.")
-        if tensor_mode != "1d":
-            raise ValueError(f"tensor_mode={tensor_mode!r} is not built yet; hybrid runs tensor_mode='1d' (Megatron).")
+        if tensor_mode not in ("1d", "2d"):
+            raise ValueError(f"tensor_mode={tensor_mode!r} is not built yet; hybrid runs tensor_mode='1d' (Megatron) "
+                             "or '2d' (SUMMA).")
+        if tensor_mode == "2d" and (plan is not None or sequence_parallel or sequence_chunks != 1):
+            raise ValueError("tensor_mode='2d' cuts the module by the automatic 2D plan, and its activations are "
+                             "split in both dims already: plan, sequence_parallel and sequence_chunks are 1D options.")
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3; got {zero_stage!r}.")
         if pipeline_size > 1 and zero_stage > 1:
@@ -87,9 +93,12 @@ class HybridParallelStrategy(ComposedStrategy):
             raise ValueError("offload places ZeRO's chunks on the host; it needs zero_stage 1, 2 or 3.")
         if offload is not None and pipeline_size > 1:
             raise ValueError("offload with a pipeline is not built; use pipeline_size=1 with offload.")
-        tensor = TensorAxis(plan=plan, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim,
-                            sequence_chunks=sequence_chunks, vocab_parallel_loss=vocab_parallel_loss, strict=strict,
-                            param_init_fn=param_init_fn, who="hybrid", owner=type(self).__name__)
+        if tensor_mode == "2d":
+            tensor = TensorAxis2D(param_init_fn=param_init_fn, who="hybrid", owner=type(self).__name__)
+        else:
+            tensor = TensorAxis(plan=plan, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim,
+                                sequence_chunks=sequence_chunks, vocab_parallel_loss=vocab_parallel_loss,
+                                strict=strict, param_init_fn=param_init_fn, who="hybrid", owner=type(self).__name__)
         # Built (and so checked) at any size; a pipeline of one stage runs the module whole, as no pipeline.
         pipeline = PipelineRuntime(schedule=schedule, stages=pipeline_size, microbatches=microbatches, chunks=chunks,
                                    stall_timeout=stall_timeout)

@@ -16,6 +16,7 @@ from lightning_par.strategies.data_parallel import DataParallelStrategy
 from lightning_par.strategies.hybrid import HybridParallelStrategy
 from lightning_par.strategies.pipeline import PipelineStrategy
 from lightning_par.strategies.tensor_parallel import TensorParallel1DStrategy
+from lightning_par.strategies.tensor_parallel_2d import TensorParallel2DStrategy
 from lightning_par.strategies.zero import ZeroStrategy
 
 START_METHODS = {"": "popen", "_spawn": "spawn", "_fork": "fork"}
@@ -42,6 +43,7 @@ PRESETS = (
     Preset("zero3_nvme", ZeroStrategy, "ZeRO-Infinity: stage 3, optimizer state spilled to NVMe (the temp dir)",
            {"stage": 3, "offload": "auto", "nvme_dir": tempfile.gettempdir()}),
     Preset("tp1d", TensorParallel1DStrategy, "1D tensor parallel (Megatron) x data parallel"),
+    Preset("tp2d", TensorParallel2DStrategy, "2D tensor parallel (SUMMA) x data parallel"),
     Preset("pipeline", PipelineStrategy, "pipeline parallel, 1F1B schedule", {"schedule": "1f1b"}),
     Preset("pipeline_gpipe", PipelineStrategy, "pipeline parallel, GPipe schedule", {"schedule": "gpipe"}),
     Preset("pipeline_interleaved", PipelineStrategy, "pipeline parallel, interleaved 1F1B schedule",

@@ -102,6 +102,10 @@ class TensorParallel1DStrategy(ComposedStrategy):
         """What the plan did to the module (after ``setup``): entries, notes and the tensor group."""
         return applied_plan(self.lightning_module) if self.lightning_module is not None else None
 
+    def _tensor_group(self) -> Optional[dist.ProcessGroup]:
+        plan = applied_plan(self.lightning_module)
+        return plan.tg.group if plan is not None else None
+
     @torch.no_grad()
     def grad_norm(self, norm_type: Union[float, int, str] = 2.0) -> dict[str, torch.Tensor]:
         """What ``lightning.pytorch.utilities.grad_norm(module, norm_type)`` gives in one process: the norm of each

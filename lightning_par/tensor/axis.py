@@ -3,7 +3,7 @@ the gradients of the sharded module right. ``tp1d`` and ``hybrid`` compose it; i
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -11,12 +11,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_par.comm.buckets import broadcast_module
+from lightning_par.comm.collectives import group_rank
 from lightning_par.comm.grad_norm import NormPart
 from lightning_par.tensor.auto_plan import auto_plan
 from lightning_par.tensor.layers_1d import VocabParallelOutput, shard_spec
 from lightning_par.tensor.plan import AppliedPlan, applied_plan, parallelize, unparallelize
 from lightning_par.tensor.styles import ParallelStyle, SequenceParallelRegion, divisors
+from lightning_par.tensor.replicated_grads import mean_over_group
 from lightning_par.zero.materialize import Materializer, has_meta_tensors
+from lightning_par.zero.pieces import Placement
+
+if TYPE_CHECKING:
+    from lightning_par.zero.engine import ZeroEngine
 
 Groups = tuple[Optional[dist.ProcessGroup], ...]
 
@@ -59,12 +65,17 @@ class TensorAxis:
 
     # ----- sharding -------------------------------------------------------------------------------------------------
 
-    def shard(self, module: nn.Module, group: dist.ProcessGroup, size: int, device: torch.device) -> AppliedPlan:
-        """Materialise a meta-built module, agree on rank 0's weights over ``group``, and apply the plan; a module
-        sharded before (a second ``fit``) keeps its shards and is bound to the new ``group``."""
+    mode = "1d"
+
+    def shard(self, module: nn.Module, group_of: Callable[[str], dist.ProcessGroup], size: int,
+              device: torch.device) -> AppliedPlan:
+        """Materialise a meta-built module, agree on rank 0's weights over the tensor group (``group_of``: the
+        strategy's groups by mesh axis), and apply the plan; a module sharded before (a second ``fit``) keeps its
+        shards and is bound to the new group."""
+        group = group_of("tensor")
         existing = applied_plan(module)
         if existing is None:
-            self._materialize(module, device)
+            materialize_whole(module, device, self.param_init_fn, self.who, self.owner)
             broadcast_module(module, group)  # every rank of the tensor group cuts the same full weights
             if self.plan is None:
                 automatic = auto_plan(module, size)
@@ -94,16 +105,6 @@ class TensorAxis:
                 m.vocab_parallel_loss = self.vocab_parallel_loss
         share_rng_state(group, device)
         return existing
-
-    def _materialize(self, module: nn.Module, device: torch.device) -> None:
-        """Initialise meta tensors with the model's own initialisation (``zero/materialize.py``), whole, before the
-        plan cuts them; rank 0's values are then broadcast to the tensor group. Tied weights are one Parameter,
-        initialised once. A module that cannot be initialised is refused there, by name."""
-        if not has_meta_tensors(module):
-            return
-        materializer = Materializer(module, device, self.param_init_fn, who=self.who, strategy=self.owner)
-        for m in module.modules():
-            materializer.materialize(m)
 
     def resolve_sequence_parallel(self, plan: dict, tensor: int) -> bool:
         """``sequence_parallel`` as given, or for None: on where the plan has a sequence-parallel region (Megatron
@@ -162,6 +163,25 @@ class TensorAxis:
                 NormPart([g for p, g in grads if shard_spec(p) is None], others, counted)]
 
     @staticmethod
+    def zero_replicated(module: nn.Module, engine: "ZeroEngine", device: torch.device) -> None:
+        """Under ZeRO (no pipeline): the replicated parameters' gradient pieces averaged over the tensor group (see
+        ``tensor/replicated_grads.mean_over_group``)."""
+        plan = applied_plan(module)
+        if plan is not None and plan.replicated_grads is not None:
+            names = {engine.names[p] for p in plan.replicated_grads.params}
+            pieces = [g for name, g in engine.shard_gradients() if name in names]
+            mean_over_group(pieces, plan.tg, device)
+
+    @staticmethod
+    def placement(module: nn.Module) -> Optional[Placement]:
+        """How each parameter is cut, for checkpoints; None while the module is whole."""
+        plan = applied_plan(module)
+        if plan is None:
+            return None
+        rank = group_rank(plan.tg.group)
+        return lambda p: (spec, rank) if (spec := shard_spec(p)) is not None else None
+
+    @staticmethod
     def clear(module: nn.Module) -> None:
         """After an exception in backward: drop the deferred weight gradients."""
         plan = applied_plan(module)
@@ -181,6 +201,18 @@ class TensorAxis:
         else:
             unparallelize(module, optimizers)
         self.sharded_here = False
+
+
+def materialize_whole(module: nn.Module, device: torch.device, param_init_fn: Optional[Callable[[nn.Module], None]],
+                      who: str, owner: str) -> None:
+    """Initialise meta tensors with the model's own initialisation (``zero/materialize.py``), whole, before a plan
+    cuts them; rank 0's values are then broadcast to the tensor group. Tied weights are one Parameter, initialised
+    once. A module that cannot be initialised is refused there, by name."""
+    if not has_meta_tensors(module):
+        return
+    materializer = Materializer(module, device, param_init_fn, who=who, strategy=owner)
+    for m in module.modules():
+        materializer.materialize(m)
 
 
 def share_rng_state(group: dist.ProcessGroup, device: torch.device) -> None:

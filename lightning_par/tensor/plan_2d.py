@@ -17,9 +17,12 @@ A linear the plan does not name cannot stay whole on split activations: it is re
 
 from __future__ import annotations
 
-from typing import Union
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from lightning_par.comm.summa import Grid2D
 from lightning_par.tensor.auto_plan import auto_plan
@@ -30,6 +33,7 @@ from lightning_par.tensor.layers_2d import (
     Output2D,
     RMSNorm2D,
     VocabParallelEmbedding2D,
+    cut_2d,
 )
 from lightning_par.tensor.styles import ColwiseParallel, ParallelBlock, RowwiseParallel, VocabParallel, indivisible
 from lightning_par.tensor.styles import divisors
@@ -42,26 +46,57 @@ def _is_rms_norm(module: nn.Module) -> bool:
                                               and isinstance(getattr(module, "weight", None), nn.Parameter))
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _segments(style: Union[ColwiseParallel, RowwiseParallel]) -> Union[int, tuple[int, ...], None]:
     return getattr(style, "segments", None)  # a fused output (q/k/v): its pieces, or how many equal ones
 
 
+PLAN_2D_ATTR = "_tensor_parallel_plan_2d"
+
+
+@dataclass
+class Applied2D:
+    """What :func:`parallelize_2d` did to a module (kept on it, ``PLAN_2D_ATTR``), so that it can be undone."""
+
+    grid: Grid2D
+    entries: list[tuple[str, str]] = field(default_factory=list)
+    replaced: list[tuple[str, nn.Module]] = field(default_factory=list)  # (name, the original module)
+    divided: list[tuple[nn.Module, str, int]] = field(default_factory=list)  # (block, attribute, original value)
+    originals: dict[int, nn.Parameter] = field(default_factory=dict)  # id(2D parameter) -> the original one
+
+    def describe(self) -> str:
+        q = self.grid.q
+        lines = [f"tp2d plan on a {q} x {q} grid:"] + [f"  {name}: {what}" for name, what in self.entries]
+        return "\n".join(lines)
+
+
+def applied_plan_2d(root: nn.Module) -> Optional[Applied2D]:
+    return getattr(root, PLAN_2D_ATTR, None)
+
+
 def parallelize_2d(root: nn.Module, grid: Grid2D) -> list[tuple[str, str]]:
-    """Cut ``root`` in place for the q x q ``grid`` by the automatic plan; return (module name, what it became)."""
+    """Cut ``root`` in place for the q x q ``grid`` by the automatic plan; return (module name, what it became).
+    The original modules are kept, their parameters emptied, so that :func:`unparallelize_2d` can undo it."""
+    if applied_plan_2d(root) is not None:
+        raise RuntimeError("This module is already cut for 2D tensor parallelism.")
     automatic = auto_plan(root)
     q = grid.q
     automatic.check(q)  # every head count and width the plan splits divides by q, or an error naming the sizes
-    entries: list[tuple[str, str]] = []
+    applied = Applied2D(grid)
+    entries = applied.entries
     plan = automatic.plan
     linears = {name: style for name, style in plan.items() if isinstance(style, (ColwiseParallel, RowwiseParallel))}
     vocab = [name for name, style in plan.items() if isinstance(style, VocabParallel)]
     outputs = [name for name in vocab if isinstance(root.get_submodule(name), nn.Linear)]
     tables = [name for name in vocab if isinstance(root.get_submodule(name), nn.Embedding)]
+
+    def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+        applied.replaced.append((name, root.get_submodule(name)))
+        _set(root, name, new)
 
     for name, style in plan.items():
         if isinstance(style, ParallelBlock):
@@ -70,6 +105,7 @@ def parallelize_2d(root: nn.Module, grid: Grid2D) -> list[tuple[str, str]]:
                 value = getattr(block, attr)
                 if value % q:
                     raise indivisible(name, attr, value, q, divisors(automatic.divisor()))
+                applied.divided.append((block, attr, value))
                 setattr(block, attr, value // q)
             entries.append((name, f"block: {', '.join(style.divide) or 'no counts'} / {q}"))
     shared = {}
@@ -103,4 +139,49 @@ def parallelize_2d(root: nn.Module, grid: Grid2D) -> list[tuple[str, str]]:
             raise ValueError(f"2D tensor parallelism: the linear layer {name!r} is not part of an attention or MLP "
                              "block the automatic plan recognises, and a linear cannot stay whole on activations "
                              "split in both dims. Use tensor_mode='1d' for this model.")
+    for name, original in applied.replaced:
+        new = root.get_submodule(name)
+        for attr, p in original.named_parameters(recurse=False):
+            mine = getattr(new, attr, None)
+            if isinstance(mine, nn.Parameter) and id(mine) not in applied.originals:
+                applied.originals[id(mine)] = p
+    for p in {id(p): p for p in applied.originals.values()}.values():
+        p.data = p.data.new_empty(0)  # the whole values now live in the 2D pieces
+    setattr(root, PLAN_2D_ATTR, applied)
     return entries
+
+
+@torch.no_grad()
+def unparallelize_2d(root: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+    """Undo :func:`parallelize_2d`: a collective over the grid. The original modules come back with the whole
+    trained values; ``optimizers`` holding the 2D pieces are moved to the whole parameters (state gathered)."""
+    applied = applied_plan_2d(root)
+    if applied is None:
+        return
+    grid = applied.grid
+    whole: dict[int, nn.Parameter] = {}
+    for name, original in applied.replaced:
+        for attr, piece in root.get_submodule(name).named_parameters(recurse=False):
+            target = applied.originals.get(id(piece))
+            if target is not None and id(piece) not in whole:
+                target.data = cut_2d(piece).unshard(piece.detach(), grid).to(piece.dtype)
+                target.requires_grad_(piece.requires_grad)
+                whole[id(piece)] = target
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                target = whole.get(id(p))
+                if target is None:
+                    continue
+                state = optimizer.state.pop(p, None)
+                if state:
+                    cut = cut_2d(p)
+                    optimizer.state[target] = {k: cut.unshard(v, grid) if isinstance(v, Tensor) and v.shape == p.shape
+                                               else v for k, v in state.items()}
+                group["params"][i] = target
+    for name, original in reversed(applied.replaced):
+        original.train(root.get_submodule(name).training)
+        _set(root, name, original)
+    for block, attr, value in reversed(applied.divided):
+        setattr(block, attr, value)
+    delattr(root, PLAN_2D_ATTR)

@@ -1,0 +1,62 @@
+"""2D tensor parallelism (SUMMA / Optimus) on top of data parallelism: the 2D tensor axis (``tensor/axis_2d.py``) and
+the data axis, as a preset of the composed strategy (``hybrid`` with ``tensor_mode="2d"``, no pipeline, no ZeRO)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Callable, Optional
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+
+from lightning_par.comm.data_axis import DataAxis
+from lightning_par.strategies.base import StartMethod
+from lightning_par.strategies.composed import ComposedStrategy, argument
+from lightning_par.tensor.axis_2d import TensorAxis2D
+from lightning_par.tensor.plan_2d import Applied2D, applied_plan_2d
+
+
+class TensorParallel2DStrategy(ComposedStrategy):
+    """2D tensor parallelism (``strategy="tp2d"``): a tensor group of q x q ranks holds 1/q^2 of every weight matrix
+    and of every activation between layers (samples split over the grid's rows, the hidden dim over its columns);
+    the remaining ``world / tensor_size`` ranks are data parallel (``dp``'s buckets).
+
+    The LightningModule is cut in place when ``fit`` starts by the automatic plan of ``tp1d`` read in 2D (attention
+    and MLP linears, the token embedding and the output layer, every norm and position embedding on the hidden
+    stream; see ``docs/tp2d.md``), which is logged. Its code does not change; the global batch must divide by q.
+
+    Args:
+        tensor_size: ranks per tensor group, q x q. Default: the largest square dividing the world size whose q
+            divides every head count and width the plan splits.
+        param_init_fn: initialises a module built on the meta device, as for ``tp1d``.
+        weights_only: how a checkpoint is opened when ``fit`` resumes from it, as for ``hybrid``.
+        bucket_size_mb, process_group_backend, timeout, start_method: as for ``dp``.
+
+    Precision: ``32-true``, ``bf16-mixed``, ``bf16-true`` (``16-mixed``'s loss scaler would decide per rank).
+
+    After ``fit`` the module is whole again on every rank (original classes, names and shapes), with the
+    optimizers' state gathered, as under ``tp1d``.
+    """
+
+    def __init__(
+        self,
+        tensor_size: Optional[int] = None,
+        param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
+        bucket_size_mb: float = 25.0,
+        weights_only: Optional[bool] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: StartMethod = "popen",
+    ) -> None:
+        tensor = TensorAxis2D(param_init_fn=param_init_fn, who="tp2d", owner=type(self).__name__)
+        super().__init__(data=DataAxis(bucket_size_mb), tensor=tensor, tensor_size=tensor_size,
+                         weights_only=weights_only, process_group_backend=process_group_backend, timeout=timeout,
+                         start_method=start_method)
+
+    param_init_fn = argument("tensor_axis", "param_init_fn")
+    bucket_size_mb = argument("data_axis", "bucket_size_mb")
+
+    @property
+    def applied_plan(self) -> Optional[Applied2D]:
+        """What the plan did to the module (after ``setup``): the grid and each module's 2D layer."""
+        return applied_plan_2d(self.lightning_module) if self.lightning_module is not None else None

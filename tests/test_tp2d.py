@@ -1,0 +1,95 @@
+"""``tp2d`` through Lightning on gloo ranks: parity with one process (fp32, SGD, clipping by norm, accumulation), the
+bytes each rank holds, checkpoints to and from one process, and the module whole again after fit.
+
+On 4 ranks the tensor group is the whole world (q = 2); on 8, q = 2 with data 2 (``hybrid`` with
+``tensor_mode="2d"``, the same axis).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from torch import nn
+
+from helpers import error_message, free_port, run_on_ranks
+from lightning_par import HybridParallelStrategy, TensorParallel2DStrategy
+from lightning_par.checkpoint import consolidate
+from parity import BatchLossGPT, Run, fit, global_losses, relative_gap
+from test_dp import _as_external_rank
+
+TOL = 1e-5
+RUN = Run(steps=6, clip_val=0.05, accumulate=2)
+TWO_EPOCHS = Run(steps=3, clip_val=0.05)
+
+
+class HeldGPT(BatchLossGPT):
+    """Also records the elements this rank holds once cut, and whether the module is whole after fit."""
+
+    def on_train_start(self):
+        self.held = sum(p.numel() for p in self.parameters())
+
+    def on_fit_end(self):
+        self.whole_after_fit = not any(type(m).__name__.endswith("2D") for m in self.modules()) and any(
+            isinstance(m, nn.Linear) for m in self.modules())
+
+
+def _train(rank: int, world: int, port: int, tmpdir: str) -> dict:
+    _as_external_rank(rank, world, port)
+    trainers: list = []
+    out = {"fit": fit(RUN, TensorParallel2DStrategy(), world, 1, module_class=HeldGPT, trainers=trainers)}
+    module = trainers[0].lightning_module
+    out["held"], out["whole_after_fit"] = module.held, module.whole_after_fit
+    path = os.path.join(tmpdir, "tp2d.ckpt")
+    out["first_epoch"] = fit(TWO_EPOCHS, TensorParallel2DStrategy(), world, 1, module_class=BatchLossGPT,
+                             save_to=path, max_epochs=1)
+    out["resumed"] = fit(TWO_EPOCHS, TensorParallel2DStrategy(), world, 1, module_class=BatchLossGPT,
+                         ckpt_path=path, max_epochs=2)
+    out["from_one_process"] = fit(TWO_EPOCHS, TensorParallel2DStrategy(), world, 1, module_class=BatchLossGPT,
+                                  max_epochs=2, ckpt_path=os.path.join(tmpdir, "one_process.ckpt"))
+    return out
+
+
+def _reference(run: Run, data: int, **kw) -> list[float]:
+    return fit(run, "auto", 1, data, module_class=BatchLossGPT, **kw)
+
+
+@pytest.mark.timeout(600)
+def test_tp2d_on_a_2x2_grid_matches_one_process(tmp_path):
+    _reference(TWO_EPOCHS, 1, max_epochs=1, save_to=str(tmp_path / "one_process.ckpt"))
+    per_rank = run_on_ranks(_train, 4, free_port(), str(tmp_path))
+    reference = _reference(RUN, 1)
+    for r in per_rank:  # every rank computes the whole loss
+        assert relative_gap(r["fit"], reference) <= TOL, (r["fit"], reference)
+        assert r["whole_after_fit"]
+    # Parity is not proof of parallelism: every weight matrix is 1/4 per rank, the vectors 1/2.
+    full = sum(p.numel() for p in BatchLossGPT().parameters())
+    assert per_rank[0]["held"] < full / 3, (per_rank[0]["held"], full)
+
+    uninterrupted = _reference(TWO_EPOCHS, 1, max_epochs=2)
+    first, resumed = per_rank[0]["first_epoch"], per_rank[0]["resumed"]
+    assert relative_gap(first + resumed, uninterrupted) <= TOL, (first, resumed, uninterrupted)
+    assert relative_gap(per_rank[0]["from_one_process"], uninterrupted[TWO_EPOCHS.steps:]) <= TOL
+    plain = tmp_path / "tp2d_consolidated.ckpt"
+    consolidate(tmp_path / "tp2d.ckpt", plain)
+    in_one_process = _reference(TWO_EPOCHS, 1, max_epochs=2, ckpt_path=str(plain))
+    assert relative_gap(in_one_process, uninterrupted[TWO_EPOCHS.steps:]) <= TOL, in_one_process
+
+
+def _train_hybrid(rank: int, world: int, port: int) -> list[float]:
+    _as_external_rank(rank, world, port)
+    return fit(RUN, HybridParallelStrategy(tensor_mode="2d", tensor_size=4), world, 2, module_class=BatchLossGPT)
+
+
+@pytest.mark.timeout(600)
+def test_tp2d_with_data_parallel_on_8_ranks_matches_one_process():
+    per_rank = run_on_ranks(_train_hybrid, 8, free_port())
+    ours = global_losses(per_rank, 2, ranks=[0, 4])  # one rank per data replica
+    assert relative_gap(ours, _reference(RUN, 2)) <= TOL
+
+
+def test_sizes_the_grid_cannot_take_are_refused_with_what_would_work():
+    assert "square number of tensor ranks (q*q: 1, 4, 9, 16, ...); got tensor=2" in error_message(
+        lambda: TensorParallel2DStrategy(tensor_size=2).topology_for(4))
+    assert TensorParallel2DStrategy().topology_for(8).tensor == 4
+    assert TensorParallel2DStrategy().topology_for(2).tensor == 1
