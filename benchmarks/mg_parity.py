@@ -150,6 +150,8 @@ def parity_strategies(nvme_dir: str, world: int, cfg: dict) -> dict[str, Callabl
         # subgroup, beside the pipeline's transfers or tp1d's collectives.
         "pipeline_1f1b_2stages": lambda: PipelineStrategy(schedule="1f1b", stages=2, microbatches=m),
         "tp1d_2way": lambda: TensorParallel1DStrategy(tensor_size=2),
+        # 2D (SUMMA): a 2 x 2 grid at 4 GPUs (at 2 GPUs a 1 x 1 grid beside data 2)
+        "tp2d": lambda: "tp2d",
         # hybrid (at 4 GPUs: data 2 x tensor 2 with ZeRO, pipeline 2 x tensor 2; at 2 GPUs tensor 2 alone)
         "hybrid": lambda: "hybrid",
         **{f"hybrid_t2_zero{z}": (lambda z=z: HybridParallelStrategy(tensor_size=2, zero_stage=z)) for z in (1, 2, 3)},

@@ -47,7 +47,8 @@ import mg_parity  # noqa: E402
 import tp_peer  # noqa: E402
 from lightning_par.demo.model import GPT  # noqa: E402
 from lightning_par.strategies import (  # noqa: E402
-    DataParallelStrategy, HybridParallelStrategy, PipelineStrategy, TensorParallel1DStrategy, ZeroStrategy)
+    DataParallelStrategy, HybridParallelStrategy, PipelineStrategy, TensorParallel1DStrategy, TensorParallel2DStrategy,
+    ZeroStrategy)
 
 MODELS = {  # --model presets: layers, width, heads, batch per GPU
     "1.3b": dict(layers=24, width=2048, heads=16, batch=4),
@@ -185,6 +186,7 @@ def throughput_variants(world: int, args: argparse.Namespace) -> dict[str, tuple
         "tp1d_sp": (lambda: TensorParallel1DStrategy(sequence_parallel=True), bench_dp.BenchModule, gpt),
         "tp1d_nosp": (lambda: TensorParallel1DStrategy(sequence_parallel=False), bench_dp.BenchModule, gpt),
         "tp1d_nodefer": (lambda: TensorParallelNoDeferral(), bench_dp.BenchModule, gpt),
+        "tp2d": (lambda: TensorParallel2DStrategy(), bench_dp.BenchModule, gpt),
         # The row-parallel layers' overlap: the tokens in this many chunks (the default, 1, overlaps nothing).
         **{f"tp1d_chunks{k}": (lambda k=k: TensorParallel1DStrategy(sequence_chunks=k), bench_dp.BenchModule, gpt)
            for k in (2, 4)},
@@ -398,7 +400,7 @@ def cmd_sync_check(args: argparse.Namespace) -> None:
 
 def must_not_sync(variant: str) -> bool:
     """Our variants whose timed steps must make no host sync (the offloading ones wait for their host step)."""
-    return variant.startswith(("dp", "zero", "tp1d", "hybrid_d2")) and not any(k in variant for k in ("offload", "nvme", "host"))
+    return variant.startswith(("dp", "zero", "tp1d", "tp2d", "hybrid_d2")) and not any(k in variant for k in ("offload", "nvme", "host"))
 
 
 def add_throughput_args(thr: argparse.ArgumentParser) -> None:

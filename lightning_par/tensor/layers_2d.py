@@ -97,12 +97,19 @@ def _divisible(owner: str, grid: Grid2D, **sizes: int) -> None:
             raise ValueError(f"{owner} on a {grid.q} x {grid.q} grid: {name}={size} is not divisible by q={grid.q}.")
 
 
-def _vector_cut(size: int, q: int, segments: Optional[tuple[int, ...]] = None) -> Cut2D:
-    return Cut2D(((ShardSpec(0, segments or (size,), q), "col"),), "row")
+def _vector_cut(size: int, q: int, segments: Optional[tuple[int, ...]] = None, pad: bool = False) -> Cut2D:
+    return Cut2D(((ShardSpec(0, segments or (size,), q, pad), "col"),), "row")
 
 
-def _matrix_cut(rows: int, columns: int, q: int, segments: Optional[tuple[int, ...]] = None) -> Cut2D:
-    return Cut2D(((ShardSpec(1, (columns,), q), "col"), (ShardSpec(0, segments or (rows,), q), "row")), "grid")
+def _matrix_cut(rows: int, columns: int, q: int, segments: Optional[tuple[int, ...]] = None,
+                pad: bool = False) -> Cut2D:
+    """Rows (``pad``: zero-padded up to a multiple of q, for vocabularies) by the grid's row, columns by its
+    column."""
+    return Cut2D(((ShardSpec(1, (columns,), q), "col"), (ShardSpec(0, segments or (rows,), q, pad), "row")), "grid")
+
+
+def _padded(n: int, q: int) -> int:
+    return -(-n // q) * q
 
 
 def activation_block(x: Tensor, grid: Grid2D, token_dim: int = 0, hidden_dim: int = -1) -> Tensor:
@@ -125,18 +132,24 @@ class Linear2D(nn.Module):
     output (q/k/v), as sizes or a count of equal pieces: each output block then takes its share of every piece, so
     the output block j holds q_j, k_j and v_j."""
 
+    pad_outputs = False  # the output layer pads its vocabulary up to a multiple of q
+
     def __init__(self, in_features: int, out_features: int, grid: Grid2D, bias: bool = True,
                  segments: Union[int, tuple[int, ...], None] = None, device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         q = grid.q
-        _divisible(type(self).__name__, grid, in_features=in_features, out_features=out_features)
+        _divisible(type(self).__name__, grid, in_features=in_features)
+        if not self.pad_outputs:
+            _divisible(type(self).__name__, grid, out_features=out_features)
         self.in_features, self.out_features, self.grid = in_features, out_features, grid
         self.segments = _segment_sizes(segments, out_features)
+        local = _padded(out_features, q) // q
         # torch's layout, [out, in], blocked as it stands: block (row, col) of the whole weight.
-        self.weight = _parameter((out_features // q, in_features // q),
-                                 _matrix_cut(out_features, in_features, q, self.segments), device, dtype)
-        self.bias = _parameter((out_features // q,), _vector_cut(out_features, q, self.segments), device,
+        self.weight = _parameter((local, in_features // q),
+                                 _matrix_cut(out_features, in_features, q, self.segments, self.pad_outputs), device,
+                                 dtype)
+        self.bias = _parameter((local,), _vector_cut(out_features, q, self.segments, self.pad_outputs), device,
                                dtype) if bias else None
 
     @classmethod
@@ -166,9 +179,11 @@ class Output2D(Linear2D):
     i, vocabulary block j], present the whole [batch, ..., vocab] shape to the user's loss
     (:class:`~lightning_par.tensor.loss.VocabParallelLogits`: the cross-entropy never gathers them)."""
 
+    pad_outputs = True  # a vocabulary q does not divide (the demo's 65 characters): zero rows, never a logit
+
     def forward(self, x: Tensor) -> Tensor:
         local = super().forward(x)
-        start = self.grid.col * (self.out_features // self.grid.q)
+        start = self.grid.col * local.shape[-1]
         return VocabParallelLogits.wrap(local, self.grid.row_group, self.out_features, start,
                                         token_group=self.grid.col_group)
 
@@ -290,12 +305,13 @@ class VocabParallelEmbedding2D(nn.Module):
                  weight: Optional[nn.Parameter] = None, device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        _divisible(type(self).__name__, grid, num_embeddings=num_embeddings, embedding_dim=embedding_dim)
+        _divisible(type(self).__name__, grid, embedding_dim=embedding_dim)
         self.num_embeddings, self.embedding_dim, self.grid = num_embeddings, embedding_dim, grid
-        self.start = grid.row * (num_embeddings // grid.q)  # the first vocabulary id of this rank's rows
+        rows = _padded(num_embeddings, grid.q) // grid.q  # the vocabulary padded up to a multiple of q, as Output2D
+        self.start = grid.row * rows  # the first vocabulary id of this rank's rows
         self.weight = weight if weight is not None else _parameter(
-            (num_embeddings // grid.q, embedding_dim // grid.q), _matrix_cut(num_embeddings, embedding_dim, grid.q),
-            device, dtype)
+            (rows, embedding_dim // grid.q), _matrix_cut(num_embeddings, embedding_dim, grid.q, pad=True), device,
+            dtype)
 
     @classmethod
     def from_module(cls, embedding: nn.Embedding, grid: Grid2D,

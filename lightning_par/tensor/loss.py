@@ -143,7 +143,7 @@ class VocabParallelLogits(torch.Tensor):
 
     @property
     def _token_blocks(self) -> int:
-        return group_size(self._token_group)
+        return group_size(self._token_group) if self._token_group is not None else 1  # (None: no split, not WORLD)
 
     def full_shape(self) -> torch.Size:
         lead = self._local.shape[:-1]
