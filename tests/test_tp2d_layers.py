@@ -190,7 +190,32 @@ def _check(rank, world_size):
     assert counts == {"broadcast": 3 * Q, "reduce": Q}, counts
     assert sizes == {"broadcast": Q * (2 * y_bytes + w_bytes), "reduce": Q * w_bytes}, sizes
     _check_demo_gpt(grid)
+    _check_bf16(grid)
     return True
+
+
+def _check_bf16(grid: Grid2D) -> None:
+    """Under bf16 autocast the SUMMA products run in bf16 (fp32 weights cast, as torch's autocast casts a Linear's),
+    and the loss and gradients stay within bf16's rounding of one process's."""
+    from lightning_par.demo.model import DemoGPT
+
+    torch.manual_seed(1)
+    whole = DemoGPT(vocab_size=31, block_size=8, n_layer=2, n_head=4, n_embd=16)
+    torch.manual_seed(1)
+    cut = DemoGPT(vocab_size=31, block_size=8, n_layer=2, n_head=4, n_embd=16)
+    parallelize_2d(cut, grid)
+    x, y = torch.randint(0, 31, (BATCH, 8)), torch.randint(0, 31, (BATCH, 8))
+    losses = []
+    for module in (whole, cut):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module._loss((x, y))
+        loss.backward()
+        losses.append(loss.detach())
+    assert abs(losses[1] - losses[0]) <= 2e-2 * abs(losses[0]), losses
+    grad = cut.model.blocks[0].mlp.c_fc.weight.grad
+    assert grad.dtype == torch.float32
+    expected = cut_2d(cut.model.blocks[0].mlp.c_fc.weight).shard(whole.model.blocks[0].mlp.c_fc.weight.grad, grid)
+    assert (grad - expected).norm() <= 2e-2 * expected.norm(), ((grad - expected).norm(), expected.norm())
 
 
 def _check_demo_gpt(grid: Grid2D) -> None:

@@ -105,22 +105,25 @@ def summa_atb(a: Tensor, b: Tensor, grid: Grid2D) -> Tensor:
 
 
 class _SummaLinear(torch.autograd.Function):
-    """``y = x @ w^T`` on blocks (``x`` [m, k], ``w`` [n, k]: torch's [out, in] layout, blocked as it stands);
-    saves only this rank's blocks."""
+    """``y = x @ w^T`` on blocks (``x`` [m, k], ``w`` [n, k]: torch's [out, in] layout, blocked as it stands), in
+    ``dtype`` (the autocast dtype under mixed precision: the products and their broadcasts and reduces in bf16);
+    saves only this rank's blocks, cast. Gradients come back in the inputs' own dtypes."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, grid: Grid2D) -> Tensor:
-        ctx.grid = grid
-        ctx.save_for_backward(x, w)
-        return summa_abt(x, w, grid)
+    def forward(ctx, x: Tensor, w: Tensor, grid: Grid2D, dtype: torch.dtype) -> Tensor:
+        ctx.grid, ctx.dtypes = grid, (x.dtype, w.dtype)
+        xc, wc = x.to(dtype), w.to(dtype)
+        ctx.save_for_backward(xc, wc)
+        with torch.autocast(x.device.type, enabled=False):
+            return summa_abt(xc, wc, grid)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, w = ctx.saved_tensors
-        grad = grad.contiguous()
-        dx = summa_ab(grad, w, ctx.grid) if ctx.needs_input_grad[0] else None
-        dw = summa_atb(grad, x, ctx.grid) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+        xc, wc = ctx.saved_tensors
+        grad = grad.to(wc.dtype).contiguous()
+        dx = summa_ab(grad, wc, ctx.grid).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        dw = summa_atb(grad, xc, ctx.grid).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
 
 
 def summa_linear(x: Tensor, w: Tensor, grid: Grid2D) -> Tensor:
@@ -128,7 +131,10 @@ def summa_linear(x: Tensor, w: Tensor, grid: Grid2D) -> Tensor:
     ``W`` (torch's [out, in] weight, blocked as it stands), differentiable in both: the forward is ``summa_abt``,
     the input gradient ``summa_ab`` and the weight gradient ``summa_atb`` (Colossal-AI's 2D classifier order), so
     a weight shared with an embedding table ([vocab, hidden], the same layout) needs no transpose."""
-    return _SummaLinear.apply(x, w, grid)
+    dtype = x.dtype
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return _SummaLinear.apply(x, w, grid, dtype)
 
 
 class _SumOverGroup(torch.autograd.Function):
