@@ -93,3 +93,27 @@ def test_sizes_the_grid_cannot_take_are_refused_with_what_would_work():
         lambda: TensorParallel2DStrategy(tensor_size=2).topology_for(4))
     assert TensorParallel2DStrategy().topology_for(8).tensor == 4
     assert TensorParallel2DStrategy().topology_for(2).tensor == 1
+
+
+def _train_hf(rank: int, world: int, port: int) -> dict:
+    from test_pipeline_hf import PipelinedHF
+
+    _as_external_rank(rank, world, port)
+    return {arch: fit(Run(steps=3, module_kwargs={"arch": arch}), TensorParallel2DStrategy(), world, 1,
+                      module_class=PipelinedHF) for arch in HF_ARCHS}
+
+
+HF_ARCHS = ("llama", "gpt2")
+
+
+@pytest.mark.timeout(600)
+def test_hugging_face_models_under_tp2d_match_one_process():
+    pytest.importorskip("transformers")
+    from test_pipeline_hf import PipelinedHF
+
+    per_rank = run_on_ranks(_train_hf, 4, free_port())
+    for arch in HF_ARCHS:
+        reference = fit(Run(steps=3, module_kwargs={"arch": arch}), "auto", 1, 1, module_class=PipelinedHF)
+        assert reference[-1] < reference[0]
+        for r in per_rank:
+            assert relative_gap(r[arch], reference) <= TOL, (arch, r[arch], reference)

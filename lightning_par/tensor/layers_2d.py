@@ -34,7 +34,7 @@ from lightning_par.comm.collectives import all_gather_along_dim, copy_to_group, 
 from lightning_par.comm.raw_collectives import _all_gather
 from lightning_par.comm.summa import Grid2D, sum_over_group, summa_linear
 from lightning_par.pieces import Cuts
-from lightning_par.tensor.layers_1d import ShardSpec
+from lightning_par.tensor.layers_1d import ShardSpec, linear_dims
 from lightning_par.tensor.loss import VocabParallelLogits
 
 _CUT_ATTR = "_lp_cut_2d"
@@ -102,10 +102,12 @@ def _vector_cut(size: int, q: int, segments: Optional[tuple[int, ...]] = None, p
 
 
 def _matrix_cut(rows: int, columns: int, q: int, segments: Optional[tuple[int, ...]] = None,
-                pad: bool = False) -> Cut2D:
+                pad: bool = False, transposed: bool = False) -> Cut2D:
     """Rows (``pad``: zero-padded up to a multiple of q, for vocabularies) by the grid's row, columns by its
-    column."""
-    return Cut2D(((ShardSpec(1, (columns,), q), "col"), (ShardSpec(0, segments or (rows,), q, pad), "row")), "grid")
+    column; ``transposed``: the tensor is stored [columns, rows] (a Hugging Face ``Conv1D`` weight), cut alike."""
+    row_dim, column_dim = (1, 0) if transposed else (0, 1)
+    return Cut2D(((ShardSpec(column_dim, (columns,), q), "col"), (ShardSpec(row_dim, segments or (rows,), q, pad),
+                                                                   "row")), "grid")
 
 
 def _padded(n: int, q: int) -> int:
@@ -136,7 +138,7 @@ class Linear2D(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, grid: Grid2D, bias: bool = True,
                  segments: Union[int, tuple[int, ...], None] = None, device: Optional[torch.device] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
+                 dtype: Optional[torch.dtype] = None, transposed: bool = False) -> None:
         super().__init__()
         q = grid.q
         _divisible(type(self).__name__, grid, in_features=in_features)
@@ -145,18 +147,22 @@ class Linear2D(nn.Module):
         self.in_features, self.out_features, self.grid = in_features, out_features, grid
         self.segments = _segment_sizes(segments, out_features)
         local = _padded(out_features, q) // q
-        # torch's layout, [out, in], blocked as it stands: block (row, col) of the whole weight.
-        self.weight = _parameter((local, in_features // q),
-                                 _matrix_cut(out_features, in_features, q, self.segments, self.pad_outputs), device,
-                                 dtype)
+        # torch's layout, [out, in], blocked as it stands: block (row, col) of the whole weight. `transposed`: stored
+        # [in, out] as Hugging Face's Conv1D stores it (its checkpoints keep that layout), multiplied transposed.
+        self.transposed = transposed
+        shape = (in_features // q, local) if transposed else (local, in_features // q)
+        self.weight = _parameter(shape, _matrix_cut(out_features, in_features, q, self.segments, self.pad_outputs,
+                                                    transposed), device, dtype)
         self.bias = _parameter((local,), _vector_cut(out_features, q, self.segments, self.pad_outputs), device,
                                dtype) if bias else None
 
     @classmethod
-    def from_module(cls, linear: nn.Linear, grid: Grid2D,
+    def from_module(cls, linear: nn.Module, grid: Grid2D,
                     segments: Union[int, tuple[int, ...], None] = None) -> "Linear2D":
-        layer = cls(linear.in_features, linear.out_features, grid, linear.bias is not None, segments,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
+        """From an ``nn.Linear`` or a Hugging Face ``Conv1D``."""
+        in_features, out_features, transposed = linear_dims(linear)
+        layer = cls(in_features, out_features, grid, linear.bias is not None, segments,
+                    device=linear.weight.device, dtype=linear.weight.dtype, transposed=transposed)
         _load(layer.weight, linear.weight, grid)
         if linear.bias is not None:
             _load(layer.bias, linear.bias, grid)
@@ -164,7 +170,8 @@ class Linear2D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        y = summa_linear(x.reshape(-1, x.shape[-1]), self.weight, self.grid).reshape(*lead, -1)
+        weight = self.weight.t() if self.transposed else self.weight
+        y = summa_linear(x.reshape(-1, x.shape[-1]), weight, self.grid).reshape(*lead, -1)
         if self.bias is not None:
             y = y + copy_to_group(self.bias, self.grid.col_group)
         return y

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lightning_par.comm.summa import Grid2D
 from lightning_par.tensor.auto_plan import auto_plan
+from lightning_par.tensor.layers_1d import linear_dims
 from lightning_par.tensor.layers_2d import (
     Embedding2D,
     LayerNorm2D,
@@ -91,7 +92,7 @@ def parallelize_2d(root: nn.Module, grid: Grid2D) -> list[tuple[str, str]]:
     plan = automatic.plan
     linears = {name: style for name, style in plan.items() if isinstance(style, (ColwiseParallel, RowwiseParallel))}
     vocab = [name for name, style in plan.items() if isinstance(style, VocabParallel)]
-    outputs = [name for name in vocab if isinstance(root.get_submodule(name), nn.Linear)]
+    outputs = [name for name in vocab if linear_dims(root.get_submodule(name)) is not None]
     tables = [name for name in vocab if isinstance(root.get_submodule(name), nn.Embedding)]
 
     def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -135,7 +136,7 @@ def parallelize_2d(root: nn.Module, grid: Grid2D) -> list[tuple[str, str]]:
         elif isinstance(module, nn.Embedding):
             _replace(root, name, Embedding2D.from_module(module, grid))
             entries.append((name, "Embedding2D"))
-        elif isinstance(module, nn.Linear):
+        elif linear_dims(module) is not None:
             raise ValueError(f"2D tensor parallelism: the linear layer {name!r} is not part of an attention or MLP "
                              "block the automatic plan recognises, and a linear cannot stay whole on activations "
                              "split in both dims. Use tensor_mode='1d' for this model.")
