@@ -76,16 +76,29 @@ def test_tp2d_on_a_2x2_grid_matches_one_process(tmp_path):
     assert relative_gap(in_one_process, uninterrupted[TWO_EPOCHS.steps:]) <= TOL, in_one_process
 
 
-def _train_hybrid(rank: int, world: int, port: int) -> list[float]:
+# hybrid with the 2D tensor axis on 8 ranks: (arguments, run, data-parallel size)
+HYBRID_2D = {
+    "d2_t4": (dict(tensor_mode="2d", tensor_size=4), RUN, 2),
+    "d2_t4_zero2": (dict(tensor_mode="2d", tensor_size=4, zero_stage=2), RUN, 2),
+    "p2_t4": (dict(tensor_mode="2d", tensor_size=4, pipeline_size=2, microbatches=2),
+              Run(steps=6, clip_val=0.05, module_kwargs={"n_layer": 4}), 1),
+}
+
+
+def _train_hybrid(rank: int, world: int, port: int) -> dict:
     _as_external_rank(rank, world, port)
-    return fit(RUN, HybridParallelStrategy(tensor_mode="2d", tensor_size=4), world, 2, module_class=BatchLossGPT)
+    return {name: fit(run, HybridParallelStrategy(**arguments), world, data, module_class=BatchLossGPT)
+            for name, (arguments, run, data) in HYBRID_2D.items()}
 
 
 @pytest.mark.timeout(600)
-def test_tp2d_with_data_parallel_on_8_ranks_matches_one_process():
+def test_tp2d_composed_on_8_ranks_matches_one_process():
+    """Data 2 x tp2d 4 (buckets, and ZeRO-2 over the data axis) and pipeline 2 x tp2d 4."""
     per_rank = run_on_ranks(_train_hybrid, 8, free_port())
-    ours = global_losses(per_rank, 2, ranks=[0, 4])  # one rank per data replica
-    assert relative_gap(ours, _reference(RUN, 2)) <= TOL
+    for name, (arguments, run, data) in HYBRID_2D.items():
+        replicas = [d * 8 // data for d in range(data)]  # data is the outermost axis
+        ours = global_losses([r[name] for r in per_rank], data, ranks=replicas)
+        assert relative_gap(ours, _reference(run, data)) <= TOL, (name, ours)
 
 
 def test_sizes_the_grid_cannot_take_are_refused_with_what_would_work():

@@ -48,6 +48,9 @@ class Grid2D:
     def col(self) -> int:
         return group_rank(self.row_group)
 
+    def __deepcopy__(self, memo: dict) -> "Grid2D":
+        return self  # a copied layer (a pipeline's meta copy, EMA) lives on the same grid
+
     def __post_init__(self) -> None:
         if group_size(self.row_group) != group_size(self.col_group):
             raise ValueError(f"A 2D grid is square: the row group has {group_size(self.row_group)} ranks, the column "
