@@ -17,7 +17,7 @@ from lightning_par.strategies.registry import PRESETS
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_OF = {"dp": "quickstart"}
 RUN_ELSEWHERE = {  # recipe -> the test that runs it
-    "quickstart": "test_quickstart.py", "tp1d": "test_tp1d.py", "pipeline": "test_pipeline.py",
+    "quickstart": "test_quickstart.py", "tp1d": "test_tp1d.py", "tp2d": "test_tp2d.py", "pipeline": "test_pipeline.py",
     "zero2_offload": "test_offload.py", "zero3_offload": "test_offload.py", "zero3_nvme": "test_offload.py",
 }
 NAMES = [p.name for p in PRESETS]
