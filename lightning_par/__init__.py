@@ -11,6 +11,7 @@ from lightning_par.strategies import (
     PipelineStrategy,
     TensorParallel1DStrategy,
     TensorParallel2DStrategy,
+    TensorParallel2p5DStrategy,
     ZeroStrategy,
     register_all,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "PipelineStrategy",
     "TensorParallel1DStrategy",
     "TensorParallel2DStrategy",
+    "TensorParallel2p5DStrategy",
     "Topology",
     "ZeroStrategy",
     "__version__",

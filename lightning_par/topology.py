@@ -185,6 +185,10 @@ class Topology:
             # DeviceMesh has no public flatten in torch 2.11; `_flatten` registers the combined axis on the root
             # mesh so that `mesh["tensor"]` works like any other axis.
             mesh[sub_axes]._flatten("tensor")
+        if self.tensor_mode == "2.5d":
+            # 2.5D's layer (one q x q grid) and stack (a column across every layer), see comm/summa.Grid2D.
+            mesh[("tensor_row", "tensor_col")]._flatten("tensor_layer")
+            mesh[("tensor_depth", "tensor_row")]._flatten("tensor_stack")
         return mesh
 
     @classmethod

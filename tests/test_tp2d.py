@@ -13,7 +13,7 @@ import pytest
 from torch import nn
 
 from helpers import error_message, free_port, run_on_ranks
-from lightning_par import HybridParallelStrategy, TensorParallel2DStrategy
+from lightning_par import HybridParallelStrategy, TensorParallel2DStrategy, TensorParallel2p5DStrategy
 from lightning_par.checkpoint import consolidate
 from parity import BatchLossGPT, Run, fit, global_losses, relative_gap
 from test_dp import _as_external_rank
@@ -82,6 +82,8 @@ HYBRID_2D = {
     "d2_t4_zero2": (dict(tensor_mode="2d", tensor_size=4, zero_stage=2), RUN, 2),
     "p2_t4": (dict(tensor_mode="2d", tensor_size=4, pipeline_size=2, microbatches=2),
               Run(steps=6, clip_val=0.05, module_kwargs={"n_layer": 4}), 1),
+    # 2.5D (Tesseract): two stacked 2 x 2 grids, each with every weight and half of the 4 samples
+    "t8_2p5d": (dict(tensor_mode="2.5d", depth=2, tensor_size=8), RUN, 1),
 }
 
 
@@ -92,8 +94,8 @@ def _train_hybrid(rank: int, world: int, port: int) -> dict:
 
 
 @pytest.mark.timeout(600)
-def test_tp2d_composed_on_8_ranks_matches_one_process():
-    """Data 2 x tp2d 4 (buckets, and ZeRO-2 over the data axis) and pipeline 2 x tp2d 4."""
+def test_tp2d_composed_and_tp2p5d_on_8_ranks_match_one_process():
+    """Data 2 x tp2d 4 (buckets, and ZeRO-2 over the data axis), pipeline 2 x tp2d 4, and tp2.5d (2 x 2 x 2)."""
     per_rank = run_on_ranks(_train_hybrid, 8, free_port())
     for name, (arguments, run, data) in HYBRID_2D.items():
         replicas = [d * 8 // data for d in range(data)]  # data is the outermost axis
@@ -104,6 +106,10 @@ def test_tp2d_composed_on_8_ranks_matches_one_process():
 def test_sizes_the_grid_cannot_take_are_refused_with_what_would_work():
     assert "square number of tensor ranks (q*q: 1, 4, 9, 16, ...); got tensor=2" in error_message(
         lambda: TensorParallel2DStrategy(tensor_size=2).topology_for(4))
+    assert "tensor could be 2, 8, 18, 32" in error_message(
+        lambda: TensorParallel2p5DStrategy(tensor_size=4, depth=2).topology_for(4))
+    assert TensorParallel2p5DStrategy().topology_for(8).tensor == 8  # 2 layers of 2 x 2
+    assert "depth=2 stacks the grids" in error_message(lambda: HybridParallelStrategy(tensor_mode="2d", depth=2))
     assert TensorParallel2DStrategy().topology_for(8).tensor == 4
     assert TensorParallel2DStrategy().topology_for(2).tensor == 1
 

@@ -29,16 +29,21 @@ Q = 2
 VOCAB, HIDDEN, FFN, BATCH, SEQ = 15, 8, 12, 4, 4  # a vocabulary q does not divide: padded
 
 
-def _grid(rank: int) -> Grid2D:
-    """Row and column groups of a q x q grid over the world (every rank creates every group, in order)."""
-    topology = Topology(tensor=Q * Q, tensor_mode="2d")
+def _grid(rank: int, depth: int = 1) -> Grid2D:
+    """This rank's groups on a q x q grid over the world, or on ``depth`` stacked grids (2.5D); every rank creates
+    every group, in order."""
+    topology = Topology(tensor=depth * Q * Q, tensor_mode="2.5d" if depth > 1 else "2d", depth=depth)
+    axes = {"row": "tensor_col", "col": "tensor_row"}  # ranks of one row (across columns), of one column
+    if depth > 1:
+        axes.update(depth="tensor_depth", layer=("tensor_row", "tensor_col"), stack=("tensor_depth", "tensor_row"))
     mine = {}
-    for axis in ("tensor_col", "tensor_row"):  # ranks of one row (across columns), of one column (across rows)
+    for key, axis in axes.items():
         for ranks in topology.groups(axis):
             group = dist.new_group(ranks)
             if rank in ranks:
-                mine[axis] = group
-    return Grid2D(row_group=mine["tensor_col"], col_group=mine["tensor_row"])
+                mine[key] = group
+    return Grid2D(row_group=mine["row"], col_group=mine["col"], depth_group=mine.get("depth"),
+                  layer_group=mine.get("layer"), stack_group=mine.get("stack"))
 
 
 class _Model(nn.Module):
@@ -115,9 +120,18 @@ def _close(actual, expected, what):
         f"{what}: max abs diff {(actual - expected).abs().max().item():.3g}")
 
 
-def _check(rank, world_size):
-    grid = _grid(rank)
-    assert (grid.row, grid.col) == divmod(rank, Q)
+def _check(rank, world_size, depth=1):
+    grid = _grid(rank, depth)
+    assert (grid.depth, grid.row, grid.col) == (rank // (Q * Q), rank % (Q * Q) // Q, rank % Q)
+    if depth == 1:
+        _check_summa(grid)
+    _check_layers(grid)
+    _check_demo_gpt(grid)
+    _check_bf16(grid)
+    return True
+
+
+def _check_summa(grid: Grid2D) -> None:
     torch.manual_seed(0)
     a, b = torch.randn(6, 8), torch.randn(8, 10)
     # The three SUMMA products against torch on blocks.
@@ -128,6 +142,9 @@ def _check(rank, world_size):
     _close(summa_atb(activation_block(a, grid), activation_block(c, grid), grid),
            activation_block(a.t() @ c, grid), "A^TB")
 
+
+def _check_layers(grid: Grid2D) -> None:
+    torch.manual_seed(0)
     model = _Model()
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
     targets = torch.randint(0, VOCAB, (BATCH, SEQ))
@@ -175,6 +192,8 @@ def _check(rank, world_size):
     assert m2["wpe"].weight.numel() * Q * Q == model.wpe.weight.numel()
     assert m2["head"].weight.numel() * Q * Q == (VOCAB + 1) * HIDDEN  # one zero row of padding
 
+    if grid.d > 1:
+        return  # the collective counts below are one 2D layer's
     # SUMMA's collectives for one Linear2D (no bias), Y = X W^T: forward q broadcasts of the weight block down the
     # column and q reduces of the partial outputs along the row; backward dX = dY W (q broadcasts of dY's block
     # along the row, q of W's down the column) and dW = dY^T X (q broadcasts of dY's block, q reduces of dW's).
@@ -189,9 +208,6 @@ def _check(rank, world_size):
         y.backward(torch.ones_like(y))
     assert counts == {"broadcast": 3 * Q, "reduce": Q}, counts
     assert sizes == {"broadcast": Q * (2 * y_bytes + w_bytes), "reduce": Q * w_bytes}, sizes
-    _check_demo_gpt(grid)
-    _check_bf16(grid)
-    return True
 
 
 def _check_bf16(grid: Grid2D) -> None:
@@ -258,6 +274,12 @@ def _check_demo_gpt(grid: Grid2D) -> None:
 @pytest.mark.timeout(300)
 def test_2d_layers_and_the_demo_gpt_match_one_process_on_a_2x2_grid():
     assert all(run_on_ranks(_check, Q * Q))
+
+
+@pytest.mark.timeout(300)
+def test_2p5d_layers_and_the_demo_gpt_match_one_process_on_two_layers_of_2x2():
+    """2.5D (Tesseract): two stacked 2 x 2 grids, each with every weight block and half of the samples."""
+    assert all(run_on_ranks(_check, 2 * Q * Q, 2))
 
 
 class _GridOf2:

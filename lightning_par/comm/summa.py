@@ -31,10 +31,19 @@ from lightning_par.comm.raw_collectives import _global_rank, group_rank, group_s
 
 @dataclass(frozen=True)
 class Grid2D:
-    """This rank's place on a q x q grid: the groups of its row and of its column (see [Note: the 2D grid])."""
+    """This rank's place on a q x q grid: the groups of its row and of its column (see [Note: the 2D grid]).
+
+    2.5D (Tesseract) stacks ``d`` such grids (``depth_group``: the ranks at my (row, column) in every layer, ordered
+    by layer): each layer holds every weight block again and works on its own 1/d of the samples, so a weight's
+    gradient is summed over the depth. ``layer_group`` is my layer's q x q ranks and ``stack_group`` my column
+    across every layer and row (ordered by layer, then row: the order of the samples' blocks). With ``d = 1``
+    (2D) they are the whole grid and the column."""
 
     row_group: Optional[ProcessGroup]  # the ranks of my row: (i, 0..q-1), ordered by column
     col_group: Optional[ProcessGroup]  # the ranks of my column: (0..q-1, j), ordered by row
+    depth_group: Optional[ProcessGroup] = None
+    layer_group: Optional[ProcessGroup] = None
+    stack_group: Optional[ProcessGroup] = None
 
     @property
     def q(self) -> int:
@@ -47,6 +56,19 @@ class Grid2D:
     @property
     def col(self) -> int:
         return group_rank(self.row_group)
+
+    @property
+    def d(self) -> int:
+        return group_size(self.depth_group) if self.depth_group is not None else 1
+
+    @property
+    def depth(self) -> int:
+        return group_rank(self.depth_group) if self.depth_group is not None else 0
+
+    @property
+    def samples_group(self) -> Optional[ProcessGroup]:
+        """The ranks that hold the other blocks of the samples next to mine: my column (2D), across layers (2.5D)."""
+        return self.stack_group if self.d > 1 else self.col_group
 
     def __deepcopy__(self, memo: dict) -> "Grid2D":
         return self  # a copied layer (a pipeline's meta copy, EMA) lives on the same grid

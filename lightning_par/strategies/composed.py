@@ -115,7 +115,7 @@ class ComposedStrategy(LightningParStrategy):
             return Topology.for_world(world_size, pipeline=pipeline)
         if world_size % pipeline:
             return Topology.for_world(world_size, pipeline=pipeline)  # raises, naming what would fit
-        mode = self.tensor_axis.mode
+        mode, depth = self.tensor_axis.mode, self.tensor_axis.depth
         tensor = self.tensor_size
         if tensor is None:
             rest = world_size // pipeline
@@ -123,10 +123,11 @@ class ComposedStrategy(LightningParStrategy):
                 module = self.lightning_module
                 size = self.tensor_axis.default_size(module, rest)
                 if module is None:  # not known yet: the size for now, not kept
-                    return Topology.for_world(world_size, pipeline=pipeline, tensor=size or rest, tensor_mode=mode)
+                    return Topology.for_world(world_size, pipeline=pipeline, tensor=size or rest, tensor_mode=mode,
+                                              depth=depth)
                 self._default_sizes[rest] = size
             tensor = self._default_sizes[rest]
-        return Topology.for_world(world_size, pipeline=pipeline, tensor=tensor, tensor_mode=mode)
+        return Topology.for_world(world_size, pipeline=pipeline, tensor=tensor, tensor_mode=mode, depth=depth)
 
     @property
     def pipeline_rank(self) -> int:

@@ -33,8 +33,9 @@ class HybridParallelStrategy(ComposedStrategy):
         pipeline_size: pipeline stages (default 1: no pipeline).
         tensor_size: ranks per tensor group. Default: the largest divisor of ``world / pipeline_size`` that divides
             every head count and width the automatic plan would split (as ``tp1d``).
-        tensor_mode: ``"1d"`` (Megatron) or ``"2d"`` (SUMMA: ``tensor_size`` is q x q, see ``tp2d``); 2.5D and 3D
-            are not built yet.
+        tensor_mode: ``"1d"`` (Megatron), ``"2d"`` (SUMMA: ``tensor_size`` is q x q, see ``tp2d``) or ``"2.5d"``
+            (Tesseract: ``tensor_size`` is depth x q x q, see ``tp2.5d``); 3D is not built yet.
+        depth: with ``tensor_mode="2.5d"``, the grids in the stack (for example 2).
         zero_stage: 0 (data-parallel buckets), 1, 2 or 3 (ZeRO over the data axis). With ``pipeline_size > 1`` 0 or
             1: a pipeline accumulates each stage's gradients over its microbatches, which ZeRO-2/3 would reduce and
             free once per microbatch; ZeRO-1 reduces them once, after the schedule.
@@ -55,6 +56,7 @@ class HybridParallelStrategy(ComposedStrategy):
         pipeline_size: int = 1,
         tensor_size: Optional[int] = None,
         tensor_mode: TensorMode = "1d",
+        depth: int = 1,
         zero_stage: Literal[0, 1, 2, 3] = 0,
         offload: Optional[Union[float, Literal["auto"]]] = None,
         sequence_parallel: Optional[bool] = None,
@@ -76,12 +78,15 @@ class HybridParallelStrategy(ComposedStrategy):
     ) -> None:
         if not isinstance(pipeline_size, int) or isinstance(pipeline_size, bool) or pipeline_size < 1:
             raise ValueError(f"pipeline_size must be a positive integer; got {pipeline_size!r}.")
-        if tensor_mode not in ("1d", "2d"):
-            raise ValueError(f"tensor_mode={tensor_mode!r} is not built yet; hybrid runs tensor_mode='1d' (Megatron) "
-                             "or '2d' (SUMMA).")
-        if tensor_mode == "2d" and (plan is not None or sequence_parallel or sequence_chunks != 1):
-            raise ValueError("tensor_mode='2d' cuts the module by the automatic 2D plan, and its activations are "
-                             "split in both dims already: plan, sequence_parallel and sequence_chunks are 1D options.")
+        if tensor_mode not in ("1d", "2d", "2.5d"):
+            raise ValueError(f"tensor_mode={tensor_mode!r} is not built yet; hybrid runs tensor_mode='1d' (Megatron), "
+                             "'2d' (SUMMA) or '2.5d' (Tesseract).")
+        if tensor_mode != "1d" and (plan is not None or sequence_parallel or sequence_chunks != 1):
+            raise ValueError(f"tensor_mode={tensor_mode!r} cuts the module by the automatic 2D plan, and its "
+                             "activations are split in both dims already: plan, sequence_parallel and sequence_chunks "
+                             "are 1D options.")
+        if depth != 1 and tensor_mode != "2.5d":
+            raise ValueError(f"depth={depth} stacks the grids of tensor_mode='2.5d'; got tensor_mode={tensor_mode!r}.")
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3; got {zero_stage!r}.")
         if pipeline_size > 1 and zero_stage > 1:
@@ -93,8 +98,9 @@ class HybridParallelStrategy(ComposedStrategy):
             raise ValueError("offload places ZeRO's chunks on the host; it needs zero_stage 1, 2 or 3.")
         if offload is not None and pipeline_size > 1:
             raise ValueError("offload with a pipeline is not built; use pipeline_size=1 with offload.")
-        if tensor_mode == "2d":
-            tensor = TensorAxis2D(param_init_fn=param_init_fn, who="hybrid", owner=type(self).__name__)
+        if tensor_mode in ("2d", "2.5d"):
+            tensor = TensorAxis2D(param_init_fn=param_init_fn, who="hybrid", owner=type(self).__name__,
+                                  depth=depth if tensor_mode == "2.5d" else 1)
         else:
             tensor = TensorAxis(plan=plan, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim,
                                 sequence_chunks=sequence_chunks, vocab_parallel_loss=vocab_parallel_loss,

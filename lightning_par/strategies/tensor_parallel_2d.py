@@ -1,5 +1,6 @@
-"""2D tensor parallelism (SUMMA / Optimus) on top of data parallelism: the 2D tensor axis (``tensor/axis_2d.py``) and
-the data axis, as a preset of the composed strategy (``hybrid`` with ``tensor_mode="2d"``, no pipeline, no ZeRO)."""
+"""2D (SUMMA / Optimus) and 2.5D (Tesseract) tensor parallelism on top of data parallelism: the 2D tensor axis
+(``tensor/axis_2d.py``) and the data axis, as presets of the composed strategy (``hybrid`` with ``tensor_mode="2d"``
+or ``"2.5d"``, no pipeline, no ZeRO)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,47 @@ class TensorParallel2DStrategy(ComposedStrategy):
                          weights_only=weights_only, process_group_backend=process_group_backend, timeout=timeout,
                          start_method=start_method)
 
+    param_init_fn = argument("tensor_axis", "param_init_fn")
+    bucket_size_mb = argument("data_axis", "bucket_size_mb")
+
+    @property
+    def applied_plan(self) -> Optional[Applied2D]:
+        """What the plan did to the module (after ``setup``): the grid and each module's 2D layer."""
+        return applied_plan_2d(self.lightning_module) if self.lightning_module is not None else None
+
+
+class TensorParallel2p5DStrategy(ComposedStrategy):
+    """2.5D tensor parallelism (Tesseract, ``strategy="tp2.5d"``): ``depth`` stacked q x q grids. Each layer of the
+    stack holds every weight block as ``tp2d`` does (1/q^2 of each weight per rank) and works on 1/depth of the
+    samples, so each rank holds 1/(depth q^2) of every activation; the weights' gradients are summed over the
+    depth. The remaining ``world / tensor_size`` ranks are data parallel.
+
+    Args:
+        tensor_size: ranks per tensor group, depth x q x q. Default: the largest such size dividing the world size
+            whose q divides every head count and width the plan splits.
+        depth: grids in the stack (default 2); the global batch must divide by depth x q.
+        param_init_fn, weights_only, bucket_size_mb, process_group_backend, timeout, start_method: as for ``tp2d``.
+
+    See ``docs/tp2d.md`` (the 2.5D section) for the layout and costs.
+    """
+
+    def __init__(
+        self,
+        tensor_size: Optional[int] = None,
+        depth: int = 2,
+        param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
+        bucket_size_mb: float = 25.0,
+        weights_only: Optional[bool] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: StartMethod = "popen",
+    ) -> None:
+        tensor = TensorAxis2D(param_init_fn=param_init_fn, who="tp2.5d", owner=type(self).__name__, depth=depth)
+        super().__init__(data=DataAxis(bucket_size_mb), tensor=tensor, tensor_size=tensor_size,
+                         weights_only=weights_only, process_group_backend=process_group_backend, timeout=timeout,
+                         start_method=start_method)
+
+    depth = argument("tensor_axis", "depth")
     param_init_fn = argument("tensor_axis", "param_init_fn")
     bucket_size_mb = argument("data_axis", "bucket_size_mb")
 

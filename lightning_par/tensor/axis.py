@@ -66,6 +66,7 @@ class TensorAxis:
     # ----- sharding -------------------------------------------------------------------------------------------------
 
     mode = "1d"
+    depth = 1
 
     def shard(self, module: nn.Module, group_of: Callable[[str], dist.ProcessGroup], size: int,
               device: torch.device) -> AppliedPlan:

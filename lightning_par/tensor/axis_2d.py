@@ -31,12 +31,16 @@ if TYPE_CHECKING:
 
 
 class TensorAxis2D:
-    """Cuts a module over a q x q grid by the automatic 2D plan. ``who`` / ``owner`` name the strategy in messages;
-    ``param_init_fn`` initialises a meta-built module (as for ``tp1d``)."""
+    """Cuts a module over a q x q grid by the automatic 2D plan; with ``depth`` d > 1, over d stacked grids (2.5D,
+    Tesseract: every layer holds the weights, each works on 1/d of the samples). ``who`` / ``owner`` name the
+    strategy in messages; ``param_init_fn`` initialises a meta-built module (as for ``tp1d``)."""
 
-    mode = "2d"
-
-    def __init__(self, *, param_init_fn: Optional[Callable[[nn.Module], None]], who: str, owner: str) -> None:
+    def __init__(self, *, param_init_fn: Optional[Callable[[nn.Module], None]], who: str, owner: str,
+                 depth: int = 1) -> None:
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+            raise ValueError(f"depth must be a positive integer; got {depth!r}.")
+        self.depth = depth
+        self.mode = "2.5d" if depth > 1 else "2d"
         self.param_init_fn = param_init_fn
         self.who, self.owner = who, owner
         self.sharded_here = False
@@ -44,17 +48,25 @@ class TensorAxis2D:
         self._tensor_group: Optional[dist.ProcessGroup] = None
 
     def default_size(self, module: Optional[nn.Module], ranks: int) -> int:
-        """The largest q^2 dividing ``ranks`` whose q divides every head count and width the plan splits."""
+        """The largest d * q^2 dividing ``ranks`` whose q divides every head count and width the plan splits (d
+        itself when ``ranks`` has no room for more, so that the topology's error names what would fit)."""
         existing = applied_plan_2d(module) if module is not None else None
         if existing is not None:
-            return existing.grid.q ** 2
+            return existing.grid.d * existing.grid.q ** 2
         divisor = auto_plan(module).divisor() if module is not None else 0
-        return max(q * q for q in divisors(ranks) if ranks % (q * q) == 0 and (divisor == 0 or divisor % q == 0))
+        d = self.depth
+        return max([d * q * q for q in divisors(ranks) if ranks % (d * q * q) == 0
+                    and (divisor == 0 or divisor % q == 0)] or [d])
 
     def shard(self, module: nn.Module, group_of: Callable[[str], dist.ProcessGroup], size: int,
               device: torch.device) -> None:
         self._tensor_group = group_of("tensor")
-        grid = Grid2D(row_group=group_of("tensor_col"), col_group=group_of("tensor_row"))
+        if self.depth > 1:
+            grid = Grid2D(row_group=group_of("tensor_col"), col_group=group_of("tensor_row"),
+                          depth_group=group_of("tensor_depth"), layer_group=group_of("tensor_layer"),
+                          stack_group=group_of("tensor_stack"))
+        else:
+            grid = Grid2D(row_group=group_of("tensor_col"), col_group=group_of("tensor_row"))
         existing = applied_plan_2d(module)
         if existing is not None:
             if existing.grid.q != grid.q:
@@ -104,7 +116,9 @@ class TensorAxis2D:
         applied = applied_plan_2d(module)
         spread = {id(p): (cut.spread if (cut := cut_2d(p)) is not None else None) for p, _ in grads}
         row = (applied.grid.row_group,) if applied is not None else ()
-        return [NormPart([g for p, g in grads if spread[id(p)] == "grid"], (self._tensor_group, *others), counted),
+        # One layer's q x q ranks hold each piece once (2.5D's other layers hold the same pieces).
+        layer = applied.grid.layer_group if applied is not None and applied.grid.d > 1 else self._tensor_group
+        return [NormPart([g for p, g in grads if spread[id(p)] == "grid"], (layer, *others), counted),
                 NormPart([g for p, g in grads if spread[id(p)] == "row"], (*row, *others), counted),
                 NormPart([g for p, g in grads if spread[id(p)] is None], others, counted)]
 

@@ -74,6 +74,16 @@ class Cut2D:
         return Cuts(tuple((spec, self._index(axis, grid)) for spec, axis in self.cuts))
 
 
+def _depth_shared(weight: Tensor, grid: Grid2D) -> Tensor:
+    """A weight every layer of a 2.5D stack holds: used as it is, its gradient summed over the depth."""
+    return copy_to_group(weight, grid.depth_group) if grid.d > 1 else weight
+
+
+def _vector(vector: Tensor, grid: Grid2D) -> Tensor:
+    """A vector block j, held by every rank of column j (in every layer): its gradient summed over them."""
+    return copy_to_group(vector, grid.samples_group)
+
+
 def cut_2d(param: Tensor) -> Optional[Cut2D]:
     """The :class:`Cut2D` of a 2D layer's parameter, or None."""
     return getattr(param, _CUT_ATTR, None)
@@ -115,8 +125,9 @@ def _padded(n: int, q: int) -> int:
 
 
 def activation_block(x: Tensor, grid: Grid2D, token_dim: int = 0, hidden_dim: int = -1) -> Tensor:
-    """This rank's block of a whole activation: tokens (``token_dim``, the batch) over rows, hidden over columns."""
-    x = x.chunk(grid.q, token_dim)[grid.row]
+    """This rank's block of a whole activation: tokens (``token_dim``, the batch) over the layers and rows (2.5D:
+    layer-major), hidden over columns."""
+    x = x.chunk(grid.d * grid.q, token_dim)[grid.depth * grid.q + grid.row]
     return x.chunk(grid.q, hidden_dim)[grid.col]
 
 
@@ -170,10 +181,11 @@ class Linear2D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        weight = self.weight.t() if self.transposed else self.weight
+        weight = _depth_shared(self.weight, self.grid)
+        weight = weight.t() if self.transposed else weight
         y = summa_linear(x.reshape(-1, x.shape[-1]), weight, self.grid).reshape(*lead, -1)
         if self.bias is not None:
-            y = y + copy_to_group(self.bias, self.grid.col_group)
+            y = y + _vector(self.bias, self.grid)
         return y
 
     def extra_repr(self) -> str:
@@ -192,7 +204,7 @@ class Output2D(Linear2D):
         local = super().forward(x)
         start = self.grid.col * local.shape[-1]
         return VocabParallelLogits.wrap(local, self.grid.row_group, self.out_features, start,
-                                        token_group=self.grid.col_group)
+                                        token_group=self.grid.samples_group)
 
 
 class _Norm2D(nn.Module):
@@ -213,9 +225,9 @@ class _Norm2D(nn.Module):
 
     def _affine(self, y: Tensor) -> Tensor:
         if self.weight is not None:
-            y = y * copy_to_group(self.weight, self.grid.col_group)
+            y = y * _vector(self.weight, self.grid)
         if self.bias is not None:
-            y = y + copy_to_group(self.bias, self.grid.col_group)
+            y = y + _vector(self.bias, self.grid)
         return y
 
     def _mean_over_hidden(self, x: Tensor) -> Tensor:
@@ -299,7 +311,8 @@ class Embedding2D(nn.Module):
         return layer
 
     def forward(self, ids: Tensor) -> Tensor:
-        table = all_gather_along_dim(self.weight, 1, self.grid.col_group)  # hidden block j: pieces j*q .. j*q+q-1
+        # hidden block j: pieces j*q .. j*q+q-1
+        table = all_gather_along_dim(_depth_shared(self.weight, self.grid), 1, self.grid.col_group)
         return F.embedding(ids, table, self.padding_idx)
 
 
@@ -333,10 +346,15 @@ class VocabParallelEmbedding2D(nn.Module):
         return layer
 
     def forward(self, ids: Tensor) -> Tensor:
-        if ids.shape[0] % self.grid.q:
-            raise ValueError(f"2D tensor parallelism splits the batch over the grid's {self.grid.q} rows; a batch of "
-                             f"{ids.shape[0]} samples does not divide into {self.grid.q}.")
+        grid = self.grid
+        if ids.shape[0] % (grid.d * grid.q):
+            raise ValueError(f"{'2.5D' if grid.d > 1 else '2D'} tensor parallelism splits the batch over "
+                             f"{grid.d * grid.q} rows of the grid; a batch of {ids.shape[0]} samples does not divide "
+                             f"into {grid.d * grid.q}.")
+        if grid.d > 1:
+            ids = ids.chunk(grid.d)[grid.depth]  # each layer of the stack works on its own samples
         rows = self.weight.shape[0]
         mine = (ids >= self.start) & (ids < self.start + rows)
-        partial = F.embedding((ids - self.start).clamp(0, rows - 1), self.weight) * mine.unsqueeze(-1)
+        weight = _depth_shared(self.weight, grid)
+        partial = F.embedding((ids - self.start).clamp(0, rows - 1), weight) * mine.unsqueeze(-1)
         return reduce_scatter_along_dim(partial, 0, self.grid.col_group)  # sum the vocab blocks; row i's samples

@@ -70,8 +70,9 @@ class Applied2D:
     originals: dict[int, nn.Parameter] = field(default_factory=dict)  # id(2D parameter) -> the original one
 
     def describe(self) -> str:
-        q = self.grid.q
-        lines = [f"tp2d plan on a {q} x {q} grid:"] + [f"  {name}: {what}" for name, what in self.entries]
+        q, d = self.grid.q, self.grid.d
+        where = f"tp2d plan on a {q} x {q} grid" if d == 1 else f"tp2.5d plan on {d} layers of a {q} x {q} grid"
+        lines = [f"{where}:"] + [f"  {name}: {what}" for name, what in self.entries]
         return "\n".join(lines)
 
 
