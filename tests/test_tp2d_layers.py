@@ -187,7 +187,9 @@ def _check_layers(grid: Grid2D) -> None:
     with torch.no_grad():
         _close(_logits_2d(m2, ids, grid).materialize(), model(ids), "materialized logits")
 
-    # Bytes held: every weight matrix 1/q^2, the vectors 1/q (replicated down a column).
+    # Bytes held: every weight matrix 1/q^2, the vectors 1/q (replicated down a column); every activation between
+    # layers 1/q^2, and 1/(d q^2) in a 2.5D stack of d layers (Tesseract's bounds).
+    assert _hidden_2d(m2, ids).numel() * grid.d * Q * Q == hidden.numel()
     assert m2["up"].weight.numel() * Q * Q == model.up.weight.numel()
     assert m2["wpe"].weight.numel() * Q * Q == model.wpe.weight.numel()
     assert m2["head"].weight.numel() * Q * Q == (VOCAB + 1) * HIDDEN  # one zero row of padding
