@@ -385,8 +385,11 @@ def unparallelize(root: nn.Module, optimizers: Iterable[torch.optim.Optimizer] =
         original.data = value.to(shard.dtype)
         original.requires_grad_(shard.requires_grad)
         full[id(shard)] = original
-    for optimizer in optimizers:
-        _move_optimizer(optimizer, full, group, result.tg.size)
+    def gather(p: Tensor, value: Tensor) -> Tensor:
+        spec = shard_spec(p)
+        return spec.unshard(gather_along_dim(value.contiguous(), spec.dim, group) if result.tg.size > 1 else value)
+
+    move_optimizers(optimizers, full, gather)
     for original, new, places in reversed(result._replaced):
         original.train(new.training)
         for parent, attr in places:
@@ -403,20 +406,22 @@ def unparallelize(root: nn.Module, optimizers: Iterable[torch.optim.Optimizer] =
     delattr(root, PLAN_ATTR)
 
 
-def _move_optimizer(optimizer: torch.optim.Optimizer, full: dict[int, nn.Parameter], group: Optional[ProcessGroup],
-                    t: int) -> None:
-    for param_group in optimizer.param_groups:
-        for i, p in enumerate(param_group["params"]):
-            whole = full.get(id(p))
-            if whole is None:
-                continue
-            state = optimizer.state.pop(p, None)
-            if state:
-                spec = shard_spec(p)
-                optimizer.state[whole] = {
-                    k: (spec.unshard(gather_along_dim(v.contiguous(), spec.dim, group) if t > 1 else v)
-                        if isinstance(v, Tensor) and v.shape == p.shape else v) for k, v in state.items()}
-            param_group["params"][i] = whole
+def move_optimizers(optimizers: Iterable[torch.optim.Optimizer], whole: dict[int, nn.Parameter],
+                    gather: Callable[[Tensor, Tensor], Tensor]) -> None:
+    """Point ``optimizers`` at the whole parameters (``whole``: id of a piece -> its whole parameter), their state
+    made whole by ``gather(piece, value)`` for every state tensor of the piece's shape (a collective: every rank of
+    the tensor group calls it in the same order)."""
+    for optimizer in optimizers:
+        for param_group in optimizer.param_groups:
+            for i, p in enumerate(param_group["params"]):
+                target = whole.get(id(p))
+                if target is None:
+                    continue
+                state = optimizer.state.pop(p, None)
+                if state:
+                    optimizer.state[target] = {k: gather(p, v) if isinstance(v, Tensor) and v.shape == p.shape else v
+                                               for k, v in state.items()}
+                param_group["params"][i] = target
 
 
 def _detail(style: ParallelStyle, module: nn.Module, t: int, seq_dim: Optional[int]) -> str:

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_par.comm.summa import Grid2D
 from lightning_par.tensor.auto_plan import auto_plan
 from lightning_par.tensor.layers_1d import linear_dims
+from lightning_par.tensor.plan import move_optimizers
 from lightning_par.tensor.layers_2d import (
     Embedding2D,
     LayerNorm2D,
@@ -169,18 +170,7 @@ def unparallelize_2d(root: nn.Module, optimizers: Iterable[torch.optim.Optimizer
                 target.data = cut_2d(piece).unshard(piece.detach(), grid).to(piece.dtype)
                 target.requires_grad_(piece.requires_grad)
                 whole[id(piece)] = target
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            for i, p in enumerate(group["params"]):
-                target = whole.get(id(p))
-                if target is None:
-                    continue
-                state = optimizer.state.pop(p, None)
-                if state:
-                    cut = cut_2d(p)
-                    optimizer.state[target] = {k: cut.unshard(v, grid) if isinstance(v, Tensor) and v.shape == p.shape
-                                               else v for k, v in state.items()}
-                group["params"][i] = target
+    move_optimizers(optimizers, whole, lambda piece, value: cut_2d(piece).unshard(value, grid))
     for name, original in reversed(applied.replaced):
         original.train(root.get_submodule(name).training)
         _set(root, name, original)
