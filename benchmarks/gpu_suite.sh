@@ -28,6 +28,7 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh zero_vs_fsdp  # ~5 min on 4 GPUs: ZeRO beside fsdp/FSDP2 at 6.7 B (peers first), 1.3 B
 #   OUT=$OUT benchmarks/gpu_suite.sh offload_2gpu  # 2 GPUs: zero3 on the host, with NVMe spill, FSDP2 + CPUOffloadPolicy
 #   OUT=$OUT benchmarks/gpu_suite.sh tp2d          # ~4 min on 4 GPUs: tp2d parity (2 x 2 grid), then beside tp1d and zero2
+#   OUT=$OUT benchmarks/gpu_suite.sh tp2d_check    # ~3 min on 4 GPUs: tp2d / tp2.5d parity, a checkpoint chain through them
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_parity # ~3 min on 4 GPUs: hybrid (data 2 x tensor 2 + ZeRO, pipeline 2 x tensor 2)
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_speed  # ~8 min on 4 GPUs: hybrid beside the single methods, 1.3B
 #   OUT=$OUT benchmarks/gpu_suite.sh tp1d_check    # ~3 min on 4 GPUs: tp1d and hybrid parity with clipping, tp1d beside zero2
@@ -40,7 +41,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|tp2d|checkpoints|checkpoint_speed|tp1d_check|hybrid_parity|hybrid_speed|hybrid_mb|hybrid_nodes|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh parity|tp2d|tp2d_check|checkpoints|checkpoint_speed|tp1d_check|hybrid_parity|hybrid_speed|hybrid_mb|hybrid_nodes|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -283,6 +284,14 @@ hybrid_p2_zero1
       --only dp,tp1d,tp2d
     run_case parity_tp2d_2gpu 120 2 $MG parity --reference "$REF" --out "$WORK/parity_tp2d_2gpu.json" $ACC --only tp2d
     run_case tp2d_speed 300 4 $MG throughput --out "$WORK/tp2d_speed.json" $ACC $THR --variants tp2d,tp1d,zero2,tp2d
+    ;;
+  tp2d_check)  # tp2d and tp2.5d on NCCL at 4 GPUs (2.5D: 2 and 4 layers of 1 x 1 grids, the depth's groups) and a
+    # checkpoint chain through tp2d: ~3 min
+    run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR --clip 0.05
+    run_case parity_tp2_4gpu 150 4 $MG parity --reference "$REF" --out "$WORK/parity_tp2_4gpu.json" $ACC \
+      --only ddp,tp2d,tp2p5d,tp2p5d_d4
+    run_case resume_tp2d_4gpu 240 4 $MG resume $ACC $PAR $NVME --dir "$WORK/ckpts" \
+      --legs zero3,tp2d,tp1d_2way,tp2d,pipeline_1f1b_2stages,tp2p5d,tp2d,dp
     ;;
   checkpoints)  # the one checkpoint path (issue 13): a chain of strategies at 4 GPUs, each resuming the previous one's
     # checkpoint for one more epoch, continued at 2 GPUs from the 4-GPU chain's last checkpoint; against one

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import lightning.pytorch as pl
 from lightning_par.demo.model import DemoGPT
 from lightning_par.strategies import (DataParallelStrategy, HybridParallelStrategy, PipelineStrategy,
-                                      TensorParallel1DStrategy, ZeroStrategy)
+                                      TensorParallel1DStrategy, TensorParallel2p5DStrategy, ZeroStrategy)
 
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
 
@@ -152,6 +152,9 @@ def parity_strategies(nvme_dir: str, world: int, cfg: dict) -> dict[str, Callabl
         "tp1d_2way": lambda: TensorParallel1DStrategy(tensor_size=2),
         # 2D (SUMMA): a 2 x 2 grid at 4 GPUs (at 2 GPUs a 1 x 1 grid beside data 2)
         "tp2d": lambda: "tp2d",
+        # 2.5D (Tesseract) at 4 GPUs: 2 layers of a 1 x 1 grid x data 2, and 4 layers (the depth's groups on NCCL)
+        "tp2p5d": lambda: "tp2.5d",
+        "tp2p5d_d4": lambda: TensorParallel2p5DStrategy(depth=4),
         # hybrid (at 4 GPUs: data 2 x tensor 2 with ZeRO, pipeline 2 x tensor 2; at 2 GPUs tensor 2 alone)
         "hybrid": lambda: "hybrid",
         **{f"hybrid_t2_zero{z}": (lambda z=z: HybridParallelStrategy(tensor_size=2, zero_stage=z)) for z in (1, 2, 3)},
