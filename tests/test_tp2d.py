@@ -152,3 +152,17 @@ def test_the_recipe_trains_through_the_cli(tmp_path):
     full = load_full(next(root.rglob("last.ckpt")))
     model = DemoGPT(**{k: v for k, v in full["hyper_parameters"].items() if not k.startswith("_")})
     model.load_state_dict(full["state_dict"], strict=True)
+
+
+def test_a_linear_the_plan_does_not_name_is_refused_before_anything_is_cut():
+    from torch import nn as _nn
+
+    from lightning_par.comm.summa import Grid2D
+    from lightning_par.tensor.plan_2d import parallelize_2d
+
+    module = BatchLossGPT()
+    module.extra = _nn.Linear(32, 32)  # a head of its own, outside any block the plan knows
+    before = {name: type(m) for name, m in module.named_modules()}
+    message = error_message(lambda: parallelize_2d(module, Grid2D(row_group=None, col_group=None)))
+    assert "the linear layer 'extra' is not part of an attention or MLP block" in message and "'1d'" in message
+    assert {name: type(m) for name, m in module.named_modules()} == before  # untouched

@@ -97,6 +97,13 @@ def parallelize_2d(root: nn.Module, grid: Grid2D) -> list[tuple[str, str]]:
     outputs = [name for name in vocab if linear_dims(root.get_submodule(name)) is not None]
     tables = [name for name in vocab if isinstance(root.get_submodule(name), nn.Embedding)]
 
+    # Refused before anything is cut: a linear layer the plan does not name.
+    for name, module in root.named_modules():
+        if linear_dims(module) is not None and name not in linears and name not in outputs:
+            raise ValueError(f"2D tensor parallelism: the linear layer {name!r} is not part of an attention or MLP "
+                             "block the automatic plan recognises, and a linear cannot stay whole on activations "
+                             "split in both dims. Use tensor_mode='1d' for this model.")
+
     def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
         applied.replaced.append((name, root.get_submodule(name)))
         _set(root, name, new)
@@ -138,10 +145,6 @@ def parallelize_2d(root: nn.Module, grid: Grid2D) -> list[tuple[str, str]]:
         elif isinstance(module, nn.Embedding):
             _replace(root, name, Embedding2D.from_module(module, grid))
             entries.append((name, "Embedding2D"))
-        elif linear_dims(module) is not None:
-            raise ValueError(f"2D tensor parallelism: the linear layer {name!r} is not part of an attention or MLP "
-                             "block the automatic plan recognises, and a linear cannot stay whole on activations "
-                             "split in both dims. Use tensor_mode='1d' for this model.")
     for name, original in applied.replaced:
         new = root.get_submodule(name)
         for attr, p in original.named_parameters(recurse=False):
