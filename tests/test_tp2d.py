@@ -7,6 +7,7 @@ On 4 ranks the tensor group is the whole world (q = 2); on 8, q = 2 with data 2 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -89,18 +90,34 @@ HYBRID_2D = {
 
 def _train_hybrid(rank: int, world: int, port: int) -> dict:
     _as_external_rank(rank, world, port)
-    return {name: fit(run, HybridParallelStrategy(**arguments), world, data, module_class=BatchLossGPT)
-            for name, (arguments, run, data) in HYBRID_2D.items()}
+    out = {name: fit(run, HybridParallelStrategy(**arguments), world, data, module_class=BatchLossGPT)
+           for name, (arguments, run, data) in HYBRID_2D.items()}
+    if importlib.util.find_spec("transformers") is not None:
+        from test_pipeline_hf import PipelinedHF
+
+        out["hf_llama_2p5d"] = fit(HF_RUN, TensorParallel2p5DStrategy(), world, 1, module_class=PipelinedHF)
+    return out
+
+
+HF_RUN = Run(steps=3, module_kwargs={"arch": "llama"})
 
 
 @pytest.mark.timeout(600)
 def test_tp2d_composed_and_tp2p5d_on_8_ranks_match_one_process():
-    """Data 2 x tp2d 4 (buckets, and ZeRO-2 over the data axis), pipeline 2 x tp2d 4, and tp2.5d (2 x 2 x 2)."""
+    """Data 2 x tp2d 4 (buckets, and ZeRO-2 over the data axis), pipeline 2 x tp2d 4, and tp2.5d (2 x 2 x 2) on
+    the demo GPT and a Hugging Face Llama."""
     per_rank = run_on_ranks(_train_hybrid, 8, free_port())
     for name, (arguments, run, data) in HYBRID_2D.items():
         replicas = [d * 8 // data for d in range(data)]  # data is the outermost axis
         ours = global_losses([r[name] for r in per_rank], data, ranks=replicas)
         assert relative_gap(ours, _reference(run, data)) <= TOL, (name, ours)
+    # A Hugging Face Llama under tp2.5d (two layers of 2 x 2, the preset's defaults)
+    pytest.importorskip("transformers")
+    from test_pipeline_hf import PipelinedHF
+
+    reference = fit(HF_RUN, "auto", 1, 1, module_class=PipelinedHF)
+    for r in per_rank:
+        assert relative_gap(r["hf_llama_2p5d"], reference) <= TOL, (r["hf_llama_2p5d"], reference)
 
 
 def test_sizes_the_grid_cannot_take_are_refused_with_what_would_work():
