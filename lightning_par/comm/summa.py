@@ -19,7 +19,7 @@ never the gathered row or column (the paper's memory bound).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -79,28 +79,48 @@ class Grid2D:
                              f"group {group_size(self.col_group)}.")
 
 
-def _broadcast(x: Tensor, src: int, group: Optional[ProcessGroup], mine: bool) -> Tensor:
-    """``x`` from group rank ``src`` on every rank of ``group`` (``mine``: this rank is ``src``)."""
+def _broadcast(x: Tensor, src: int, group: Optional[ProcessGroup], mine: bool) -> tuple[Tensor, Any]:
+    """Launch the broadcast of ``x`` from group rank ``src`` (``mine``: this rank is ``src``); returns the output
+    and its work, to be waited for (``_wait``) before the output is read."""
     out = x.contiguous() if mine else torch.empty_like(x, memory_format=torch.contiguous_format)
-    if group_size(group) > 1:
-        dist.broadcast(out, src=_global_rank(group, src), group=group)
-    return out
+    if group_size(group) == 1:
+        return out, None
+    return out, dist.broadcast(out, src=_global_rank(group, src), group=group, async_op=True)
 
 
-def _reduce(x: Tensor, dst: int, group: Optional[ProcessGroup]) -> Tensor:
-    """The sum of ``x`` over ``group``, valid on group rank ``dst`` only."""
+def _reduce(x: Tensor, dst: int, group: Optional[ProcessGroup]) -> tuple[Tensor, Any]:
+    """Launch the sum of ``x`` over ``group`` into group rank ``dst``'s ``x``; returns it and its work."""
     x = x.contiguous()
-    if group_size(group) > 1:
-        dist.reduce(x, dst=_global_rank(group, dst), op=dist.ReduceOp.SUM, group=group)
-    return x
+    if group_size(group) == 1:
+        return x, None
+    return x, dist.reduce(x, dst=_global_rank(group, dst), op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+def _wait(work: Any) -> None:
+    if work is not None:
+        work.wait()  # on NCCL: the current stream waits, the host does not
+
+
+# [Note: SUMMA's steps overlapped]
+# Each product launches step k + 1's broadcasts before step k's matmul, so the next blocks travel while this one
+# multiplies (two blocks of each broadcast operand are held, not one); the reduces of the partial results are
+# launched as each is computed and waited for once, at the end. Collectives of one group still run in order, and
+# every rank issues them in the same order.
 
 
 def summa_ab(a: Tensor, b: Tensor, grid: Grid2D) -> Tensor:
     """``C_ij = sum_k A_ik @ B_kj``: ``a`` [m, k] and ``b`` [k, n] are this rank's blocks; returns its [m, n] block."""
+    def fetch(k: int):
+        return _broadcast(a, k, grid.row_group, grid.col == k), _broadcast(b, k, grid.col_group, grid.row == k)
+
     c = a.new_zeros(a.shape[0], b.shape[1])
+    ahead = fetch(0)
     for k in range(grid.q):
-        a_k = _broadcast(a, k, grid.row_group, grid.col == k)
-        b_k = _broadcast(b, k, grid.col_group, grid.row == k)
+        (a_k, a_work), (b_k, b_work) = ahead
+        if k + 1 < grid.q:
+            ahead = fetch(k + 1)
+        _wait(a_work)
+        _wait(b_work)
         c.addmm_(a_k, b_k)
     return c
 
@@ -109,11 +129,19 @@ def summa_abt(a: Tensor, b: Tensor, grid: Grid2D) -> Tensor:
     """``C_ik = sum_j A_ij @ B_kj^T``: ``a`` [m, n] and ``b`` [k, n] are this rank's blocks; returns its [m, k]
     block of ``A @ B^T``."""
     c: Optional[Tensor] = None
+    reduces = []
+    ahead = _broadcast(b, 0, grid.col_group, grid.row == 0)
     for k in range(grid.q):
-        b_k = _broadcast(b, k, grid.col_group, grid.row == k)
-        partial = _reduce(a @ b_k.t(), k, grid.row_group)
+        b_k, work = ahead
+        if k + 1 < grid.q:
+            ahead = _broadcast(b, k + 1, grid.col_group, grid.row == k + 1)
+        _wait(work)
+        partial, reduce_work = _reduce(a @ b_k.t(), k, grid.row_group)
+        reduces.append((partial, reduce_work))
         if grid.col == k:
             c = partial
+    for _, reduce_work in reduces:
+        _wait(reduce_work)
     return c
 
 
@@ -121,11 +149,19 @@ def summa_atb(a: Tensor, b: Tensor, grid: Grid2D) -> Tensor:
     """``C_kj = sum_i A_ik^T @ B_ij``: ``a`` [m, k] and ``b`` [m, n] are this rank's blocks; returns its [k, n]
     block of ``A^T @ B``."""
     c: Optional[Tensor] = None
+    reduces = []
+    ahead = _broadcast(a, 0, grid.row_group, grid.col == 0)
     for k in range(grid.q):
-        a_k = _broadcast(a, k, grid.row_group, grid.col == k)
-        partial = _reduce(a_k.t() @ b, k, grid.col_group)
+        a_k, work = ahead
+        if k + 1 < grid.q:
+            ahead = _broadcast(a, k + 1, grid.row_group, grid.col == k + 1)
+        _wait(work)
+        partial, reduce_work = _reduce(a_k.t() @ b, k, grid.col_group)
+        reduces.append((partial, reduce_work))
         if grid.row == k:
             c = partial
+    for _, reduce_work in reduces:
+        _wait(reduce_work)
     return c
 
 
