@@ -194,11 +194,10 @@ def _check_layers(grid: Grid2D) -> None:
     assert m2["wpe"].weight.numel() * Q * Q == model.wpe.weight.numel()
     assert m2["head"].weight.numel() * Q * Q == (VOCAB + 1) * HIDDEN  # one zero row of padding
 
-    if grid.d > 1:
-        return  # the collective counts below are one 2D layer's
     # SUMMA's collectives for one Linear2D (no bias), Y = X W^T: forward q broadcasts of the weight block down the
     # column and q reduces of the partial outputs along the row; backward dX = dY W (q broadcasts of dY's block
     # along the row, q of W's down the column) and dW = dY^T X (q broadcasts of dY's block, q reduces of dW's).
+    # 2.5D adds one all-reduce of the weight block's gradient over the depth (Tesseract's), nothing forward.
     layer = Linear2D.from_module(nn.Linear(HIDDEN, FFN, bias=False), grid)
     x = activation_block(torch.randn(BATCH * SEQ, HIDDEN), grid).requires_grad_(True)
     with _counting() as (counts, sizes):
@@ -208,8 +207,10 @@ def _check_layers(grid: Grid2D) -> None:
     assert sizes == {"broadcast": Q * w_bytes, "reduce": Q * y_bytes}, sizes
     with _counting() as (counts, sizes):
         y.backward(torch.ones_like(y))
-    assert counts == {"broadcast": 3 * Q, "reduce": Q}, counts
-    assert sizes == {"broadcast": Q * (2 * y_bytes + w_bytes), "reduce": Q * w_bytes}, sizes
+    depth = {"all_reduce": 1} if grid.d > 1 else {}
+    assert counts == {"broadcast": 3 * Q, "reduce": Q, **depth}, counts
+    depth_bytes = {"all_reduce": w_bytes} if grid.d > 1 else {}
+    assert sizes == {"broadcast": Q * (2 * y_bytes + w_bytes), "reduce": Q * w_bytes, **depth_bytes}, sizes
 
 
 def _check_bf16(grid: Grid2D) -> None:
