@@ -19,7 +19,7 @@ never the gathered row or column (the paper's memory bound).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -125,44 +125,39 @@ def summa_ab(a: Tensor, b: Tensor, grid: Grid2D) -> Tensor:
     return c
 
 
-def summa_abt(a: Tensor, b: Tensor, grid: Grid2D) -> Tensor:
-    """``C_ik = sum_j A_ij @ B_kj^T``: ``a`` [m, n] and ``b`` [k, n] are this rank's blocks; returns its [m, k]
-    block of ``A @ B^T``."""
+def _reduced_steps(operand: Tensor, along: Optional[ProcessGroup], my_index: int,
+                   multiply: Callable[[Tensor], Tensor], reduce_group: Optional[ProcessGroup], my_target: int,
+                   q: int) -> Tensor:
+    """The steps of ``summa_abt`` and ``summa_atb``: in step k, ``operand`` is broadcast from group rank k of
+    ``along`` (``my_index``: this rank's index there; launched one step ahead), multiplied, and the partial reduced
+    to group rank k of ``reduce_group``; returns the reduced partial of step ``my_target``, this rank's block."""
     c: Optional[Tensor] = None
     reduces = []
-    ahead = _broadcast(b, 0, grid.col_group, grid.row == 0)
-    for k in range(grid.q):
-        b_k, work = ahead
-        if k + 1 < grid.q:
-            ahead = _broadcast(b, k + 1, grid.col_group, grid.row == k + 1)
+    ahead = _broadcast(operand, 0, along, my_index == 0)
+    for k in range(q):
+        block, work = ahead
+        if k + 1 < q:
+            ahead = _broadcast(operand, k + 1, along, my_index == k + 1)
         _wait(work)
-        partial, reduce_work = _reduce(a @ b_k.t(), k, grid.row_group)
+        partial, reduce_work = _reduce(multiply(block), k, reduce_group)
         reduces.append((partial, reduce_work))
-        if grid.col == k:
+        if my_target == k:
             c = partial
     for _, reduce_work in reduces:
         _wait(reduce_work)
     return c
+
+
+def summa_abt(a: Tensor, b: Tensor, grid: Grid2D) -> Tensor:
+    """``C_ik = sum_j A_ij @ B_kj^T``: ``a`` [m, n] and ``b`` [k, n] are this rank's blocks; returns its [m, k]
+    block of ``A @ B^T`` (``B_kj`` down column j, the partials along row i to column k)."""
+    return _reduced_steps(b, grid.col_group, grid.row, lambda b_k: a @ b_k.t(), grid.row_group, grid.col, grid.q)
 
 
 def summa_atb(a: Tensor, b: Tensor, grid: Grid2D) -> Tensor:
     """``C_kj = sum_i A_ik^T @ B_ij``: ``a`` [m, k] and ``b`` [m, n] are this rank's blocks; returns its [k, n]
-    block of ``A^T @ B``."""
-    c: Optional[Tensor] = None
-    reduces = []
-    ahead = _broadcast(a, 0, grid.row_group, grid.col == 0)
-    for k in range(grid.q):
-        a_k, work = ahead
-        if k + 1 < grid.q:
-            ahead = _broadcast(a, k + 1, grid.row_group, grid.col == k + 1)
-        _wait(work)
-        partial, reduce_work = _reduce(a_k.t() @ b, k, grid.col_group)
-        reduces.append((partial, reduce_work))
-        if grid.row == k:
-            c = partial
-    for _, reduce_work in reduces:
-        _wait(reduce_work)
-    return c
+    block of ``A^T @ B`` (``A_ik`` along row i, the partials down column j to row k)."""
+    return _reduced_steps(a, grid.row_group, grid.col, lambda a_k: a_k.t() @ b, grid.col_group, grid.row, grid.q)
 
 
 class _SummaLinear(torch.autograd.Function):

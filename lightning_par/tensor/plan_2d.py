@@ -166,8 +166,8 @@ def unparallelize_2d(root: nn.Module, optimizers: Iterable[torch.optim.Optimizer
         return
     grid = applied.grid
     whole: dict[int, nn.Parameter] = {}
-    for name, original in applied.replaced:
-        for attr, piece in root.get_submodule(name).named_parameters(recurse=False):
+    for name, _ in applied.replaced:
+        for _, piece in root.get_submodule(name).named_parameters(recurse=False):
             target = applied.originals.get(id(piece))
             if target is not None and id(piece) not in whole:
                 target.data = cut_2d(piece).unshard(piece.detach(), grid).to(piece.dtype)
