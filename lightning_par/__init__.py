@@ -12,6 +12,7 @@ from lightning_par.strategies import (
     TensorParallel1DStrategy,
     TensorParallel2DStrategy,
     TensorParallel2p5DStrategy,
+    TensorParallel3DStrategy,
     ZeroStrategy,
     register_all,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "TensorParallel1DStrategy",
     "TensorParallel2DStrategy",
     "TensorParallel2p5DStrategy",
+    "TensorParallel3DStrategy",
     "Topology",
     "ZeroStrategy",
     "__version__",

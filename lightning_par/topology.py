@@ -189,6 +189,10 @@ class Topology:
             # 2.5D's layer (one q x q grid) and stack (a column across every layer), see comm/summa.Grid2D.
             mesh[("tensor_row", "tensor_col")]._flatten("tensor_layer")
             mesh[("tensor_depth", "tensor_row")]._flatten("tensor_stack")
+        if self.tensor_mode == "3d":
+            # The cube's two planes (comm/cube.Grid3D): the samples of layout "z" and of layout "y".
+            mesh[("tensor_x", "tensor_y")]._flatten("tensor_xy")
+            mesh[("tensor_x", "tensor_z")]._flatten("tensor_xz")
         return mesh
 
     @classmethod

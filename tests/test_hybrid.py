@@ -140,7 +140,7 @@ def test_strategy_arguments_and_errors():
                                                                                            zero_stage=2))
     assert "offload with a pipeline" in error_message(lambda: HybridParallelStrategy(pipeline_size=2, zero_stage=1,
                                                                                       offload=1.0))
-    assert "not built yet" in error_message(lambda: HybridParallelStrategy(tensor_mode="3d"))
+    assert "Unknown tensor_mode" in error_message(lambda: HybridParallelStrategy(tensor_mode="4d"))
     assert "1D options" in error_message(lambda: HybridParallelStrategy(tensor_mode="2d", sequence_parallel=True))
     assert "needs zero_stage" in error_message(lambda: HybridParallelStrategy(offload=1.0))
     assert "does not divide" in error_message(lambda: HybridParallelStrategy(pipeline_size=3).topology_for(8))

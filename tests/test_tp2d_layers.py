@@ -18,8 +18,9 @@ from torch import nn
 
 from lightning_par.comm.summa import Grid2D, summa_ab, summa_abt, summa_atb
 from lightning_par.tensor.layers_2d import (
-    Embedding2D, LayerNorm2D, Linear2D, Output2D, RMSNorm2D, VocabParallelEmbedding2D, activation_block, cut_2d,
+    Embedding2D, LayerNorm2D, Linear2D, Output2D, RMSNorm2D, VocabParallelEmbedding2D, activation_block,
 )
+from lightning_par.tensor.grid_cut import grid_cut
 from lightning_par.pieces import Holding, sub_box
 from lightning_par.tensor.loss import VocabParallelLogits
 from lightning_par.tensor.plan_2d import parallelize_2d, unparallelize_2d
@@ -159,8 +160,8 @@ def _check_layers(grid: Grid2D) -> None:
     for layer_name, whole_layer in wholes.items():
         for name, p in m2[layer_name].named_parameters():
             whole = getattr(whole_layer, name)
-            _close(cut_2d(p).unshard(p.detach(), grid), whole.detach(), f"{layer_name}.{name} unsharded")
-            holding = Holding(name, tuple(p.shape), cut_2d(p).boxes(grid))
+            _close(grid_cut(p).unshard(p.detach(), grid), whole.detach(), f"{layer_name}.{name} unsharded")
+            holding = Holding(name, tuple(p.shape), grid_cut(p).boxes(grid))
             assert holding.global_shape == tuple(whole.shape)
             for offsets, view in holding.boxes(p.detach()):
                 _close(view, sub_box(whole.detach(), (0,) * whole.dim(), offsets, tuple(view.shape)),
@@ -173,7 +174,7 @@ def _check_layers(grid: Grid2D) -> None:
     loss2.backward()
 
     def block(grad, p):
-        return cut_2d(p).shard(grad, grid)
+        return grid_cut(p).shard(grad, grid)
 
     # The tied table: the embedding's and the output layer's gradients, both in one Parameter.
     _close(m2["head"].weight.grad, block(model.head.weight.grad, m2["head"].weight), "head/wte weight grad")
@@ -233,7 +234,7 @@ def _check_bf16(grid: Grid2D) -> None:
     assert abs(losses[1] - losses[0]) <= 2e-2 * abs(losses[0]), losses
     grad = cut.model.blocks[0].mlp.c_fc.weight.grad
     assert grad.dtype == torch.float32
-    expected = cut_2d(cut.model.blocks[0].mlp.c_fc.weight).shard(whole.model.blocks[0].mlp.c_fc.weight.grad, grid)
+    expected = grid_cut(cut.model.blocks[0].mlp.c_fc.weight).shard(whole.model.blocks[0].mlp.c_fc.weight.grad, grid)
     assert (grad - expected).norm() <= 2e-2 * expected.norm(), ((grad - expected).norm(), expected.norm())
 
 

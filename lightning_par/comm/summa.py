@@ -70,6 +70,21 @@ class Grid2D:
         """The ranks that hold the other blocks of the samples next to mine: my column (2D), across layers (2.5D)."""
         return self.stack_group if self.d > 1 else self.col_group
 
+    axes = ("row", "col")
+
+    def index(self, axis: str) -> int:
+        """This rank's coordinate on ``axis`` ("row" or "col"), for ``tensor.grid_cut.GridCut``."""
+        return {"row": self.row, "col": self.col}[axis]
+
+    def group(self, axis: str) -> Optional[ProcessGroup]:
+        """The ranks that differ from this one only on ``axis``: a column's ranks differ in their row."""
+        return {"row": self.col_group, "col": self.row_group}[axis]
+
+    @property
+    def label(self) -> str:
+        q = self.q
+        return f"tp2d plan on a {q} x {q} grid" if self.d == 1 else f"tp2.5d plan on {self.d} layers of a {q} x {q} grid"
+
     def __deepcopy__(self, memo: dict) -> "Grid2D":
         return self  # a copied layer (a pipeline's meta copy, EMA) lives on the same grid
 

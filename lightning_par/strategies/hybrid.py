@@ -16,7 +16,7 @@ from lightning_par.pipeline.runtime import PipelineRuntime, ScheduleName
 from lightning_par.strategies.base import StartMethod
 from lightning_par.strategies.composed import ComposedStrategy
 from lightning_par.tensor.axis import TensorAxis
-from lightning_par.tensor.axis_2d import TensorAxis2D
+from lightning_par.tensor.axis_2d import TensorAxis2D, TensorAxis3D
 from lightning_par.tensor.styles import ParallelStyle
 from lightning_par.topology import TensorMode
 from lightning_par.zero.axis import ZeroAxis
@@ -34,7 +34,8 @@ class HybridParallelStrategy(ComposedStrategy):
         tensor_size: ranks per tensor group. Default: the largest divisor of ``world / pipeline_size`` that divides
             every head count and width the automatic plan would split (as ``tp1d``).
         tensor_mode: ``"1d"`` (Megatron), ``"2d"`` (SUMMA: ``tensor_size`` is q x q, see ``tp2d``) or ``"2.5d"``
-            (Tesseract: ``tensor_size`` is depth x q x q, see ``tp2.5d``); 3D is not built yet.
+            (Tesseract: ``tensor_size`` is depth x q x q, see ``tp2.5d``) or ``"3d"`` (a cube: ``tensor_size`` is
+            q x q x q, see ``tp3d``).
         depth: with ``tensor_mode="2.5d"``, the grids in the stack (for example 2).
         zero_stage: 0 (data-parallel buckets), 1, 2 or 3 (ZeRO over the data axis). With ``pipeline_size > 1`` 0 or
             1: a pipeline accumulates each stage's gradients over its microbatches, which ZeRO-2/3 would reduce and
@@ -78,12 +79,12 @@ class HybridParallelStrategy(ComposedStrategy):
     ) -> None:
         if not isinstance(pipeline_size, int) or isinstance(pipeline_size, bool) or pipeline_size < 1:
             raise ValueError(f"pipeline_size must be a positive integer; got {pipeline_size!r}.")
-        if tensor_mode not in ("1d", "2d", "2.5d"):
-            raise ValueError(f"tensor_mode={tensor_mode!r} is not built yet; hybrid runs tensor_mode='1d' (Megatron), "
-                             "'2d' (SUMMA) or '2.5d' (Tesseract).")
+        if tensor_mode not in ("1d", "2d", "2.5d", "3d"):
+            raise ValueError(f"Unknown tensor_mode={tensor_mode!r}; hybrid runs tensor_mode='1d' (Megatron), "
+                             "'2d' (SUMMA), '2.5d' (Tesseract) or '3d' (a cube).")
         if tensor_mode != "1d" and (plan is not None or sequence_parallel or sequence_chunks != 1):
-            raise ValueError(f"tensor_mode={tensor_mode!r} cuts the module by the automatic 2D plan, and its "
-                             "activations are split in both dims already: plan, sequence_parallel and sequence_chunks "
+            raise ValueError(f"tensor_mode={tensor_mode!r} cuts the module by the automatic plan on a grid, and "
+                             "its activations are split in both dims already: plan, sequence_parallel and sequence_chunks "
                              "are 1D options.")
         if depth != 1 and tensor_mode != "2.5d":
             raise ValueError(f"depth={depth} stacks the grids of tensor_mode='2.5d'; got tensor_mode={tensor_mode!r}.")
@@ -98,7 +99,9 @@ class HybridParallelStrategy(ComposedStrategy):
             raise ValueError("offload places ZeRO's chunks on the host; it needs zero_stage 1, 2 or 3.")
         if offload is not None and pipeline_size > 1:
             raise ValueError("offload with a pipeline is not built; use pipeline_size=1 with offload.")
-        if tensor_mode in ("2d", "2.5d"):
+        if tensor_mode == "3d":
+            tensor = TensorAxis3D(param_init_fn=param_init_fn, who="hybrid", owner=type(self).__name__)
+        elif tensor_mode in ("2d", "2.5d"):
             tensor = TensorAxis2D(param_init_fn=param_init_fn, who="hybrid", owner=type(self).__name__,
                                   depth=depth if tensor_mode == "2.5d" else 1)
         else:

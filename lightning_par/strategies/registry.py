@@ -16,7 +16,11 @@ from lightning_par.strategies.data_parallel import DataParallelStrategy
 from lightning_par.strategies.hybrid import HybridParallelStrategy
 from lightning_par.strategies.pipeline import PipelineStrategy
 from lightning_par.strategies.tensor_parallel import TensorParallel1DStrategy
-from lightning_par.strategies.tensor_parallel_2d import TensorParallel2DStrategy, TensorParallel2p5DStrategy
+from lightning_par.strategies.tensor_parallel_2d import (
+    TensorParallel2DStrategy,
+    TensorParallel2p5DStrategy,
+    TensorParallel3DStrategy,
+)
 from lightning_par.strategies.zero import ZeroStrategy
 
 START_METHODS = {"": "popen", "_spawn": "spawn", "_fork": "fork"}
@@ -45,6 +49,7 @@ PRESETS = (
     Preset("tp1d", TensorParallel1DStrategy, "1D tensor parallel (Megatron) x data parallel"),
     Preset("tp2d", TensorParallel2DStrategy, "2D tensor parallel (SUMMA) x data parallel"),
     Preset("tp2.5d", TensorParallel2p5DStrategy, "2.5D tensor parallel (Tesseract) x data parallel"),
+    Preset("tp3d", TensorParallel3DStrategy, "3D tensor parallel (a q x q x q cube) x data parallel"),
     Preset("pipeline", PipelineStrategy, "pipeline parallel, 1F1B schedule", {"schedule": "1f1b"}),
     Preset("pipeline_gpipe", PipelineStrategy, "pipeline parallel, GPipe schedule", {"schedule": "gpipe"}),
     Preset("pipeline_interleaved", PipelineStrategy, "pipeline parallel, interleaved 1F1B schedule",

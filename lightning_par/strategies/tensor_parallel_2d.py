@@ -1,6 +1,6 @@
-"""2D (SUMMA / Optimus) and 2.5D (Tesseract) tensor parallelism on top of data parallelism: the 2D tensor axis
-(``tensor/axis_2d.py``) and the data axis, as presets of the composed strategy (``hybrid`` with ``tensor_mode="2d"``
-or ``"2.5d"``, no pipeline, no ZeRO)."""
+"""2D (SUMMA / Optimus), 2.5D (Tesseract) and 3D tensor parallelism on top of data parallelism: the grid tensor
+axes (``tensor/axis_2d.py``) and the data axis, as presets of the composed strategy (``hybrid`` with
+``tensor_mode="2d"``, ``"2.5d"`` or ``"3d"``, no pipeline, no ZeRO)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning_par.comm.data_axis import DataAxis
 from lightning_par.strategies.base import StartMethod
 from lightning_par.strategies.composed import ComposedStrategy, argument
-from lightning_par.tensor.axis_2d import TensorAxis2D
+from lightning_par.tensor.axis_2d import TensorAxis2D, TensorAxis3D
 from lightning_par.tensor.plan_2d import Applied2D, applied_plan_2d
 
 
@@ -101,4 +101,43 @@ class TensorParallel2p5DStrategy(ComposedStrategy):
     @property
     def applied_plan(self) -> Optional[Applied2D]:
         """What the plan did to the module (after ``setup``): the grid and each module's 2D layer."""
+        return applied_plan_2d(self.lightning_module) if self.lightning_module is not None else None
+
+
+class TensorParallel3DStrategy(ComposedStrategy):
+    """3D tensor parallelism (``strategy="tp3d"``): a tensor group of q x q x q ranks holds 1/q^3 of every weight
+    matrix and of every activation between layers (the samples cut in q^2 blocks, the hidden dim in q; see
+    ``docs/tp3d.md``); the products are all-gathers and reduce-scatters across the cube's three axes. The remaining
+    ``world / tensor_size`` ranks are data parallel.
+
+    The module is cut in place when ``fit`` starts by the automatic plan ``tp2d`` uses, with the cube's layers; the
+    global batch must divide by q^2, linear input widths by q^2 and position embeddings' widths by q^3.
+
+    Args:
+        tensor_size: ranks per tensor group, q x q x q. Default: the largest cube dividing the world size whose q
+            divides every head count and width the plan splits.
+        param_init_fn, weights_only, bucket_size_mb, process_group_backend, timeout, start_method: as for ``tp2d``.
+    """
+
+    def __init__(
+        self,
+        tensor_size: Optional[int] = None,
+        param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
+        bucket_size_mb: float = 25.0,
+        weights_only: Optional[bool] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: StartMethod = "popen",
+    ) -> None:
+        tensor = TensorAxis3D(param_init_fn=param_init_fn, who="tp3d", owner=type(self).__name__)
+        super().__init__(data=DataAxis(bucket_size_mb), tensor=tensor, tensor_size=tensor_size,
+                         weights_only=weights_only, process_group_backend=process_group_backend, timeout=timeout,
+                         start_method=start_method)
+
+    param_init_fn = argument("tensor_axis", "param_init_fn")
+    bucket_size_mb = argument("data_axis", "bucket_size_mb")
+
+    @property
+    def applied_plan(self) -> Optional[Applied2D]:
+        """What the plan did to the module (after ``setup``): the cube and each module's 3D layer."""
         return applied_plan_2d(self.lightning_module) if self.lightning_module is not None else None

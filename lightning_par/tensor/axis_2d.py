@@ -9,7 +9,7 @@ do here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -18,10 +18,11 @@ from torch import nn
 
 from lightning_par.comm.buckets import broadcast_module
 from lightning_par.comm.grad_norm import NormPart
+from lightning_par.comm.cube import Grid3D
 from lightning_par.comm.summa import Grid2D
 from lightning_par.tensor.auto_plan import auto_plan
 from lightning_par.tensor.axis import Groups, materialize_whole, share_rng_state
-from lightning_par.tensor.layers_2d import cut_2d
+from lightning_par.tensor.grid_cut import grid_cut
 from lightning_par.tensor.plan_2d import applied_plan_2d, parallelize_2d, unparallelize_2d
 from lightning_par.tensor.styles import divisors
 from lightning_par.zero.pieces import Placement
@@ -61,17 +62,12 @@ class TensorAxis2D:
     def shard(self, module: nn.Module, group_of: Callable[[str], dist.ProcessGroup], size: int,
               device: torch.device) -> None:
         self._tensor_group = group_of("tensor")
-        if self.depth > 1:
-            grid = Grid2D(row_group=group_of("tensor_col"), col_group=group_of("tensor_row"),
-                          depth_group=group_of("tensor_depth"), layer_group=group_of("tensor_layer"),
-                          stack_group=group_of("tensor_stack"))
-        else:
-            grid = Grid2D(row_group=group_of("tensor_col"), col_group=group_of("tensor_row"))
+        grid = self._grid(group_of)
         existing = applied_plan_2d(module)
         if existing is not None:
-            if existing.grid.q != grid.q:
-                raise ValueError(f"This module was cut for a {existing.grid.q} x {existing.grid.q} grid; build a new "
-                                 f"module to train it on {grid.q} x {grid.q}.")
+            if type(existing.grid) is not type(grid) or (existing.grid.q, existing.grid.d) != (grid.q, grid.d):
+                raise ValueError(f"This module was cut for the {existing.grid.label}; build a new module to train it "
+                                 f"on the {grid.label}.")
             _rebind(module, existing.grid, grid)
             existing.grid = grid
         else:
@@ -82,6 +78,13 @@ class TensorAxis2D:
             self.failed = False
             rank_zero_info(applied_plan_2d(module).describe())
         share_rng_state(self._tensor_group, device)
+
+    def _grid(self, group_of: Callable[[str], dist.ProcessGroup]) -> Union[Grid2D, Grid3D]:
+        if self.depth > 1:
+            return Grid2D(row_group=group_of("tensor_col"), col_group=group_of("tensor_row"),
+                          depth_group=group_of("tensor_depth"), layer_group=group_of("tensor_layer"),
+                          stack_group=group_of("tensor_stack"))
+        return Grid2D(row_group=group_of("tensor_col"), col_group=group_of("tensor_row"))
 
     # ----- gradients: final after autograd (see the module docstring) ----------------------------------------------
 
@@ -111,16 +114,24 @@ class TensorAxis2D:
 
     def norm_parts(self, module: nn.Module, grads: list[tuple[nn.Parameter, torch.Tensor]], others: Groups = (),
                    counted: bool = True) -> list[NormPart]:
-        """A parameter cut over the whole grid is summed over the tensor group and ``others``; a vector a column
-        shares, over the row (each column's block once) and ``others``; anything else over ``others``."""
+        """A parameter cut over the whole grid is summed over the tensor group and ``others``; a vector shared by the
+        ranks with one coordinate on an axis, over that axis's group (each of its blocks once) and ``others``;
+        anything else over ``others``. Every rank returns the same parts, in the grid's axis order."""
         applied = applied_plan_2d(module)
-        spread = {id(p): (cut.spread if (cut := cut_2d(p)) is not None else None) for p, _ in grads}
-        row = (applied.grid.row_group,) if applied is not None else ()
+        cuts = {id(p): grid_cut(p) for p, _ in grads}
+        parts = [NormPart([g for p, g in grads if cuts[id(p)] is None], others, counted)]
+        if applied is None:
+            return parts
+        grid = applied.grid
         # One layer's q x q ranks hold each piece once (2.5D's other layers hold the same pieces).
-        layer = applied.grid.layer_group if applied is not None and applied.grid.d > 1 else self._tensor_group
-        return [NormPart([g for p, g in grads if spread[id(p)] == "grid"], (layer, *others), counted),
-                NormPart([g for p, g in grads if spread[id(p)] == "row"], (*row, *others), counted),
-                NormPart([g for p, g in grads if spread[id(p)] is None], others, counted)]
+        layer = grid.layer_group if grid.d > 1 else self._tensor_group
+        parts.append(NormPart([g for p, g in grads if cuts[id(p)] is not None and cuts[id(p)].spread == "grid"],
+                              (layer, *others), counted))
+        for axis in grid.axes:
+            shared = [g for p, g in grads if (cut := cuts[id(p)]) is not None and cut.spread == "shared"
+                      and cut.shared_axis == axis]
+            parts.append(NormPart(shared, (grid.group(axis), *others), counted))
+        return parts
 
     # ----- checkpoints and teardown -------------------------------------------------------------------------------
 
@@ -130,7 +141,7 @@ class TensorAxis2D:
         if applied is None:
             return None
         grid = applied.grid
-        return lambda p: (cut.boxes(grid), 0) if (cut := cut_2d(p)) is not None else None
+        return lambda p: (cut.boxes(grid), 0) if (cut := grid_cut(p)) is not None else None
 
     def unshard(self, module: Optional[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
         if module is None or not self.sharded_here or applied_plan_2d(module) is None:
@@ -148,3 +159,25 @@ def _rebind(module: nn.Module, old: Grid2D, new: Grid2D) -> None:
     for m in module.modules():
         if getattr(m, "grid", None) is old:
             m.grid = new
+
+
+class TensorAxis3D(TensorAxis2D):
+    """Cuts a module over a q x q x q cube of the innermost ranks by the same automatic plan, with the cube's layers
+    (``tensor/layers_3d.py``); everything after the cut is the 2D axis's (its gradients are final after autograd,
+    its pieces carry a ``GridCut``)."""
+
+    def __init__(self, *, param_init_fn: Optional[Callable[[nn.Module], None]], who: str, owner: str) -> None:
+        super().__init__(param_init_fn=param_init_fn, who=who, owner=owner)
+        self.mode = "3d"
+
+    def default_size(self, module: Optional[nn.Module], ranks: int) -> int:
+        """The largest q^3 dividing ``ranks`` whose q divides every head count and width the plan splits."""
+        existing = applied_plan_2d(module) if module is not None else None
+        if existing is not None:
+            return existing.grid.q ** 3
+        divisor = auto_plan(module).divisor() if module is not None else 0
+        return max(q ** 3 for q in divisors(ranks) if ranks % q ** 3 == 0 and (divisor == 0 or divisor % q == 0))
+
+    def _grid(self, group_of: Callable[[str], dist.ProcessGroup]) -> Grid3D:
+        return Grid3D(x_group=group_of("tensor_x"), y_group=group_of("tensor_y"), z_group=group_of("tensor_z"),
+                      xy_group=group_of("tensor_xy"), xz_group=group_of("tensor_xz"))

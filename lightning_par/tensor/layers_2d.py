@@ -16,63 +16,24 @@ rank as well:
 - ``Embedding2D`` (positions): the table's hidden dim cut in q^2 pieces, piece ``j*q + i`` on rank (i, j); the q
   pieces of column j are all-gathered for the lookup (their gradient reduce-scattered back).
 
-Each parameter carries a :class:`Cut2D`, the one description of how it is cut, which everything else reads: the
-layer's ``from_module`` slices the whole weights with it, checkpoints turn it into boxes, the gradient norm into
-its groups, and ``unshard`` gathers the whole tensor back.
+Each parameter carries a ``GridCut`` (``tensor/grid_cut.py``), the one description of how it is cut, which everything
+else reads: the layer's ``from_module`` slices the whole weights with it, checkpoints turn it into boxes, the gradient
+norm into its groups, and ``unshard`` gathers the whole tensor back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_par.comm.collectives import all_gather_along_dim, copy_to_group, reduce_scatter_along_dim
-from lightning_par.comm.raw_collectives import _all_gather
 from lightning_par.comm.summa import Grid2D, sum_over_group, summa_linear
-from lightning_par.pieces import Cuts
+from lightning_par.tensor.grid_cut import GridCut, cut_parameter, load_piece, padded
 from lightning_par.tensor.layers_1d import ShardSpec, linear_dims
 from lightning_par.tensor.loss import VocabParallelLogits
-
-_CUT_ATTR = "_lp_cut_2d"
-GridAxis = Literal["row", "col"]
-
-
-@dataclass(frozen=True)
-class Cut2D:
-    """How a parameter of a 2D layer is cut: ``(spec, axis)`` pairs, innermost first, each cutting by this rank's
-    ``axis`` index on the grid (``"col"``: its column, the cut spread over its row group; ``"row"``: its row, over
-    its column group); ``spread``: ``"grid"`` when the q^2 ranks hold disjoint pieces, ``"row"`` when each column
-    holds one block, the same on all its rows."""
-
-    cuts: tuple[tuple[ShardSpec, GridAxis], ...]
-    spread: Literal["grid", "row"]
-
-    def _index(self, axis: GridAxis, grid: Grid2D) -> int:
-        return grid.col if axis == "col" else grid.row
-
-    def _group(self, axis: GridAxis, grid: Grid2D):
-        return grid.row_group if axis == "col" else grid.col_group
-
-    def shard(self, whole: Tensor, grid: Grid2D) -> Tensor:
-        """This rank's piece of the whole tensor."""
-        for spec, axis in reversed(self.cuts):
-            whole = spec.shard(whole, self._index(axis, grid))
-        return whole
-
-    def unshard(self, local: Tensor, grid: Grid2D) -> Tensor:
-        """The whole tensor from every rank's piece: a collective over the grid."""
-        for spec, axis in self.cuts:
-            local = spec.unshard(_all_gather(local.contiguous(), spec.dim, self._group(axis, grid)))
-        return local
-
-    def boxes(self, grid: Grid2D) -> Cuts:
-        """The cuts at this rank, for checkpoints (``pieces.Holding``)."""
-        return Cuts(tuple((spec, self._index(axis, grid)) for spec, axis in self.cuts))
-
 
 def _depth_shared(weight: Tensor, grid: Grid2D) -> Tensor:
     """A weight every layer of a 2.5D stack holds: used as it is, its gradient summed over the depth."""
@@ -84,44 +45,23 @@ def _vector(vector: Tensor, grid: Grid2D) -> Tensor:
     return copy_to_group(vector, grid.samples_group)
 
 
-def cut_2d(param: Tensor) -> Optional[Cut2D]:
-    """The :class:`Cut2D` of a 2D layer's parameter, or None."""
-    return getattr(param, _CUT_ATTR, None)
-
-
-def _parameter(shape: tuple[int, ...], cut: Cut2D, device, dtype, fill: Optional[float] = None) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(shape, device=device, dtype=dtype) if fill is None
-                     else torch.full(shape, fill, device=device, dtype=dtype))
-    setattr(p, _CUT_ATTR, cut)
-    return p
-
-
-def _load(param: nn.Parameter, whole: Tensor, grid: Grid2D) -> None:
-    with torch.no_grad():
-        param.copy_(cut_2d(param).shard(whole.detach(), grid))
-
-
 def _divisible(owner: str, grid: Grid2D, **sizes: int) -> None:
     for name, size in sizes.items():
         if size % grid.q:
             raise ValueError(f"{owner} on a {grid.q} x {grid.q} grid: {name}={size} is not divisible by q={grid.q}.")
 
 
-def _vector_cut(size: int, q: int, segments: Optional[tuple[int, ...]] = None, pad: bool = False) -> Cut2D:
-    return Cut2D(((ShardSpec(0, segments or (size,), q, pad), "col"),), "row")
+def _vector_cut(size: int, q: int, segments: Optional[tuple[int, ...]] = None, pad: bool = False) -> GridCut:
+    return GridCut(((ShardSpec(0, segments or (size,), q, pad), "col"),), "shared")
 
 
 def _matrix_cut(rows: int, columns: int, q: int, segments: Optional[tuple[int, ...]] = None,
-                pad: bool = False, transposed: bool = False) -> Cut2D:
+                pad: bool = False, transposed: bool = False) -> GridCut:
     """Rows (``pad``: zero-padded up to a multiple of q, for vocabularies) by the grid's row, columns by its
     column; ``transposed``: the tensor is stored [columns, rows] (a Hugging Face ``Conv1D`` weight), cut alike."""
     row_dim, column_dim = (1, 0) if transposed else (0, 1)
-    return Cut2D(((ShardSpec(column_dim, (columns,), q), "col"), (ShardSpec(row_dim, segments or (rows,), q, pad),
+    return GridCut(((ShardSpec(column_dim, (columns,), q), "col"), (ShardSpec(row_dim, segments or (rows,), q, pad),
                                                                    "row")), "grid")
-
-
-def _padded(n: int, q: int) -> int:
-    return -(-n // q) * q
 
 
 def activation_block(x: Tensor, grid: Grid2D, token_dim: int = 0, hidden_dim: int = -1) -> Tensor:
@@ -157,26 +97,27 @@ class Linear2D(nn.Module):
             _divisible(type(self).__name__, grid, out_features=out_features)
         self.in_features, self.out_features, self.grid = in_features, out_features, grid
         self.segments = _segment_sizes(segments, out_features)
-        local = _padded(out_features, q) // q
+        local = padded(out_features, q) // q
         # torch's layout, [out, in], blocked as it stands: block (row, col) of the whole weight. `transposed`: stored
         # [in, out] as Hugging Face's Conv1D stores it (its checkpoints keep that layout), multiplied transposed.
         self.transposed = transposed
         shape = (in_features // q, local) if transposed else (local, in_features // q)
-        self.weight = _parameter(shape, _matrix_cut(out_features, in_features, q, self.segments, self.pad_outputs,
+        self.weight = cut_parameter(shape, _matrix_cut(out_features, in_features, q, self.segments, self.pad_outputs,
                                                     transposed), device, dtype)
-        self.bias = _parameter((local,), _vector_cut(out_features, q, self.segments, self.pad_outputs), device,
+        self.bias = cut_parameter((local,), _vector_cut(out_features, q, self.segments, self.pad_outputs), device,
                                dtype) if bias else None
 
     @classmethod
-    def from_module(cls, linear: nn.Module, grid: Grid2D,
-                    segments: Union[int, tuple[int, ...], None] = None) -> "Linear2D":
-        """From an ``nn.Linear`` or a Hugging Face ``Conv1D``."""
+    def from_module(cls, linear: nn.Module, grid: Grid2D, segments: Union[int, tuple[int, ...], None] = None,
+                    rowwise: bool = False) -> "Linear2D":
+        """From an ``nn.Linear`` or a Hugging Face ``Conv1D`` (``rowwise``: the 1D plan's direction, which 2D's
+        layout does not depend on)."""
         in_features, out_features, transposed = linear_dims(linear)
         layer = cls(in_features, out_features, grid, linear.bias is not None, segments,
                     device=linear.weight.device, dtype=linear.weight.dtype, transposed=transposed)
-        _load(layer.weight, linear.weight, grid)
+        load_piece(layer.weight, linear.weight, grid)
         if linear.bias is not None:
-            _load(layer.bias, linear.bias, grid)
+            load_piece(layer.bias, linear.bias, grid)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -214,14 +155,14 @@ class _Norm2D(nn.Module):
         _divisible(type(self).__name__, grid, normalized_size=normalized_shape)
         self.normalized_shape, self.grid, self.eps = normalized_shape, grid, eps
         local, cut = (normalized_shape // grid.q,), _vector_cut(normalized_shape, grid.q)
-        self.weight = _parameter(local, cut, device, dtype, fill=1.0) if affine else None
-        self.bias = _parameter(local, cut, device, dtype, fill=0.0) if affine and bias else None
+        self.weight = cut_parameter(local, cut, device, dtype, fill=1.0) if affine else None
+        self.bias = cut_parameter(local, cut, device, dtype, fill=0.0) if affine and bias else None
 
     def _copy_affine(self, norm: nn.Module) -> None:
         for name in ("weight", "bias"):
             mine = getattr(self, name)
             if mine is not None:
-                _load(mine, getattr(norm, name), self.grid)
+                load_piece(mine, getattr(norm, name), self.grid)
 
     def _affine(self, y: Tensor) -> Tensor:
         if self.weight is not None:
@@ -299,15 +240,15 @@ class Embedding2D(nn.Module):
         self.num_embeddings, self.embedding_dim, self.grid, self.padding_idx = (num_embeddings, embedding_dim, grid,
                                                                                 padding_idx)
         # Hidden block j (the column's) cut again in q pieces by row: piece j*q + i on rank (i, j).
-        cut = Cut2D(((ShardSpec(1, (embedding_dim // q,), q), "row"), (ShardSpec(1, (embedding_dim,), q), "col")),
+        cut = GridCut(((ShardSpec(1, (embedding_dim // q,), q), "row"), (ShardSpec(1, (embedding_dim,), q), "col")),
                     "grid")
-        self.weight = _parameter((num_embeddings, embedding_dim // (q * q)), cut, device, dtype)
+        self.weight = cut_parameter((num_embeddings, embedding_dim // (q * q)), cut, device, dtype)
 
     @classmethod
     def from_module(cls, embedding: nn.Embedding, grid: Grid2D) -> "Embedding2D":
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid, embedding.padding_idx,
                     device=embedding.weight.device, dtype=embedding.weight.dtype)
-        _load(layer.weight, embedding.weight, grid)
+        load_piece(layer.weight, embedding.weight, grid)
         return layer
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -327,9 +268,9 @@ class VocabParallelEmbedding2D(nn.Module):
         super().__init__()
         _divisible(type(self).__name__, grid, embedding_dim=embedding_dim)
         self.num_embeddings, self.embedding_dim, self.grid = num_embeddings, embedding_dim, grid
-        rows = _padded(num_embeddings, grid.q) // grid.q  # the vocabulary padded up to a multiple of q, as Output2D
+        rows = padded(num_embeddings, grid.q) // grid.q  # the vocabulary padded up to a multiple of q, as Output2D
         self.start = grid.row * rows  # the first vocabulary id of this rank's rows
-        self.weight = weight if weight is not None else _parameter(
+        self.weight = weight if weight is not None else cut_parameter(
             (rows, embedding_dim // grid.q), _matrix_cut(num_embeddings, embedding_dim, grid.q, pad=True), device,
             dtype)
 
@@ -342,7 +283,7 @@ class VocabParallelEmbedding2D(nn.Module):
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid, weight,
                     device=embedding.weight.device, dtype=embedding.weight.dtype)
         if weight is None:
-            _load(layer.weight, embedding.weight, grid)
+            load_piece(layer.weight, embedding.weight, grid)
         return layer
 
     def forward(self, ids: Tensor) -> Tensor:

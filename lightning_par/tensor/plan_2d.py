@@ -1,9 +1,11 @@
-"""The automatic plan for 2D tensor parallelism: the modules the 1D automatic plan finds, cut on a q x q grid.
+"""The automatic plan for 2D, 2.5D and 3D tensor parallelism: the modules the 1D automatic plan finds, cut on a
+q x q grid (stacked for 2.5D) or a q x q x q cube.
 
 The 1D plan (``tensor/auto_plan.py``) already knows which modules of a standard model are the attention and MLP
 linears (with the widths of a fused q/k/v), which block attributes count heads, which embedding holds the tokens and
 which linear is the output layer. In 2D every one of them becomes a 2D layer, and so must everything else on the
-hidden stream, because its activations are split in both dims (see ``tensor/layers_2d.py``):
+hidden stream, because its activations are split in both dims (see ``tensor/layers_2d.py``; the cube's layers,
+``tensor/layers_3d.py``, take the same places, with ``3D`` for ``2D`` in their names):
 
 - column- and row-parallel linears -> ``Linear2D`` (a fused output's pieces kept whole per block);
 - the head counts and widths a block reads -> divided by q (a column holds 1/q of the heads);
@@ -19,11 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
+from lightning_par.comm.cube import Grid3D
 from lightning_par.comm.summa import Grid2D
 from lightning_par.tensor.auto_plan import auto_plan
 from lightning_par.tensor.layers_1d import linear_dims
@@ -35,12 +38,33 @@ from lightning_par.tensor.layers_2d import (
     Output2D,
     RMSNorm2D,
     VocabParallelEmbedding2D,
-    cut_2d,
+)
+from lightning_par.tensor.grid_cut import grid_cut
+from lightning_par.tensor.layers_3d import (
+    Embedding3D,
+    LayerNorm3D,
+    Linear3D,
+    Output3D,
+    RMSNorm3D,
+    VocabParallelEmbedding3D,
 )
 from lightning_par.tensor.styles import ColwiseParallel, ParallelBlock, RowwiseParallel, VocabParallel, indivisible
 from lightning_par.tensor.styles import divisors
 
-_2D_LAYERS = (Linear2D, Embedding2D, VocabParallelEmbedding2D, LayerNorm2D, RMSNorm2D)
+
+class GridLayers(NamedTuple):
+    """The layer classes of one mode, by the place they take (each has a ``from_module``)."""
+
+    linear: Any
+    output: Any
+    vocab_embedding: Any
+    embedding: Any
+    layer_norm: Any
+    rms_norm: Any
+
+
+LAYERS_2D = GridLayers(Linear2D, Output2D, VocabParallelEmbedding2D, Embedding2D, LayerNorm2D, RMSNorm2D)
+LAYERS_3D = GridLayers(Linear3D, Output3D, VocabParallelEmbedding3D, Embedding3D, LayerNorm3D, RMSNorm3D)
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -57,6 +81,19 @@ def _segments(style: Union[ColwiseParallel, RowwiseParallel]) -> Union[int, tupl
     return getattr(style, "segments", None)  # a fused output (q/k/v): its pieces, or how many equal ones
 
 
+def _check_cube_widths(root: nn.Module, linears: list[str], tables: list[str], q: int) -> None:
+    """3D cuts a weight's (and the token table's) input dim by q twice and a position table's hidden dim by q three
+    times: refuse, before anything is cut, widths the cube does not divide."""
+    bad = [f"{name} (in_features={dims[0]})" for name in linears
+           if (dims := linear_dims(root.get_submodule(name))) is not None and dims[0] % (q * q)]
+    bad += [f"{name} (embedding_dim={m.embedding_dim})" for name, m in root.named_modules()
+            if isinstance(m, nn.Embedding) and m.embedding_dim % (q * q if name in tables else q ** 3)]
+    if bad:
+        raise ValueError(f"3D tensor parallelism on a {q} x {q} x {q} cube cuts each linear's and the token "
+                         f"embedding's input width by q*q={q * q} and a position embedding's by q*q*q={q ** 3}; "
+                         f"these do not divide: {', '.join(bad)}. A smaller cube or tensor_mode='2d' may fit.")
+
+
 PLAN_2D_ATTR = "_tensor_parallel_plan_2d"
 
 
@@ -64,16 +101,14 @@ PLAN_2D_ATTR = "_tensor_parallel_plan_2d"
 class Applied2D:
     """What :func:`parallelize_2d` did to a module (kept on it, ``PLAN_2D_ATTR``), so that it can be undone."""
 
-    grid: Grid2D
+    grid: Union[Grid2D, Grid3D]
     entries: list[tuple[str, str]] = field(default_factory=list)
     replaced: list[tuple[str, nn.Module]] = field(default_factory=list)  # (name, the original module)
     divided: list[tuple[nn.Module, str, int]] = field(default_factory=list)  # (block, attribute, original value)
     originals: dict[int, nn.Parameter] = field(default_factory=dict)  # id(2D parameter) -> the original one
 
     def describe(self) -> str:
-        q, d = self.grid.q, self.grid.d
-        where = f"tp2d plan on a {q} x {q} grid" if d == 1 else f"tp2.5d plan on {d} layers of a {q} x {q} grid"
-        lines = [f"{where}:"] + [f"  {name}: {what}" for name, what in self.entries]
+        lines = [f"{self.grid.label}:"] + [f"  {name}: {what}" for name, what in self.entries]
         return "\n".join(lines)
 
 
@@ -81,14 +116,17 @@ def applied_plan_2d(root: nn.Module) -> Optional[Applied2D]:
     return getattr(root, PLAN_2D_ATTR, None)
 
 
-def parallelize_2d(root: nn.Module, grid: Grid2D) -> list[tuple[str, str]]:
-    """Cut ``root`` in place for the q x q ``grid`` by the automatic plan; return (module name, what it became).
-    The original modules are kept, their parameters emptied, so that :func:`unparallelize_2d` can undo it."""
+def parallelize_2d(root: nn.Module, grid: Union[Grid2D, Grid3D]) -> list[tuple[str, str]]:
+    """Cut ``root`` in place for ``grid`` (a q x q grid, stacked for 2.5D, or a 3D cube) by the automatic plan;
+    return (module name, what it became). The original modules are kept, their parameters emptied, so that
+    :func:`unparallelize_2d` can undo it."""
     if applied_plan_2d(root) is not None:
         raise RuntimeError("This module is already cut for 2D tensor parallelism.")
     automatic = auto_plan(root)
     q = grid.q
     automatic.check(q)  # every head count and width the plan splits divides by q, or an error naming the sizes
+    layers = LAYERS_3D if isinstance(grid, Grid3D) else LAYERS_2D
+    mode = "3D" if isinstance(grid, Grid3D) else "2D"
     applied = Applied2D(grid)
     entries = applied.entries
     plan = automatic.plan
@@ -100,13 +138,17 @@ def parallelize_2d(root: nn.Module, grid: Grid2D) -> list[tuple[str, str]]:
     # Refused before anything is cut: a linear layer the plan does not name.
     for name, module in root.named_modules():
         if linear_dims(module) is not None and name not in linears and name not in outputs:
-            raise ValueError(f"2D tensor parallelism: the linear layer {name!r} is not part of an attention or MLP "
+            raise ValueError(f"{mode} tensor parallelism: the linear layer {name!r} is not part of an attention or MLP "
                              "block the automatic plan recognises, and a linear cannot stay whole on activations "
                              "split in both dims. Use tensor_mode='1d' for this model.")
 
-    def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    if isinstance(grid, Grid3D):
+        _check_cube_widths(root, list(linears) + outputs, tables, q)
+
+    def _replace(root: nn.Module, name: str, new: nn.Module, note: str = "") -> None:
         applied.replaced.append((name, root.get_submodule(name)))
         _set(root, name, new)
+        entries.append((name, type(new).__name__ + note))
 
     for name, style in plan.items():
         if isinstance(style, ParallelBlock):
@@ -121,30 +163,28 @@ def parallelize_2d(root: nn.Module, grid: Grid2D) -> list[tuple[str, str]]:
     shared = {}
     for name in outputs:
         whole = root.get_submodule(name)
-        layer = Output2D.from_module(whole, grid)
+        layer = layers.output.from_module(whole, grid)
         shared[id(whole.weight)] = layer.weight
         _replace(root, name, layer)
-        entries.append((name, "Output2D"))
     for name in tables:
         whole = root.get_submodule(name)
-        _replace(root, name, VocabParallelEmbedding2D.from_module(whole, grid, weight=shared.get(id(whole.weight))))
-        entries.append((name, "VocabParallelEmbedding2D" + (" (tied)" if id(whole.weight) in shared else "")))
+        tied = id(whole.weight) in shared
+        _replace(root, name, layers.vocab_embedding.from_module(whole, grid, weight=shared.get(id(whole.weight))),
+                 " (tied)" if tied else "")
     for name, style in linears.items():
-        _replace(root, name, Linear2D.from_module(root.get_submodule(name), grid, segments=_segments(style)))
-        entries.append((name, "Linear2D"))
+        _replace(root, name, layers.linear.from_module(root.get_submodule(name), grid, segments=_segments(style),
+                                                       rowwise=isinstance(style, RowwiseParallel)))
 
+    grid_layers = tuple(layers)
     for name, module in list(root.named_modules()):
-        if isinstance(module, _2D_LAYERS) or not name:
+        if isinstance(module, grid_layers) or not name:
             continue
         if isinstance(module, nn.LayerNorm):
-            _replace(root, name, LayerNorm2D.from_module(module, grid))
-            entries.append((name, "LayerNorm2D"))
+            _replace(root, name, layers.layer_norm.from_module(module, grid))
         elif _is_rms_norm(module):
-            _replace(root, name, RMSNorm2D.from_module(module, grid))
-            entries.append((name, "RMSNorm2D"))
+            _replace(root, name, layers.rms_norm.from_module(module, grid))
         elif isinstance(module, nn.Embedding):
-            _replace(root, name, Embedding2D.from_module(module, grid))
-            entries.append((name, "Embedding2D"))
+            _replace(root, name, layers.embedding.from_module(module, grid))
     for name, original in applied.replaced:
         new = root.get_submodule(name)
         for attr, p in original.named_parameters(recurse=False):
@@ -170,10 +210,10 @@ def unparallelize_2d(root: nn.Module, optimizers: Iterable[torch.optim.Optimizer
         for _, piece in root.get_submodule(name).named_parameters(recurse=False):
             target = applied.originals.get(id(piece))
             if target is not None and id(piece) not in whole:
-                target.data = cut_2d(piece).unshard(piece.detach(), grid).to(piece.dtype)
+                target.data = grid_cut(piece).unshard(piece.detach(), grid).to(piece.dtype)
                 target.requires_grad_(piece.requires_grad)
                 whole[id(piece)] = target
-    move_optimizers(optimizers, whole, lambda piece, value: cut_2d(piece).unshard(value, grid))
+    move_optimizers(optimizers, whole, lambda piece, value: grid_cut(piece).unshard(value, grid))
     for name, original in reversed(applied.replaced):
         original.train(root.get_submodule(name).training)
         _set(root, name, original)
