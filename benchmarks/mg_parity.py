@@ -155,6 +155,9 @@ def parity_strategies(nvme_dir: str, world: int, cfg: dict) -> dict[str, Callabl
         # 2.5D (Tesseract) at 4 GPUs: 2 layers of a 1 x 1 grid x data 2, and 4 layers (the depth's groups on NCCL)
         "tp2p5d": lambda: "tp2.5d",
         **({"tp2p5d_d4": lambda: TensorParallel2p5DStrategy(depth=4)} if world % 4 == 0 else {}),
+        # 3D: a 2 x 2 x 2 cube needs 8 GPUs; below that a 1 x 1 x 1 cube beside data parallelism (its groups and
+        # layers on NCCL, no cut)
+        "tp3d": lambda: "tp3d",
         # hybrid (at 4 GPUs: data 2 x tensor 2 with ZeRO, pipeline 2 x tensor 2; at 2 GPUs tensor 2 alone)
         "hybrid": lambda: "hybrid",
         **{f"hybrid_t2_zero{z}": (lambda z=z: HybridParallelStrategy(tensor_size=2, zero_stage=z)) for z in (1, 2, 3)},
