@@ -293,6 +293,18 @@ hybrid_p2_zero1
     run_case resume_tp2d_4gpu 240 4 $MG resume $ACC $PAR $NVME --dir "$WORK/ckpts" \
       --legs zero3,tp2d,tp1d_2way,tp2d,pipeline_1f1b_2stages,tp2p5d,tp2d,dp
     ;;
+  grid_check)  # after the grid layers' shared cut (GridCut) and tp3d: the grid modes on NCCL with clipping (fp32) at
+    # 4 and 2 GPUs, bf16-mixed at 4 (tp3d below 8 GPUs is a 1 x 1 x 1 cube beside data parallelism), and a
+    # checkpoint chain through them: ~4 min
+    run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR --clip 0.05
+    run_case parity_grid_4gpu 150 4 $MG parity --reference "$REF" --out "$WORK/parity_grid_4gpu.json" $ACC \
+      --only ddp,tp2d,tp2p5d,tp2p5d_d4,tp3d,hybrid
+    run_case parity_grid_2gpu 120 2 $MG parity --reference "$REF" --out "$WORK/parity_grid_2gpu.json" $ACC \
+      --only ddp,tp2d,tp2p5d,tp3d
+    run_case parity_grid_bf16_4gpu 150 4 $MG parity --precision bf16 --reference "$REF" \
+      --out "$WORK/parity_grid_bf16_4gpu.json" $ACC --only ddp,tp2d,tp2p5d,tp3d
+    run_case resume_grid_4gpu 240 4 $MG resume $ACC $PAR $NVME --dir "$WORK/ckpts" --legs zero3,tp2d,tp3d,tp2p5d,dp
+    ;;
   checkpoints)  # the one checkpoint path (issue 13): a chain of strategies at 4 GPUs, each resuming the previous one's
     # checkpoint for one more epoch, continued at 2 GPUs from the 4-GPU chain's last checkpoint; against one
     # uninterrupted ddp run (fp32, SGD, 1e-5): ~2 min
