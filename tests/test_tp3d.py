@@ -120,7 +120,17 @@ def test_widths_the_cube_does_not_divide_are_refused_before_anything_is_cut():
     module = BatchLossGPT(n_embd=36, n_head=2)  # 36: q*q divides it, q*q*q (the position table's cut) does not
     before = {name: p.clone() for name, p in module.named_parameters()}
     message = error_message(lambda: parallelize_2d(module, CubeOf2(None, None, None, None, None)))
-    assert "model.wpe (embedding_dim=36)" in message and "q*q*q=8" in message, message
+    assert "model.wpe (embedding_dim=36, by q*q*q=8)" in message, message
     assert not any(type(m).__name__.endswith("3D") for m in module.modules())
     for name, p in module.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def test_the_default_cube_is_one_the_model_fits():
+    # n_embd 36: heads (2) and widths divide by q = 2, but the position table (36) does not divide by q^3 = 8.
+    strategy = TensorParallel3DStrategy()
+    strategy._lightning_module = BatchLossGPT(n_embd=36, n_head=2)
+    assert strategy.topology_for(8).tensor == 1
+    strategy = TensorParallel3DStrategy()
+    strategy._lightning_module = BatchLossGPT()
+    assert strategy.topology_for(8).tensor == 8

@@ -32,7 +32,8 @@ class HybridParallelStrategy(ComposedStrategy):
     Args:
         pipeline_size: pipeline stages (default 1: no pipeline).
         tensor_size: ranks per tensor group. Default: the largest divisor of ``world / pipeline_size`` that divides
-            every head count and width the automatic plan would split (as ``tp1d``).
+            every head count and width the automatic plan would split (as ``tp1d``); with a grid mode the largest
+            such square (2D), depth x square (2.5D) or cube (3D).
         tensor_mode: ``"1d"`` (Megatron), ``"2d"`` (SUMMA: ``tensor_size`` is q x q, see ``tp2d``) or ``"2.5d"``
             (Tesseract: ``tensor_size`` is depth x q x q, see ``tp2.5d``) or ``"3d"`` (a cube: ``tensor_size`` is
             q x q x q, see ``tp3d``).

@@ -23,7 +23,7 @@ from lightning_par.comm.summa import Grid2D
 from lightning_par.tensor.auto_plan import auto_plan
 from lightning_par.tensor.axis import Groups, materialize_whole, share_rng_state
 from lightning_par.tensor.grid_cut import grid_cut
-from lightning_par.tensor.plan_2d import applied_plan_2d, parallelize_2d, unparallelize_2d
+from lightning_par.tensor.plan_2d import applied_plan_2d, misfit_widths, parallelize_2d, unparallelize_2d
 from lightning_par.tensor.styles import divisors
 from lightning_par.zero.pieces import Placement
 
@@ -49,15 +49,14 @@ class TensorAxis2D:
         self._tensor_group: Optional[dist.ProcessGroup] = None
 
     def default_size(self, module: Optional[nn.Module], ranks: int) -> int:
-        """The largest d * q^2 dividing ``ranks`` whose q divides every head count and width the plan splits (d
+        """The largest d * q^2 dividing ``ranks`` whose q divides every head count and width the plan cuts (d
         itself when ``ranks`` has no room for more, so that the topology's error names what would fit)."""
         existing = applied_plan_2d(module) if module is not None else None
         if existing is not None:
             return existing.grid.d * existing.grid.q ** 2
-        divisor = auto_plan(module).divisor() if module is not None else 0
         d = self.depth
-        return max([d * q * q for q in divisors(ranks) if ranks % (d * q * q) == 0
-                    and (divisor == 0 or divisor % q == 0)] or [d])
+        return max([d * q * q for q in divisors(ranks) if ranks % (d * q * q) == 0 and _fits(module, q, cube=False)]
+                   or [d])
 
     def shard(self, module: nn.Module, group_of: Callable[[str], dist.ProcessGroup], size: int,
               device: torch.device) -> None:
@@ -154,6 +153,14 @@ class TensorAxis2D:
         self.sharded_here = False
 
 
+def _fits(module: Optional[nn.Module], q: int, cube: bool) -> bool:
+    """Whether the automatic plan can cut ``module`` with grid side q: its head counts and its widths."""
+    if module is None or q == 1:
+        return True
+    divisor = auto_plan(module).divisor()
+    return (divisor == 0 or divisor % q == 0) and not misfit_widths(module, q, cube)
+
+
 def _rebind(module: nn.Module, old: Grid2D, new: Grid2D) -> None:
     """Point every 2D layer at the groups of a new mesh (a second ``fit`` on another Trainer)."""
     for m in module.modules():
@@ -171,12 +178,12 @@ class TensorAxis3D(TensorAxis2D):
         self.mode = "3d"
 
     def default_size(self, module: Optional[nn.Module], ranks: int) -> int:
-        """The largest q^3 dividing ``ranks`` whose q divides every head count and width the plan splits."""
+        """The largest q^3 dividing ``ranks`` whose q divides every head count, and q, q^2 or q^3 every width, the
+        cube's layers cut."""
         existing = applied_plan_2d(module) if module is not None else None
         if existing is not None:
             return existing.grid.q ** 3
-        divisor = auto_plan(module).divisor() if module is not None else 0
-        return max(q ** 3 for q in divisors(ranks) if ranks % q ** 3 == 0 and (divisor == 0 or divisor % q == 0))
+        return max(q ** 3 for q in divisors(ranks) if ranks % q ** 3 == 0 and _fits(module, q, cube=True))
 
     def _grid(self, group_of: Callable[[str], dist.ProcessGroup]) -> Grid3D:
         return Grid3D(x_group=group_of("tensor_x"), y_group=group_of("tensor_y"), z_group=group_of("tensor_z"),

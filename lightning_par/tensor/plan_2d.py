@@ -81,17 +81,46 @@ def _segments(style: Union[ColwiseParallel, RowwiseParallel]) -> Union[int, tupl
     return getattr(style, "segments", None)  # a fused output (q/k/v): its pieces, or how many equal ones
 
 
-def _check_cube_widths(root: nn.Module, linears: list[str], tables: list[str], q: int) -> None:
-    """3D cuts a weight's (and the token table's) input dim by q twice and a position table's hidden dim by q three
-    times: refuse, before anything is cut, widths the cube does not divide."""
-    bad = [f"{name} (in_features={dims[0]})" for name in linears
-           if (dims := linear_dims(root.get_submodule(name))) is not None and dims[0] % (q * q)]
-    bad += [f"{name} (embedding_dim={m.embedding_dim})" for name, m in root.named_modules()
-            if isinstance(m, nn.Embedding) and m.embedding_dim % (q * q if name in tables else q ** 3)]
-    if bad:
-        raise ValueError(f"3D tensor parallelism on a {q} x {q} x {q} cube cuts each linear's and the token "
-                         f"embedding's input width by q*q={q * q} and a position embedding's by q*q*q={q ** 3}; "
-                         f"these do not divide: {', '.join(bad)}. A smaller cube or tensor_mode='2d' may fit.")
+def _norm_size(module: nn.Module) -> Optional[int]:
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1]
+    if _is_rms_norm(module):
+        return (getattr(module, "normalized_shape", None) or module.weight.shape)[-1]
+    return None
+
+
+def _misfits(root: nn.Module, linears: Iterable[str], outputs: list[str], tables: list[str], q: int,
+             cube: bool) -> list[str]:
+    """Every width the layers of a q-sided grid (``cube``: a q x q x q cube) would cut and cannot: linear inputs by
+    q (3D: q*q), outputs by q (the output layer pads), the token table's width by q (3D: q*q), other embeddings' by
+    q*q (3D: q*q*q), norms by q."""
+    def need(power: int) -> tuple[int, str]:
+        return q ** power, "*".join("q" * power)
+
+    rules = []  # (module name, width name, width, (divisor, its name))
+    for name in [*linears, *outputs]:
+        dims = linear_dims(root.get_submodule(name))
+        rules.append((name, "in_features", dims[0], need(2 if cube else 1)))
+        if name not in outputs:
+            rules.append((name, "out_features", dims[1], need(1)))
+    for name, module in root.named_modules():
+        if isinstance(module, nn.Embedding):
+            power = (2 if cube else 1) if name in tables else (3 if cube else 2)
+            rules.append((name, "embedding_dim", module.embedding_dim, need(power)))
+        elif (size := _norm_size(module)) is not None:
+            rules.append((name, "normalized_size", size, need(1)))
+    return [f"{name} ({what}={size}, by {label}={by})" for name, what, size, (by, label) in rules if size % by]
+
+
+def misfit_widths(root: nn.Module, q: int, cube: bool) -> list[str]:
+    """The widths the automatic plan on a q-sided grid (``cube``: 3D) would have to cut and cannot (for a default
+    size that fits); empty when it fits."""
+    plan = auto_plan(root).plan
+    linears = [name for name, style in plan.items() if isinstance(style, (ColwiseParallel, RowwiseParallel))]
+    vocab = [name for name, style in plan.items() if isinstance(style, VocabParallel)]
+    outputs = [name for name in vocab if linear_dims(root.get_submodule(name)) is not None]
+    tables = [name for name in vocab if isinstance(root.get_submodule(name), nn.Embedding)]
+    return _misfits(root, linears, outputs, tables, q, cube)
 
 
 PLAN_2D_ATTR = "_tensor_parallel_plan_2d"
@@ -142,8 +171,12 @@ def parallelize_2d(root: nn.Module, grid: Union[Grid2D, Grid3D]) -> list[tuple[s
                              "block the automatic plan recognises, and a linear cannot stay whole on activations "
                              "split in both dims. Use tensor_mode='1d' for this model.")
 
-    if isinstance(grid, Grid3D):
-        _check_cube_widths(root, list(linears) + outputs, tables, q)
+    # Refused before anything is cut: widths the grid's layers cannot cut.
+    misfits = _misfits(root, linears, outputs, tables, q, cube=isinstance(grid, Grid3D))
+    if misfits:
+        raise ValueError(f"{mode} tensor parallelism with q={q} ({grid.label.split(' plan on ')[-1]}) cuts these "
+                         f"widths, which must divide as shown: {', '.join(misfits)}. A smaller tensor_size or "
+                         "another tensor_mode may fit.")
 
     def _replace(root: nn.Module, name: str, new: nn.Module, note: str = "") -> None:
         applied.replaced.append((name, root.get_submodule(name)))
