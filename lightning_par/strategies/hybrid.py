@@ -87,6 +87,9 @@ class HybridParallelStrategy(ComposedStrategy):
             raise ValueError(f"tensor_mode={tensor_mode!r} cuts the module by the automatic plan on a grid, and "
                              "its activations are split in both dims already: plan, sequence_parallel and sequence_chunks "
                              "are 1D options.")
+        if tensor_mode == "2.5d" and depth == 1:
+            raise ValueError("tensor_mode='2.5d' stacks depth >= 2 grids; give depth (for example 2), or use "
+                             "tensor_mode='2d' for one grid.")
         if depth != 1 and tensor_mode != "2.5d":
             raise ValueError(f"depth={depth} stacks the grids of tensor_mode='2.5d'; got tensor_mode={tensor_mode!r}.")
         if zero_stage not in (0, 1, 2, 3):

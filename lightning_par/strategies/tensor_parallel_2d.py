@@ -75,7 +75,7 @@ class TensorParallel2p5DStrategy(ComposedStrategy):
         depth: grids in the stack (default 2); the global batch must divide by depth x q.
         param_init_fn, weights_only, bucket_size_mb, process_group_backend, timeout, start_method: as for ``tp2d``.
 
-    See ``docs/tp2d.md`` (the 2.5D section) for the layout and costs.
+    See ``docs/tp2.5d.md`` for the layout and costs.
     """
 
     def __init__(

@@ -40,6 +40,8 @@ class TensorAxis2D:
                  depth: int = 1) -> None:
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise ValueError(f"depth must be a positive integer; got {depth!r}.")
+        if who == "tp2.5d" and depth == 1:
+            raise ValueError("tp2.5d stacks depth >= 2 grids; depth=1 is one grid: use tp2d, or give depth=2 or more.")
         self.depth = depth
         self.mode = "2.5d" if depth > 1 else "2d"
         self.param_init_fn = param_init_fn

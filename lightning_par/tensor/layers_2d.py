@@ -289,9 +289,9 @@ class VocabParallelEmbedding2D(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         grid = self.grid
         if ids.shape[0] % (grid.d * grid.q):
-            raise ValueError(f"{'2.5D' if grid.d > 1 else '2D'} tensor parallelism splits the batch over "
-                             f"{grid.d * grid.q} rows of the grid; a batch of {ids.shape[0]} samples does not divide "
-                             f"into {grid.d * grid.q}.")
+            where = f"{grid.d} layers x {grid.q} rows of the grids" if grid.d > 1 else f"{grid.q} rows of the grid"
+            raise ValueError(f"{'2.5D' if grid.d > 1 else '2D'} tensor parallelism splits the batch over {where}; a "
+                             f"batch of {ids.shape[0]} samples does not divide into {grid.d * grid.q}.")
         if grid.d > 1:
             ids = ids.chunk(grid.d)[grid.depth]  # each layer of the stack works on its own samples
         rows = self.weight.shape[0]
