@@ -66,6 +66,10 @@ class Grid3D:
         layout, ordered by their samples' block."""
         return {"y": self.xz_group, "z": self.xy_group}[axis]
 
+    def vector_group(self, axis: str) -> Optional[ProcessGroup]:
+        """The ranks holding a vector's block cut along ``axis``: that block's plane."""
+        return self.plane(axis)
+
     def samples_block(self, layout: str) -> int:
         """This rank's block (of q^2) of the samples in ``layout`` ("y" or "z")."""
         return self.index("x") * self.q + self.index("z" if layout == "y" else "y")

@@ -80,6 +80,10 @@ class Grid2D:
         """The ranks that differ from this one only on ``axis``: a column's ranks differ in their row."""
         return {"row": self.col_group, "col": self.row_group}[axis]
 
+    def vector_group(self, axis: str) -> Optional[ProcessGroup]:
+        """The ranks holding a vector's block cut along ``axis`` ("col"): every row of my column, in every layer."""
+        return self.samples_group
+
     @property
     def label(self) -> str:
         q = self.q

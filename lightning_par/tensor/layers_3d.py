@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from lightning_par.comm.collectives import all_gather_along_dim, copy_to_group, reduce_scatter_along_dim
 from lightning_par.comm.cube import Grid3D, cube_linear
-from lightning_par.comm.summa import sum_over_group
 from lightning_par.tensor.grid_cut import GridCut, cut_parameter, load_piece, padded
+from lightning_par.tensor.grid_norms import GridLayerNorm, GridRMSNorm
 from lightning_par.tensor.layers_1d import ShardSpec, linear_dims
 from lightning_par.tensor.layers_2d import _segment_sizes
 from lightning_par.tensor.loss import VocabParallelLogits
@@ -140,82 +140,16 @@ class Output3D(Linear3D):
                                         token_group=self.grid.plane("z"))
 
 
-class _Norm3D(nn.Module):
-    def __init__(self, normalized_shape: int, grid: Grid3D, eps: float, affine: bool, bias: bool,
-                 device: Optional[torch.device], dtype: Optional[torch.dtype]) -> None:
-        super().__init__()
-        _divisible(type(self).__name__, grid.q, grid.q, normalized_size=normalized_shape)
-        self.normalized_shape, self.grid, self.eps = normalized_shape, grid, eps
-        local, cut = (normalized_shape // grid.q,), _vector_cut(normalized_shape, grid.q, STREAM)
-        self.weight = cut_parameter(local, cut, device, dtype, fill=1.0) if affine else None
-        self.bias = cut_parameter(local, cut, device, dtype, fill=0.0) if affine and bias else None
-
-    def _copy_affine(self, norm: nn.Module) -> None:
-        for name in ("weight", "bias"):
-            mine = getattr(self, name)
-            if mine is not None:
-                load_piece(mine, getattr(norm, name), self.grid)
-
-    def _affine(self, y: Tensor) -> Tensor:
-        if self.weight is not None:
-            y = y * _vector(self.weight, self.grid, STREAM)
-        if self.bias is not None:
-            y = y + _vector(self.bias, self.grid, STREAM)
-        return y
-
-    def _mean_over_hidden(self, x: Tensor) -> Tensor:
-        return sum_over_group(x.sum(-1, keepdim=True), self.grid.group(STREAM)) / self.normalized_shape
-
-
-class LayerNorm3D(_Norm3D):
+class LayerNorm3D(GridLayerNorm):
     """``nn.LayerNorm`` over the hidden stream's dim, split across the y group (its last dim only)."""
 
-    def __init__(self, normalized_shape: int, grid: Grid3D, eps: float = 1e-5, elementwise_affine: bool = True,
-                 bias: bool = True, device: Optional[torch.device] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
-        super().__init__(normalized_shape, grid, eps, elementwise_affine, bias, device, dtype)
-
-    @classmethod
-    def from_module(cls, norm: nn.LayerNorm, grid: Grid3D) -> "LayerNorm3D":
-        if len(norm.normalized_shape) != 1:
-            raise ValueError(f"LayerNorm3D normalises the last dim only; got normalized_shape={norm.normalized_shape}.")
-        weight = norm.weight
-        layer = cls(norm.normalized_shape[0], grid, norm.eps, norm.elementwise_affine, norm.bias is not None,
-                    device=weight.device if weight is not None else None,
-                    dtype=weight.dtype if weight is not None else None)
-        layer._copy_affine(norm)
-        return layer
-
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        centred = x - self._mean_over_hidden(x)
-        variance = self._mean_over_hidden(centred * centred)
-        return self._affine((centred * torch.rsqrt(variance + self.eps)).to(dtype))
+    axis = STREAM
 
 
-class RMSNorm3D(_Norm3D):
+class RMSNorm3D(GridRMSNorm):
     """``nn.RMSNorm`` (and Llama-style RMS norms) over the hidden stream's dim, split across the y group."""
 
-    def __init__(self, normalized_shape: int, grid: Grid3D, eps: float = 1e-6, elementwise_affine: bool = True,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
-        super().__init__(normalized_shape, grid, eps, elementwise_affine, False, device, dtype)
-
-    @classmethod
-    def from_module(cls, norm: nn.Module, grid: Grid3D) -> "RMSNorm3D":
-        weight = norm.weight
-        shape = getattr(norm, "normalized_shape", None) or (weight.shape[-1],)
-        eps = getattr(norm, "eps", None)
-        if eps is None:  # Hugging Face's name, else torch's default for nn.RMSNorm(eps=None)
-            eps = getattr(norm, "variance_epsilon", None) or torch.finfo(weight.dtype).eps
-        layer = cls(shape[-1], grid, eps, weight is not None, device=weight.device, dtype=weight.dtype)
-        layer._copy_affine(norm)
-        return layer
-
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        return self._affine((x * torch.rsqrt(self._mean_over_hidden(x * x) + self.eps)).to(dtype))
+    axis = STREAM
 
 
 class Embedding3D(nn.Module):
