@@ -210,6 +210,8 @@ def run_lightning(cfg: dict, build, ds, device, rec) -> None:
     import bench_dp
 
     name, kwargs = cfg["variant"], cfg["strategy_kwargs"]
+    if name.endswith("_dpu"):  # the same strategy with ZeRO-Offload's delayed parameter update
+        name, kwargs = name[: -len("_dpu")], {**(kwargs or {}), "delay_update": True}
     strategy = name
     if kwargs:  # the registered class and settings, the given ones on top
         from lightning.pytorch.strategies import StrategyRegistry
@@ -221,6 +223,10 @@ def run_lightning(cfg: dict, build, ds, device, rec) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             rec.losses.append((outputs["loss"] if isinstance(outputs, dict) else outputs).detach())
+            host_step = getattr(getattr(trainer.strategy.zero, "engine", None), "host_step", None) \
+                if hasattr(trainer.strategy, "zero") and trainer.strategy.zero is not None else None
+            if host_step is not None and batch_idx >= rec.warmup:  # the measured window's step components
+                rec.extra.setdefault("components", []).append(host_step.components())
             if batch_idx == self.last:  # before teardown, which unshards the model
                 rec.t0, rec.t1 = self.t0, self.t1
                 engine_info(trainer.strategy, rec)
@@ -252,6 +258,36 @@ def engine_info(strategy, rec) -> None:
             rec.extra["memory_report"] = strategy.memory_report()
     except Exception as e:  # noqa: BLE001  (no engine, or a report that fails, must not fail the run)
         rec.extra["engine_info_error"] = f"{type(e).__name__}: {e}"[:200]
+
+
+def pcie_bandwidth(device) -> dict:
+    """Bytes/s of one 256 MiB copy each way between pinned host memory and the device (after one warm-up copy)."""
+    import torch
+
+    host = torch.empty(2**28, dtype=torch.uint8).pin_memory()
+    dev = torch.empty_like(host, device=device)
+    out = {}
+    for way, (dst, src) in {"h2d": (dev, host), "d2h": (host, dev)}.items():
+        dst.copy_(src, non_blocking=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        out[way] = host.numel() / (start.elapsed_time(end) / 1e3)
+    return out
+
+
+def overlap_bound(components: list, bandwidth: dict) -> dict:
+    """The measured window's mean step components (issue 16): the device's forward and backward, the host optimizer
+    step, and the bytes each way as seconds at the measured PCIe bandwidth; ``bound_s`` is the largest, the time a
+    step would take were they all overlapped."""
+    n = len(components)
+    mean = {k: sum(c[k] for c in components) / n for k in components[0]}
+    parts = {"compute_s": mean["compute_s"], "cpu_step_s": mean["cpu_step_s"],
+             "h2d_s": mean["h2d_bytes"] / bandwidth["h2d"], "d2h_s": mean["d2h_bytes"] / bandwidth["d2h"]}
+    return {"components": {**mean, **parts, "h2d_GBps": bandwidth["h2d"] / 1e9, "d2h_GBps": bandwidth["d2h"] / 1e9},
+            "bound_s": max(parts.values()), "bound_part": max(parts, key=parts.get)}
 
 
 def child(cfg: dict) -> None:
@@ -311,6 +347,9 @@ def child(cfg: dict) -> None:
             oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower()
             res.update(status="oom" if oom else "error", error=msg)
     res["wall_s"] = time.perf_counter() - t_start
+    components = rec.extra.pop("components", None)
+    if components and device.type == "cuda":
+        res.update(overlap_bound(components, pcie_bandwidth(device)))
     losses = [float(x) for x in rec.losses]
     res.update(rec.extra, steps_done=len(losses), loss_first=losses[0] if losses else None,
                loss_last=losses[-1] if losses else None)
@@ -324,6 +363,8 @@ def child(cfg: dict) -> None:
             res.update(step_s=window / cfg["steps"], tokens_per_s=cfg["steps"] * cfg["batch"] * cfg["seq"] / window)
             fpt = bench_dp.flops_per_token(argparse.Namespace(**cfg), cfg["n_params"])
             res["mfu"] = res["tokens_per_s"] * fpt / bench_dp.H200_BF16_PEAK
+            if res.get("bound_s"):  # the step against its largest measured component (<= 1.15: overlapped)
+                res["step_over_bound"] = res["step_s"] / res["bound_s"]
     if device.type == "cuda":
         res["gpu_peak_alloc_gib"] = torch.cuda.max_memory_allocated(device) / GiB
         res["gpu_peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GiB
@@ -427,7 +468,16 @@ def row(r: dict) -> str:
     return (f"{r['size']:>6} {r['variant']:<15} {r['status']:<9} {fmt(g('tokens_per_s'), ',.0f'):>9} "
             f"{fmt(g('step_s'), '.3f'):>8} {fmt(g('gpu_peak_alloc_gib')):>7} {fmt(g('gpu_peak_reserved_gib')):>7} "
             f"{fmt(g('host_rss_peak_gib')):>7} {fmt(g('host_used_peak_gib')):>7} "
-            f"{fmt(g('loss_first'), '.3f'):>6}->{fmt(g('loss_last'), '.3f'):<6} {g('error') or ''}")
+            f"{fmt(g('loss_first'), '.3f'):>6}->{fmt(g('loss_last'), '.3f'):<6} {g('error') or ''}"
+            + (components_line(r) if g("components") else ""))
+
+
+def components_line(r: dict) -> str:
+    c = r["components"]
+    return (f"\n{'':>6} components: device {c['compute_s']:.3f} s, host step {c['cpu_step_s']:.3f} s (waited "
+            f"{c['wait_s']:.3f} s), H2D {c['h2d_bytes'] / 1e9:.2f} GB = {c['h2d_s']:.3f} s at {c['h2d_GBps']:.0f} GB/s, "
+            f"D2H {c['d2h_bytes'] / 1e9:.2f} GB = {c['d2h_s']:.3f} s at {c['d2h_GBps']:.0f} GB/s; step / largest "
+            f"({r['bound_part']}) = {fmt(r.get('step_over_bound'), '.2f')}")
 
 
 def split(s: str) -> list:

@@ -393,6 +393,8 @@ class ComposedStrategy(LightningParStrategy):
         module = self.lightning_module
         placement = self._tensor_placement()
         engine = self.zero.engine if self.zero is not None else None
+        if engine is not None:
+            engine.settle()  # delay_update: the masters and the optimizer state hold every update before they are read
         if not self._split() and placement is None and engine is None:
             return None  # every rank holds the whole module: Lightning's single file
         pipeline = self.pipeline if self._split() else None
@@ -405,8 +407,11 @@ class ComposedStrategy(LightningParStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        if self.zero is not None and self.zero.engine is not None:
+            self.zero.engine.settle()  # delay_update: no host step may write the masters while they load
         meta = super().load_checkpoint(checkpoint_path, weights_only)
         if self.zero is not None and self.zero.engine is not None:
+            self.zero.engine.publish_masters()
             self.zero.engine.refresh_compute()
         return meta
 

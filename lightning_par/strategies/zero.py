@@ -50,6 +50,12 @@ class ZeroStrategy(ComposedStrategy):
         host_grads: ``"fp32"`` keeps the gradient shards of host chunks in fp32 (exact); ``"compute"`` keeps them
             in the bf16 compute dtype (half the host memory and copies; each chunk is cast to fp32 for its step),
             exact at world size 1 without accumulation, else the reduced gradient is rounded to bf16.
+        delay_update: with ``offload``, ZeRO-Offload's delayed parameter update: the host chunks' optimizer step of
+            step k runs on a worker thread while step k + 1's forward and backward run, so a step costs the larger
+            of the two instead of their sum. The host chunks' parameters then lag one more update: forward k reads
+            them as updated through step k - 2 (chunks on the device are not delayed). Off by default; it changes
+            the training trajectory (see ``docs/offload.md``). Checkpoints and the module after fit hold every
+            update. One optimizer, in-memory host state, fp32 host gradients.
         param_init_fn: initialises a module built on the meta device (stage 3 with
             ``Trainer.init_module(empty_init=True)`` or ``configure_model``): called with each module that owns meta
             tensors once they have (uninitialised) storage on the device, it fills that module's own parameters and
@@ -83,6 +89,7 @@ class ZeroStrategy(ComposedStrategy):
         host_memory_limit: Optional[int] = None,
         nvme_dir: Optional[str] = None,
         host_grads: Literal["fp32", "compute"] = "fp32",
+        delay_update: bool = False,
         param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
         allow_untested_optimizer: bool = False,
         reduce_dtype: Literal["fp32", "compute"] = "fp32",
@@ -96,7 +103,8 @@ class ZeroStrategy(ComposedStrategy):
         policy = ZeroPolicy(stage=stage, chunk_numel=chunk_size, allow_oversize=allow_oversize,
                             reshard_after_forward=reshard_after_forward, prefetch=prefetch, offload=offload,
                             device_memory_limit=device_memory_limit, host_memory_limit=host_memory_limit,
-                            nvme_dir=nvme_dir, host_grads=host_grads, allow_untested_optimizer=allow_untested_optimizer)
+                            nvme_dir=nvme_dir, host_grads=host_grads, allow_untested_optimizer=allow_untested_optimizer,
+                            delay_update=delay_update)
         super().__init__(zero=ZeroAxis(policy, who="ZeRO", reduce_dtype=reduce_dtype, param_init_fn=param_init_fn),
                          weights_only=weights_only, process_group_backend=process_group_backend, timeout=timeout,
                          start_method=start_method)

@@ -51,6 +51,11 @@ class Chunk:
         self.gather_input: Optional[Tensor] = None
         self.copied: Any = None  # offloaded, on CUDA: event after the host-to-device copy of a gather
         self.nvme = False  # offloaded, and its optimizer state lives in files between steps
+        # delay_update (see [Note: the delayed host step]): the compute copies the device reads (front) and the next
+        # one the host step writes (back), and the gradient buffer the next backward fills while it runs.
+        self.published: Optional[Tensor] = None
+        self.publishing: Optional[Tensor] = None
+        self.grad_spare: Optional[Tensor] = None
         # A host gradient shard kept in 16 bits is not held by the pieces (a parameter's .grad has its dtype): it
         # steps in a window of its own, and `window_open[k]` says piece k has a gradient of the current window.
         self.window_open: list[bool] = []

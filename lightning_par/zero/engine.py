@@ -47,6 +47,7 @@ from lightning_par.comm.collectives import mean_op
 from lightning_par.comm.flat import all_reduce_, broadcast_from_first, is_nccl, reduce_to_shards
 from lightning_par.zero.chunk import Chunk
 from lightning_par.zero.host import PinnedHost
+from lightning_par.zero.host_step import HostStep
 from lightning_par.zero.layout import Piece, build_layout
 from lightning_par.zero.nvme import NvmeStore
 from lightning_par.zero.materialize import Materializer
@@ -87,6 +88,10 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
         self._d2h = torch.cuda.Stream(device) if offloading and device.type == "cuda" else None
         self._measuring = policy.offload == "auto"  # "auto" re-plans after measuring the first backward
         self.pinned = PinnedHost(enabled=offloading and device.type == "cuda")
+        # The host chunks' optimizer step: timed, and in the background with delay_update.
+        self.bytes_moved = {"h2d": 0, "d2h": 0}  # host <-> device bytes of the current step (offload)
+        self.host_step = (HostStep(lambda: self.chunks, device, policy.delay_update, self._h2d, self.bytes_moved,
+                                   self.log) if offloading else None)
         self.host_grad_dtype = compute_dtype if policy.host_grads == "compute" else torch.float32
         if self.host_grad_dtype == torch.float16:
             raise ValueError("host_grads='compute' keeps gradients in the compute dtype, which under 16-mixed is fp16 "
@@ -133,6 +138,8 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
                 chunk = Chunk(c, chunk_params, full, self.layout, self.rank, separate_master, compute_dtype, device,
                                host=self.plan.on_host[c], pinned=self.pinned, host_grad_dtype=self.host_grad_dtype)
                 chunk.nvme = self.plan.nvme(c)
+                if self.host_step is not None:
+                    self.host_step.attach(chunk, compute_dtype, self.pinned)
                 for i, p in enumerate(chunk.params):
                     p.data = chunk.view(chunk.compute, i)
                 self.chunks.append(chunk)
@@ -204,6 +211,11 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
         if self.spilled is not None:
             self._step_spilled(optimizer, len(self.optimizer_param_names) - 1)
             self._close_windows_on_zero_grad(optimizer)
+        elif self.host_step is not None:
+            if self.policy.delay_update and len(self.optimizer_param_names) > 1:
+                raise ValueError("delay_update steps one optimizer's host pieces in the background; this module has "
+                                 f"{len(self.optimizer_param_names)} optimizers. Use one, or leave delay_update off.")
+            self.host_step.wrap(optimizer)
         # [Note: no step under an in-flight refresh] At stages 1-2 in fp32 a master shard is this rank's slice of
         # its chunk's compute buffer, and the refresh after a step all-gathers into that buffer without waiting
         # (see [Note: stages 1-2 refresh after the step] in params.py). With several optimizers stepping in a row
@@ -310,6 +322,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
         if not chunk.host or chunk.reduced is None or chunk.grad_sent:
             return
         if self.policy.stage == 1 or all(self._fresh(chunk)):
+            self.bytes_moved["d2h"] += chunk.reduced.numel() * chunk.reduced.element_size()
             if self._d2h is None:
                 chunk.grad_shard.copy_(chunk.reduced)
             else:  # on the copy stream, beside the rest of backward
@@ -338,6 +351,8 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
             if chunk.reduced is not None or chunk.grad_sent:
                 self._take_reduced(chunk)
             chunk.reset_round()
+        if self.host_step is not None:
+            self.host_step.backward_done()  # (before the wait below, which then completes it)
         if self._d2h is not None and any(chunk.host for chunk in self.chunks):
             # The host's gradients are complete before the CPU step reads them (no wait when the plan keeps every
             # chunk on the device: then nothing was copied, and waiting would only stall the host).
@@ -361,6 +376,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
             if chunk.grad_sent:
                 pass  # copied as soon as it was reduced; waited for at the end of finish_backward
             elif self.policy.stage == 1 or all(fresh):
+                self.bytes_moved["d2h"] += chunk.reduced.numel() * chunk.reduced.element_size()
                 chunk.grad_shard.copy_(chunk.reduced, non_blocking=True)
             else:
                 for (piece, _), is_fresh in zip(chunk.pieces, fresh):

@@ -23,6 +23,7 @@ from lightning_par.zero.placement import (
 if TYPE_CHECKING:
     from lightning_par.zero.chunk import Chunk
     from lightning_par.zero.host import PinnedHost
+    from lightning_par.zero.host_step import HostStep
     from lightning_par.zero.layout import ChunkLayout
     from lightning_par.zero.policy import ZeroPolicy
     from lightning_par.zero.spill import SpilledState
@@ -48,6 +49,8 @@ class OffloadMixin:
     spilled: Optional["SpilledState"]
     optimizer_param_names: dict[torch.optim.Optimizer, list[list[str]]]
     piece_group: dict[int, dict[str, Any]]
+    host_step: Optional["HostStep"]
+    compute_dtype: torch.dtype
     _measuring: bool
 
     def _shard_numels(self) -> list[int]:
@@ -172,6 +175,11 @@ class OffloadMixin:
                         state[name] = v.to(target)
         for t in old:  # the pieces point at the new tensors now
             self.pinned.free(t)
+        if self.host_step is not None:  # delay_update's compute copies follow the chunk to the host, or go
+            if to_host:
+                self.host_step.attach(chunk, self.compute_dtype, self.pinned)
+            else:
+                self.host_step.detach(chunk, self.pinned)
 
     def placement_summary(self) -> dict[str, Any]:
         """Bytes of masters, gradient shards and optimizer state on the device and on the host, and the plan."""
@@ -240,9 +248,16 @@ class OffloadMixin:
             return optimizer.state.get(q, {})
         return self.spilled.state_of(list(self.optimizer_param_names).index(optimizer), chunk, piece, q)
 
+    def settle(self) -> None:
+        """Wait for a delayed host step in flight (delay_update): the masters and optimizer state hold every update."""
+        if self.host_step is not None:
+            self.host_step.settle()
+
     def close(self) -> None:
         """At the end of fit: remove the files of spilled optimizer state, unpin host memory (the shards stay
         readable for a checkpoint saved after fit)."""
+        if self.host_step is not None:
+            self.host_step.close()
         if self.spilled is not None:
             self.spilled.close()
         self.pinned.close()

@@ -38,6 +38,7 @@ from lightning_par.zero.released import mark_gathered, mark_released
 
 if TYPE_CHECKING:
     from lightning_par.zero.chunk import Chunk
+    from lightning_par.zero.host_step import HostStep
     from lightning_par.zero.policy import ZeroPolicy
 
 
@@ -91,6 +92,9 @@ class ParamsMixin:
     _hooked: set[nn.Parameter]
     _module_chunks: dict[nn.Module, list[int]]
     _pending_gathers: list["Chunk"]
+    bytes_moved: dict[str, int]
+    host_step: Optional["HostStep"]
+    settle: Callable[[], None]
     _hook_trainable: Callable[[], None]
     # ----- gather and release --------------------------------------------------------------------------------------
 
@@ -108,13 +112,21 @@ class ParamsMixin:
         for chunk in self.chunks:
             shard = self._compute_shard(chunk)
             if shard.data_ptr() != chunk.master.data_ptr():
-                shard.copy_(chunk.master, non_blocking=True)  # casts; from pinned host memory when offloaded
+                source = self._read_master(chunk)
+                if chunk.host:
+                    self.bytes_moved["h2d"] += source.numel() * source.element_size()
+                shard.copy_(source, non_blocking=True)  # casts; from pinned host memory when offloaded
             if self.world_size > 1:
                 # NCCL gathers in place (the input is this rank's slice of the output); gloo gets its own copy.
                 chunk.gather_input = shard if self._nccl else shard.clone()
                 chunk.gather_work = gather_shards(chunk.compute, chunk.gather_input, self.group, async_op=True)
                 chunk.gathered = False
                 self._pending_gathers.append(chunk)
+
+    def _read_master(self, chunk: Chunk) -> Tensor:
+        """What the device copies of a master shard: with delay_update, its published compute copy (see [Note: the
+        delayed host step])."""
+        return chunk.published if chunk.published is not None else chunk.master
 
     def wait_pending_gathers(self) -> None:
         """Order the current stream after every refresh gather still in flight (no host wait on NCCL)."""
@@ -131,12 +143,13 @@ class ParamsMixin:
         if chunk.host and self._h2d is not None:
             self._gather_from_host(chunk, async_op)
             return
+        source = self._read_master(chunk)
         if self.world_size == 1:  # the shard is the chunk: one casting copy, nothing to wait for
-            chunk.compute.copy_(chunk.master, non_blocking=True)
+            chunk.compute.copy_(source, non_blocking=True)
             chunk.gathered = True
             mark_gathered(chunk.params)
             return
-        chunk.gather_input = chunk.master.to(self.device, self.compute_dtype, non_blocking=True)
+        chunk.gather_input = source.to(self.device, self.compute_dtype, non_blocking=True)
         chunk.gather_work = gather_shards(chunk.compute, chunk.gather_input, self.group, async_op=async_op)
         if not async_op:
             self._wait_gather(chunk)
@@ -146,11 +159,13 @@ class ParamsMixin:
         prefetch overlaps the compute of the modules before."""
         assert self._h2d is not None
         self._h2d.wait_stream(torch.cuda.current_stream(self.device))  # the fresh storage is free on every stream
+        source = self._read_master(chunk)
+        self.bytes_moved["h2d"] += source.numel() * source.element_size()
         with torch.cuda.stream(self._h2d):
             if self.world_size == 1:
-                chunk.compute.copy_(chunk.master, non_blocking=True)  # to the device, then cast there
+                chunk.compute.copy_(source, non_blocking=True)  # to the device, then cast there
             else:
-                chunk.gather_input = chunk.master.to(self.device, self.compute_dtype, non_blocking=True)
+                chunk.gather_input = source.to(self.device, self.compute_dtype, non_blocking=True)
                 chunk.gather_work = gather_shards(chunk.compute, chunk.gather_input, self.group, async_op=True)
             chunk.copied = self._h2d.record_event()
         if not async_op:
@@ -204,6 +219,8 @@ class ParamsMixin:
             self._hook_trainable()
         if self._measuring and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # "auto" measures the first step's working memory
+        if self.host_step is not None:
+            self.host_step.forward_started()
         for chunk in self.chunks:
             chunk.forward_remaining = 0
         for owned in self._module_chunks.values():
@@ -284,6 +301,8 @@ class ParamsMixin:
         the same changes on every rank. At stage 3 this holds the whole model in the compute dtype on the device."""
         gathered = []
         self.wait_pending_gathers()
+        if self.publish_masters() and self.policy.stage != 3:
+            self.refresh_compute()
         if self.policy.stage == 3:
             for chunk in self.chunks:
                 if not chunk.gathered or chunk.gather_work is not None or chunk.copied is not None:
@@ -300,6 +319,19 @@ class ParamsMixin:
             for index in gathered:
                 self.release(index)
 
+    def publish_masters(self) -> bool:
+        """delay_update: wait for the host step in flight and make the masters what the device reads next (after a
+        load, and in ``full_params``, which shows and writes back the latest values); True if there was anything to
+        publish. The caller refreshes the compute buffers."""
+        self.settle()
+        published = False
+        for chunk in self.chunks:
+            if chunk.published is not None:
+                chunk.published.copy_(chunk.master)
+                chunk.publishing.copy_(chunk.master)
+                published = True
+        return published
+
     def _compute_shard(self, chunk: Chunk) -> Tensor:
         return chunk.compute[chunk.shard_start : chunk.shard_start + chunk.shard_numel]
 
@@ -313,6 +345,7 @@ class ParamsMixin:
             if bool(changed.any()):
                 master = chunk.master.to(now.device)
                 chunk.master.copy_(torch.where(changed, now.float(), master))
+        self.publish_masters()
         if self.policy.stage != 3:
             self.refresh_compute()  # every rank's compute buffers from the masters again
 
@@ -323,6 +356,7 @@ class ParamsMixin:
         for chunk in self.chunks:
             chunk.grad_full = chunk.reduced = chunk.reduce_input = None
             chunk.grad_shard = chunk.grad_shard.new_empty(0)
+            chunk.grad_spare = None
             for _, q in chunk.pieces:
                 q.grad = None
             for p in chunk.params:
@@ -350,6 +384,7 @@ class ParamsMixin:
         anywhere. Gradients are freed first; a chunk is gathered on the engine's device (one chunk at a time) and,
         for another ``device``, moved there at once, so the device never holds more than one extra chunk."""
         device = torch.device(device) if device is not None else self.device
+        self.settle()  # delay_update: the masters hold every update
         self.wait_pending_gathers()
         self.drop_gradients()
         for chunk in self.chunks:

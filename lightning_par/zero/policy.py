@@ -55,6 +55,9 @@ class ZeroPolicy:
         memory lives between steps (ZeRO-Infinity); None keeps everything in memory.
     allow_untested_optimizer: accept an optimizer that is neither one of ``ELEMENTWISE_OPTIMIZERS`` nor a subclass
         of one (the user declares it element-wise, as DeepSpeed's ``zero_allow_untested_optimizer``).
+    delay_update: ZeRO-Offload's delayed parameter update: the host chunks' optimizer step of step k runs in the
+        background during step k + 1's forward and backward (see [Note: the delayed host step] in
+        ``zero/host_step.py``); their parameters lag one more update. Off by default.
     host_grads: the dtype of the gradient shards of host chunks. "fp32" (exact); "compute" keeps them in the bf16
         compute dtype: half the host memory and the copies, cast to fp32 chunk by chunk for the step. Exact at world
         size 1 without accumulation (autograd's gradients are bf16 already); else the reduced sum is rounded to bf16.
@@ -72,6 +75,7 @@ class ZeroPolicy:
     nvme_dir: Optional[str] = None
     host_grads: Literal["fp32", "compute"] = "fp32"
     allow_untested_optimizer: bool = False
+    delay_update: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
@@ -83,3 +87,10 @@ class ZeroPolicy:
                 raise ValueError(f"offload must be None, 'auto' or a fraction in [0, 1]; got {self.offload!r}.")
         if self.host_grads not in ("fp32", "compute"):
             raise ValueError(f"host_grads must be 'fp32' or 'compute'; got {self.host_grads!r}.")
+        if self.delay_update and self.offload is None:
+            raise ValueError("delay_update overlaps the host chunks' optimizer step with the next forward and "
+                             "backward; without offload there is no host chunk. Set offload (for example 1.0 or "
+                             "'auto'), or leave delay_update off.")
+        if self.delay_update and (self.nvme_dir is not None or self.host_grads != "fp32"):
+            raise ValueError("delay_update is built for host chunks in memory with fp32 gradients; it does not "
+                             "combine with nvme_dir or host_grads='compute' yet.")

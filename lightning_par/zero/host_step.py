@@ -1,0 +1,225 @@
+"""The optimizer step of offloaded chunks: timed each step, and with ``delay_update`` run in the background.
+
+[Note: the delayed host step]
+ZeRO-Offload's delayed parameter update (DPU): the host chunks' CPU step of step k runs on a worker thread while
+the device runs step k + 1's forward and backward, so the step costs the larger of the two instead of their sum.
+The price is staleness: the parameters a forward reads lag one update more than without it.
+
+At each optimizer step (after Lightning's closure ran forward, backward and clipping):
+1. wait for the previous host step (it updated the host masters, then cast them into the host chunk's *back*
+   compute copy); swap each host chunk's front and back compute copies: the front, which the device reads (stage 3's
+   gathers, stages 1-2's refresh after the step), now holds that update;
+2. take the host chunks' gradients away from the pieces (their shard buffer swaps with a spare, so the next backward
+   writes elsewhere), step the device pieces now;
+3. launch the host step on the worker: a second optimizer of the same class and hyper-parameters over proxies of
+   the host pieces (the same storage, the swapped-out gradients), whose state *is* the user optimizer's state of
+   those pieces (checkpoints and schedulers see one optimizer). It first waits until the device has read the back
+   copy it will overwrite.
+
+So with every chunk on the host, forward k reads the parameters after the update of step k - 2 (k - 1 without the
+delay); chunks on the device update without delay. A checkpoint, teardown or a new step waits for the host step in
+flight (``settle``), so the masters saved or made whole hold every update; a resumed run starts from them, with no
+update in flight. Validation reads what the next training step will read. One process computes the same with its
+optimizer applying each step's gradient one step late (``tests/test_host_step.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lightning_par.zero.chunk import Chunk
+
+
+class _SharedState(dict):
+    """The state of the worker's optimizer: each proxy's state is its piece's dict in the user's optimizer."""
+
+    def __init__(self, state: dict, piece_of: dict[int, nn.Parameter]) -> None:
+        super().__init__()
+        self._state, self._piece_of = state, piece_of
+
+    def __getitem__(self, proxy: nn.Parameter) -> dict:
+        return self._state[self._piece_of[id(proxy)]]  # a defaultdict: created empty on the first step
+
+    def __contains__(self, proxy: object) -> bool:
+        return id(proxy) in self._piece_of and self._piece_of[id(proxy)] in self._state
+
+    def get(self, proxy: nn.Parameter, default: Any = None) -> Any:
+        return self[proxy] if proxy in self else default
+
+
+class HostStep:
+    """Wraps each optimizer's ``step`` for an engine with chunks on the host: times the step (``components``) and,
+    with ``delayed``, runs the host chunks' part of it in the background (see the note above)."""
+
+    def __init__(self, chunks: Callable[[], list["Chunk"]], device: torch.device, delayed: bool,
+                 h2d: Optional[torch.cuda.Stream], bytes_moved: dict[str, int],
+                 log: Callable[[str], None] = lambda message: None) -> None:
+        """``bytes_moved``: the engine's running counts of host <-> device bytes, read and reset at each step;
+        ``log``: where the components of the third step are reported."""
+        self.chunks = chunks
+        self.bytes_moved = bytes_moved
+        self.log = log
+        self.steps = 0
+        self.last_bytes = {"h2d": 0, "d2h": 0}
+        self.device = device
+        self.delayed = delayed
+        self.h2d = h2d
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zero-host-step") if delayed else None
+        self._future: Optional[Future] = None
+        self.last_cpu_step_s = 0.0  # the host step's own time (on the worker when delayed)
+        self.last_wait_s = 0.0  # how long the next step waited for it (delayed only)
+        self.last_compute_s = 0.0  # the device's first forward to last backward of the last step
+        self._compute: list[Any] = []  # [start, end]: events on CUDA, perf_counter() on the CPU
+
+    # ----- the compute copies a delayed step publishes -------------------------------------------------------------
+
+    def attach(self, chunk: "Chunk", compute_dtype: torch.dtype, pinned: Any) -> None:
+        """Give a host chunk its front and back compute copies (pinned, in the compute dtype), both from its master."""
+        if self.delayed and chunk.host and chunk.published is None:
+            chunk.published = pinned.empty(chunk.shard_numel, compute_dtype).copy_(chunk.master)
+            chunk.publishing = pinned.empty(chunk.shard_numel, compute_dtype).copy_(chunk.master)
+            chunk.grad_spare = pinned.zeros(chunk.shard_numel, chunk.grad_shard.dtype)
+
+    @staticmethod
+    def detach(chunk: "Chunk", pinned: Any) -> None:
+        for name in ("published", "publishing", "grad_spare"):
+            t = getattr(chunk, name)
+            if t is not None:
+                pinned.free(t)
+                setattr(chunk, name, None)
+
+    # ----- the device's time: its first forward to its last backward, read when the step starts --------------------
+
+    def _mark(self) -> Any:
+        if self.device.type == "cuda":
+            return torch.cuda.current_stream(self.device).record_event(torch.cuda.Event(enable_timing=True))
+        return time.perf_counter()
+
+    def forward_started(self) -> None:
+        if not self._compute:  # the first forward of this step (accumulation runs several)
+            self._compute = [self._mark(), None]
+
+    def backward_done(self) -> None:
+        if self._compute:
+            self._compute[1] = self._mark()
+
+    def _close_compute(self) -> None:
+        """At the step: the last backward waited for the host copies, so its end event has completed."""
+        if self._compute and self._compute[1] is not None:
+            start, end = self._compute
+            if self.device.type != "cuda":
+                self.last_compute_s = end - start
+            elif end.query():  # (no host chunk: nothing waited; then this step's figure is skipped, not waited for)
+                self.last_compute_s = start.elapsed_time(end) / 1e3
+        self._compute = []
+
+    # ----- the step ----------------------------------------------------------------------------------------------------
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> None:
+        original = optimizer.step
+
+        def step(closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
+            loss = None
+            if closure is not None:  # Lightning's closure: forward, backward, clipping
+                with torch.enable_grad():
+                    loss = closure()
+            self._close_compute()
+            self.last_bytes = dict(self.bytes_moved)
+            self.bytes_moved.update(h2d=0, d2h=0)
+            if not self.delayed:
+                start = time.perf_counter()
+                original(**kwargs)
+                self.last_cpu_step_s = time.perf_counter() - start  # the device's part is only launched
+            else:
+                self._step_delayed(optimizer, original, kwargs)
+            self.steps += 1
+            if self.steps == 3:  # past the first step's plan and warm-up
+                self.log(self.describe())
+            return loss
+
+        optimizer.step = step  # type: ignore[method-assign]
+
+    def _step_delayed(self, optimizer: torch.optim.Optimizer, original: Callable[..., Any], kwargs: dict) -> None:
+        start = time.perf_counter()
+        self.settle()
+        self.last_wait_s = time.perf_counter() - start
+        host = [c for c in self.chunks() if c.host and c.published is not None]
+        for chunk in host:  # 1. the update of the last host step becomes what the device reads
+            chunk.published, chunk.publishing = chunk.publishing, chunk.published
+        reads = self._reads_so_far()
+        mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
+        piece_of: dict[int, nn.Parameter] = {}
+        proxies_by_group: dict[int, list[nn.Parameter]] = {}
+        group_index = {id(q): i for i, g in enumerate(optimizer.param_groups) for q in g["params"]}
+        for chunk in host:  # 2. the host gradients leave the pieces: the next backward fills the spare buffer
+            grads, chunk.grad_shard, chunk.grad_spare = chunk.grad_shard, chunk.grad_spare, chunk.grad_shard
+            for piece, q in chunk.pieces:
+                if id(q) not in mine or q.grad is None:
+                    continue
+                proxy = nn.Parameter(q.data, requires_grad=q.requires_grad)
+                proxy.grad = grads[piece.shard_offset: piece.shard_offset + piece.numel]
+                piece_of[id(proxy)] = q
+                proxies_by_group.setdefault(group_index[id(q)], []).append(proxy)
+                q.grad = None
+        original(**kwargs)  # the device pieces (the host ones have no gradient now)
+        if not piece_of:
+            return
+        # 3. the host step, with the hyper-parameters as they are now (a scheduler may change them before it runs)
+        groups = [{**{k: v for k, v in optimizer.param_groups[i].items() if k != "params"}, "params": proxies}
+                  for i, proxies in proxies_by_group.items()]
+        # The user's optimizer class without its constructor (whose arguments are not always its defaults' keys):
+        # the base class sets up the groups, each of which carries every hyper-parameter already.
+        worker = type(optimizer).__new__(type(optimizer))
+        torch.optim.Optimizer.__init__(worker, groups, optimizer.defaults)
+        worker.state = _SharedState(optimizer.state, piece_of)  # type: ignore[assignment]
+        self._future = self._pool.submit(self._host_step, worker, host, reads)
+
+    def _reads_so_far(self) -> list[Any]:
+        """Events after every device read of the host copies enqueued so far (the back copy's last readers)."""
+        if self.device.type != "cuda":
+            return []
+        streams = [torch.cuda.current_stream(self.device)] + ([self.h2d] if self.h2d is not None else [])
+        return [s.record_event() for s in streams]
+
+    def _host_step(self, worker: torch.optim.Optimizer, host: list["Chunk"], reads: list[Any]) -> None:
+        start = time.perf_counter()
+        worker.step()
+        for event in reads:
+            event.synchronize()
+        for chunk in host:
+            chunk.publishing.copy_(chunk.master)  # cast: what the device reads after the next swap
+        self.last_cpu_step_s = time.perf_counter() - start
+
+    def components(self) -> dict[str, float]:
+        """The last step's parts: the device's forward and backward (waits for host copies included), the host
+        optimizer step (of the step before, when delayed, and how long this step waited for it), bytes each way."""
+        return {"compute_s": self.last_compute_s, "cpu_step_s": self.last_cpu_step_s, "wait_s": self.last_wait_s,
+                "h2d_bytes": self.last_bytes["h2d"], "d2h_bytes": self.last_bytes["d2h"]}
+
+    def describe(self) -> str:
+        c = self.components()
+        step = (f"host optimizer step {c['cpu_step_s']:.3f} s, in the background (step {self.steps} waited "
+                f"{c['wait_s']:.3f} s for it)" if self.delayed else f"host optimizer step {c['cpu_step_s']:.3f} s")
+        return (f"ZeRO offload, step {self.steps}: device forward and backward {c['compute_s']:.3f} s; {step}; "
+                f"host->device {c['h2d_bytes'] / 1e9:.2f} GB, device->host {c['d2h_bytes'] / 1e9:.2f} GB")
+
+    def settle(self) -> None:
+        """Wait for the host step in flight: the masters and the optimizer state then hold every update."""
+        future, self._future = self._future, None
+        if future is not None:
+            future.result()  # re-raises the worker's error here
+
+    def close(self) -> None:
+        self.settle()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def read_tensor(self, chunk: "Chunk") -> Tensor:
+        """What the device reads of a chunk's master: its published copy when the step is delayed."""
+        return chunk.published if chunk.published is not None else chunk.master
