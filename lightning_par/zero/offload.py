@@ -66,7 +66,8 @@ class OffloadMixin:
         return int(0.95 * (free + torch.cuda.memory_reserved(self.device)))
 
     def _with_grad_bytes(self, plan: Plan) -> Plan:
-        return replace(plan, host_grad_bytes=self.host_grad_dtype.itemsize)
+        extra = self.host_grad_dtype.itemsize + 2 * self.compute_dtype.itemsize if self.policy.delay_update else 0
+        return replace(plan, host_grad_bytes=self.host_grad_dtype.itemsize, host_extra_bytes=extra)
 
     def _state_tensors(self) -> int:
         return max((state_tensors(opt) for opt in self.optimizer_param_names), default=2)
@@ -190,6 +191,7 @@ class OffloadMixin:
                "plan": self.plan.describe(str(self.device))}
         for chunk in self.chunks:
             tensors = [chunk.master, chunk.grad_shard]
+            tensors += [t for t in (chunk.published, chunk.publishing, chunk.grad_spare) if t is not None]
             tensors += [v for _, q in chunk.pieces for v in states.get(id(q), {}).values()
                         if isinstance(v, Tensor) and v.dim() > 0]
             key = "host_bytes" if chunk.host else "device_bytes"

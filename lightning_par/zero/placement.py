@@ -41,12 +41,13 @@ class Plan:
     shard_numels: tuple[int, ...]
     on_nvme: tuple[bool, ...] = ()
     host_grad_bytes: int = 4  # 2 when host gradient shards are kept in the 16-bit compute dtype
+    host_extra_bytes: int = 0  # delay_update: a spare gradient shard and two compute copies per host element
 
     def nvme(self, c: int) -> bool:
         return bool(self.on_nvme) and self.on_nvme[c]
 
     def host_bytes(self) -> int:
-        in_memory = self.bytes_per_element - 4 + self.host_grad_bytes  # master, gradient, state
+        in_memory = self.bytes_per_element - 4 + self.host_grad_bytes + self.host_extra_bytes  # master, grad, state
         on_disk = 4 + self.host_grad_bytes  # master and gradient; the state is in files
         return sum(n * (on_disk if self.nvme(c) else in_memory)
                    for c, (n, h) in enumerate(zip(self.shard_numels, self.on_host)) if h)
