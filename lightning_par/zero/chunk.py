@@ -51,11 +51,12 @@ class Chunk:
         self.gather_input: Optional[Tensor] = None
         self.copied: Any = None  # offloaded, on CUDA: event after the host-to-device copy of a gather
         self.nvme = False  # offloaded, and its optimizer state lives in files between steps
-        # delay_update (see [Note: the delayed host step]): the compute copies the device reads (front) and the next
-        # one the host step writes (back), and the gradient buffer the next backward fills while it runs.
+        # delay_update (see [Note: the delayed host step]): stage 3's compute copies, the one the device reads (front)
+        # and the next one the host step writes (back), and the gradient buffer the next backward fills while it runs.
         self.published: Optional[Tensor] = None
         self.publishing: Optional[Tensor] = None
         self.grad_spare: Optional[Tensor] = None
+        self.read_done: Any = None  # stages 1-2: event after the refresh's copy of the master to the device
         # A host gradient shard kept in 16 bits is not held by the pieces (a parameter's .grad has its dtype): it
         # steps in a window of its own, and `window_open[k]` says piece k has a gradient of the current window.
         self.window_open: list[bool] = []

@@ -139,7 +139,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
                                host=self.plan.on_host[c], pinned=self.pinned, host_grad_dtype=self.host_grad_dtype)
                 chunk.nvme = self.plan.nvme(c)
                 if self.host_step is not None:
-                    self.host_step.attach(chunk, compute_dtype, self.pinned)
+                    self.host_step.attach(chunk, compute_dtype, self.pinned, policy.stage)
                 for i, p in enumerate(chunk.params):
                     p.data = chunk.view(chunk.compute, i)
                 self.chunks.append(chunk)

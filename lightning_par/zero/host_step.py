@@ -6,15 +6,17 @@ the device runs step k + 1's forward and backward, so the step costs the larger 
 The price is staleness: the parameters a forward reads lag one update more than without it.
 
 At each optimizer step (after Lightning's closure ran forward, backward and clipping):
-1. wait for the previous host step (it updated the host masters, then cast them into the host chunk's *back*
-   compute copy); swap each host chunk's front and back compute copies: the front, which the device reads (stage 3's
-   gathers, stages 1-2's refresh after the step), now holds that update;
+1. wait for the previous host step, which updated the host masters; at stage 3 it also cast them into each host
+   chunk's *back* compute copy, and the front and back copies swap: the front, which stage 3's gathers read during
+   forward and backward, now holds that update;
 2. take the host chunks' gradients away from the pieces (their shard buffer swaps with a spare, so the next backward
-   writes elsewhere), step the device pieces now;
-3. launch the host step on the worker: a second optimizer of the same class and hyper-parameters over proxies of
-   the host pieces (the same storage, the swapped-out gradients), whose state *is* the user optimizer's state of
-   those pieces (checkpoints and schedulers see one optimizer). It first waits until the device has read the back
-   copy it will overwrite.
+   writes elsewhere), step the device pieces now, and prepare one worker optimizer per host chunk: the user's class
+   and hyper-parameters over proxies of the chunk's pieces (the same storage, the swapped-out gradients), whose
+   state *is* the user optimizer's state of those pieces (checkpoints and schedulers see one optimizer);
+3. after the refresh that follows the step, launch the host step on the worker thread. At stages 1-2 that refresh
+   copies each host master to the device, and a chunk steps once its copy has been read (no extra host copy of
+   the parameters); at stage 3 the worker steps every chunk, then waits until the device has read the back copy
+   and overwrites it.
 
 So with every chunk on the host, forward k reads the parameters after the update of step k - 2 (k - 1 without the
 delay); chunks on the device update without delay. A checkpoint, teardown or a new step waits for the host step in
@@ -72,6 +74,7 @@ class HostStep:
         self.h2d = h2d
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zero-host-step") if delayed else None
         self._future: Optional[Future] = None
+        self._job: Optional[tuple[list, list]] = None  # prepared by the step, launched after the refresh
         self.last_cpu_step_s = 0.0  # the host step's own time (on the worker when delayed)
         self.last_wait_s = 0.0  # how long the next step waited for it (delayed only)
         self.last_compute_s = 0.0  # the device's first forward to last backward of the last step
@@ -79,12 +82,15 @@ class HostStep:
 
     # ----- the compute copies a delayed step publishes -------------------------------------------------------------
 
-    def attach(self, chunk: "Chunk", compute_dtype: torch.dtype, pinned: Any) -> None:
-        """Give a host chunk its front and back compute copies (pinned, in the compute dtype), both from its master."""
-        if self.delayed and chunk.host and chunk.published is None:
+    def attach(self, chunk: "Chunk", compute_dtype: torch.dtype, pinned: Any, stage: int) -> None:
+        """Give a host chunk its spare gradient buffer and, at stage 3 (whose gathers read the host during forward
+        and backward), its front and back compute copies (pinned, in the compute dtype), both from its master."""
+        if not self.delayed or not chunk.host or chunk.grad_spare is not None:
+            return
+        chunk.grad_spare = pinned.zeros(chunk.shard_numel, chunk.grad_shard.dtype)
+        if stage == 3:
             chunk.published = pinned.empty(chunk.shard_numel, compute_dtype).copy_(chunk.master)
             chunk.publishing = pinned.empty(chunk.shard_numel, compute_dtype).copy_(chunk.master)
-            chunk.grad_spare = pinned.zeros(chunk.shard_numel, chunk.grad_shard.dtype)
 
     @staticmethod
     def detach(chunk: "Chunk", pinned: Any) -> None:
@@ -149,16 +155,18 @@ class HostStep:
         start = time.perf_counter()
         self.settle()
         self.last_wait_s = time.perf_counter() - start
-        host = [c for c in self.chunks() if c.host and c.published is not None]
-        for chunk in host:  # 1. the update of the last host step becomes what the device reads
-            chunk.published, chunk.publishing = chunk.publishing, chunk.published
+        host = [c for c in self.chunks() if c.host and c.grad_spare is not None]
+        for chunk in host:  # 1. stage 3: the update of the last host step becomes what the device reads
+            if chunk.published is not None:
+                chunk.published, chunk.publishing = chunk.publishing, chunk.published
         reads = self._reads_so_far()
         mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
-        piece_of: dict[int, nn.Parameter] = {}
-        proxies_by_group: dict[int, list[nn.Parameter]] = {}
         group_index = {id(q): i for i, g in enumerate(optimizer.param_groups) for q in g["params"]}
+        jobs = []
         for chunk in host:  # 2. the host gradients leave the pieces: the next backward fills the spare buffer
             grads, chunk.grad_shard, chunk.grad_spare = chunk.grad_shard, chunk.grad_spare, chunk.grad_shard
+            piece_of: dict[int, nn.Parameter] = {}
+            proxies_by_group: dict[int, list[nn.Parameter]] = {}
             for piece, q in chunk.pieces:
                 if id(q) not in mine or q.grad is None:
                     continue
@@ -167,18 +175,33 @@ class HostStep:
                 piece_of[id(proxy)] = q
                 proxies_by_group.setdefault(group_index[id(q)], []).append(proxy)
                 q.grad = None
+            if piece_of:
+                jobs.append((chunk, self._worker(optimizer, piece_of, proxies_by_group)))
         original(**kwargs)  # the device pieces (the host ones have no gradient now)
-        if not piece_of:
-            return
-        # 3. the host step, with the hyper-parameters as they are now (a scheduler may change them before it runs)
+        # 3. launched once the device has been told to read the masters it needs (``launch``, after the refresh)
+        self._job = (jobs, reads) if jobs else None
+
+    @staticmethod
+    def _worker(optimizer: torch.optim.Optimizer, piece_of: dict[int, nn.Parameter],
+                proxies_by_group: dict[int, list[nn.Parameter]]) -> torch.optim.Optimizer:
+        """An optimizer of the user's class over one chunk's proxies, with the hyper-parameters as they are now (a
+        scheduler may change them before it runs), whose state is the user optimizer's state of the pieces."""
         groups = [{**{k: v for k, v in optimizer.param_groups[i].items() if k != "params"}, "params": proxies}
                   for i, proxies in proxies_by_group.items()]
-        # The user's optimizer class without its constructor (whose arguments are not always its defaults' keys):
-        # the base class sets up the groups, each of which carries every hyper-parameter already.
+        # Without the class's constructor (whose arguments are not always its defaults' keys): the base class sets
+        # up the groups, each of which carries every hyper-parameter already.
         worker = type(optimizer).__new__(type(optimizer))
         torch.optim.Optimizer.__init__(worker, groups, optimizer.defaults)
         worker.state = _SharedState(optimizer.state, piece_of)  # type: ignore[assignment]
-        self._future = self._pool.submit(self._host_step, worker, host, reads)
+        return worker
+
+    def launch(self) -> None:
+        """Start the host step prepared by the last optimizer step. Called after the refresh that follows the step:
+        at stages 1-2 that refresh copied each host master to the device (``chunk.read_done``), and a chunk steps
+        only once its copy has been read; at stage 3 the device reads the published copies."""
+        job, self._job = self._job, None
+        if job is not None:
+            self._future = self._pool.submit(self._host_step, *job)
 
     def _reads_so_far(self) -> list[Any]:
         """Events after every device read of the host copies enqueued so far (the back copy's last readers)."""
@@ -187,13 +210,17 @@ class HostStep:
         streams = [torch.cuda.current_stream(self.device)] + ([self.h2d] if self.h2d is not None else [])
         return [s.record_event() for s in streams]
 
-    def _host_step(self, worker: torch.optim.Optimizer, host: list["Chunk"], reads: list[Any]) -> None:
+    def _host_step(self, jobs: list, reads: list[Any]) -> None:
         start = time.perf_counter()
-        worker.step()
+        for chunk, worker in jobs:
+            if chunk.read_done is not None:  # stages 1-2: the device has its copy of the master before it changes
+                chunk.read_done.synchronize()
+            worker.step()
         for event in reads:
             event.synchronize()
-        for chunk in host:
-            chunk.publishing.copy_(chunk.master)  # cast: what the device reads after the next swap
+        for chunk, _ in jobs:
+            if chunk.publishing is not None:
+                chunk.publishing.copy_(chunk.master)  # stage 3, cast: what the device reads after the next swap
         self.last_cpu_step_s = time.perf_counter() - start
 
     def components(self) -> dict[str, float]:
@@ -210,7 +237,9 @@ class HostStep:
                 f"host->device {c['h2d_bytes'] / 1e9:.2f} GB, device->host {c['d2h_bytes'] / 1e9:.2f} GB")
 
     def settle(self) -> None:
-        """Wait for the host step in flight: the masters and the optimizer state then hold every update."""
+        """Wait for the host step in flight (launching it first if the refresh that launches it did not run): the
+        masters and the optimizer state then hold every update."""
+        self.launch()
         future, self._future = self._future, None
         if future is not None:
             future.result()  # re-raises the worker's error here

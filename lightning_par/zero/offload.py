@@ -66,7 +66,9 @@ class OffloadMixin:
         return int(0.95 * (free + torch.cuda.memory_reserved(self.device)))
 
     def _with_grad_bytes(self, plan: Plan) -> Plan:
-        extra = self.host_grad_dtype.itemsize + 2 * self.compute_dtype.itemsize if self.policy.delay_update else 0
+        extra = 0
+        if self.policy.delay_update:  # a spare gradient shard; at stage 3 two compute copies too
+            extra = self.host_grad_dtype.itemsize + (2 * self.compute_dtype.itemsize if self.policy.stage == 3 else 0)
         return replace(plan, host_grad_bytes=self.host_grad_dtype.itemsize, host_extra_bytes=extra)
 
     def _state_tensors(self) -> int:
@@ -178,7 +180,7 @@ class OffloadMixin:
             self.pinned.free(t)
         if self.host_step is not None:  # delay_update's compute copies follow the chunk to the host, or go
             if to_host:
-                self.host_step.attach(chunk, self.compute_dtype, self.pinned)
+                self.host_step.attach(chunk, self.compute_dtype, self.pinned, self.policy.stage)
             else:
                 self.host_step.detach(chunk, self.pinned)
 

@@ -105,6 +105,8 @@ class ParamsMixin:
         step])."""
         if self.policy.stage == 3:
             self.release_all()  # the next gather casts the master shards
+            if self.host_step is not None:
+                self.host_step.launch()  # delay_update: the host step prepared by the optimizer step
             return
         # A chunk nothing read since the last refresh (an unused module) may still be on the wire: the stream waits
         # for it before its buffer is written again. This also empties the list, which would otherwise grow.
@@ -116,16 +118,20 @@ class ParamsMixin:
                 if chunk.host:
                     self.bytes_moved["h2d"] += source.numel() * source.element_size()
                 shard.copy_(source, non_blocking=True)  # casts; from pinned host memory when offloaded
+                if chunk.grad_spare is not None and self.device.type == "cuda":  # delay_update: read before it steps
+                    chunk.read_done = torch.cuda.current_stream(self.device).record_event()
             if self.world_size > 1:
                 # NCCL gathers in place (the input is this rank's slice of the output); gloo gets its own copy.
                 chunk.gather_input = shard if self._nccl else shard.clone()
                 chunk.gather_work = gather_shards(chunk.compute, chunk.gather_input, self.group, async_op=True)
                 chunk.gathered = False
                 self._pending_gathers.append(chunk)
+        if self.host_step is not None:
+            self.host_step.launch()  # delay_update: the host step prepared by the optimizer step, after these copies
 
     def _read_master(self, chunk: Chunk) -> Tensor:
-        """What the device copies of a master shard: with delay_update, its published compute copy (see [Note: the
-        delayed host step])."""
+        """What the device copies of a master shard: at stage 3 with delay_update, its published compute copy (see
+        [Note: the delayed host step])."""
         return chunk.published if chunk.published is not None else chunk.master
 
     def wait_pending_gathers(self) -> None:
@@ -324,13 +330,13 @@ class ParamsMixin:
         load, and in ``full_params``, which shows and writes back the latest values); True if there was anything to
         publish. The caller refreshes the compute buffers."""
         self.settle()
-        published = False
+        delayed = False
         for chunk in self.chunks:
+            delayed = delayed or chunk.grad_spare is not None  # (stages 1-2: the refresh reads the masters)
             if chunk.published is not None:
                 chunk.published.copy_(chunk.master)
                 chunk.publishing.copy_(chunk.master)
-                published = True
-        return published
+        return delayed
 
     def _compute_shard(self, chunk: Chunk) -> Tensor:
         return chunk.compute[chunk.shard_start : chunk.shard_start + chunk.shard_numel]
