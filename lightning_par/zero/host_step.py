@@ -10,12 +10,12 @@ At each optimizer step (after Lightning's closure ran forward, backward and clip
    chunk's *back* compute copy, and the front and back copies swap: the front, which stage 3's gathers read during
    forward and backward, now holds that update;
 2. take the host chunks' gradients away from the pieces (their shard buffer swaps with a spare, so the next backward
-   writes elsewhere), step the device pieces now, and prepare a worker optimizer: the user's class and
-   hyper-parameters over proxies of the host pieces (the same storage, the swapped-out gradients), whose
+   writes elsewhere), step the device pieces now, and prepare one worker optimizer per host chunk: the user's class
+   and hyper-parameters over proxies of the chunk's pieces (the same storage, the swapped-out gradients), whose
    state *is* the user optimizer's state of those pieces (checkpoints and schedulers see one optimizer);
 3. after the refresh that follows the step, launch the host step on the worker thread. At stages 1-2 that refresh
-   copies each host master to the device, and the worker steps once those copies have been read (no extra host
-   copy of the parameters); at stage 3 the worker steps every chunk, then waits until the device has read the back copy
+   copies each host master to the device, and a chunk steps once its copy has been read (no extra host copy of
+   the parameters); at stage 3 the worker steps every chunk, then waits until the device has read the back copy
    and overwrites it.
 
 So with every chunk on the host, forward k reads the parameters after the update of step k - 2 (k - 1 without the
@@ -74,7 +74,7 @@ class HostStep:
         self.h2d = h2d
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zero-host-step") if delayed else None
         self._future: Optional[Future] = None
-        self._job: Optional[tuple] = None  # prepared by the step, launched after the refresh
+        self._job: Optional[tuple[list, list]] = None  # prepared by the step, launched after the refresh
         self.last_cpu_step_s = 0.0  # the host step's own time (on the worker when delayed)
         self.last_wait_s = 0.0  # how long the next step waited for it (delayed only)
         self.last_compute_s = 0.0  # the device's first forward to last backward of the last step
@@ -162,10 +162,11 @@ class HostStep:
         reads = self._reads_so_far()
         mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
         group_index = {id(q): i for i, g in enumerate(optimizer.param_groups) for q in g["params"]}
-        piece_of: dict[int, nn.Parameter] = {}
-        proxies_by_group: dict[int, list[nn.Parameter]] = {}
+        jobs = []
         for chunk in host:  # 2. the host gradients leave the pieces: the next backward fills the spare buffer
             grads, chunk.grad_shard, chunk.grad_spare = chunk.grad_shard, chunk.grad_spare, chunk.grad_shard
+            piece_of: dict[int, nn.Parameter] = {}
+            proxies_by_group: dict[int, list[nn.Parameter]] = {}
             for piece, q in chunk.pieces:
                 if id(q) not in mine or q.grad is None:
                     continue
@@ -174,15 +175,16 @@ class HostStep:
                 piece_of[id(proxy)] = q
                 proxies_by_group.setdefault(group_index[id(q)], []).append(proxy)
                 q.grad = None
+            if piece_of:
+                jobs.append((chunk, self._worker(optimizer, piece_of, proxies_by_group)))
         original(**kwargs)  # the device pieces (the host ones have no gradient now)
         # 3. launched once the device has been told to read the masters it needs (``launch``, after the refresh)
-        if piece_of:
-            self._job = (host, self._worker(optimizer, piece_of, proxies_by_group), reads)
+        self._job = (jobs, reads) if jobs else None
 
     @staticmethod
     def _worker(optimizer: torch.optim.Optimizer, piece_of: dict[int, nn.Parameter],
                 proxies_by_group: dict[int, list[nn.Parameter]]) -> torch.optim.Optimizer:
-        """An optimizer of the user's class over the host pieces' proxies, with the hyper-parameters as they are now (a
+        """An optimizer of the user's class over one chunk's proxies, with the hyper-parameters as they are now (a
         scheduler may change them before it runs), whose state is the user optimizer's state of the pieces."""
         groups = [{**{k: v for k, v in optimizer.param_groups[i].items() if k != "params"}, "params": proxies}
                   for i, proxies in proxies_by_group.items()]
@@ -208,15 +210,15 @@ class HostStep:
         streams = [torch.cuda.current_stream(self.device)] + ([self.h2d] if self.h2d is not None else [])
         return [s.record_event() for s in streams]
 
-    def _host_step(self, host: list["Chunk"], worker: torch.optim.Optimizer, reads: list[Any]) -> None:
+    def _host_step(self, jobs: list, reads: list[Any]) -> None:
         start = time.perf_counter()
-        for chunk in host:
+        for chunk, worker in jobs:
             if chunk.read_done is not None:  # stages 1-2: the device has its copy of the master before it changes
                 chunk.read_done.synchronize()
-        worker.step()  # one call: torch's fused CPU kernel over every host piece
+            worker.step()
         for event in reads:
             event.synchronize()
-        for chunk in host:
+        for chunk, _ in jobs:
             if chunk.publishing is not None:
                 chunk.publishing.copy_(chunk.master)  # stage 3, cast: what the device reads after the next swap
         self.last_cpu_step_s = time.perf_counter() - start
