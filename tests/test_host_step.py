@@ -76,12 +76,16 @@ def _train(rank: int, world: int, port: int, tmpdir: str) -> dict:
     _as_external_rank(rank, world, port)
     out = {name: fit(run, ZeroStrategy(**arguments), world, world, module_class=BatchLossGPT)
            for name, (arguments, run) in CASES.items()}
-    # Not delayed: the components are measured (the CPU step's time, the bytes each way).
-    trainers: list = []
-    out["timed"] = fit(Run(steps=3), ZeroStrategy(stage=3, offload=1.0), world, world, module_class=BatchLossGPT,
-                       trainers=trainers)
-    engine = trainers[0].strategy.zero.engine
-    out["cpu_step_s"] = engine.host_step.last_cpu_step_s if engine is not None else None
+    # Not delayed: the host chunks step during backward when nothing touches the gradients before the step (early),
+    # and not when clipping or accumulation does; the components are measured either way.
+    for name, run in (("early", Run(steps=4)), ("clipped", Run(steps=4, clip_val=0.05)),
+                      ("accumulated", Run(steps=4, accumulate=2))):
+        trainers: list = []
+        out[name] = fit(run, ZeroStrategy(stage=3, offload=1.0), world, world, module_class=BatchLossGPT,
+                        trainers=trainers)
+        host_step = trainers[0].strategy.zero.engine.host_step
+        out[f"{name}_early_steps"] = host_step.early_steps
+        out[f"{name}_cpu_step_s"] = host_step.last_cpu_step_s
     # The checkpoint saved after fit (the last host step was in flight when fit ended) holds every update.
     out["saved"] = fit(Run(steps=3), ZeroStrategy(stage=3, offload=1.0, delay_update=True), world, world,
                        module_class=BatchLossGPT, save_to=os.path.join(tmpdir, "delayed.ckpt"))
@@ -98,7 +102,14 @@ def test_delayed_update_matches_the_same_delay_in_one_process(tmp_path):
         # The delay is real: the same run without it differs after the first steps.
         undelayed = fit(run, "auto", 1, 2, module_class=BatchLossGPT)
         assert relative_gap(ours, undelayed) > 1e-4, (name, ours, undelayed)
-    assert per_rank[0]["cpu_step_s"] is not None and per_rank[0]["cpu_step_s"] > 0
+    # The early host step ([Note: the early host step]) is exact, and runs only where nothing touches the gradients.
+    for name, run in (("early", Run(steps=4)), ("clipped", Run(steps=4, clip_val=0.05)),
+                      ("accumulated", Run(steps=4, accumulate=2))):
+        ours = global_losses([r[name] for r in per_rank], 2)
+        assert relative_gap(ours, fit(run, "auto", 1, 2, module_class=BatchLossGPT)) <= TOL, (name, ours)
+        assert per_rank[0][f"{name}_cpu_step_s"] > 0
+    assert per_rank[0]["early_early_steps"] >= 4  # every step, at least one chunk
+    assert per_rank[0]["clipped_early_steps"] == 0 and per_rank[0]["accumulated_early_steps"] == 0
 
     # The checkpoint holds the masters after all 3 updates, as the one-process optimizer's masters.
     trainers: list = []

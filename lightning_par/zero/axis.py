@@ -71,6 +71,13 @@ class ZeroAxis:
             self.engine.release_all()  # no backward follows to free what the forward gathered
         return output
 
+    def allow_early_host_step(self, allowed: bool) -> None:
+        """Whether host chunks may step during backward ([Note: the early host step]): the strategy says so when
+        nothing reads or changes the gradients between backward and the step."""
+        host_step = self.engine.host_step if self.engine is not None else None
+        if host_step is not None:
+            host_step.early = allowed and not self.policy.delay_update
+
     def after_step(self) -> None:
         if self.engine is not None:
             self.engine.refresh_compute()

@@ -323,14 +323,18 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
             return
         if self.policy.stage == 1 or all(self._fresh(chunk)):
             self.bytes_moved["d2h"] += chunk.reduced.numel() * chunk.reduced.element_size()
+            copied = None
             if self._d2h is None:
                 chunk.grad_shard.copy_(chunk.reduced)
             else:  # on the copy stream, beside the rest of backward
                 self._d2h.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(self._d2h):
                     chunk.grad_shard.copy_(chunk.reduced, non_blocking=True)
+                    copied = self._d2h.record_event()
                 chunk.reduced.record_stream(self._d2h)  # not reused before the copy read it
             chunk.grad_sent = True
+            if self.host_step is not None:
+                self.host_step.gradient_on_host(chunk, copied)  # [Note: the early host step]
             # The device copy is not needed any more: holding every host chunk's reduced gradient on the device until
             # backward ends would cost 4 bytes per offloaded element at the peak.
             chunk.reduced = None

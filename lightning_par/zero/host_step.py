@@ -72,8 +72,16 @@ class HostStep:
         self.device = device
         self.delayed = delayed
         self.h2d = h2d
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zero-host-step") if delayed else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zero-host-step")
         self._future: Optional[Future] = None
+        # [Note: the early host step] Without the delay, when nothing reads or changes the gradients between backward
+        # and the step (no clipping, no accumulation, ...: the strategy decides, ``early``), each host chunk steps on
+        # the worker as soon as its reduced gradient is on the host, while backward goes on; the optimizer step then
+        # waits for them and steps the rest. Exact: the same update from the same gradient, only sooner.
+        self.early = False
+        self.early_steps = 0  # chunks stepped early so far
+        self._early: list[tuple[Future, list[nn.Parameter]]] = []  # (its step, the pieces it steps)
+        self.optimizer: Optional[torch.optim.Optimizer] = None
         self._job: Optional[tuple[list, list]] = None  # prepared by the step, launched after the refresh
         self.last_cpu_step_s = 0.0  # the host step's own time (on the worker when delayed)
         self.last_wait_s = 0.0  # how long the next step waited for it (delayed only)
@@ -129,6 +137,7 @@ class HostStep:
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> None:
         original = optimizer.step
+        self.optimizer = optimizer  # (one optimizer for the early and the delayed step; more: early stays off)
 
         def step(closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
             loss = None
@@ -140,8 +149,11 @@ class HostStep:
             self.bytes_moved.update(h2d=0, d2h=0)
             if not self.delayed:
                 start = time.perf_counter()
-                original(**kwargs)
-                self.last_cpu_step_s = time.perf_counter() - start  # the device's part is only launched
+                early_s = self._join_early()
+                self.last_wait_s = time.perf_counter() - start
+                start = time.perf_counter()
+                original(**kwargs)  # the device's part is only launched; early-stepped pieces have no gradient now
+                self.last_cpu_step_s = early_s + time.perf_counter() - start
             else:
                 self._step_delayed(optimizer, original, kwargs)
             self.steps += 1
@@ -180,6 +192,49 @@ class HostStep:
         original(**kwargs)  # the device pieces (the host ones have no gradient now)
         # 3. launched once the device has been told to read the masters it needs (``launch``, after the refresh)
         self._job = (jobs, reads) if jobs else None
+
+    # ----- the early step (see [Note: the early host step]) ---------------------------------------------------------
+
+    def gradient_on_host(self, chunk: "Chunk", copied: Any) -> None:
+        """A host chunk's reduced gradient is on its way into ``chunk.grad_shard`` (``copied``: an event after the
+        copy, on CUDA): with early steps on, step its pieces on the worker once the copy is done."""
+        if not self.early or self.optimizer is None:
+            return
+        optimizer = self.optimizer
+        mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
+        group_index = {id(q): i for i, g in enumerate(optimizer.param_groups) for q in g["params"]}
+        piece_of: dict[int, nn.Parameter] = {}
+        proxies_by_group: dict[int, list[nn.Parameter]] = {}
+        for k, (piece, q) in enumerate(chunk.pieces):
+            if id(q) not in mine or not chunk.trainable[chunk.piece_slots[k]]:
+                continue
+            proxy = nn.Parameter(q.data, requires_grad=True)
+            proxy.grad = chunk.grad_shard[piece.shard_offset: piece.shard_offset + piece.numel]
+            piece_of[id(proxy)] = q
+            proxies_by_group.setdefault(group_index[id(q)], []).append(proxy)
+        if piece_of:
+            self.early_steps += 1
+            worker = self._worker(optimizer, piece_of, proxies_by_group)
+            self._early.append((self._pool.submit(self._early_step, worker, copied), list(piece_of.values())))
+
+    @staticmethod
+    def _early_step(worker: torch.optim.Optimizer, copied: Any) -> float:
+        start = time.perf_counter()
+        if copied is not None:
+            copied.synchronize()
+        worker.step()
+        return time.perf_counter() - start
+
+    def _join_early(self) -> float:
+        """Wait for this backward's early steps; their pieces then have no gradient, so the optimizer skips them.
+        Returns the worker's time on them."""
+        early, self._early = self._early, []
+        total = 0.0
+        for future, pieces in early:
+            total += future.result()
+            for q in pieces:
+                q.grad = None
+        return total
 
     @staticmethod
     def _worker(optimizer: torch.optim.Optimizer, piece_of: dict[int, nn.Parameter],
@@ -243,11 +298,12 @@ class HostStep:
         future, self._future = self._future, None
         if future is not None:
             future.result()  # re-raises the worker's error here
+        for future, _ in self._early:  # (a backward whose step never came: its pieces keep their gradients)
+            future.result()
 
     def close(self) -> None:
         self.settle()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
 
     def read_tensor(self, chunk: "Chunk") -> Tensor:
         """What the device reads of a chunk's master: its published copy when the step is delayed."""
