@@ -333,7 +333,7 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
                     copied = self._d2h.record_event()
                 chunk.reduced.record_stream(self._d2h)  # not reused before the copy read it
             chunk.grad_sent = True
-            if self.host_step is not None:
+            if self.host_step is not None and not self._measuring:  # ("auto" may move this chunk after backward)
                 self.host_step.gradient_on_host(chunk, copied)  # [Note: the early host step]
             # The device copy is not needed any more: holding every host chunk's reduced gradient on the device until
             # backward ends would cost 4 bytes per offloaded element at the peak.

@@ -128,6 +128,8 @@ class OffloadMixin:
     def _replan(self) -> None:
         """ "auto": after the first backward, measure the working memory (the device's peak less the model state it
         holds) and keep on the device as many chunks as fit beside it; move the others."""
+        if self.host_step is not None:
+            self.host_step.settle()  # no host step may run on a chunk while it moves
         self._measuring = False
         limit = self._device_limit()
         assert limit is not None
