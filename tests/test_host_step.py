@@ -1,5 +1,6 @@
 """ZeRO-Offload's delayed parameter update (``delay_update=True``, [Note: the delayed host step]) against the same
-one-step delay computed in one process, and the step components an offloading engine measures.
+one-step delay computed in one process; the host step during backward (``step_during_backward=True``, [Note: the
+early host step]) against one process, and only where it may run; the step components an offloading engine measures.
 
 With every chunk on the host (``offload=1.0``), forward k reads the parameters as updated through step k - 2. One
 process computes the same with an optimizer that, at each step, first makes the model what the previous update
@@ -72,17 +73,21 @@ CASES = {  # name -> (strategy arguments, run)
 }
 
 
+# step_during_backward: (run, asked for); it runs only where nothing touches the gradients before the step
+EARLY = {"early": (Run(steps=4), True), "clipped": (Run(steps=4, clip_val=0.05), True),
+         "accumulated": (Run(steps=4, accumulate=2), True), "off": (Run(steps=4), False)}
+
+
 def _train(rank: int, world: int, port: int, tmpdir: str) -> dict:
     _as_external_rank(rank, world, port)
     out = {name: fit(run, ZeroStrategy(**arguments), world, world, module_class=BatchLossGPT)
            for name, (arguments, run) in CASES.items()}
     # Not delayed: the host chunks step during backward when nothing touches the gradients before the step (early),
     # and not when clipping or accumulation does; the components are measured either way.
-    for name, run in (("early", Run(steps=4)), ("clipped", Run(steps=4, clip_val=0.05)),
-                      ("accumulated", Run(steps=4, accumulate=2))):
+    for name, (run, early) in EARLY.items():
         trainers: list = []
-        out[name] = fit(run, ZeroStrategy(stage=3, offload=1.0), world, world, module_class=BatchLossGPT,
-                        trainers=trainers)
+        out[name] = fit(run, ZeroStrategy(stage=3, offload=1.0, step_during_backward=early), world, world,
+                        module_class=BatchLossGPT, trainers=trainers)
         host_step = trainers[0].strategy.zero.engine.host_step
         out[f"{name}_early_steps"] = host_step.early_steps
         out[f"{name}_cpu_step_s"] = host_step.last_cpu_step_s
@@ -103,13 +108,13 @@ def test_delayed_update_matches_the_same_delay_in_one_process(tmp_path):
         undelayed = fit(run, "auto", 1, 2, module_class=BatchLossGPT)
         assert relative_gap(ours, undelayed) > 1e-4, (name, ours, undelayed)
     # The early host step ([Note: the early host step]) is exact, and runs only where nothing touches the gradients.
-    for name, run in (("early", Run(steps=4)), ("clipped", Run(steps=4, clip_val=0.05)),
-                      ("accumulated", Run(steps=4, accumulate=2))):
+    for name, (run, _) in EARLY.items():
         ours = global_losses([r[name] for r in per_rank], 2)
         assert relative_gap(ours, fit(run, "auto", 1, 2, module_class=BatchLossGPT)) <= TOL, (name, ours)
         assert per_rank[0][f"{name}_cpu_step_s"] > 0
     assert per_rank[0]["early_early_steps"] >= 4  # every step, at least one chunk
-    assert per_rank[0]["clipped_early_steps"] == 0 and per_rank[0]["accumulated_early_steps"] == 0
+    for name in ("clipped", "accumulated", "off"):
+        assert per_rank[0][f"{name}_early_steps"] == 0, name
 
     # The checkpoint holds the masters after all 3 updates, as the one-process optimizer's masters.
     trainers: list = []

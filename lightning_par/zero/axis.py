@@ -76,7 +76,7 @@ class ZeroAxis:
         nothing reads or changes the gradients between backward and the step."""
         host_step = self.engine.host_step if self.engine is not None else None
         if host_step is not None:
-            host_step.early = allowed and not self.policy.delay_update
+            host_step.early = allowed and self.policy.step_during_backward and not self.policy.delay_update
 
     def after_step(self) -> None:
         if self.engine is not None:
