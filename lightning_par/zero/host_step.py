@@ -82,9 +82,9 @@ class HostStep:
         self.early_steps = 0  # chunks stepped early so far
         self._early: list[tuple[Future, list[nn.Parameter]]] = []  # (its step, the pieces it steps)
         self.optimizer: Optional[torch.optim.Optimizer] = None
-        self._job: Optional[tuple[list, list]] = None  # prepared by the step, launched after the refresh
+        self._job: Optional[tuple[list, list]] = None  # (chunk, worker) jobs and the device's reads, for ``launch``
         self.last_cpu_step_s = 0.0  # the host step's own time (on the worker when delayed)
-        self.last_wait_s = 0.0  # how long the next step waited for it (delayed only)
+        self.last_wait_s = 0.0  # how long the step waited for the worker (delayed, or early steps)
         self.last_compute_s = 0.0  # the device's first forward to last backward of the last step
         self._compute: list[Any] = []  # [start, end]: events on CUDA, perf_counter() on the CPU
 
@@ -172,23 +172,15 @@ class HostStep:
             if chunk.published is not None:
                 chunk.published, chunk.publishing = chunk.publishing, chunk.published
         reads = self._reads_so_far()
-        mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
-        group_index = {id(q): i for i, g in enumerate(optimizer.param_groups) for q in g["params"]}
         jobs = []
         for chunk in host:  # 2. the host gradients leave the pieces: the next backward fills the spare buffer
             grads, chunk.grad_shard, chunk.grad_spare = chunk.grad_shard, chunk.grad_spare, chunk.grad_shard
-            piece_of: dict[int, nn.Parameter] = {}
-            proxies_by_group: dict[int, list[nn.Parameter]] = {}
-            for piece, q in chunk.pieces:
-                if id(q) not in mine or q.grad is None:
-                    continue
-                proxy = nn.Parameter(q.data, requires_grad=q.requires_grad)
-                proxy.grad = grads[piece.shard_offset: piece.shard_offset + piece.numel]
-                piece_of[id(proxy)] = q
-                proxies_by_group.setdefault(group_index[id(q)], []).append(proxy)
-                q.grad = None
-            if piece_of:
-                jobs.append((chunk, self._worker(optimizer, piece_of, proxies_by_group)))
+            stepped = [(piece, q) for piece, q in chunk.pieces if q.grad is not None]
+            worker = self._worker(optimizer, stepped, grads)
+            if worker is not None:
+                jobs.append((chunk, worker))
+                for _, q in stepped:
+                    q.grad = None
         original(**kwargs)  # the device pieces (the host ones have no gradient now)
         # 3. launched once the device has been told to read the masters it needs (``launch``, after the refresh)
         self._job = (jobs, reads) if jobs else None
@@ -200,22 +192,12 @@ class HostStep:
         copy, on CUDA): with early steps on, step its pieces on the worker once the copy is done."""
         if not self.early or self.optimizer is None:
             return
-        optimizer = self.optimizer
-        mine = {id(q) for g in optimizer.param_groups for q in g["params"]}
-        group_index = {id(q): i for i, g in enumerate(optimizer.param_groups) for q in g["params"]}
-        piece_of: dict[int, nn.Parameter] = {}
-        proxies_by_group: dict[int, list[nn.Parameter]] = {}
-        for k, (piece, q) in enumerate(chunk.pieces):
-            if id(q) not in mine or not chunk.trainable[chunk.piece_slots[k]]:
-                continue
-            proxy = nn.Parameter(q.data, requires_grad=True)
-            proxy.grad = chunk.grad_shard[piece.shard_offset: piece.shard_offset + piece.numel]
-            piece_of[id(proxy)] = q
-            proxies_by_group.setdefault(group_index[id(q)], []).append(proxy)
-        if piece_of:
+        trained = [(piece, q) for k, (piece, q) in enumerate(chunk.pieces) if chunk.trainable[chunk.piece_slots[k]]]
+        worker = self._worker(self.optimizer, trained, chunk.grad_shard)
+        if worker is not None:
             self.early_steps += 1
-            worker = self._worker(optimizer, piece_of, proxies_by_group)
-            self._early.append((self._pool.submit(self._early_step, worker, copied), list(piece_of.values())))
+            pieces = [q for _, q in trained]
+            self._early.append((self._pool.submit(self._early_step, worker, copied), pieces))
 
     @staticmethod
     def _early_step(worker: torch.optim.Optimizer, copied: Any) -> float:
@@ -237,10 +219,23 @@ class HostStep:
         return total
 
     @staticmethod
-    def _worker(optimizer: torch.optim.Optimizer, piece_of: dict[int, nn.Parameter],
-                proxies_by_group: dict[int, list[nn.Parameter]]) -> torch.optim.Optimizer:
-        """An optimizer of the user's class over one chunk's proxies, with the hyper-parameters as they are now (a
-        scheduler may change them before it runs), whose state is the user optimizer's state of the pieces."""
+    def _worker(optimizer: torch.optim.Optimizer, pieces: list, grads: Tensor) -> Optional[torch.optim.Optimizer]:
+        """An optimizer of the user's class over proxies of ``pieces`` (those ``optimizer`` holds) whose gradients
+        are their slices of ``grads`` (a chunk's gradient shard), with the hyper-parameters as they are now (a
+        scheduler may change them before it runs) and the user optimizer's state of the pieces as its state; None
+        when ``optimizer`` holds none of them."""
+        group_index = {id(q): i for i, g in enumerate(optimizer.param_groups) for q in g["params"]}
+        piece_of: dict[int, nn.Parameter] = {}
+        proxies_by_group: dict[int, list[nn.Parameter]] = {}
+        for piece, q in pieces:
+            if id(q) not in group_index:
+                continue
+            proxy = nn.Parameter(q.data, requires_grad=True)  # the piece's storage: the step writes the master
+            proxy.grad = grads[piece.shard_offset: piece.shard_offset + piece.numel]
+            piece_of[id(proxy)] = q
+            proxies_by_group.setdefault(group_index[id(q)], []).append(proxy)
+        if not piece_of:
+            return None
         groups = [{**{k: v for k, v in optimizer.param_groups[i].items() if k != "params"}, "params": proxies}
                   for i, proxies in proxies_by_group.items()]
         # Without the class's constructor (whose arguments are not always its defaults' keys): the base class sets
