@@ -1,4 +1,6 @@
-"""The optimizer step of offloaded chunks: timed each step, and with ``delay_update`` run in the background.
+"""The optimizer step of offloaded chunks: timed at each step; on a worker thread beside the next step's forward and
+backward (``delay_update``, the note below) or during this step's backward (``step_during_backward``, [Note: the
+early host step] in ``HostStep.__init__``).
 
 [Note: the delayed host step]
 ZeRO-Offload's delayed parameter update (DPU): the host chunks' CPU step of step k runs on a worker thread while
