@@ -22,6 +22,9 @@ Smoke test (any machine), plot (needs matplotlib only, no torch), size table:
     python benchmarks/bench_offload.py plot RESULT.json [RESULT2.json ...] --out docs/img/offload.png
     python benchmarks/bench_offload.py sizes
 
+Variants ``<name>_dpu`` and ``<name>_early`` run a registered strategy with ``delay_update=True`` or
+``step_during_backward=True`` (``zero3_offload_dpu``, ``zero2_offload_early``, ...).
+
 Each (size, variant) runs in a subprocess of its own: a CUDA OOM, a host-OOM kill or a hang is recorded (``oom``,
 ``killed``, ``timeout``) and the next one starts on a clean GPU and host. Variants: Lightning strategy names (stage 3
 built in ``trainer.init_module(empty_init=True)``), ``fsdp2_offload`` (the peer, a plain loop) and ``plain``.
@@ -47,6 +50,8 @@ HERE = Path(__file__).resolve().parent
 MARK = "@@bench_offload "  # prefix of the child's one result line on stdout
 GiB = 2**30
 PEERS = ("fsdp2_offload", "plain")  # the variants that are not Lightning strategies
+# A variant named <registered name><suffix> runs that strategy with the option on (issue 16's overlaps).
+VARIANT_OPTIONS = {"_dpu": "delay_update", "_early": "step_during_backward"}
 # name -> (layers, width, heads, batch, seq, vocab): the ANCHORS shapes, then ladder rungs (batch 1) whose names
 # are within 3% of their real parameter counts (`sizes` prints them).
 SIZES = {
@@ -210,8 +215,9 @@ def run_lightning(cfg: dict, build, ds, device, rec) -> None:
     import bench_dp
 
     name, kwargs = cfg["variant"], cfg["strategy_kwargs"]
-    if name.endswith("_dpu"):  # the same strategy with ZeRO-Offload's delayed parameter update
-        name, kwargs = name[: -len("_dpu")], {**(kwargs or {}), "delay_update": True}
+    for suffix, option in VARIANT_OPTIONS.items():  # the same registered strategy with one option on
+        if name.endswith(suffix):
+            name, kwargs = name[: -len(suffix)], {**(kwargs or {}), option: True}
     strategy = name
     if kwargs:  # the registered class and settings, the given ones on top
         from lightning.pytorch.strategies import StrategyRegistry
