@@ -206,9 +206,9 @@ class ComposedStrategy(LightningParStrategy):
 
     def _gradients_untouched_before_step(self, trainer: "pl.Trainer") -> bool:
         """Nothing between backward and the optimizer step reads or changes the gradients: no clipping, loss scaler,
-        accumulation or manual optimization, one optimizer, and no ``on_before_optimizer_step`` or
-        ``configure_gradient_clipping`` of the module's or a callback's own. ZeRO's host chunks may then step during
-        backward ([Note: the early host step] in ``zero/host_step.py``)."""
+        accumulation or manual optimization, one optimizer, no pipeline or tensor axis, and no
+        ``on_before_optimizer_step`` or ``configure_gradient_clipping`` of the module's or a callback's own. ZeRO's
+        host chunks may then step during backward ([Note: the early host step] in ``zero/host_step.py``)."""
         from lightning.pytorch.callbacks import GradientAccumulationScheduler
         from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -218,6 +218,7 @@ class ComposedStrategy(LightningParStrategy):
         hooks += [("on_before_optimizer_step", callback, pl.Callback) for callback in trainer.callbacks]
         return (not trainer.gradient_clip_val and trainer.accumulate_grad_batches == 1
                 and module.automatic_optimization and len(self.optimizers) == 1 and self.pipeline is None
+                and self.tensor_axis is None  # (the tensor axes sum replicated gradients after backward)
                 and getattr(self.precision_plugin, "scaler", None) is None
                 and not any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks)
                 and not any(is_overridden(name, owner, parent) for name, owner, parent in hooks))
