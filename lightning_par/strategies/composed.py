@@ -206,16 +206,16 @@ class ComposedStrategy(LightningParStrategy):
 
     def _gradients_untouched_before_step(self, trainer: "pl.Trainer") -> bool:
         """Nothing between backward and the optimizer step reads or changes the gradients: no clipping, loss scaler,
-        accumulation or manual optimization, one optimizer, no pipeline or tensor axis, and no
+        accumulation or manual optimization, one optimizer, no pipeline or tensor axis, and no ``on_after_backward``,
         ``on_before_optimizer_step`` or ``configure_gradient_clipping`` of the module's or a callback's own. ZeRO's
         host chunks may then step during backward ([Note: the early host step] in ``zero/host_step.py``)."""
         from lightning.pytorch.callbacks import GradientAccumulationScheduler
         from lightning.pytorch.utilities.model_helpers import is_overridden
 
         module = self.lightning_module
-        hooks = [(name, module, pl.LightningModule) for name in ("on_before_optimizer_step",
-                                                                 "configure_gradient_clipping")]
-        hooks += [("on_before_optimizer_step", callback, pl.Callback) for callback in trainer.callbacks]
+        names = ("on_after_backward", "on_before_optimizer_step", "configure_gradient_clipping")
+        hooks = [(name, module, pl.LightningModule) for name in names]
+        hooks += [(name, callback, pl.Callback) for callback in trainer.callbacks for name in names[:2]]
         return (not trainer.gradient_clip_val and trainer.accumulate_grad_batches == 1
                 and module.automatic_optimization and len(self.optimizers) == 1 and self.pipeline is None
                 and self.tensor_axis is None  # (the tensor axes sum replicated gradients after backward)

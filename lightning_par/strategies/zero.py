@@ -59,7 +59,8 @@ class ZeroStrategy(ComposedStrategy):
         step_during_backward: with ``offload``, start each host chunk's optimizer step on a worker thread as soon as
             its gradient is on the host, while backward goes on: the same update, sooner. Used only where nothing reads
             or changes the gradients between backward and the step (no clipping, loss scaler, accumulation, manual
-            optimization, ``on_before_optimizer_step`` or ``configure_gradient_clipping`` of your own); elsewhere the
+            optimization, ``on_after_backward``, ``on_before_optimizer_step`` or ``configure_gradient_clipping`` of
+            your own); elsewhere the
             step runs as without it. Off by default: tested on CPU, not yet measured on a GPU.
         param_init_fn: initialises a module built on the meta device (stage 3 with
             ``Trainer.init_module(empty_init=True)`` or ``configure_model``): called with each module that owns meta
