@@ -301,7 +301,3 @@ class HostStep:
     def close(self) -> None:
         self.settle()
         self._pool.shutdown(wait=True)
-
-    def read_tensor(self, chunk: "Chunk") -> Tensor:
-        """What the device reads of a chunk's master: its published copy when the step is delayed."""
-        return chunk.published if chunk.published is not None else chunk.master
