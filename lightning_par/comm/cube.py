@@ -18,8 +18,8 @@ blocks) over the ``in_axis`` group, splitting its samples. Backward: all-gather 
 dY W, reduce-scattered over the ``out_axis`` group (a sum over the N blocks), launched before dW = dY^T X is
 computed and reduce-scattered over the x group (a sum over the sample blocks), so each travels under the other's
 work. Per layer: 3 all-gathers and 3 reduce-scatters over q ranks, each rank sending 2 (q - 1) (MK + NK + MN) / q^3
-elements in all, against SUMMA's q-fold steps. The gathered X and W blocks are kept for backward (1/q^2 each), as
-Colossal-AI keeps them.
+elements in all, against SUMMA's q-fold steps. The gathered X and W blocks are kept for backward (1/q^2 each)
+rather than gathered again.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class Grid3D:
     @property
     def q(self) -> int:
         return group_size(self.x_group)
+
+    @property
+    def ranks(self) -> int:
+        return self.q ** 3
 
     def index(self, axis: str) -> int:
         """This rank's coordinate on ``axis`` ("x", "y" or "z")."""

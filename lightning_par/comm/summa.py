@@ -72,6 +72,11 @@ class Grid2D:
 
     axes = ("row", "col")
 
+    @property
+    def ranks(self) -> int:
+        """Ranks in the tensor group: d stacked q x q grids."""
+        return self.d * self.q * self.q
+
     def index(self, axis: str) -> int:
         """This rank's coordinate on ``axis`` ("row" or "col"), for ``tensor.grid_cut.GridCut``."""
         return {"row": self.row, "col": self.col}[axis]

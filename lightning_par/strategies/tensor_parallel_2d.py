@@ -17,6 +17,14 @@ from lightning_par.tensor.axis_2d import TensorAxis2D, TensorAxis3D
 from lightning_par.tensor.plan_2d import Applied2D, applied_plan_2d
 
 
+def _applied(strategy: ComposedStrategy) -> Optional[Applied2D]:
+    return applied_plan_2d(strategy.lightning_module) if strategy.lightning_module is not None else None
+
+
+_applied_plan = property(_applied, doc="What the plan did to the module (after ``setup``): the grid or cube, and each "
+                                       "module's layer.")
+
+
 class TensorParallel2DStrategy(ComposedStrategy):
     """2D tensor parallelism (``strategy="tp2d"``): a tensor group of q x q ranks holds 1/q^2 of every weight matrix
     and of every activation between layers (samples split over the grid's rows, the hidden dim over its columns);
@@ -57,10 +65,7 @@ class TensorParallel2DStrategy(ComposedStrategy):
     param_init_fn = argument("tensor_axis", "param_init_fn")
     bucket_size_mb = argument("data_axis", "bucket_size_mb")
 
-    @property
-    def applied_plan(self) -> Optional[Applied2D]:
-        """What the plan did to the module (after ``setup``): the grid and each module's 2D layer."""
-        return applied_plan_2d(self.lightning_module) if self.lightning_module is not None else None
+    applied_plan = _applied_plan
 
 
 class TensorParallel2p5DStrategy(ComposedStrategy):
@@ -98,10 +103,7 @@ class TensorParallel2p5DStrategy(ComposedStrategy):
     param_init_fn = argument("tensor_axis", "param_init_fn")
     bucket_size_mb = argument("data_axis", "bucket_size_mb")
 
-    @property
-    def applied_plan(self) -> Optional[Applied2D]:
-        """What the plan did to the module (after ``setup``): the grid and each module's 2D layer."""
-        return applied_plan_2d(self.lightning_module) if self.lightning_module is not None else None
+    applied_plan = _applied_plan
 
 
 class TensorParallel3DStrategy(ComposedStrategy):
@@ -137,7 +139,4 @@ class TensorParallel3DStrategy(ComposedStrategy):
     param_init_fn = argument("tensor_axis", "param_init_fn")
     bucket_size_mb = argument("data_axis", "bucket_size_mb")
 
-    @property
-    def applied_plan(self) -> Optional[Applied2D]:
-        """What the plan did to the module (after ``setup``): the cube and each module's 3D layer."""
-        return applied_plan_2d(self.lightning_module) if self.lightning_module is not None else None
+    applied_plan = _applied_plan

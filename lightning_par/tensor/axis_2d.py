@@ -55,10 +55,15 @@ class TensorAxis2D:
         itself when ``ranks`` has no room for more, so that the topology's error names what would fit)."""
         existing = applied_plan_2d(module) if module is not None else None
         if existing is not None:
-            return existing.grid.d * existing.grid.q ** 2
-        d = self.depth
-        return max([d * q * q for q in divisors(ranks) if ranks % (d * q * q) == 0 and _fits(module, q, cube=False)]
-                   or [d])
+            return existing.grid.ranks
+        fits = _fitting(module, self.cube)
+        return max([self._tensor_size(q) for q in divisors(ranks) if ranks % self._tensor_size(q) == 0 and fits(q)]
+                   or [self.depth])
+
+    cube = False  # the 3D axis below: a q x q x q cube
+
+    def _tensor_size(self, q: int) -> int:
+        return self.depth * q * q
 
     def shard(self, module: nn.Module, group_of: Callable[[str], dist.ProcessGroup], size: int,
               device: torch.device) -> None:
@@ -155,12 +160,14 @@ class TensorAxis2D:
         self.sharded_here = False
 
 
-def _fits(module: Optional[nn.Module], q: int, cube: bool) -> bool:
-    """Whether the automatic plan can cut ``module`` with grid side q: its head counts and its widths."""
-    if module is None or q == 1:
-        return True
-    divisor = auto_plan(module).divisor()
-    return (divisor == 0 or divisor % q == 0) and not misfit_widths(module, q, cube)
+def _fitting(module: Optional[nn.Module], cube: bool) -> Callable[[int], bool]:
+    """Whether the automatic plan can cut ``module`` with grid side q (its head counts and its widths), as a function
+    of q; the plan is found once."""
+    if module is None:
+        return lambda q: True
+    automatic = auto_plan(module)
+    divisor = automatic.divisor()
+    return lambda q: q == 1 or ((divisor == 0 or divisor % q == 0) and not misfit_widths(module, automatic, q, cube))
 
 
 def _rebind(module: nn.Module, old: Grid2D, new: Grid2D) -> None:
@@ -179,13 +186,10 @@ class TensorAxis3D(TensorAxis2D):
         super().__init__(param_init_fn=param_init_fn, who=who, owner=owner)
         self.mode = "3d"
 
-    def default_size(self, module: Optional[nn.Module], ranks: int) -> int:
-        """The largest q^3 dividing ``ranks`` whose q divides every head count, and q, q^2 or q^3 every width, the
-        cube's layers cut."""
-        existing = applied_plan_2d(module) if module is not None else None
-        if existing is not None:
-            return existing.grid.q ** 3
-        return max(q ** 3 for q in divisors(ranks) if ranks % q ** 3 == 0 and _fits(module, q, cube=True))
+    cube = True  # default_size: the largest q^3 whose q divides every head count, and q, q^2 or q^3 every width
+
+    def _tensor_size(self, q: int) -> int:
+        return q ** 3
 
     def _grid(self, group_of: Callable[[str], dist.ProcessGroup]) -> Grid3D:
         return Grid3D(x_group=group_of("tensor_x"), y_group=group_of("tensor_y"), z_group=group_of("tensor_z"),

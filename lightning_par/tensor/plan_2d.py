@@ -112,15 +112,19 @@ def _misfits(root: nn.Module, linears: Iterable[str], outputs: list[str], tables
     return [f"{name} ({what}={size}, by {label}={by})" for name, what, size, (by, label) in rules if size % by]
 
 
-def misfit_widths(root: nn.Module, q: int, cube: bool) -> list[str]:
-    """The widths the automatic plan on a q-sided grid (``cube``: 3D) would have to cut and cannot (for a default
-    size that fits); empty when it fits."""
-    plan = auto_plan(root).plan
-    linears = [name for name, style in plan.items() if isinstance(style, (ColwiseParallel, RowwiseParallel))]
+def _planned(root: nn.Module, plan: dict) -> tuple[dict, list[str], list[str]]:
+    """The automatic plan's linears (name -> style), output layers and token tables."""
+    linears = {name: style for name, style in plan.items() if isinstance(style, (ColwiseParallel, RowwiseParallel))}
     vocab = [name for name, style in plan.items() if isinstance(style, VocabParallel)]
     outputs = [name for name in vocab if linear_dims(root.get_submodule(name)) is not None]
     tables = [name for name in vocab if isinstance(root.get_submodule(name), nn.Embedding)]
-    return _misfits(root, linears, outputs, tables, q, cube)
+    return linears, outputs, tables
+
+
+def misfit_widths(root: nn.Module, automatic: Any, q: int, cube: bool) -> list[str]:
+    """The widths the automatic plan (``automatic``, ``auto_plan(root)``) on a q-sided grid (``cube``: 3D) would have
+    to cut and cannot (for a default size that fits); empty when it fits."""
+    return _misfits(root, *_planned(root, automatic.plan), q, cube)
 
 
 PLAN_2D_ATTR = "_tensor_parallel_plan_2d"
@@ -159,10 +163,7 @@ def parallelize_2d(root: nn.Module, grid: Union[Grid2D, Grid3D]) -> list[tuple[s
     applied = Applied2D(grid)
     entries = applied.entries
     plan = automatic.plan
-    linears = {name: style for name, style in plan.items() if isinstance(style, (ColwiseParallel, RowwiseParallel))}
-    vocab = [name for name, style in plan.items() if isinstance(style, VocabParallel)]
-    outputs = [name for name in vocab if linear_dims(root.get_submodule(name)) is not None]
-    tables = [name for name in vocab if isinstance(root.get_submodule(name), nn.Embedding)]
+    linears, outputs, tables = _planned(root, plan)
 
     # Refused before anything is cut: a linear layer the plan does not name.
     for name, module in root.named_modules():
