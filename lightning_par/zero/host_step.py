@@ -57,6 +57,27 @@ class _SharedState(dict):
         return self[proxy] if proxy in self else default
 
 
+def _worker_pool() -> ThreadPoolExecutor:
+    """The one worker thread of the host steps, with one intra-op thread fewer than the process.
+
+    The worker steps while the main thread drives the device from Python. An OpenMP team of every core has one
+    thread sharing a core with the main thread, and a statically split kernel runs at that thread's pace: on the
+    H100 host (16 cores) the worker's 1.3 B-parameter AdamW step took 1.13x its time on an idle main thread, and
+    1.02x with 15 threads (``benchmarks/bench_host_step.py``, docs/benchmarks.md).
+    """
+    threads = torch.get_num_threads()
+
+    def leave_a_core() -> None:
+        torch.get_num_threads()  # this thread's lazy set-up first: it would reset the count set below
+        torch.set_num_threads(max(1, threads - 1))
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zero-host-step", initializer=leave_a_core)
+    # set_num_threads also sets the count threads started later inherit: start the worker, then restore it.
+    pool.submit(lambda: None).result()
+    torch.set_num_threads(threads)
+    return pool
+
+
 class HostStep:
     """Wraps each optimizer's ``step`` for an engine with chunks on the host: times the step (``components``) and,
     with ``delayed``, runs the host chunks' part of it in the background (see the note above)."""
@@ -74,7 +95,7 @@ class HostStep:
         self.device = device
         self.delayed = delayed
         self.h2d = h2d
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zero-host-step")
+        self._pool = _worker_pool()
         self._future: Optional[Future] = None
         # [Note: the early host step] Without the delay, when nothing reads or changes the gradients between backward
         # and the step (no clipping, no accumulation, ...: the strategy decides, ``early``), each host chunk steps on
