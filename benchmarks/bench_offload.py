@@ -388,6 +388,12 @@ def run_child(cfg: dict, timeout: float) -> dict:
     # A session of its own: on a timeout its whole process group is killed, helpers included.
     p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_child", json.dumps(cfg)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def stop(signum, frame):  # an outer `timeout` or Ctrl-C: the child's own session would outlive this process
+        os.killpg(p.pid, signal.SIGKILL)
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         out, err = p.communicate(timeout=timeout)
         timed_out = False
@@ -395,6 +401,9 @@ def run_child(cfg: dict, timeout: float) -> dict:
         os.killpg(p.pid, signal.SIGKILL)
         out, err = p.communicate()
         timed_out = True
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     lines = [line for line in out.splitlines() if line.startswith(MARK)]
     tail = " | ".join(err.strip().splitlines()[-3:])[-400:]
     if lines:  # a result printed before a crash at exit stands
