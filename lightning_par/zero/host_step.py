@@ -107,6 +107,7 @@ class HostStep:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self._job: Optional[tuple[list, list]] = None  # (chunk, worker) jobs and the device's reads, for ``launch``
         self.last_cpu_step_s = 0.0  # the host step's own time (on the worker when delayed)
+        self.last_cpu_idle_s = 0.0  # the part of it the worker spent waiting for the device's copies
         self.last_wait_s = 0.0  # how long the step waited for the worker (delayed, or early steps)
         self.last_compute_s = 0.0  # the device's first forward to last backward of the last step
         self._compute: list[Any] = []  # [start, end]: events on CUDA, perf_counter() on the CPU
@@ -172,7 +173,7 @@ class HostStep:
             self.bytes_moved.update(h2d=0, d2h=0)
             if not self.delayed:
                 start = time.perf_counter()
-                early_s = self._join_early()
+                early_s, self.last_cpu_idle_s = self._join_early()
                 self.last_wait_s = time.perf_counter() - start
                 start = time.perf_counter()
                 original(**kwargs)  # the device's part is only launched; early-stepped pieces have no gradient now
@@ -223,23 +224,25 @@ class HostStep:
             self._early.append((self._pool.submit(self._early_step, worker, copied), pieces))
 
     @staticmethod
-    def _early_step(worker: torch.optim.Optimizer, copied: Any) -> float:
+    def _early_step(worker: torch.optim.Optimizer, copied: Any) -> tuple[float, float]:
         start = time.perf_counter()
         if copied is not None:
             copied.synchronize()
+        idle = time.perf_counter() - start
         worker.step()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, idle
 
-    def _join_early(self) -> float:
+    def _join_early(self) -> tuple[float, float]:
         """Wait for this backward's early steps; their pieces then have no gradient, so the optimizer skips them.
-        Returns the worker's time on them."""
+        Returns the worker's time on them, and the part of it spent waiting for their gradients' copies."""
         early, self._early = self._early, []
-        total = 0.0
+        total = idle = 0.0
         for future, pieces in early:
-            total += future.result()
+            spent, waited = future.result()
+            total, idle = total + spent, idle + waited
             for q in pieces:
                 q.grad = None
-        return total
+        return total, idle
 
     @staticmethod
     def _worker(optimizer: torch.optim.Optimizer, pieces: list, grads: Tensor) -> Optional[torch.optim.Optimizer]:
@@ -285,21 +288,28 @@ class HostStep:
 
     def _host_step(self, jobs: list, reads: list[Any]) -> None:
         start = time.perf_counter()
+        idle = 0.0
         for chunk, worker in jobs:
             if chunk.read_done is not None:  # stages 1-2: the device has its copy of the master before it changes
+                waiting = time.perf_counter()
                 chunk.read_done.synchronize()
+                idle += time.perf_counter() - waiting
             worker.step()
+        waiting = time.perf_counter()
         for event in reads:
             event.synchronize()
+        idle += time.perf_counter() - waiting
         for chunk, _ in jobs:
             if chunk.publishing is not None:
                 chunk.publishing.copy_(chunk.master)  # stage 3, cast: what the device reads after the next swap
-        self.last_cpu_step_s = time.perf_counter() - start
+        self.last_cpu_step_s, self.last_cpu_idle_s = time.perf_counter() - start, idle
 
     def components(self) -> dict[str, float]:
         """The last step's parts: the device's forward and backward (waits for host copies included), the host
-        optimizer step (of the step before, when delayed, and how long this step waited for it), bytes each way."""
+        optimizer step (of the step before, when delayed, and how long this step waited for it; of the host step,
+        the part the worker waited for the device's copies), bytes each way."""
         return {"compute_s": self.last_compute_s, "cpu_step_s": self.last_cpu_step_s, "wait_s": self.last_wait_s,
+                "cpu_idle_s": self.last_cpu_idle_s,
                 "h2d_bytes": self.last_bytes["h2d"], "d2h_bytes": self.last_bytes["d2h"]}
 
     def describe(self) -> str:
