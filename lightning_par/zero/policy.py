@@ -60,7 +60,7 @@ class ZeroPolicy:
         ``zero/host_step.py``); their parameters lag one more update. Off by default.
     step_during_backward: with offload, each host chunk's optimizer step starts on a worker thread as soon as its
         gradient is on the host, while backward goes on (exact; only where nothing touches the gradients before the
-        step: see [Note: the early host step] in ``zero/host_step.py``). Off by default until measured on GPUs.
+        step: see [Note: the early host step] in ``zero/host_step.py``). Off by default: little gain measured.
     host_grads: the dtype of the gradient shards of host chunks. "fp32" (exact); "compute" keeps them in the bf16
         compute dtype: half the host memory and the copies, cast to fp32 chunk by chunk for the step. Exact at world
         size 1 without accumulation (autograd's gradients are bf16 already); else the reduced sum is rounded to bf16.
