@@ -491,8 +491,8 @@ def components_line(r: dict) -> str:
     c = r["components"]
     idle = f", {c['cpu_idle_s']:.3f} s of it waiting for the device" if "cpu_idle_s" in c else ""
     return (f"\n{'':>6} components: device {c['compute_s']:.3f} s, host step {c['cpu_step_s']:.3f} s{idle} (the "
-            f"step waited {c['wait_s']:.3f} s for it), H2D {c['h2d_bytes'] / 1e9:.2f} GB = {c['h2d_s']:.3f} s at {c['h2d_GBps']:.0f} GB/s, "
-            f"D2H {c['d2h_bytes'] / 1e9:.2f} GB = {c['d2h_s']:.3f} s at {c['d2h_GBps']:.0f} GB/s; step / largest "
+            f"step waited {c['wait_s']:.3f} s for it), H2D {c['h2d_bytes'] / 1e9:.2f} GB = {c['h2d_s']:.3f} s at "
+            f"{c['h2d_GBps']:.0f} GB/s, D2H {c['d2h_bytes'] / 1e9:.2f} GB = {c['d2h_s']:.3f} s at {c['d2h_GBps']:.0f} GB/s; step / largest "
             f"({r['bound_part']}) = {fmt(r.get('step_over_bound'), '.2f')}")
 
 

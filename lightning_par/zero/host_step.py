@@ -63,7 +63,8 @@ def _worker_pool() -> ThreadPoolExecutor:
     The worker steps while the main thread drives the device from Python. An OpenMP team of every core has one
     thread sharing a core with the main thread, and a statically split kernel runs at that thread's pace: on the
     H100 host (16 cores) the worker's 1.3 B-parameter AdamW step took 1.13x its time on an idle main thread, and
-    1.02x with 15 threads (``benchmarks/bench_host_step.py``, docs/benchmarks.md).
+    1.02x with 15 threads (``benchmarks/bench_host_step.py``, docs/benchmarks.md). In a whole training step the
+    difference was within the spread between runs: there the copies' share of host memory bandwidth dominates.
     """
     threads = torch.get_num_threads()
 
