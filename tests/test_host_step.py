@@ -131,3 +131,26 @@ def test_delay_update_needs_offload_in_memory():
     assert "without offload there is no host chunk" in error_message(lambda: ZeroStrategy(delay_update=True))
     assert "does not combine with nvme_dir" in error_message(
         lambda: ZeroStrategy(stage=3, offload=1.0, nvme_dir="/tmp", delay_update=True))
+
+
+def test_the_worker_leaves_a_core_to_the_main_thread():
+    """The host step's worker runs one intra-op thread fewer than the process (``_worker_pool``); the process's
+    count, and what threads started later inherit, stay as they were."""
+    import threading
+
+    from lightning_par.zero.host_step import HostStep
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        host_step = HostStep(lambda: [], torch.device("cpu"), delayed=True, h2d=None, bytes_moved={"h2d": 0, "d2h": 0})
+        assert host_step._pool.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 2
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]
+        host_step.close()
+    finally:
+        torch.set_num_threads(before)
