@@ -34,6 +34,18 @@
 #   OUT=$OUT benchmarks/gpu_suite.sh tp1d_check    # ~3 min on 4 GPUs: tp1d and hybrid parity with clipping, tp1d beside zero2
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_mb     # ~2 min on 4 GPUs: pipeline 2 x tensor 2 with 8, 4, 2 microbatches, no SP
 #   OUT=$OUT benchmarks/gpu_suite.sh hybrid_nodes  # ~5 min on 4 GPUs: hybrid across two torchrun "nodes"; pp2 x tp2 profiled
+#
+# Issue 15 on one 8-GPU machine (nvidia-h100-x8), one mode per call, each under 9 minutes:
+#
+#   OUT=$OUT benchmarks/gpu_suite.sh eight_gpu_parity   # ~4-5 min: every strategy's parity with clipping at 8 GPUs
+#                                                       # (pipelines at 8 stages, hybrid 2 x 2 x 2, tp2.5d q 2 x d 2,
+#                                                       # tp3d 2 x 2 x 2), the grid modes under bf16, a checkpoint chain
+#   OUT=$OUT benchmarks/gpu_suite.sh eight_gpu_speed    # ~5 min: 1.3B at 8 GPUs: dp, zero1-3, tp1d, pipeline, hybrid
+#                                                       # beside ddp, fsdp, FSDP2, DTensor TP; zero2 at 1 and 8 GPUs
+#   OUT=$OUT benchmarks/gpu_suite.sh eight_gpu_7b       # ~6 min: the same at ~6.7B (dp, zero1, ddp may OOM), and our
+#                                                       # 1F1B / interleaved beside torch's at 8 stages
+#   OUT=$OUT benchmarks/gpu_suite.sh eight_gpu_pipeline # ~4-5 min: 1F1B and interleaved at 8 stages beside torch's
+#                                                       # (1.3B, equal stages), one variant per process, 2 rounds
 #   CPU=1 OUT=/tmp/x benchmarks/gpu_suite.sh MODE  # the same cases on gloo with tiny sizes (tests this script)
 #
 # Every case runs under `timeout`; afterwards every process it left behind (torchrun starts workers in new sessions,
@@ -41,7 +53,7 @@
 # case cannot hold the GPUs for the next one. `selftest_hang` checks this with a case that never ends. Results: $OUT/MODE.log (all cases' output), $OUT/MODE.json
 # (all cases' JSON), $OUT/MODE_summary.txt (the table printed at the end).
 set -u
-MODE=${1:?usage: benchmarks/gpu_suite.sh parity|tp2d|tp2d_check|checkpoints|checkpoint_speed|tp1d_check|hybrid_parity|hybrid_speed|hybrid_mb|hybrid_nodes|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
+MODE=${1:?usage: benchmarks/gpu_suite.sh eight_gpu_parity|eight_gpu_speed|eight_gpu_7b|eight_gpu_pipeline|parity|tp2d|tp2d_check|checkpoints|checkpoint_speed|tp1d_check|hybrid_parity|hybrid_speed|hybrid_mb|hybrid_nodes|parity_clip|two_nodes|final_speed|dp_grouped|zero_vs_fsdp|offload_2gpu|zero7b_tp1d_profile|two_gpu|two_gpu_speed|four_gpu|check_2gpu|idle_dp|pipeline_ab|tp1d_4gpu|tp1d_2gpu|pipeline_2gpu|parity_pipeline_2gpu|zero_bubble_2gpu|deferred_2gpu|profile_1f1b_2gpu|casts_2gpu|pipeline_fair|collective_matmul|nccl_proto_4gpu|parity_bf16|throughput|throughput7b|reduce|dp_tuning|zero7b|offload|pipeline|pipeline_equal|profile}
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -61,18 +73,22 @@ if [ "$CPU" = 1 ]; then
   PAR="--layers 8 --width 32 --heads 4 --seq 16 --vocab 64 --steps 4"
   THR="--layers 8 --width 64 --heads 4 --vocab 128 --seq 32 --batch 2 --steps 2 --warmup 1 --microbatches 4"
   THR7=$THR
+  # At 8 processes: 16 blocks for an interleaved pipeline of 8 stages x 2 chunks, 8 heads for DTensor TP over 8
+  # ranks (the GPU presets have 24 / 32 blocks and 16 / 32 heads)
+  THR8="--layers 16 --heads 8"
   SCALE=3   # CPU cases get 3x the GPU time limits
 else
   ACC="--accelerator gpu"
   PAR=""
   THR="--model 1.3b"
   THR7="--model 7b"
+  THR8=""
   SCALE=1
 fi
 NVME="--nvme-dir $WORK/nvme"
 
-gpus() {  # gpus N -> the CUDA_VISIBLE_DEVICES setting for N GPUs
-  case $1 in 1) echo 0 ;; 2) echo 0,1 ;; *) echo 0,1,2,3 ;; esac
+gpus() {  # gpus N -> the CUDA_VISIBLE_DEVICES setting for N GPUs: the first N (0,1,2,3 for 4; 0,...,7 for 8)
+  seq -s, 0 $(($1 - 1))
 }
 
 kill_case() {  # kill_case TAG SIGNAL: every process started by one case (found by its environment marker)
@@ -121,6 +137,27 @@ run_case() {  # run_case NAME LIMIT_S NPROC ARGS... (ARGS: the script and its ar
   fi
   CASES+=("$clog")
   SUMMARY+=("$(printf '%-26s rc %-3s %4d s' "$name" "$rc" $((SECONDS - t0)))")
+}
+
+scaling() {  # scaling VARIANT ONE_GPU_JSON N_GPU_JSON: tokens/s at N GPUs over N x tokens/s at 1 (the same batch per
+  # GPU in both, so 1.0 is perfect weak scaling); into the log and the summary
+  local line
+  line=$($PY - "$@" <<'PY'
+import json, sys
+name, paths = sys.argv[1], sys.argv[2:]
+try:
+    runs = [json.load(open(p)) for p in paths]
+    one, many = [next(r for r in run["rows"] if r["variant"] == name and r["status"] == "ok") for run in runs]
+except (OSError, StopIteration, ValueError) as e:
+    print(f"scaling: {name}: not measured ({type(e).__name__}: a case failed)")
+    sys.exit()
+n = runs[1]["world"]
+print(f"scaling: {name} 1 -> {n} GPUs: {one['tokens_per_s']:,.0f} -> {many['tokens_per_s']:,.0f} tok/s, efficiency "
+      f"{many['tokens_per_s'] / (n * one['tokens_per_s']):.3f} (tokens/s at {n} / ({n} x at 1))")
+PY
+)
+  echo "$line" | tee -a "$LOG"
+  SUMMARY+=("$line")
 }
 
 MG=benchmarks/multi_gpu.py
@@ -444,6 +481,65 @@ hybrid_p2_zero1
           if [ $side = torch ]; then args="--torch-schedules $kind --variants none"; else args="--torch-schedules= --variants $ours"; fi
           run_case "fair_${round}_${side}_$kind" 100 "$n" benchmarks/pipeline_peer.py --out "$WORK/fair_${round}_${side}_$kind.json" \
             $ACC $THR --vocab 2048 $args
+        done
+      done
+    done
+    $PY benchmarks/pipeline_fair_summary.py "$WORK"/fair_*.json | tee -a "$LOG"
+    ;;
+  eight_gpu_parity)  # issue 15: every strategy's parity with clipping at 8 GPUs against one process, then the grid
+    # modes and hybrid 2 x 2 x 2 under bf16-mixed, and a checkpoint chain through them at 8: ~4-5 min. The model is
+    # sized for 8 ranks: 16 blocks (interleaved: 8 stages x 2 chunks), 8 heads (tp1d and hybrid then take tensor 8;
+    # with 4 heads their plan falls back to tensor 4 after the harness planned the batch for 8), 8 microbatches
+    # (interleaved, zero bubble and chimera want a multiple of the 8 stages) of a global batch of 32 (so that
+    # data 4 x 2 stages still has 8 samples a replica to cut).
+    P8="--layers 16 --heads 8 --microbatches 8 --global-batch 32"
+    run_case reference 45 0 $MG reference --out "$REF" $ACC $PAR $P8 --clip 0.05
+    run_case parity_clip_8gpu 210 8 $MG parity --reference "$REF" --out "$WORK/parity_clip_8gpu.json" $ACC $NVME
+    run_case parity_grid_bf16_8gpu 120 8 $MG parity --precision bf16 --reference "$REF" \
+      --out "$WORK/parity_grid_bf16_8gpu.json" $ACC \
+      --only ddp,tp2d,tp2p5d_q2_d2,tp2p5d_d4,tp3d_q2,hybrid_p2_t2,hybrid_d2_p2_t2_zero1
+    run_case resume_grid_8gpu 150 8 $MG resume $ACC $PAR $P8 $NVME --dir "$WORK/ckpts" \
+      --legs zero3,tp2d,tp3d_q2,tp2p5d_q2_d2,hybrid_d2_p2_t2_zero1,pipeline_interleaved,dp
+    ;;
+  eight_gpu_speed)  # issue 15 at 1.3B on 8 GPUs: ours (dp, zero1-3, pipeline at 8 stages, hybrid as data 2 x
+    # pipeline 2 x tensor 2 and as data 4 x tensor 2 with ZeRO-2, tp1d at tensor 8), then the peers, each with its
+    # per-GPU peak; then zero2 alone at 1 GPU and at 8, one process each (the scaling figure's two ends): ~5 min.
+    # tp1d last: never run at tensor 8, and a variant that leaves one rank early hangs the rest of its process.
+    [ "$CPU" = 1 ] || run_case sync_check 60 0 $MG sync_check
+    run_case speed_8gpu_ours 200 8 $MG throughput --out "$WORK/speed_8gpu_ours.json" $ACC $THR $THR8 \
+      --variants dp,zero1,zero2,zero3,pipeline,hybrid_p2_t2,hybrid_d2_t2_zero2,tp1d
+    run_case speed_8gpu_peers 150 8 $MG throughput --out "$WORK/speed_8gpu_peers.json" $ACC $THR $THR8 \
+      --variants lightning_ddp,lightning_fsdp,lightning_fsdp2,dtensor_tp
+    run_case zero2_1gpu 60 0 $MG throughput --out "$WORK/zero2_1gpu.json" $ACC $THR $THR8 --variants zero2
+    run_case zero2_8gpu 60 8 $MG throughput --out "$WORK/zero2_8gpu.json" $ACC $THR $THR8 --variants zero2
+    scaling zero2 "$WORK/zero2_1gpu.json" "$WORK/zero2_8gpu.json"
+    ;;
+  eight_gpu_7b)  # issue 15 at ~6.7B on 8 GPUs (batch 2/GPU): ZeRO and dp, the peers, the tensor-parallel ones, then
+    # our 1F1B and interleaved beside torch's at 8 stages (16 microbatches: 2 a stage, our pipeline's default; the
+    # 1.3B pair of these is eight_gpu_pipeline): ~6 min. Last in their process, as they may run out of memory on
+    # 80 GB cards: zero1 (fp32 weights and gradients whole, 54 GB), dp and ddp (Adam's fp32 state whole too, 107 GB).
+    # tp1d last in its own: at ~6.7B (4 GPUs) it once left one rank early and hung its process to the time limit.
+    run_case speed7b_8gpu_zero 130 8 $MG throughput --out "$WORK/speed7b_8gpu_zero.json" $ACC $THR7 $THR8 \
+      --variants zero3,zero2,zero1,dp
+    run_case speed7b_8gpu_peers 120 8 $MG throughput --out "$WORK/speed7b_8gpu_peers.json" $ACC $THR7 $THR8 \
+      --variants lightning_fsdp2,lightning_fsdp,dtensor_tp,lightning_ddp
+    run_case speed7b_8gpu_tensor 140 8 $MG throughput --out "$WORK/speed7b_8gpu_tensor.json" $ACC $THR7 $THR8 \
+      --variants hybrid_p2_t2,hybrid_d2_t2_zero2,tp1d
+    run_case pipeline7b_8gpu 130 8 benchmarks/pipeline_peer.py --out "$WORK/pipeline7b_8gpu.json" $ACC $THR7 $THR8 \
+      --microbatches 16 --torch-schedules 1f1b,interleaved --variants pipeline,pipeline_interleaved
+    ;;
+  eight_gpu_pipeline)  # issue 15: our 1F1B and interleaved at 8 stages beside torch's (Schedule1F1B,
+    # ScheduleInterleaved1F1B) on equal stages (1.3B, a 2048-token vocabulary), one variant per process, two rounds
+    # in alternating order, as pipeline_fair; 16 microbatches (2 a stage, our pipeline's default: with 8, 1F1B's
+    # bubble would be 7 of its 15 slots): ~4-5 min
+    for round in 1 2; do
+      for kind in 1f1b interleaved; do
+        ours=pipeline; [ $kind != 1f1b ] && ours=pipeline_$kind
+        pair="torch ours"; [ $round = 2 ] && pair="ours torch"
+        for side in $pair; do
+          if [ $side = torch ]; then args="--torch-schedules $kind --variants none"; else args="--torch-schedules= --variants $ours"; fi
+          run_case "fair8_${round}_${side}_$kind" 60 8 benchmarks/pipeline_peer.py \
+            --out "$WORK/fair_${round}_${side}_$kind.json" $ACC $THR $THR8 --vocab 2048 --microbatches 16 $args
         done
       done
     done

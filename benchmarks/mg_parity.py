@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import lightning.pytorch as pl
 from lightning_par.demo.model import DemoGPT
 from lightning_par.strategies import (DataParallelStrategy, HybridParallelStrategy, PipelineStrategy,
-                                      TensorParallel1DStrategy, TensorParallel2p5DStrategy, ZeroStrategy)
+                                      TensorParallel1DStrategy, TensorParallel2p5DStrategy, TensorParallel3DStrategy,
+                                      ZeroStrategy)
 
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
 
@@ -165,6 +166,15 @@ def parity_strategies(nvme_dir: str, world: int, cfg: dict) -> dict[str, Callabl
             "hybrid_p2_zero1": lambda: HybridParallelStrategy(pipeline_size=2, tensor_size=1, zero_stage=1,
                                                               microbatches=m)}
            if world % 4 == 0 else {}),
+        # Only at 8 GPUs (issue 15), each layout given explicitly, not left to the default sizes (which follow the
+        # model's head count and widths): data 2 x pipeline 2 x tensor 2 with ZeRO-1 over the data axis (hybrid_p2_t2
+        # above is the same layout with dp's buckets), 2.5D as q = 2 x depth 2, 3D as a 2 x 2 x 2 cube. The pipelines
+        # above take every rank as a stage: 8 stages at 8 GPUs (interleaved: 16 chunks, so --layers 16).
+        **({"hybrid_d2_p2_t2_zero1": lambda: HybridParallelStrategy(pipeline_size=2, tensor_size=2, zero_stage=1,
+                                                                    microbatches=m),
+            "tp2p5d_q2_d2": lambda: TensorParallel2p5DStrategy(tensor_size=8, depth=2),
+            "tp3d_q2": lambda: TensorParallel3DStrategy(tensor_size=8)}
+           if world % 8 == 0 else {}),
     }
 
 
