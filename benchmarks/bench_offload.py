@@ -22,6 +22,9 @@ Smoke test (any machine), plot (needs matplotlib only, no torch), size table:
     python benchmarks/bench_offload.py plot RESULT.json [RESULT2.json ...] --out docs/img/offload.png
     python benchmarks/bench_offload.py sizes
 
+``--rounds N`` runs the variants N times, every other round in reverse order, and takes ratios of the medians: lent
+machines differ, and one drifts between runs by more than some of the changes measured (docs/benchmarks.md).
+
 Variants ``<name>_dpu`` and ``<name>_early`` run a registered strategy with ``delay_update=True`` or
 ``step_during_backward=True`` (``zero3_offload_dpu``, ``zero2_offload_early``, ...).
 
@@ -38,6 +41,7 @@ import math
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -507,26 +511,47 @@ def print_sizes(names) -> None:
               f"{i['seq']}, vocab {i['vocab']}: {human(i['n_params'])} params ({i['n_params']:,})", flush=True)
 
 
+def median_tokens(runs: list, size: str) -> dict:
+    """Each variant's median tokens/s over its ok runs of ``size`` (one per round)."""
+    by_variant: dict = {}
+    for r in runs:
+        if r["size"] == size and r["status"] == "ok":
+            by_variant.setdefault(r["variant"], []).append(r["tokens_per_s"])
+    return {v: statistics.median(xs) for v, xs in by_variant.items()}
+
+
 def cmd_throughput(args: argparse.Namespace) -> None:
+    """Each size's variants in order; with ``--rounds N``, N times, every other round in reverse order, so that a
+    drift of the machine (lent machines differ, and one drifts between runs) falls on every variant alike. Ratios
+    are of the variants' medians over the rounds."""
     output, runs, variants = Output(args, "throughput"), [], split(args.strategies)
     print_sizes(split(args.sizes))
     print(HEAD, flush=True)
     for size in split(args.sizes):
+        for round_ in range(args.rounds):
+            for v in variants if round_ % 2 == 0 else variants[::-1]:
+                runs.append({**output.run(args, size, v), "round": round_ + 1})
+                medians = median_tokens(runs, size)
+                ref = next((x for x in variants if x in medians), None)  # the first variant of this size that ran
+                for r in runs:
+                    if r["size"] == size and r["status"] == "ok":
+                        r.update(reference=ref, ratio_to_ref=medians[r["variant"]] / medians[ref])
+                        if "fsdp2_offload" in medians:
+                            r["ratio_to_fsdp2"] = medians[r["variant"]] / medians["fsdp2_offload"]
+                output.write(runs=runs)
+    print(f"\n{'size':>6} {'variant':<15} {'tok/s':>9} {'range':>17} {'MFU':>6} {'vs ref':>7} {'vs fsdp2':>8}"
+          + ("  (median of the rounds)" if args.rounds > 1 else ""))
+    for size in split(args.sizes):
+        medians = median_tokens(runs, size)
         for v in variants:
-            runs.append(output.run(args, size, v))
-            ok = {r["variant"]: r for r in runs if r["size"] == size and r["status"] == "ok"}
-            ref = next((x for x in variants if x in ok), None)  # the first variant of this size that ran
-            for r in ok.values():
-                r.update(reference=ref, ratio_to_ref=r["tokens_per_s"] / ok[ref]["tokens_per_s"])
-                if "fsdp2_offload" in ok:
-                    r["ratio_to_fsdp2"] = r["tokens_per_s"] / ok["fsdp2_offload"]["tokens_per_s"]
-            output.write(runs=runs)
-    print(f"\n{'size':>6} {'variant':<15} {'tok/s':>9} {'MFU':>6} {'vs ref':>7} {'vs fsdp2':>8}")
-    for r in runs:
-        if r["status"] == "ok":
-            print(f"{r['size']:>6} {r['variant']:<15} {r['tokens_per_s']:>9,.0f} {r['mfu']:>6.1%} "
-                  f"{fmt(r.get('ratio_to_ref'), '.3f'):>7} {fmt(r.get('ratio_to_fsdp2'), '.3f'):>8}  "
-                  f"(ref {r['reference']})")
+            mine = [r for r in runs if r["size"] == size and r["variant"] == v and r["status"] == "ok"]
+            if not mine:
+                continue
+            low, high = min(r["tokens_per_s"] for r in mine), max(r["tokens_per_s"] for r in mine)
+            r = mine[0]
+            print(f"{size:>6} {v:<15} {medians[v]:>9,.0f} {f'{low:,.0f}-{high:,.0f}':>17} "
+                  f"{r['mfu'] * medians[v] / r['tokens_per_s']:>6.1%} {fmt(r.get('ratio_to_ref'), '.3f'):>7} "
+                  f"{fmt(r.get('ratio_to_fsdp2'), '.3f'):>8}  (ref {r['reference']}, {len(mine)} run(s))")
     print(f"\nwrote {output.path}")
 
 
@@ -635,6 +660,9 @@ def main(argv: list | None = None) -> None:
         c.add_argument("--strategies", default=strategies)
         c.add_argument("--steps", type=int, default=steps, help="measured steps")
         c.add_argument("--warmup", type=int, default=warmup)
+        if cmd == "throughput":
+            c.add_argument("--rounds", type=int, default=1,
+                           help="run the variants N times, every other round in reverse order; ratios of medians")
     pp = sub.add_parser("plot")
     pp.add_argument("results", nargs="+")
     pp.add_argument("--out", default="docs/img/offload.png")
