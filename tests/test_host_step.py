@@ -144,7 +144,7 @@ def test_the_worker_leaves_a_core_to_the_main_thread():
     torch.set_num_threads(2)
     try:
         host_step = HostStep(lambda: [], torch.device("cpu"), delayed=True, h2d=None, bytes_moved={"h2d": 0, "d2h": 0})
-        assert host_step._pool.submit(torch.get_num_threads).result() == 1
+        assert host_step._submit(torch.get_num_threads).result() == 1
         assert torch.get_num_threads() == 2
         later: list[int] = []
         thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))

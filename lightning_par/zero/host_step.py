@@ -96,7 +96,7 @@ class HostStep:
         self.device = device
         self.delayed = delayed
         self.h2d = h2d
-        self._pool = _worker_pool()
+        self._pool: Optional[ThreadPoolExecutor] = None  # started by the first host step run on it (``_submit``)
         self._future: Optional[Future] = None
         # [Note: the early host step] Without the delay, when nothing reads or changes the gradients between backward
         # and the step (no clipping, no accumulation, ...: the strategy decides, ``early``), each host chunk steps on
@@ -222,7 +222,14 @@ class HostStep:
         if worker is not None:
             self.early_steps += 1
             pieces = [q for _, q in trained]
-            self._early.append((self._pool.submit(self._early_step, worker, copied), pieces))
+            self._early.append((self._submit(self._early_step, worker, copied), pieces))
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn`` on the worker thread, started at the first call: an engine whose steps all run on the main
+        thread (neither option on) starts none."""
+        if self._pool is None:
+            self._pool = _worker_pool()
+        return self._pool.submit(fn, *args)
 
     @staticmethod
     def _early_step(worker: torch.optim.Optimizer, copied: Any) -> tuple[float, float]:
@@ -278,7 +285,7 @@ class HostStep:
         only once its copy has been read; at stage 3 the device reads the published copies."""
         job, self._job = self._job, None
         if job is not None:
-            self._future = self._pool.submit(self._host_step, *job)
+            self._future = self._submit(self._host_step, *job)
 
     def _reads_so_far(self) -> list[Any]:
         """Events after every device read of the host copies enqueued so far (the back copy's last readers)."""
@@ -332,4 +339,5 @@ class HostStep:
 
     def close(self) -> None:
         self.settle()
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
