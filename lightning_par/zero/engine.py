@@ -359,9 +359,13 @@ class ZeroEngine(OffloadMixin, ParamsMixin):
             self.host_step.backward_done()  # (before the wait below, which then completes it)
         if self._d2h is not None and any(chunk.host for chunk in self.chunks):
             # The host's gradients are complete before the CPU step reads them (no wait when the plan keeps every
-            # chunk on the device: then nothing was copied, and waiting would only stall the host).
+            # chunk on the device: then nothing was copied, and waiting would only stall the host). The refresh's
+            # copies of the masters are done too before it writes them ([Note: stages 1-2 host masters on the copy
+            # stream] in params.py).
             self._d2h.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
+            if self._h2d is not None:
+                self._h2d.synchronize()
         if self.policy.stage == 3:
             self.release_all()
         if self._measuring:

@@ -21,12 +21,20 @@ into its compute buffer. Those gathers are launched right after the step and not
 parameters, so the next forward's first layers start while the later chunks are still on the wire (with NCCL's AVG
 reduction this took zero2 at 6.7B on 4 x H100 from 38,989 to 40,536 tokens/s). Iterating the parameters (``parameters()``, ``state_dict()``,
 ``.to()``) waits for all of them first. The waits order streams only; the host never blocks on NCCL.
+
+[Note: stages 1-2 host masters on the copy stream]
+Offloaded (ZeRO-Offload), the refresh first copies each host master shard to the device. On the compute stream those
+copies (5.25 GB at 1.3B, ~0.1 s) all ran before the next forward's first kernel. They run on the host-to-device
+stream instead, each chunk's gather behind its copy, and an event after each (``chunk.copied``) is what the first
+read waits for, as the gathers above are; one device (no gather) works the same way. The host writes a master only
+after the device has read it: the undelayed step comes after ``finish_backward``, which synchronizes with that stream;
+the delayed one waits for ``chunk.read_done``, recorded on it after the copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
@@ -111,23 +119,34 @@ class ParamsMixin:
         # A chunk nothing read since the last refresh (an unused module) may still be on the wire: the stream waits
         # for it before its buffer is written again. This also empties the list, which would otherwise grow.
         self.wait_pending_gathers()
+        if self._h2d is not None:
+            self._h2d.wait_stream(torch.cuda.current_stream(self.device))  # the last reads of the buffers are done
         for chunk in self.chunks:
-            shard = self._compute_shard(chunk)
-            if shard.data_ptr() != chunk.master.data_ptr():
-                source = self._read_master(chunk)
-                if chunk.host:
-                    self.bytes_moved["h2d"] += source.numel() * source.element_size()
-                shard.copy_(source, non_blocking=True)  # casts; from pinned host memory when offloaded
-                if chunk.grad_spare is not None and self.device.type == "cuda":  # delay_update: read before it steps
-                    chunk.read_done = torch.cuda.current_stream(self.device).record_event()
-            if self.world_size > 1:
-                # NCCL gathers in place (the input is this rank's slice of the output); gloo gets its own copy.
-                chunk.gather_input = shard if self._nccl else shard.clone()
-                chunk.gather_work = gather_shards(chunk.compute, chunk.gather_input, self.group, async_op=True)
+            on_h2d = chunk.host and self._h2d is not None  # [Note: stages 1-2 host masters on the copy stream]
+            with torch.cuda.stream(self._h2d) if on_h2d else nullcontext():
+                self._refresh_chunk(chunk)
+                if on_h2d:
+                    chunk.copied = self._h2d.record_event()
+            if chunk.gather_work is not None or chunk.copied is not None:
                 chunk.gathered = False
                 self._pending_gathers.append(chunk)
         if self.host_step is not None:
             self.host_step.launch()  # delay_update: the host step prepared by the optimizer step, after these copies
+
+    def _refresh_chunk(self, chunk: Chunk) -> None:
+        """Copy a chunk's master shard into its compute buffer and launch the all-gather, on the current stream."""
+        shard = self._compute_shard(chunk)
+        if shard.data_ptr() != chunk.master.data_ptr():
+            source = self._read_master(chunk)
+            if chunk.host:
+                self.bytes_moved["h2d"] += source.numel() * source.element_size()
+            shard.copy_(source, non_blocking=True)  # casts; from pinned host memory when offloaded
+            if chunk.grad_spare is not None and self.device.type == "cuda":  # delay_update: read before it steps
+                chunk.read_done = torch.cuda.current_stream(self.device).record_event()
+        if self.world_size > 1:
+            # NCCL gathers in place (the input is this rank's slice of the output); gloo gets its own copy.
+            chunk.gather_input = shard if self._nccl else shard.clone()
+            chunk.gather_work = gather_shards(chunk.compute, chunk.gather_input, self.group, async_op=True)
 
     def _read_master(self, chunk: Chunk) -> Tensor:
         """What the device copies of a master shard: at stage 3 with delay_update, its published compute copy (see
