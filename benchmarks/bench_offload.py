@@ -48,6 +48,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 # Only the standard library at module level: `plot` must run under a python with matplotlib and no torch.
 HERE = Path(__file__).resolve().parent
@@ -386,7 +387,8 @@ def child(cfg: dict) -> None:
 # =============================================================================================== parent process
 
 
-def run_child(cfg: dict, timeout: float) -> dict:
+def run_child(cfg: dict, timeout: float, log: Optional[Path] = None) -> dict:
+    """One variant at one size in a process of its own; a child that failed leaves its whole stderr in ``log``."""
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     t0 = time.perf_counter()
     # A session of its own: on a timeout its whole process group is killed, helpers included.
@@ -419,6 +421,9 @@ def run_child(cfg: dict, timeout: float) -> dict:
     else:
         res = {"status": "error", "error": f"exit {p.returncode}: {tail}"}
     res["child_wall_s"] = time.perf_counter() - t0
+    if log is not None and res.get("status") != "ok":  # (a killed child's placement and memory lines are in it)
+        log.write_text(err)
+        res["stderr_log"] = str(log)
     return res
 
 
@@ -458,7 +463,8 @@ class Output:
         if left is not None and left < 30:
             res = {"status": "skipped", "error": "--budget spent"}
         else:
-            res = run_child(cfg, args.timeout if left is None else min(args.timeout, left))
+            log = self.path.with_name(f"{self.path.stem}.{size}_{variant}.stderr.log")
+            res = run_child(cfg, args.timeout if left is None else min(args.timeout, left), log)
             if res["status"] == "timeout" and left is not None and left < args.timeout:
                 res["status"] = "budget"  # cut by --budget, not a failure of the variant
         r = {"size": size, "variant": variant, "n_params": cfg["n_params"], "batch": cfg["batch"], **res}
