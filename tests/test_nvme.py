@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -222,3 +223,51 @@ def test_close(tmp_path):
     del dropped
     gc.collect()
     assert not path.exists()
+
+
+def test_spilled_step_bounds_the_writes_in_flight(store, monkeypatch):
+    """A slow disk: the first step, which reads nothing, must not queue every chunk's new state behind it (host
+    memory would hold all of it); a chunk steps once all but WRITES_IN_FLIGHT earlier writes are done. The state
+    written is the optimizer's own, as stepping in memory gives it."""
+    from types import SimpleNamespace
+
+    from lightning_par.zero.spill import WRITES_IN_FLIGHT, SpilledState
+
+    write_one = store._write_one
+
+    def slow_write(path, t):
+        time.sleep(0.05)
+        write_one(path, t)
+
+    monkeypatch.setattr(store, "_write_one", slow_write)
+    unfinished_at_submit = []
+    writes: list = []
+    write = store.write
+
+    def counting_write(key, tensors):
+        unfinished_at_submit.append(sum(not f.done() for f in writes))
+        writes.append(write(key, tensors))
+        return writes[-1]
+
+    monkeypatch.setattr(store, "write", counting_write)
+    n = 8
+    params = [torch.nn.Parameter(torch.full((100,), float(i))) for i in range(n)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    chunks = [SimpleNamespace(index=i, nvme=True, shard_numel=100,
+                              pieces=[(SimpleNamespace(shard_offset=0, numel=100), p)]) for i, p in enumerate(params)]
+    spilled, opt, ref = SpilledState(store), torch.optim.Adam(params, lr=0.1), torch.optim.Adam(twins, lr=0.1)
+    for step in range(2):
+        for p, q in zip(params, twins):
+            p.grad = torch.full_like(p, step + 1.0)
+            q.grad = p.grad.clone()
+        spilled.step(opt, 0, chunks, opt.step, lambda chunk, pieces: {})
+        ref.step()
+    assert len(unfinished_at_submit) == 2 * n
+    assert max(unfinished_at_submit) <= WRITES_IN_FLIGHT, unfinished_at_submit
+    store.wait_all()
+    for i, (p, q) in enumerate(zip(params, twins)):
+        assert torch.equal(p, q)
+        got = {"exp_avg": torch.empty(100), "exp_avg_sq": torch.empty(100)}
+        store.read(SpilledState.key(0, i), got).result()
+        assert torch.equal(got["exp_avg"], ref.state[q]["exp_avg"])
+        assert torch.equal(got["exp_avg_sq"], ref.state[q]["exp_avg_sq"])

@@ -8,9 +8,12 @@ chunks' gradients hidden, so the optimizer skips them), then one windowed chunk 
 fp32 when kept in 16 bits). For chunk i, its state was read into
 flat host buffers while chunk i-1 stepped; the optimizer's state for the chunk's pieces is set to views of those
 buffers (scalars such as Adam's ``step`` stay in memory), the chunk steps, and the buffers are written back without
-waiting. The writes finish while the next forward and backward run; the next step waits for them before it reads.
-So host memory holds the state of about three chunks at a time, and any element-wise ``torch.optim`` optimizer works
-(a chunk's first step creates its state the usual way, which is then written).
+waiting. The last writes finish while the next forward and backward run; the next step waits for them before it
+reads. A chunk's step waits for the writes of all but the ``WRITES_IN_FLIGHT`` chunks before it, so host memory
+holds the state of about four chunks at a time however slow the disk, and any element-wise ``torch.optim`` optimizer
+works (a chunk's first step creates its state the usual way, which is then written). Without that bound the first
+step, which reads nothing, queued every chunk's new state behind the disk: at 20 B on an H200 host (126 GiB), 20 GB
+more than the plan counted, and the kernel killed the run.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_par.zero.nvme import NvmeStore
+
+WRITES_IN_FLIGHT = 2  # chunks whose state is on its way to disk while the next one steps
 
 
 class SpilledState:
@@ -55,6 +60,7 @@ class SpilledState:
         for q in grads:
             q.grad = None
         reading = self._start_read(optimizer, opt_index, *spilled[0]) if spilled else None
+        writing: list[Future] = []
         for i, (chunk, pieces) in enumerate(spilled):
             buffers = self._finish_read(optimizer, reading, pieces)
             reading = self._start_read(optimizer, opt_index, *spilled[i + 1]) if i + 1 < len(spilled) else None
@@ -65,7 +71,9 @@ class SpilledState:
             for _, q in pieces:
                 q.grad = None
             if chunk.nvme:
-                self._write(optimizer, self.key(opt_index, chunk.index), chunk, pieces, buffers)
+                writing.append(self._write(optimizer, self.key(opt_index, chunk.index), chunk, pieces, buffers))
+                while len(writing) > WRITES_IN_FLIGHT:
+                    writing.pop(0).result()  # (re-raises a failed write here)
         for q, grad in grads.items():
             q.grad = grad
 
@@ -90,7 +98,7 @@ class SpilledState:
         return buffers
 
     def _write(self, optimizer: torch.optim.Optimizer, key: str, chunk: Any, pieces: list,
-               buffers: Optional[dict[str, Tensor]]) -> None:
+               buffers: Optional[dict[str, Tensor]]) -> Future:
         # Pieces whose state the optimizer created in this step (a chunk's first step, or a piece unfrozen since) hold
         # their own tensors: copy them into the flat buffers; the others stepped on views of the buffers already.
         buffers = dict(buffers or {})
@@ -107,7 +115,8 @@ class SpilledState:
                 self.scalars[q] = {n: v for n, v in optimizer.state.pop(q).items() if not _is_flat(v)}
         self.files[key] = {name: b.dtype for name, b in buffers.items()}
         self._mapped.pop(key, None)  # the write replaces the files: a map of the old ones would read stale state
-        self.store.write(key, buffers)  # the store's tasks hold the buffers until written
+        assert self.store is not None
+        return self.store.write(key, buffers)  # the store's tasks hold the buffers until written
 
     def state_of(self, opt_index: int, chunk: Any, piece: Any, q: nn.Parameter) -> dict[str, Any]:
         """A piece's state for a checkpoint, read through a memory map of its files (no copy in host memory)."""
