@@ -90,7 +90,7 @@ def _resume_at_four(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
     return {
         "auto": fit(run, offload(offload="auto", device_memory_limit=AUTO_LIMIT // 2), world_size, world_size,
                     ckpt_path=half_path, max_epochs=2),
-        "nvme": fit(run, offload(offload=1.0, nvme_dir=os.path.join(tmpdir, "nvme4"), host_memory_limit=75_000),
+        "nvme": fit(run, offload(offload=1.0, nvme_dir=os.path.join(tmpdir, "nvme4"), host_memory_limit=100_000),
                     world_size, world_size, ckpt_path=half_path, max_epochs=2),
     }
 
@@ -137,8 +137,9 @@ def test_offload_matches_single_process_and_places_chunks(tmp_path):
 
 
 # zero3_nvme on CPU: every chunk on the host, and a host budget that holds the optimizer state of only a few of them:
-# the others spill it to files (16 bytes per element planned: masters, gradients, AdamW's two moments).
-NVME_HOST_LIMIT = 150_000
+# the others spill it to files (16 bytes per element planned: masters, gradients, AdamW's two moments; and the step in
+# windows holds up to four chunks' state). At world 2: 10 of the 13 chunks spill.
+NVME_HOST_LIMIT = 200_000
 
 
 class SaveAtEpochEnd(Callback):
@@ -259,15 +260,22 @@ def test_placement_plans():
     assert plan_budget(numels, 10**9, 10).on_host == (False,) * 4
     assert isinstance(plan, Plan) and plan.describe("cuda:0").startswith("3 of 4 chunks")
     # Spilling: the last host chunks keep their state on disk (8 bytes per element stay on the host: master and
-    # gradient) until the host part fits.
-    host = Plan((False, True, True, True), 16, tuple(numels))
-    spilled = spill_to_disk(host, 2800)
-    assert spilled.on_nvme == (False, False, True, True)
-    assert spilled.host_bytes() == 100 * 16 + 150 * 8 == 2800 and spilled.nvme_bytes() == 150 * 8
-    assert spill_to_disk(host, 10**6).on_nvme == (False,) * 4
-    assert spill_to_disk(host, 0).on_nvme == (False, True, True, True)  # all spill, and it still does not fit
-    half = replace(spilled, host_grad_bytes=2)  # bf16 host gradients: 14 bytes in memory, 6 with state on disk
-    assert half.host_bytes() == 100 * 14 + 150 * 6
+    # gradient) until the host part fits. The step in windows holds the state of up to four of them in host memory
+    # at once (the one read ahead, the one stepping, two writes in flight): spilling four chunks frees nothing.
+    host = Plan((False,) + (True,) * 8, 16, (100,) + (10,) * 8)
+    assert host.host_bytes() == 80 * 16 == 1280 and host.window_bytes() == 0
+    assert spill_to_disk(host, 1279).on_nvme == (False,) * 4 + (True,) * 5  # 4 spilled: 1280, 5: 1200
+    spilled = spill_to_disk(host, 1100)
+    assert spilled.on_nvme == (False,) * 2 + (True,) * 7
+    assert spilled.window_bytes() == 4 * 10 * 8
+    assert spilled.host_bytes() == 10 * 16 + 70 * 8 + 4 * 10 * 8 == 1040 and spilled.nvme_bytes() == 70 * 8
+    assert spill_to_disk(host, 10**6).on_nvme == (False,) * 9
+    assert spill_to_disk(host, 0).on_nvme == (False,) + (True,) * 8  # all spill, and it still does not fit
+    half = replace(spilled, host_grad_bytes=2)  # bf16 host gradients: 14 bytes in memory, 6 with state on disk,
+    assert half.host_bytes() == 10 * 14 + 70 * 6 + 4 * 10 * 8 + 10 * 4  # and one chunk's fp32 copy for its step
+    # The window holds the largest chunks' state, whichever order they step in.
+    mixed = replace(host, shard_numels=(100, 10, 50, 10, 10, 30, 10, 20, 10), on_nvme=(False,) + (True,) * 8)
+    assert mixed.window_bytes() == (50 + 30 + 20 + 10) * 8
     with pytest.raises(ValueError, match=r"fraction must lie in \[0, 1\]"):
         plan_fraction(numels, 1.5, 16)
     with pytest.raises(ValueError, match="offload must be None, 'auto' or a fraction"):

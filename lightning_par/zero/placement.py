@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 GiB = 2**30
+WRITES_IN_FLIGHT = 2  # chunks whose optimizer state is on its way to disk while the next one steps (zero/spill.py)
 
 # fp32 state tensors per parameter element, by optimizer class name; unknown optimizers are assumed to keep two.
 STATE_TENSORS = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adagrad": 1, "Adadelta": 2,
@@ -49,8 +50,18 @@ class Plan:
     def host_bytes(self) -> int:
         in_memory = self.bytes_per_element - 4 + self.host_grad_bytes + self.host_extra_bytes  # master, grad, state
         on_disk = 4 + self.host_grad_bytes  # master and gradient; the state is in files
-        return sum(n * (on_disk if self.nvme(c) else in_memory)
-                   for c, (n, h) in enumerate(zip(self.shard_numels, self.on_host)) if h)
+        return self.window_bytes() + sum(n * (on_disk if self.nvme(c) else in_memory)
+                                         for c, (n, h) in enumerate(zip(self.shard_numels, self.on_host)) if h)
+
+    def window_bytes(self) -> int:
+        """Host buffers of the optimizer step in windows (``zero/spill.py``) at their largest: the optimizer state of
+        the chunk read ahead, of the one stepping and of the writes in flight (chunks whose state is on disk), and
+        the fp32 copy of a 16-bit gradient shard (``host_grads="compute"``). Bounded by the largest of each."""
+        on_disk = sorted((n for c, n in enumerate(self.shard_numels) if self.nvme(c)), reverse=True)
+        on_host = [n for n, h in zip(self.shard_numels, self.on_host) if h]
+        state = sum(on_disk[: WRITES_IN_FLIGHT + 2]) * (self.bytes_per_element - 8)
+        cast = 4 * max(on_host, default=0) if self.host_grad_bytes < 4 else 0
+        return state + cast
 
     def nvme_bytes(self) -> int:
         return sum(n for c, n in enumerate(self.shard_numels) if self.nvme(c)) * (self.bytes_per_element - 8)
