@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 import lightning_par  # noqa: F401  (registers the strategy names)
 from helpers import error_message, free_port, run_on_ranks, run_recipe
 from lightning_par import ZeroStrategy
-from lightning_par.zero.placement import Plan, plan_budget, plan_fraction, spill_to_disk
+from lightning_par.zero.placement import Plan, host_shortfall_message, plan_budget, plan_fraction, spill_to_disk
 from parity import Run, fit, global_losses, relative_gap
 from test_dp import _as_external_rank
 
@@ -276,6 +276,8 @@ def test_placement_plans():
     # The window holds the largest chunks' state, whichever order they step in.
     mixed = replace(host, shard_numels=(100, 10, 50, 10, 10, 30, 10, 20, 10), on_nvme=(False,) + (True,) * 8)
     assert mixed.window_bytes() == (50 + 30 + 20 + 10) * 8
+    assert "GiB of it for the step of the chunks on disk" in host_shortfall_message(spilled, 0, 0, "The placement")
+    assert "of it for the step" not in host_shortfall_message(host, 0, 0, "The placement")
     with pytest.raises(ValueError, match=r"fraction must lie in \[0, 1\]"):
         plan_fraction(numels, 1.5, 16)
     with pytest.raises(ValueError, match="offload must be None, 'auto' or a fraction"):
