@@ -53,6 +53,7 @@ from typing import Optional
 # Only the standard library at module level: `plot` must run under a python with matplotlib and no torch.
 HERE = Path(__file__).resolve().parent
 MARK = "@@bench_offload "  # prefix of the child's one result line on stdout
+MEMORY = "@@host memory "  # prefix of the child's host-memory lines on stderr (kept when a child is killed)
 GiB = 2**30
 PEERS = ("fsdp2_offload", "plain")  # the variants that are not Lightning strategies
 # A variant named <registered name><suffix> runs that strategy with the option on (issue 16's overlaps).
@@ -89,15 +90,24 @@ def mem_available() -> int:
 
 class HostSampler(threading.Thread):
     """Lowest MemAvailable seen. Pinned host memory and the page cache of NVMe files need not show in this
-    process's RSS; the drop in MemAvailable shows them."""
+    process's RSS; the drop in MemAvailable shows them. Every ``report_s`` the use so far goes to stderr: a child
+    the kernel kills leaves its trajectory in its saved stderr."""
 
-    def __init__(self) -> None:
+    def __init__(self, report_s: float = 5.0) -> None:
         super().__init__(daemon=True)
         self.start_bytes = self.low = mem_available()
+        self.report_s = report_s
 
     def run(self) -> None:
+        t0 = last = time.monotonic()
         while True:
-            self.low = min(self.low, mem_available())
+            now_available = mem_available()
+            self.low = min(self.low, now_available)
+            if time.monotonic() - last >= self.report_s:
+                last = time.monotonic()
+                print(f"{MEMORY}{last - t0:.0f} s: {(self.start_bytes - now_available) / GiB:.2f} GiB used, peak "
+                      f"{(self.start_bytes - self.low) / GiB:.2f} GiB, {now_available / GiB:.2f} GiB available",
+                      file=sys.stderr, flush=True)
             time.sleep(0.05)
 
 
@@ -388,7 +398,8 @@ def child(cfg: dict) -> None:
 
 
 def run_child(cfg: dict, timeout: float, log: Optional[Path] = None) -> dict:
-    """One variant at one size in a process of its own; a child that failed leaves its whole stderr in ``log``."""
+    """One variant at one size in a process of its own; a child that failed leaves its whole output in ``log``
+    (with its host memory every 5 s)."""
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     t0 = time.perf_counter()
     # A session of its own: on a timeout its whole process group is killed, helpers included.
@@ -411,7 +422,7 @@ def run_child(cfg: dict, timeout: float, log: Optional[Path] = None) -> dict:
         for s, handler in previous.items():
             signal.signal(s, handler)
     lines = [line for line in out.splitlines() if line.startswith(MARK)]
-    tail = " | ".join(err.strip().splitlines()[-3:])[-400:]
+    tail = " | ".join([line for line in err.strip().splitlines() if not line.startswith(MEMORY)][-3:])[-400:]
     if lines:  # a result printed before a crash at exit stands
         res = json.loads(lines[-1][len(MARK):])
     elif timed_out:
@@ -422,7 +433,7 @@ def run_child(cfg: dict, timeout: float, log: Optional[Path] = None) -> dict:
         res = {"status": "error", "error": f"exit {p.returncode}: {tail}"}
     res["child_wall_s"] = time.perf_counter() - t0
     if log is not None and res.get("status") != "ok":  # (a killed child's placement and memory lines are in it)
-        log.write_text(err)
+        log.write_text(f"--- stdout\n{out}\n--- stderr\n{err}")
         res["stderr_log"] = str(log)
     return res
 
