@@ -434,7 +434,7 @@ def run_child(cfg: dict, timeout: float, log: Optional[Path] = None) -> dict:
     res["child_wall_s"] = time.perf_counter() - t0
     if log is not None and res.get("status") != "ok":  # (a killed child's placement and memory lines are in it)
         log.write_text(f"--- stdout\n{out}\n--- stderr\n{err}")
-        res["stderr_log"] = str(log)
+        res["output_log"] = str(log)
     return res
 
 
@@ -474,7 +474,7 @@ class Output:
         if left is not None and left < 30:
             res = {"status": "skipped", "error": "--budget spent"}
         else:
-            log = self.path.with_name(f"{self.path.stem}.{size}_{variant}.stderr.log")
+            log = self.path.with_name(f"{self.path.stem}.{size}_{variant}.output.log")
             res = run_child(cfg, args.timeout if left is None else min(args.timeout, left), log)
             if res["status"] == "timeout" and left is not None and left < args.timeout:
                 res["status"] = "budget"  # cut by --budget, not a failure of the variant
@@ -513,8 +513,8 @@ def components_line(r: dict) -> str:
     idle = f", {c['cpu_idle_s']:.3f} s of it waiting for the device" if "cpu_idle_s" in c else ""
     return (f"\n{'':>6} components: device {c['compute_s']:.3f} s, host step {c['cpu_step_s']:.3f} s{idle} (the "
             f"step waited {c['wait_s']:.3f} s for it), H2D {c['h2d_bytes'] / 1e9:.2f} GB = {c['h2d_s']:.3f} s at "
-            f"{c['h2d_GBps']:.0f} GB/s, D2H {c['d2h_bytes'] / 1e9:.2f} GB = {c['d2h_s']:.3f} s at {c['d2h_GBps']:.0f} GB/s; step / largest "
-            f"({r['bound_part']}) = {fmt(r.get('step_over_bound'), '.2f')}")
+            f"{c['h2d_GBps']:.0f} GB/s, D2H {c['d2h_bytes'] / 1e9:.2f} GB = {c['d2h_s']:.3f} s at "
+            f"{c['d2h_GBps']:.0f} GB/s; step / largest ({r['bound_part']}) = {fmt(r.get('step_over_bound'), '.2f')}")
 
 
 def split(s: str) -> list:

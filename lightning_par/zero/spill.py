@@ -10,10 +10,10 @@ flat host buffers while chunk i-1 stepped; the optimizer's state for the chunk's
 buffers (scalars such as Adam's ``step`` stay in memory), the chunk steps, and the buffers are written back without
 waiting. The last writes finish while the next forward and backward run; the next step waits for them before it
 reads. A chunk's step waits for the writes of all but the ``WRITES_IN_FLIGHT`` chunks before it, so host memory
-holds the state of about four chunks at a time however slow the disk (``Plan.window_bytes`` counts them), and any element-wise ``torch.optim`` optimizer
-works (a chunk's first step creates its state the usual way, which is then written). Without that bound the first
-step, which reads nothing, queued every chunk's new state behind the disk: at 20 B on an H200 host (126 GiB), 20 GB
-more than the plan counted, and the kernel killed the run.
+holds the state of at most four chunks at a time however slow the disk (``Plan.window_bytes`` counts them), and any
+element-wise ``torch.optim`` optimizer works (a chunk's first step creates its state the usual way, which is then
+written). Without that bound the first step, which reads nothing, queued every chunk's new state behind the disk:
+at 20 B on an H200 host (126 GiB) a spike of about 15 GiB over the steady state, and the kernel killed the run.
 """
 
 from __future__ import annotations
