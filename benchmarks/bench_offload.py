@@ -369,7 +369,8 @@ def child(cfg: dict) -> None:
             res.update(status="oom" if oom else "error", error=msg)
     res["wall_s"] = time.perf_counter() - t_start
     components = rec.extra.pop("components", None)
-    if components and device.type == "cuda":
+    # Not timed (all zero) where the optimizer step runs in windows (chunks with state on disk, zero/spill.py).
+    if components and device.type == "cuda" and any(c["compute_s"] for c in components):
         res.update(overlap_bound(components, pcie_bandwidth(device)))
     losses = [float(x) for x in rec.losses]
     res.update(rec.extra, steps_done=len(losses), loss_first=losses[0] if losses else None,
