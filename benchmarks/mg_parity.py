@@ -140,7 +140,7 @@ def parity_strategies(nvme_dir: str, world: int, cfg: dict) -> dict[str, Callabl
         "zero2_offload": lambda: "zero2_offload",
         "zero3_offload": lambda: "zero3_offload",
         "zero3_half_host": lambda: ZeroStrategy(stage=3, chunk_size=2**16, offload=0.5),
-        # (zero2_offload's "auto" plan keeps this small model on the GPU: this one takes the host path of stages 1-2)
+        # (zero2_offload holds this small model in one chunk: this one runs the host path of stages 1-2 on many)
         "zero2_all_host": lambda: ZeroStrategy(stage=2, chunk_size=2**16, offload=1.0),
         "zero3_nvme": lambda: ZeroStrategy(stage=3, chunk_size=2**16, offload=1.0, nvme_dir=nvme_dir,
                                            host_memory_limit=host_limit),
