@@ -78,6 +78,17 @@ def _train(rank: int, world_size: int, port: int, tmpdir: str) -> dict:
     except Exception as error:  # noqa: BLE001 - the test inspects the message
         out["host_error"] = f"{type(error).__name__}: {error}"
     out["checkpoint_untouched"] = sorted(os.listdir(half_path)) == before
+
+    # The same at the automatic plan's re-plan: its first step holds no optimizer state on the host (8 bytes per
+    # element), and a limit of 12 fits that but not AdamW's 16 once measured (no device budget: every chunk on the host).
+    summary = out[("auto", "adamw", "summary")]
+    per_rank = (summary["host_bytes"] + summary["device_bytes"]) // 16  # elements
+    try:
+        fit(PARITY["adamw"], offload(offload="auto", device_memory_limit=1, host_memory_limit=12 * per_rank),
+            world_size, world_size)
+        out["replan_error"] = None
+    except Exception as error:  # noqa: BLE001 - the test inspects the message
+        out["replan_error"] = f"{type(error).__name__}: {error}"
     return out
 
 
@@ -134,6 +145,8 @@ def test_offload_matches_single_process_and_places_chunks(tmp_path):
         assert r["host_error"] is not None and "HostMemoryError" in r["host_error"], r["host_error"]
         assert "GiB of host memory" in r["host_error"] and "zero3_nvme" in r["host_error"]
         assert r["checkpoint_untouched"]
+        assert r["replan_error"] is not None and "The automatic placement" in r["replan_error"], r["replan_error"]
+        assert "first forward and backward ran" in r["replan_error"] and "Nothing was allocated" not in r["replan_error"]
 
 
 # zero3_nvme on CPU: every chunk on the host, and a host budget that holds the optimizer state of only a few of them:
@@ -278,6 +291,8 @@ def test_placement_plans():
     assert mixed.window_bytes() == (50 + 30 + 20 + 10) * 8
     assert "GiB of it for the step of the chunks on disk" in host_shortfall_message(spilled, 0, 0, "The placement")
     assert "of it for the step" not in host_shortfall_message(host, 0, 0, "The placement")
+    assert "Nothing was allocated or written." in host_shortfall_message(host, 0, 0, "The placement")
+    assert "Nothing was allocated" not in host_shortfall_message(host, 0, 0, "The placement", "The first step ran.")
     with pytest.raises(ValueError, match=r"fraction must lie in \[0, 1\]"):
         plan_fraction(numels, 1.5, 16)
     with pytest.raises(ValueError, match="offload must be None, 'auto' or a fraction"):

@@ -88,10 +88,12 @@ class OffloadMixin:
         # Working memory is unknown until a step ran: give the model state half of the device for that first step.
         return plan_budget(numels, 0.5 * limit, per)
 
-    def _fit_host(self, plan: Plan, what: str, held: int = 0) -> Plan:
+    def _fit_host(self, plan: Plan, what: str, held: int = 0,
+                  done: str = "Nothing was allocated or written.") -> Plan:
         """The plan with its host part fitted into host memory (spilling optimizer state to disk where allowed), or
         an error on every rank together (no rank goes on into a collective that the others never reach).
-        ``held``: host bytes this engine holds already (they count as available)."""
+        ``held``: host bytes this engine holds already (they count as available); ``done``: see
+        ``host_shortfall_message``."""
         if self.policy.offload is None:
             return plan
         limit = self.policy.host_memory_limit
@@ -103,7 +105,7 @@ class OffloadMixin:
         def fit() -> Plan:
             fitted = spill_to_disk(plan, limit) if store is not None else plan
             if fitted.host_bytes() > limit:
-                raise HostMemoryError(host_shortfall_message(fitted, limit, self.rank, what))
+                raise HostMemoryError(host_shortfall_message(fitted, limit, self.rank, what, done))
             if store is not None:  # disk space, before anything is written
                 store.reserve(max(0, fitted.nvme_bytes() - store.reserved))
             return fitted
@@ -139,7 +141,9 @@ class OffloadMixin:
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         working = max(0, peak - resident)
         plan = self._with_grad_bytes(plan_budget(self._shard_numels(), limit - working, per))
-        plan = self._fit_host(plan, "The automatic placement", held=summary["host_bytes"])
+        plan = self._fit_host(plan, "The automatic placement", held=summary["host_bytes"],
+                              done="The first forward and backward ran to measure it, so masters and gradients are "
+                                   "allocated; no optimizer state was, no chunk moved and nothing was written.")
         for chunk in self.chunks:  # (before the first step: no chunk has written state yet)
             chunk.nvme = plan.nvme(chunk.index)
         for to_host in (True, False):  # make room on the device before filling it

@@ -152,13 +152,15 @@ def host_memory_available(local_ranks: Optional[int] = None) -> int:
     return max(0, int(0.97 * available) - 2 * GiB) // max(local_ranks, 1)
 
 
-def host_shortfall_message(plan: Plan, limit: int, rank: int, what: str) -> str:
+def host_shortfall_message(plan: Plan, limit: int, rank: int, what: str,
+                           done: str = "Nothing was allocated or written.") -> str:
+    """``done``: what had happened when the plan was refused (set-up: nothing; the re-plan: the measured step)."""
     window = plan.window_bytes()
     of_it = f"; {window / GiB:.2f} GiB of it for the step of the chunks on disk" if window else ""
     return (
         f"{what} on rank {rank} needs {plan.host_bytes() / GiB:.2f} GiB of host memory for the chunks it places "
         f"there ({plan.bytes_per_element} bytes per element: fp32 master, gradient and optimizer state{of_it}), but "
         f"this rank may use {limit / GiB:.2f} GiB (`host_memory_limit`, or the host's available memory shared by its "
-        "ranks). Nothing was allocated or written. Use more ranks (each holds 1/N), keep more on the GPU (a smaller "
+        f"ranks). {done} Use more ranks (each holds 1/N), keep more on the GPU (a smaller "
         "offload fraction, or offload='auto'), or spill optimizer state to disk with `zero3_nvme`."
     )
