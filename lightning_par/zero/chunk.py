@@ -65,6 +65,11 @@ class Chunk:
         self.piece_slots: list[int] = []  # the slot (parameter) each piece belongs to
 
     @property
+    def arriving(self) -> bool:
+        """A gather or a host-to-device copy into the compute buffer was launched, and no read has waited for it."""
+        return self.gather_work is not None or self.copied is not None
+
+    @property
     def half_grads(self) -> bool:
         return self.host and self.grad_shard.dtype != torch.float32
 

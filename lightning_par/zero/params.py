@@ -127,7 +127,7 @@ class ParamsMixin:
                 self._refresh_chunk(chunk)
                 if on_h2d:
                     chunk.copied = self._h2d.record_event()
-            if chunk.gather_work is not None or chunk.copied is not None:
+            if chunk.arriving:
                 chunk.gathered = False
                 self._pending_gathers.append(chunk)
         if self.host_step is not None:
@@ -162,7 +162,7 @@ class ParamsMixin:
 
     def gather(self, index: int, async_op: bool = False) -> None:
         chunk = self.chunks[index]
-        if chunk.gathered or chunk.gather_work is not None or chunk.copied is not None:
+        if chunk.gathered or chunk.arriving:
             return
         chunk.compute.untyped_storage().resize_(chunk.padded * chunk.compute.element_size())
         if chunk.host and self._h2d is not None:
@@ -209,14 +209,14 @@ class ParamsMixin:
         chunk = self.chunks[index]
         if chunk.gathered:
             return
-        if chunk.gather_work is None and chunk.copied is None:
+        if not chunk.arriving:
             self.gather(index)
         else:
             self._wait_gather(chunk)
 
     def release(self, index: int) -> None:
         chunk = self.chunks[index]
-        if chunk.gather_work is not None or chunk.copied is not None:
+        if chunk.arriving:
             self._wait_gather(chunk)
         if chunk.gathered:
             chunk.compute.untyped_storage().resize_(0)
@@ -307,7 +307,7 @@ class ParamsMixin:
         chunk = where[0]
         if chunk.gathered:
             return
-        if chunk.gather_work is not None or chunk.copied is not None:  # a prefetch on its way: local, no collective
+        if chunk.arriving:  # a prefetch on its way: local, no collective
             self._wait_gather(chunk)
             return
         raise ParameterNotGathered(
@@ -330,7 +330,7 @@ class ParamsMixin:
             self.refresh_compute()
         if self.policy.stage == 3:
             for chunk in self.chunks:
-                if not chunk.gathered or chunk.gather_work is not None or chunk.copied is not None:
+                if not chunk.gathered or chunk.arriving:
                     gathered.append(chunk.index)
                 self.ensure_gathered(chunk.index)
         before = None
